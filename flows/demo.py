@@ -1,0 +1,143 @@
+"""The embedded default job: generated face-like images scored by a small random ViT-FIQA.
+
+This is the stand-in until the demo kit (real sample faces and a trained demo model) lands: it runs the
+real code path (official-format checkpoint written and loaded back, byte decoding, one early-exit pass,
+fusion) on inputs made here, offline, in seconds. The scores carry no meaning and the output says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
+from workers.checkpoint import save_checkpoint
+
+DEMO_CONFIG = ViTFIQAConfig(mode="token", embed_dim=64, depth=12, num_heads=8)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+NOTICE = (
+    "DEMO STAND-IN: generated face-like images scored by a RANDOMLY INITIALISED ViT-FIQA "
+    "(token mode, dim 64, depth 12). The scores carry no meaning; they show the code path, not quality."
+)
+
+
+def _face(rng: np.random.Generator, size: int = 112) -> Image.Image:
+    """A crude synthetic face: skin ellipse, eyes, nose, mouth on a random background."""
+    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    skin = tuple(int(v) for v in rng.integers([150, 100, 80], [255, 200, 170]))
+    draw.ellipse((22, 10, 90, 106), fill=skin)
+    for x in (38, 73):  # eyes near the ArcFace template points
+        draw.ellipse((x - 6, 46, x + 6, 56), fill=(255, 255, 255))
+        draw.ellipse((x - 3, 48, x + 3, 54), fill=tuple(int(v) for v in rng.integers(0, 120, 3)))
+    draw.polygon([(56, 58), (51, 74), (61, 74)], fill=tuple(max(0, c - 40) for c in skin))
+    draw.arc((40, 80, 72, 98), 15, 165, fill=(120, 30, 40), width=3)
+    return image
+
+
+def generate_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Write `count` generated images in varied formats and conditions, plus two broken files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths: list[Path] = []
+    for index in range(count):
+        image = _face(rng)
+        kind = index % 6
+        if kind == 1:
+            image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.5, 4))))
+        elif kind == 2:
+            noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 35, (112, 112, 3)).astype(np.int16)
+            image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        elif kind == 3:
+            image = image.resize((250, 250), Image.Resampling.BICUBIC)  # not a 112 crop: resized + flagged
+        elif kind == 4:
+            image = image.convert("L")
+        extension, options = [(".png", {}), (".jpg", {"quality": 85}), (".webp", {"quality": 80})][index % 3]
+        path = folder / f"face_{index:03d}{extension}"
+        image.save(path, **options)
+        paths.append(path)
+    truncated = folder / "broken_truncated.jpg"
+    truncated.write_bytes((folder / "face_001.jpg").read_bytes()[:200])
+    not_an_image = folder / "notes_not_an_image.png"
+    not_an_image.write_text("this file is text, not an image\n")
+    return sorted([*paths, truncated, not_an_image])
+
+
+def make_random_model(folder: Path, seed: int = 0) -> Path:
+    """Save a seeded random demo model in the official checkpoint format, with its config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = ViTFIQA(DEMO_CONFIG)
+    with torch.no_grad():  # non-trivial head statistics so scores vary between images
+        model.head_qs[0].running_var.fill_(1e-3)
+    path = folder / "model.pt"
+    save_checkpoint(model, path)
+    (folder / "config.json").write_text(json.dumps(DEMO_CONFIG.to_dict(), indent=1))
+    return path
+
+
+@dataclass
+class DemoResult:
+    output: Path
+    rows: list[dict]
+    counts: Counter
+    seconds: float
+
+
+def run_demo(output: Path, *, count: int = 24, exit_depth: int | None = None, fusion: str = "fw") -> DemoResult:
+    started = time.perf_counter()
+    images = generate_images(output / "images", count)
+    checkpoint = make_random_model(output / "model")
+    loaded = load_model(checkpoint)
+    scorer = QualityScorer(loaded, device="cpu")
+    depth = exit_depth or loaded.config.depth
+
+    decoded = [(path, decode_face(path.read_bytes())) for path in images]
+    good = [(path, result) for path, result in decoded if result.ok]
+    scores = scorer.score(np.stack([result.image for _, result in good]), exit_depth=depth, fusion=fusion)
+    by_path = {path: index for index, (path, _) in enumerate(good)}
+
+    rows = []
+    for path, result in decoded:
+        row = {
+            "image_id": path.relative_to(output / "images").as_posix(),
+            "status": str(result.status),
+            "error": result.error or "",
+            "width": result.width,
+            "height": result.height,
+            "resized": result.resized if result.ok else None,
+        }
+        index = by_path.get(path)
+        for name in scores.fused:
+            row[f"quality_{name}"] = float(scores.fused[name][index]) if index is not None else None
+        for exit_index in range(depth):
+            row[f"exit_{exit_index + 1}"] = float(scores.exit_scores[index, exit_index]) if index is not None else None
+        rows.append(row)
+
+    with open(output / "scores.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    seconds = time.perf_counter() - started
+    counts = Counter(row["status"] for row in rows)
+    run = {
+        "notice": NOTICE,
+        "model": loaded.describe(),
+        "exit_depth": depth,
+        "fusion": {"primary": scores.primary, "weights": {k: v.tolist() for k, v in scores.weights.items()}},
+        "counts": dict(counts),
+        "seconds": round(seconds, 3),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    (output / "run.json").write_text(json.dumps(run, indent=1))
+    return DemoResult(output=output, rows=rows, counts=counts, seconds=seconds)

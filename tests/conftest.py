@@ -1,0 +1,89 @@
+"""Shared test fixtures: the official reference outputs and small helpers.
+
+The official fixtures live in `../shared/fixtures/vitfiqa` beside the repository (or FIQA_REFERENCE_FIXTURES).
+Their absence is a failure, not a skip: without them the model is untested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_fixture_root() -> Path:
+    configured = os.environ.get("FIQA_REFERENCE_FIXTURES")
+    root = Path(configured) if configured else REPO_ROOT.parent / "shared" / "fixtures" / "vitfiqa"
+    if not root.is_dir():
+        pytest.fail(f"official ViT-FIQA fixtures not found at {root} (set FIQA_REFERENCE_FIXTURES)")
+    return root
+
+
+def reference_fixture_dirs() -> list[Path]:
+    configured = os.environ.get("FIQA_REFERENCE_FIXTURES")
+    root = Path(configured) if configured else REPO_ROOT.parent / "shared" / "fixtures" / "vitfiqa"
+    return sorted(p for p in root.glob("*") if (p / "model.pt").is_file()) if root.is_dir() else []
+
+
+class ReferenceFixture:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.config = json.loads((path / "config.json").read_text())
+        self.images = np.load(path / "images_rgb_uint8.npy")
+        self.block_quality = np.load(path / "expected_block_quality.npy")
+        self.quality = np.load(path / "expected_quality.npy").reshape(-1)
+        self.embedding = np.load(path / "expected_embedding.npy")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def reference_root() -> Path:
+    return reference_fixture_root()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "reference" in metafunc.fixturenames:
+        dirs = reference_fixture_dirs()
+        metafunc.parametrize("reference", dirs or [None], ids=[d.name for d in dirs] or ["missing"], indirect=True)
+
+
+@pytest.fixture
+def reference(request: pytest.FixtureRequest) -> ReferenceFixture:
+    if request.param is None:
+        reference_fixture_root()  # fails with the reason
+        pytest.fail("no fixture directories with a model.pt")
+    return ReferenceFixture(request.param)
+
+
+TOLERANCE = {"atol": 2e-5, "rtol": 1e-3}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real SeaweedFS S3 server on loopback for the whole session."""
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test; returns its name."""
+    import re
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    fs.mkdir(name)
+    return name

@@ -1,0 +1,145 @@
+"""Checkpoint loading: formats, sources, config checks and the errors a user sees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TOLERANCE, ReferenceFixture
+from workers import CheckpointError, QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
+from workers.checkpoint import save_checkpoint
+
+SMALL = ViTFIQAConfig(mode="token", embed_dim=32, depth=2, num_heads=4)
+
+
+def _save(state: dict, path: Path) -> Path:
+    torch.save(state, path)
+    return path
+
+
+def test_records_sha256_and_source(reference: ReferenceFixture) -> None:
+    loaded = load_model(reference.checkpoint)
+    assert loaded.sha256 == hashlib.sha256(reference.checkpoint.read_bytes()).hexdigest()
+    assert loaded.source == str(reference.checkpoint)
+    assert loaded.describe()["sha256"] == loaded.sha256
+
+
+def test_from_fsspec_memory_url(reference: ReferenceFixture) -> None:
+    url = f"memory://fiqa-tests/{reference.path.name}/model.pt"
+    with fsspec.open(url, "wb") as handle:
+        handle.write(reference.checkpoint.read_bytes())
+    loaded = load_model(url, reference.path / "config.json")
+    result = QualityScorer(loaded, device="cpu").score(reference.images)
+    np.testing.assert_allclose(result.exit_scores, reference.block_quality, **TOLERANCE)
+
+
+@pytest.mark.s3
+def test_from_s3_on_a_real_server(reference: ReferenceFixture, s3_server, s3_bucket: str) -> None:
+    url = f"s3://{s3_bucket}/models/{reference.path.name}.pt"
+    with fsspec.open(url, "wb", **s3_server.storage_options) as handle:
+        handle.write(reference.checkpoint.read_bytes())
+    loaded = load_model(url, reference.path / "config.json", storage_options=s3_server.storage_options)
+    assert loaded.sha256 == hashlib.sha256(reference.checkpoint.read_bytes()).hexdigest()
+    result = QualityScorer(loaded, device="cpu").score(reference.images)
+    np.testing.assert_allclose(result.exit_scores, reference.block_quality, **TOLERANCE)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(f"s3://{s3_bucket}/models/absent.pt", "vit_s_qs", storage_options=s3_server.storage_options)
+
+
+def test_module_prefix_and_mask_token(tmp_path: Path) -> None:
+    model = ViTFIQA(SMALL)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    state["module.mask_token"] = torch.zeros(1, 1, 32)
+    loaded = load_model(_save(state, tmp_path / "m.pt"), {"num_heads": 4})
+    assert loaded.ignored_keys == ("mask_token",)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+
+
+def test_missing_unexpected_and_mismatched_keys_are_all_named(tmp_path: Path) -> None:
+    state = ViTFIQA(SMALL).state_dict()
+    del state["blocks.1.attn.proj.bias"]
+    state["blocks.0.attn.qkv.bias"] = torch.zeros(96)
+    state["head_qs.1.weight"] = torch.zeros(2, 32)
+    with pytest.raises(CheckpointError) as error:
+        load_model(_save(state, tmp_path / "m.pt"), {"num_heads": 4})
+    message = str(error.value)
+    assert "missing keys (1): blocks.1.attn.proj.bias" in message
+    assert "unexpected keys (1): blocks.0.attn.qkv.bias" in message
+    assert "head_qs.1.weight: checkpoint (2, 32) vs model (1, 32)" in message
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pt"
+    torch.save({"model": ViTFIQA(SMALL)}, path)  # a whole module needs pickled classes to load
+    with pytest.raises(CheckpointError, match=r"refused: this file needs pickled Python code.*weights_only=True"):
+        load_model(path, {"num_heads": 4})
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"this is not a torch file")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_model(path, "vit_s_qs")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "absent.pt", "vit_s_qs")
+    torch.save(OrderedDict(weight=torch.zeros(1)), path)
+    with pytest.raises(CheckpointError, match=r"not a ViT-FIQA state dict.*pos_embed"):
+        load_model(path, "vit_s_qs")
+
+
+def test_config_disagreements_are_errors(tmp_path: Path) -> None:
+    path = _save(ViTFIQA(SMALL).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="depth: config says 12, weights have 2 blocks"):
+        load_model(path, {"num_heads": 4, "embed_dim": 32, "depth": 12})
+    with pytest.raises(CheckpointError, match="embed_dim: config says 512, weights have 32"):
+        load_model(path, "vit_s_qs")
+    with pytest.raises(CheckpointError, match="mode: config says 'crfiqa', weights are 'token'"):
+        load_model(path, {"num_heads": 4, "embed_dim": 32, "depth": 2, "mode": "crfiqa"})
+    with pytest.raises(CheckpointError, match="mlp_ratio"):
+        load_model(path, {"num_heads": 4, "embed_dim": 32, "depth": 2, "mlp_ratio": 2})
+    with pytest.raises(CheckpointError, match="heads cannot be read"):
+        load_model(path)
+    with pytest.raises(CheckpointError, match="no such model config or preset"):
+        load_model(path, tmp_path / "absent.json")
+    with pytest.raises(CheckpointError, match="not divisible"):
+        load_model(path, {"num_heads": 5, "embed_dim": 32, "depth": 2})
+
+
+def test_json_config_ignores_unknown_keys(tmp_path: Path) -> None:
+    path = _save(ViTFIQA(SMALL).state_dict(), tmp_path / "m.pt")
+    config = tmp_path / "arch.json"
+    config.write_text(json.dumps({**SMALL.to_dict(), "n_images": 8, "state_dict_key_prefix": "", "extra": [1]}))
+    assert load_model(path, config).config == SMALL
+    config.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        load_model(path, config)
+
+
+def test_modes_are_inferred_from_weights(tmp_path: Path) -> None:
+    for mode in ("token", "crfiqa", "full"):
+        config = SMALL.with_overrides(mode=mode)
+        path = _save(ViTFIQA(config).state_dict(), tmp_path / f"{mode}.pt")
+        assert load_model(path, {"num_heads": 4}).config.mode == mode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,depth", [("vit_s_qs", 12), ("vit_b_qs", 24)])
+def test_presets_load_released_sized_checkpoints(preset: str, depth: int) -> None:
+    config = ViTFIQAConfig.preset(preset)
+    assert (config.embed_dim, config.depth, config.num_heads, config.patch_size) == (512, depth, 8, 9)
+    model = ViTFIQA(config)
+    url = f"memory://fiqa-tests/{preset}/vitfiqa_token.pt"
+    sha = save_checkpoint(model, url)
+    loaded = load_model(url, preset)
+    assert loaded.sha256 == sha
+    assert loaded.config == config
+    assert sum(p.numel() for p in loaded.model.parameters()) == sum(p.numel() for p in model.parameters())
+    fsspec.filesystem("memory").rm(url)

@@ -1,0 +1,148 @@
+"""Image bytes -> RGB 112x112 uint8, and the official input normalisation.
+
+Every outcome is a `DecodedImage` with a status; no decoding error escapes to the caller. Inputs are
+expected to be aligned face crops (ArcFace template); other sizes are resized and flagged, not aligned.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+DEFAULT_SIZE = 112
+# A 112x112 face crop needs nothing near this; it only stops decompression bombs before decoding.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class DecodeStatus(StrEnum):
+    OK = "ok"
+    DECODE_ERROR = "decode_error"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    TOO_LARGE = "too_large"
+
+
+@dataclass
+class DecodedImage:
+    """Outcome of decoding one file. `image` is (size, size, 3) uint8 RGB when status is ok, else None.
+
+    width/height are the decoded size after EXIF orientation (None when unknown); `resized` says whether
+    the pixels were resampled to reach the model's input size.
+    """
+
+    status: DecodeStatus
+    image: np.ndarray | None = None
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    mode: str | None = None
+    resized: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is DecodeStatus.OK
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Alpha is composited onto black (identical to dropping it where the
+    image is opaque, deterministic where it is transparent); high bit depths are scaled, not clipped."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif mode == "F" and values.size and np.nanmax(values) <= 1.0:
+            scale = 255.0  # float images in [0, 1]
+        elif mode == "I" and values.size and np.nanmax(values) > 255:
+            scale = 255.0 / 65535.0  # 16-bit data that Pillow widened to 32-bit integers
+        else:
+            scale = 1.0
+        grey = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
+
+
+def decode_face(
+    data: bytes,
+    *,
+    size: int = DEFAULT_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
+    """Decode image bytes (JPEG, PNG, WebP, BMP, TIFF, GIF first frame) to RGB (size, size) uint8."""
+    if not data:
+        return DecodedImage(DecodeStatus.DECODE_ERROR, error="empty file")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit decides; Pillow's bomb warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+            except UnidentifiedImageError:
+                return _unidentified(data)
+            width, height = image.size
+            if width * height > max_pixels:
+                return DecodedImage(
+                    DecodeStatus.TOO_LARGE,
+                    error=f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
+                    width=width, height=height, format=image.format,
+                )
+            image_format, source_mode = image.format, image.mode
+            image.seek(0)  # GIF/TIFF: first frame
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
+    except Image.DecompressionBombError as error:
+        return DecodedImage(DecodeStatus.TOO_LARGE, error=str(error))
+    except Exception as error:  # truncated/corrupt data (OSError, SyntaxError, ...) or a decoder bug: a row
+        return DecodedImage(DecodeStatus.DECODE_ERROR, error=f"{type(error).__name__}: {error}")
+    width, height = rgb.size
+    resized = (width, height) != (size, size)
+    if resized:
+        # Pillow's resampling filters adapt their support when shrinking, so large images are anti-aliased.
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return DecodedImage(
+        DecodeStatus.OK,
+        image=np.asarray(rgb, dtype=np.uint8).copy(),
+        width=width, height=height, format=image_format, mode=source_mode, resized=resized,
+    )
+
+
+def _unidentified(data: bytes) -> DecodedImage:
+    """Tell a real image in a format we do not take from bytes that no decoder recognises."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = Image.open(io.BytesIO(data))
+        return DecodedImage(
+            DecodeStatus.UNSUPPORTED_FORMAT,
+            error=f"{other.format} images are not supported (supported: {', '.join(SUPPORTED_FORMATS)})",
+            format=other.format,
+        )
+    except Exception:
+        return DecodedImage(DecodeStatus.DECODE_ERROR, error="not a recognised image file")
+
+
+def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32, exactly the official `x/255 - 0.5) / 0.5`."""
+    tensor = torch.as_tensor(images)
+    if tensor.dtype != torch.uint8 or tensor.ndim != 4 or tensor.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(tensor.shape)} {tensor.dtype}")
+    pixels = tensor.permute(0, 3, 1, 2).float()
+    # Same operations in the same order as the official evaluation code, for bit-identical inputs.
+    return pixels.div_(255).sub_(0.5).div_(0.5)
