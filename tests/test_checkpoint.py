@@ -79,15 +79,33 @@ def test_missing_unexpected_and_mismatched_keys_are_all_named(tmp_path: Path) ->
 def test_pickled_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pt"
     torch.save({"model": ViTFIQA(SMALL)}, path)  # a whole module needs pickled classes to load
-    with pytest.raises(CheckpointError, match=r"refused: this file needs pickled Python code.*weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"refused: this file needs pickled Python code to load \(workers.model.ViTFIQA\).*weights_only=True"):
         load_model(path, {"num_heads": 4})
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"pos_embed": torch.zeros(1), "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(path, "vit_s_qs")
+    assert not marker.exists()
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "junk.pt"
-    path.write_bytes(b"this is not a torch file")
-    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
-        load_model(path, "vit_s_qs")
+    for junk in (b"this is not a torch file", b"nope", b"PK\x03\x04 truncated zip"):
+        path.write_bytes(junk)
+        with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+            load_model(path, "vit_s_qs")
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "absent.pt", "vit_s_qs")
     torch.save(OrderedDict(weight=torch.zeros(1)), path)

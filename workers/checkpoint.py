@@ -26,6 +26,7 @@ from workers.model import ViTFIQA
 WRAPPER_PREFIX = "module."
 TRAINING_ONLY_KEYS = frozenset({"mask_token"})
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 class CheckpointError(ValueError):
@@ -62,10 +63,14 @@ def load_state_dict_bytes(data: bytes, source: str = "<bytes>") -> dict[str, tor
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch reports every weights-only failure this way; only "Unsupported global" means code is needed.
+        needed = _UNSUPPORTED_GLOBAL.search(str(error))
+        if needed is None:
+            raise CheckpointError(f"{source}: not a readable torch checkpoint (corrupt or not a torch file)") from error
         raise CheckpointError(
-            f"{source}: refused: this file needs pickled Python code to load, and fiqa-curator only loads "
-            f"plain tensors (torch.load weights_only=True). Re-save it as a state dict: "
-            f"torch.save(model.state_dict(), path). Detail: {str(error).splitlines()[0]}"
+            f"{source}: refused: this file needs pickled Python code to load ({needed.group(1)}), and "
+            f"fiqa-curator only loads plain tensors (torch.load weights_only=True). Re-save it as a state "
+            f"dict: torch.save(model.state_dict(), path)."
         ) from error
     except Exception as error:
         raise CheckpointError(f"{source}: not a readable torch checkpoint: {type(error).__name__}: {error}") from error
