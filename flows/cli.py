@@ -12,6 +12,22 @@ from rich.table import Table
 
 console = Console(highlight=False)
 
+SCORE_DESCRIPTION = """\
+Score every image of INPUT with ViT-FIQA at exit depth L (one pass per image, exits 1..L) and write
+OUTPUT/scores/shard-*.parquet: one row per input, bad inputs included with a status and a reason.
+
+A rerun with the same INPUT listing and configuration resumes: committed shards are skipped. A rerun
+with another configuration refuses to mix results unless --overwrite. s3:// works with the standard AWS
+variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).
+
+exit status: 0 the job completed (even with bad inputs); 2 it could not run (bad checkpoint or config,
+unreadable INPUT, unwritable OUTPUT, conflicting plan).
+
+example:
+  fiqa score s3://bucket/faces/ s3://bucket/quality/2026-11-29/ --checkpoint s3://models/vitfiqa_token.pt \\
+      --arch vit_s_qs --exit-depth 6 --fusion fw
+"""
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import NOTICE, run_demo
@@ -42,7 +58,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from workers import load_model
 
     loaded = load_model(args.checkpoint, args.model_config or args.arch,
-                        storage_options=json.loads(args.storage_options) if args.storage_options else None)
+                        storage_options=_storage_options(args.storage_options))
     config = loaded.config
     info = {**loaded.describe(), "ignored_keys": list(loaded.ignored_keys),
             "gflops_per_image": {str(e): round(config.flops_at_exit(e) / 1e9, 4) for e in range(1, config.depth + 1)}}
@@ -79,6 +95,49 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    import logging
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.score import ScoreOptions, score_flow
+
+    options = ScoreOptions(
+        input=args.input, output=args.output, checkpoint=args.checkpoint, model_config=args.model_config,
+        arch=args.arch, mode=args.mode, exit_depth=args.exit_depth, fusion=args.fusion,
+        batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers, device=args.device,
+        overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
+        ray_address=args.ray_address, max_pixels=args.max_pixels,
+    )
+    if options.checkpoint is None:
+        console.print("[bold yellow]No --checkpoint: using the bundled STAND-IN model (randomly initialised); "
+                      "its scores carry no meaning.[/]")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=args.no_progress) as progress:
+        bar = progress.add_task("scoring", total=None)
+        summary = score_flow(options, on_rows=lambda n: progress.update(bar, advance=n))
+    counts = ", ".join(f"{status} {n}" for status, n in summary.counts.items())
+    console.print(f"[bold]done[/]: {summary.total_rows} images ({counts})")
+    console.print(f"scored now: {summary.scored_now} in {summary.shards_written} shard(s), "
+                  f"{summary.shards_skipped} shard(s) already committed; "
+                  f"{summary.images_per_second} images/s; exit depth {summary.exit_depth}, fusion {summary.fusion}")
+    console.print(f"quality table: {summary.output}/scores/   run record: {summary.output}/_run.json")
+    return 0
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"--storage-options is not JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiqa",
@@ -92,6 +151,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--exit-depth", type=int, default=None, help="exit depth L (default: model depth)")
     demo.add_argument("--fusion", default="fw", help="fw | f | final | w1,...,wL (default: %(default)s)")
     demo.set_defaults(handler=_cmd_demo)
+
+    score = commands.add_parser(
+        "score", help="score every image of INPUT into a Parquet quality table in OUTPUT",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=SCORE_DESCRIPTION,
+    )
+    score.add_argument("input", metavar="INPUT", help="folder/prefix, .csv/.parquet manifest, or .tar shard (any fsspec URL)")
+    score.add_argument("output", metavar="OUTPUT", help="output folder (any fsspec URL)")
+    model = score.add_argument_group("model")
+    model.add_argument("--checkpoint", help="model.pt, local path or URL (default: the bundled model)")
+    arch = model.add_mutually_exclusive_group()
+    arch.add_argument("--model-config", help="JSON architecture config (keys of the official fixture config.json)")
+    arch.add_argument("--arch", choices=["vit_s_qs", "vit_b_qs"], help="architecture preset")
+    model.add_argument("--mode", choices=["token", "crfiqa", "full"], help="with --arch: the expected mode")
+    model.add_argument("--exit-depth", type=int, help="run blocks 1..L only (default: the model depth)")
+    model.add_argument("--fusion", default="fw", help="fw (default) | f | final | w1,...,wL: the `quality` column")
+    run = score.add_argument_group("execution")
+    run.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: %(default)s)")
+    run.add_argument("--shard-size", type=int, default=1000, help="images per output file (default: %(default)s)")
+    run.add_argument("--workers", type=int, help="scoring actors (default: one per GPU, else 1)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (default: %(default)s)")
+    run.add_argument("--overwrite", action="store_true", help="replace results of a different plan in OUTPUT")
+    run.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": false}\'')
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(handler=_cmd_score)
 
     inspect = commands.add_parser("inspect", help="load a checkpoint and print its architecture and cost")
     inspect.add_argument("checkpoint", help="model.pt: local path or fsspec URL (s3://...)")
@@ -109,12 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.plan import PlanConflict
+    from flows.sources import InputError
+    from flows.storage import OutputError
     from workers import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, InputError, OutputError, PlanConflict, ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
 

@@ -22,11 +22,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
 from workers.checkpoint import save_checkpoint
 
-DEMO_CONFIG = ViTFIQAConfig(mode="token", embed_dim=64, depth=12, num_heads=8)
+STANDIN_CONFIG = ViTFIQAConfig(mode="token", embed_dim=32, depth=12, num_heads=4)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 NOTICE = (
     "DEMO STAND-IN: generated face-like images scored by a RANDOMLY INITIALISED ViT-FIQA "
-    "(token mode, dim 64, depth 12). The scores carry no meaning; they show the code path, not quality."
+    "(token mode, dim 32, depth 12). The scores carry no meaning; they show the code path, not quality."
 )
 
 
@@ -77,12 +77,12 @@ def make_random_model(folder: Path, seed: int = 0) -> Path:
     """Save a seeded random demo model in the official checkpoint format, with its config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = ViTFIQA(DEMO_CONFIG)
+    model = ViTFIQA(STANDIN_CONFIG)
     with torch.no_grad():  # non-trivial head statistics so scores vary between images
         model.head_qs[0].running_var.fill_(1e-3)
     path = folder / "model.pt"
     save_checkpoint(model, path)
-    (folder / "config.json").write_text(json.dumps(DEMO_CONFIG.to_dict(), indent=1))
+    (folder / "config.json").write_text(json.dumps(STANDIN_CONFIG.to_dict(), indent=1))
     return path
 
 
@@ -141,3 +141,12 @@ def run_demo(output: Path, *, count: int = 24, exit_depth: int | None = None, fu
     }
     (output / "run.json").write_text(json.dumps(run, indent=1))
     return DemoResult(output=output, rows=rows, counts=counts, seconds=seconds)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write-standin"]:
+        from workers.assets import BUNDLED_DIR
+
+        print(make_random_model(BUNDLED_DIR))

@@ -1,4 +1,15 @@
-"""Parquet schemas of fiqa-curator's tables (quality table, curation lists), declared once, versioned.
+"""Parquet schemas of fiqa-curator's tables, declared once and versioned.
 
-Empty until the scoring pipeline lands; `workers` never imports from here.
+`quality_table` is the per-image quality table written by `fiqa score`. `workers` never imports from here;
+flows use it to build and validate every file they write.
 """
+
+from schemas.quality_table import (
+    QUALITY_TABLE_SCHEMA,
+    SCHEMA_VERSION,
+    STATUS_VALUES,
+    build_quality_table,
+    read_schema_metadata,
+)
+
+__all__ = ["QUALITY_TABLE_SCHEMA", "SCHEMA_VERSION", "STATUS_VALUES", "build_quality_table", "read_schema_metadata"]

@@ -87,3 +87,55 @@ def s3_bucket(s3_server, request: pytest.FixtureRequest) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
     fs.mkdir(name)
     return name
+
+
+# ---- pipeline: a real Prefect (test harness) and a real two-node Ray cluster on loopback ---------------
+@pytest.fixture(scope="session")
+def prefect_harness():
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Two Ray nodes (raylets) on this machine, bound to loopback; the test process is the driver."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node_args = {"num_cpus": 2, "object_store_memory": 300 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def run_score(prefect_harness, ray_cluster):
+    """Run the real `fiqa-score` flow in-process on the test cluster; returns (summary, rows by image_id)."""
+    from flows.score import ScoreOptions, score_flow
+
+    def run(input: str, output: str, **options):
+        summary = score_flow(ScoreOptions(input=str(input), output=str(output), progress=False, **options))
+        return summary, read_quality_table(str(output), options.get("storage_options"))
+
+    return run
+
+
+def read_quality_table(output: str, storage_options: dict | None = None) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(output.rstrip("/") + "/scores", **(storage_options or {}))
+    table = pq.read_table(root, filesystem=fs)
+    rows = table.to_pylist()
+    by_id = {row["image_id"]: row for row in rows}
+    assert len(by_id) == len(rows), "an image_id appears twice in the quality table"
+    return by_id

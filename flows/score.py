@@ -1,0 +1,376 @@
+"""`fiqa score`: the Prefect flow that plans, scores on Ray Data, and commits Parquet shards.
+
+plan (task)    list INPUT, cut the sorted listing into shards, reconcile with OUTPUT's existing plan
+execute (task) Ray Data: read+decode as CPU tasks -> ScoreActor pool -> the driver commits each shard
+               as soon as all its rows arrived (written under _staging, then moved into scores/)
+finalize (task) totals over every committed shard, `_run.json`, then `_SUCCESS` last
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from flows.plan import (
+    LISTING_FILE,
+    PLAN_FILE,
+    Plan,
+    committed_shards,
+    load_plan,
+    make_plan,
+    reconcile,
+    save_plan,
+    shard_name,
+)
+from flows.sources import discover, items_to_table
+from flows.storage import Output
+from schemas import SCHEMA_VERSION, build_quality_table
+from workers import ViTFIQAConfig, load_model
+from workers.assets import BUNDLED_CHECKPOINT
+from workers.checkpoint import LoadedModel
+from workers.fusion import parse_fusion
+from workers.preprocess import DEFAULT_MAX_PIXELS
+
+RUN_FILE = "_run.json"
+SUCCESS_FILE = "_SUCCESS"
+
+
+@dataclass
+class ScoreOptions:
+    """Everything `fiqa score` can be told; the CLI maps its flags one to one."""
+
+    input: str
+    output: str
+    checkpoint: str | None = None
+    model_config: str | None = None
+    arch: str | None = None
+    mode: str | None = None
+    exit_depth: int | None = None
+    fusion: str = "fw"
+    batch_size: int = 64
+    shard_size: int = 1000
+    workers: int | None = None
+    device: str = "auto"
+    overwrite: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    ray_address: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    output: str
+    run_id: str
+    counts: dict[str, int]
+    total_rows: int
+    scored_now: int
+    shards_written: int
+    shards_skipped: int
+    seconds: dict[str, float]
+    images_per_second: float
+    model_sha256: str
+    exit_depth: int
+    fusion: str
+    uses_standin_model: bool
+
+
+# ---- model and configuration --------------------------------------------------------------------------
+def resolve_model(options: ScoreOptions) -> tuple[LoadedModel, str]:
+    """Load the model once on the driver: bad checkpoints and configs fail here, before any work."""
+    checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
+    arch: Any = options.model_config
+    if options.arch:
+        arch = ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
+    elif options.mode and options.model_config is None and options.checkpoint is not None:
+        raise ValueError("--mode goes with --arch (a preset); a JSON config states its own mode")
+    return load_model(checkpoint, arch, storage_options=options.storage_options), checkpoint
+
+
+def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]:
+    """What the numbers depend on: the fingerprint of this decides whether results may be mixed."""
+    exit_depth = options.exit_depth or loaded.config.depth
+    if not 1 <= exit_depth <= loaded.config.depth:
+        raise ValueError(f"--exit-depth must be in 1..{loaded.config.depth}, got {exit_depth}")
+    fusion = parse_fusion(options.fusion)
+    weights = fusion.weights(exit_depth)  # rejects a wrong number of user weights now
+    return {
+        "model_sha256": loaded.sha256,
+        "model_config": loaded.config.to_dict(),
+        "exit_depth": exit_depth,
+        "fusion": str(fusion),
+        "fusion_weights": [round(float(w), 12) for w in weights],
+        "max_pixels": options.max_pixels,
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+# ---- Ray ---------------------------------------------------------------------------------------------
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a local Ray bound to loopback.
+    Returns True when this call started Ray (the caller then shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    else:
+        # Makes every Ray socket bind 127.0.0.1 (ENVIRONMENT notes): a local run opens nothing to the network.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    return True
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+# ---- tasks ---------------------------------------------------------------------------------------------
+@task(name="plan", cache_policy=NONE)
+def plan_task(options: ScoreOptions, config: dict[str, Any]) -> tuple[Plan, list[int]]:
+    logger = get_run_logger()
+    kind, items = discover(options.input, options.storage_options)  # an unreadable INPUT creates nothing
+    output = Output(options.output, options.storage_options)
+    output.ensure_writable()
+    plan = make_plan(options.input, kind, items, options.shard_size, config)
+    existing = load_plan(output)
+    committed = committed_shards(output)
+    decision = reconcile(existing, plan, overwrite=options.overwrite, has_results=bool(committed))
+    if decision == "fresh":
+        for stale in ("scores", PLAN_FILE, LISTING_FILE, RUN_FILE, SUCCESS_FILE):
+            output.remove(stale)
+        committed = set()
+        save_plan(output, plan)
+    output.clean_staging()
+    pending = [i for i in range(plan.shard_count) if shard_name(i) not in committed]
+    if pending:
+        output.remove(SUCCESS_FILE)
+    logger.info("%s input, %d items, %d shards (%d already committed, %d to score)",
+                kind, plan.item_count, plan.shard_count, plan.shard_count - len(pending), len(pending))
+    return plan, pending
+
+
+class ShardWriter:
+    """Collects scored rows per shard on the driver and commits a shard the moment it is complete.
+
+    Rows are keyed by image_id, so a row delivered twice (a retried Ray task) is written once."""
+
+    def __init__(self, output: Output, plan: Plan, pending: list[int], *, run_id: str, config: Mapping[str, Any]):
+        self.output = output
+        self.config_fingerprint = plan.config_fingerprint
+        self.run_id = run_id
+        self.config = config
+        self.expected = {shard_name(i): len(plan.shard_items(i)) for i in pending}
+        self.rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self.committed: list[str] = []
+        self.write_seconds = 0.0
+        self.rows_by_node: Counter[str] = Counter()
+
+    def add(self, batch: Mapping[str, np.ndarray]) -> None:
+        columns = [column for column in batch if column != "scored_on"]
+        if "scored_on" in batch:
+            self.rows_by_node.update(str(node) for node in batch["scored_on"])
+        for index, shard in enumerate(batch["shard"]):
+            shard = str(shard)
+            if shard not in self.expected:
+                raise RuntimeError(f"row for unplanned shard {shard!r}")
+            image_id = str(batch["image_id"][index])
+            self.rows[shard].setdefault(image_id, {column: batch[column][index] for column in columns})
+            if len(self.rows[shard]) == self.expected[shard]:
+                self._commit(shard)
+
+    def _commit(self, shard: str) -> None:
+        started = time.perf_counter()
+        rows = [self.rows[shard][key] for key in sorted(self.rows[shard])]
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        depth = int(self.config["exit_depth"])
+        columns["exit_scores"] = np.stack(columns["exit_scores"]) if rows else np.zeros((0, depth), np.float32)
+        columns.update(model_sha256=self.config["model_sha256"], run_id=self.run_id, shard=shard)
+        table = build_quality_table(columns, metadata={
+            "fusion": self.config["fusion"], "fusion_weights": self.config["fusion_weights"],
+            "config_fingerprint": self.config_fingerprint,
+        })
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self.output.commit_bytes(f"scores/{shard}.parquet", buffer.getvalue())
+        del self.rows[shard]
+        self.committed.append(shard)
+        self.write_seconds += time.perf_counter() - started
+
+    def missing(self) -> dict[str, int]:
+        return {shard: n - len(self.rows.get(shard, {})) for shard, n in self.expected.items()
+                if shard not in self.committed}
+
+
+def _item_blocks(plan: Plan, pending: list[int], block_rows: int) -> list[pa.Table]:
+    """Pending items as Arrow tables of `block_rows` rows: each becomes one Ray Data block."""
+    items, shards = [], []
+    for index in pending:
+        shard_items = plan.shard_items(index)
+        items.extend(shard_items)
+        shards.extend([shard_name(index)] * len(shard_items))
+    table = items_to_table(items).append_column("shard", pa.array(shards, type=pa.string()))
+    table = table.drop_columns(["size", "version"])
+    return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
+
+
+@task(name="execute", cache_policy=NONE)
+def execute_task(
+    options: ScoreOptions, plan: Plan, pending: list[int], config: dict[str, Any], checkpoint: str, run_id: str,
+    on_rows: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from workers.stages import ScoreActor, read_and_decode
+
+    logger = get_run_logger()
+    output = Output(options.output, options.storage_options)
+    writer = ShardWriter(output, plan, pending, run_id=run_id, config=config)
+    started = time.perf_counter()
+    if not pending:
+        return {"scored": 0, "shards": [], "seconds": 0.0, "write_seconds": 0.0}
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    gpus = options.device in ("auto", "cuda") and _cluster_has_gpus()
+    if options.device == "cuda" and not gpus:
+        raise RuntimeError("--device cuda: the Ray cluster has no GPU")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = options.workers or (int(ray.cluster_resources().get("GPU", 0)) if gpus else 1)
+    threads = max(1, cpus // workers) if not gpus else None
+    block_rows = max(1, options.batch_size)
+    dataset = ray.data.from_arrow(_item_blocks(plan, pending, block_rows))
+    dataset = dataset.map_batches(
+        # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
+        # keeps Ray from fusing the two stages, so decoding overlaps with the model instead of preceding it.
+        read_and_decode, batch_size=block_rows, batch_format="numpy", num_cpus=0.25,
+        fn_kwargs={"storage_options": options.storage_options, "max_pixels": options.max_pixels,
+                   "img_size": config["model_config"]["img_size"]},
+    )
+    dataset = dataset.map_batches(
+        ScoreActor, batch_size=block_rows, batch_format="numpy",
+        compute=ActorPoolStrategy(size=workers),
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint, "config": config["model_config"],
+            "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",
+            "exit_depth": config["exit_depth"], "fusion": config["fusion"], "batch_size": options.batch_size,
+            "threads": threads, "expected_sha256": config["model_sha256"],
+        },
+    )
+    logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers, "GPU" if gpus else "CPU")
+    scored = 0
+    for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+        writer.add(batch)
+        count = len(batch["image_id"])
+        scored += count
+        if on_rows:
+            on_rows(count)
+    missing = writer.missing()
+    if missing:
+        raise RuntimeError(f"rows missing after scoring, shards not committed: {missing}")
+    return {"scored": scored, "shards": writer.committed, "seconds": time.perf_counter() - started,
+            "write_seconds": writer.write_seconds, "workers": workers, "device": "cuda" if gpus else "cpu",
+            "rows_by_node": dict(writer.rows_by_node)}
+
+
+@task(name="finalize", cache_policy=NONE)
+def finalize_task(
+    options: ScoreOptions, plan: Plan, config: dict[str, Any], run_id: str, stats: dict[str, Any],
+    timings: dict[str, float], skipped: int, uses_standin: bool,
+) -> RunSummary:
+    output = Output(options.output, options.storage_options)
+    # Totals over every committed shard, this run's and earlier ones'; only the status column is read.
+    statuses: Counter[str] = Counter()
+    if output.list("scores"):
+        table = pq.read_table(output.path("scores"), columns=["status"], filesystem=output.fs)
+        statuses.update(table.column("status").to_pylist())
+    total = sum(statuses.values())
+    if total != plan.item_count:
+        raise RuntimeError(f"OUTPUT holds {total} rows for {plan.item_count} planned items")
+    execute_seconds = timings.get("execute", 0.0)
+    summary = RunSummary(
+        output=output.full_url(), run_id=run_id, counts=dict(sorted(statuses.items())), total_rows=total,
+        scored_now=stats["scored"], shards_written=len(stats["shards"]), shards_skipped=skipped,
+        seconds={k: round(v, 3) for k, v in timings.items()},
+        images_per_second=round(stats["scored"] / execute_seconds, 2) if execute_seconds > 0 else 0.0,
+        model_sha256=config["model_sha256"], exit_depth=config["exit_depth"], fusion=config["fusion"],
+        uses_standin_model=uses_standin,
+    )
+    import prefect
+    import ray
+    import torch
+
+    record = {
+        **asdict(summary), "finished_at": datetime.now(UTC).isoformat(), "input": options.input,
+        "input_kind": plan.input_kind, "shard_size": plan.shard_size, "shard_count": plan.shard_count,
+        "config": config, "workers": stats.get("workers"), "device": stats.get("device"),
+        "stages": {"write_seconds": round(stats.get("write_seconds", 0.0), 3),
+                   "rows_by_node": stats.get("rows_by_node", {})},
+        "versions": {"fiqa_curator": _version(), "python": platform.python_version(), "torch": torch.__version__,
+                     "ray": ray.__version__, "prefect": prefect.__version__, "pyarrow": pa.__version__},
+    }
+    output.commit_bytes(RUN_FILE, json.dumps(record, indent=1, default=str).encode())
+    output.commit_bytes(SUCCESS_FILE, b"")
+    return summary
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fiqa-curator")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@flow(name="fiqa-score", log_prints=False, validate_parameters=False)
+def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = None) -> RunSummary:
+    """Score every image of INPUT into OUTPUT's quality table; resumes a previous run of the same plan."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    loaded, checkpoint = resolve_model(options)
+    config = scoring_config(loaded, options)
+    del loaded  # actors load their own copy; the driver only needed the checks and the hash
+    timings["load_model"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    plan, pending = plan_task(options, config)
+    timings["plan"] = time.perf_counter() - started
+
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    started_ray = init_ray(options.ray_address) if pending else False
+    try:
+        started = time.perf_counter()
+        stats = execute_task(options, plan, pending, config, checkpoint, run_id, on_rows)
+        timings["execute"] = time.perf_counter() - started
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    summary = finalize_task(options, plan, config, run_id, stats, timings,
+                            plan.shard_count - len(pending), options.checkpoint is None)
+    return summary

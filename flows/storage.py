@@ -1,0 +1,82 @@
+"""OUTPUT as an fsspec folder: atomic commits, listing, reading, with retries.
+
+A file becomes visible under its final name only when complete: it is written under `_staging/` and then
+moved (a rename on local disks; a server-side copy on object stores, whose target appears whole).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from workers.io import filesystem, with_retries
+
+STAGING = "_staging"
+
+
+class OutputError(RuntimeError):
+    """OUTPUT cannot be created or written."""
+
+
+class Output:
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(self.url, self.storage_options)
+        self.root = self.root.rstrip("/")
+
+    def path(self, relative: str) -> str:
+        return posixpath.join(self.root, relative)
+
+    def full_url(self, relative: str = "") -> str:
+        return self.fs.unstrip_protocol(self.path(relative) if relative else self.root)
+
+    def ensure_writable(self) -> None:
+        """Create OUTPUT and prove it can be written, before any work is done."""
+        probe = f"{STAGING}/.probe-{uuid.uuid4().hex}"
+        try:
+            with_retries(lambda: self.fs.makedirs(self.path(STAGING), exist_ok=True))
+            with_retries(lambda: self.fs.pipe_file(self.path(probe), b"ok"))
+            with_retries(lambda: self.fs.rm_file(self.path(probe)))
+        except Exception as error:
+            raise OutputError(f"OUTPUT is not writable: {self.url}: {type(error).__name__}: {error}") from error
+
+    def commit_bytes(self, relative: str, data: bytes) -> None:
+        """Write `data` so that `relative` appears only once it is complete."""
+        final = self.path(relative)
+        staged = self.path(f"{STAGING}/{posixpath.basename(relative)}.{uuid.uuid4().hex}.part")
+        with_retries(lambda: self.fs.pipe_file(staged, data))
+        parent = posixpath.dirname(final)
+        if parent:
+            with_retries(lambda: self.fs.makedirs(parent, exist_ok=True))
+        with_retries(lambda: self.fs.mv(staged, final))
+
+    def read_bytes(self, relative: str) -> bytes | None:
+        try:
+            return with_retries(lambda: self.fs.cat_file(self.path(relative)))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, relative: str) -> bool:
+        return bool(with_retries(lambda: self.fs.exists(self.path(relative))))
+
+    def list(self, relative: str) -> list[str]:
+        """Names (not paths) of the files directly under `relative`; empty when it does not exist."""
+        try:
+            self.fs.invalidate_cache(self.path(relative))
+            entries = with_retries(lambda: self.fs.ls(self.path(relative), detail=False))
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(entry.rstrip("/")) for entry in entries)
+
+    def remove(self, relative: str) -> None:
+        target = self.path(relative)
+        if with_retries(lambda: self.fs.exists(target)):
+            with_retries(lambda: self.fs.rm(target, recursive=True))
+
+    def clean_staging(self) -> None:
+        """Drop leftovers of interrupted writes: they were never visible, so nothing refers to them."""
+        for name in self.list(STAGING):
+            with_retries(lambda name=name: self.fs.rm(self.path(f"{STAGING}/{name}"), recursive=True))

@@ -1,0 +1,135 @@
+"""The quality table: one row per input image, bad ones included (`fiqa score` output, `OUTPUT/scores/`).
+
+Columns (README "Quality table" documents them for analysts):
+
+| column          | type               | meaning                                                              |
+|-----------------|--------------------|----------------------------------------------------------------------|
+| image_id        | string             | stable id: path relative to INPUT, manifest id, or tar + member key |
+| source          | string             | the URI that was read (`tar_url#member` inside WebDataset shards)    |
+| identity        | string, nullable   | subject identity when the manifest / shard provides one              |
+| status          | string             | `ok` or the reason: decode_error, unsupported_format, too_large,    |
+|                 |                    | read_error                                                           |
+| error           | string, nullable   | human-readable reason when status is not ok                          |
+| byte_size       | int64, nullable    | size of the bytes read                                               |
+| width, height   | int32, nullable    | decoded size (after EXIF orientation), before resizing               |
+| resized         | bool, nullable     | whether the image was resampled to the model's input size            |
+| exit_depth      | int16              | L: blocks 1..L were run                                              |
+| exit_scores     | list<float32>      | EX-FIQA score of exits 1..L (exit 1 first); null when not ok        |
+| quality_final   | float32, nullable  | score of exit L (the ViT-FIQA score when L is the model depth)       |
+| quality_f       | float32, nullable  | EX-FIQA-F: uniform fusion of exits 1..L                              |
+| quality_fw      | float32, nullable  | EX-FIQA-FW: depth-weighted fusion of exits 1..L                      |
+| quality         | float32, nullable  | the configured fusion (`fusion` in the file metadata)               |
+| model_sha256    | string             | sha256 of the checkpoint bytes                                       |
+| run_id          | string             | the run that wrote the row                                           |
+| shard           | string             | shard name (`shard-00000`)                                           |
+
+Higher quality = more useful for face recognition. File metadata: `fiqa.schema_version`, `fiqa.fusion`,
+`fiqa.fusion_weights` (JSON), `fiqa.config_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+STATUS_VALUES = ("ok", "decode_error", "unsupported_format", "too_large", "read_error")
+
+_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("identity", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("byte_size", pa.int64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("resized", pa.bool_()),
+    pa.field("exit_depth", pa.int16(), nullable=False),
+    pa.field("exit_scores", pa.list_(pa.float32())),
+    pa.field("quality_final", pa.float32()),
+    pa.field("quality_f", pa.float32()),
+    pa.field("quality_fw", pa.float32()),
+    pa.field("quality", pa.float32()),
+    pa.field("model_sha256", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+]
+QUALITY_TABLE_SCHEMA = pa.schema(_FIELDS, metadata={"fiqa.schema_version": SCHEMA_VERSION})
+SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
+
+
+def _nullable_numbers(values: Sequence[Any] | np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """Numbers with sentinels (NaN; negative for integer columns) -> an Arrow array with nulls."""
+    array = np.asarray(values, dtype=np.float64)
+    mask = ~np.isfinite(array)
+    if pa.types.is_integer(arrow_type):
+        mask |= array < 0
+    return pa.array(np.where(mask, 0, array).astype(arrow_type.to_pandas_dtype()), type=arrow_type, mask=mask)
+
+
+def _nullable_strings(values: Sequence[Any] | np.ndarray) -> pa.Array:
+    """Strings where None, NaN (what an all-null column becomes in a numpy batch) and "" mean null."""
+    def clean(value: Any) -> str | None:
+        if value is None or (isinstance(value, float | np.floating) and not np.isfinite(value)) or value == "":
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return pa.array([clean(v) for v in values], type=pa.string())
+
+
+def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, Any]) -> pa.Table:
+    """Build and validate one shard's table from column arrays.
+
+    Numbers use sentinels for null: NaN for scores, a negative value for sizes; `exit_scores` is an
+    (N, L) float array whose rows are null where the status is not ok.
+    """
+    status = np.asarray(columns["status"], dtype=object)
+    unknown = set(status.tolist()) - set(STATUS_VALUES)
+    if unknown:
+        raise ValueError(f"unknown status values: {sorted(unknown)}")
+    ok = status == "ok"
+    count = len(status)
+    exit_scores = np.asarray(columns["exit_scores"], dtype=np.float32).reshape(count, -1)
+    depth = exit_scores.shape[1]
+    flat = pa.array(exit_scores.reshape(-1), type=pa.float32())
+    offsets = pa.array(np.arange(0, (count + 1) * depth, depth, dtype=np.int32))
+    exit_list = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~ok))
+    arrays = {
+        "image_id": pa.array(columns["image_id"], type=pa.string()),
+        "source": pa.array(columns["source"], type=pa.string()),
+        "identity": _nullable_strings(columns.get("identity", [None] * count)),
+        "status": pa.array(status, type=pa.string()),
+        "error": _nullable_strings(columns["error"]),
+        "byte_size": _nullable_numbers(columns["byte_size"], pa.int64()),
+        "width": _nullable_numbers(columns["width"], pa.int32()),
+        "height": _nullable_numbers(columns["height"], pa.int32()),
+        "resized": pa.array(np.asarray(columns["resized"], dtype=bool), type=pa.bool_(), mask=~ok),
+        "exit_depth": pa.array(np.full(count, depth, dtype=np.int16), type=pa.int16()),
+        "exit_scores": exit_list,
+        **{name: _nullable_numbers(np.where(ok, columns[name], np.nan), pa.float32()) for name in SCORE_COLUMNS},
+        "model_sha256": pa.array([columns["model_sha256"]] * count, type=pa.string()),
+        "run_id": pa.array([columns["run_id"]] * count, type=pa.string()),
+        "shard": pa.array([columns["shard"]] * count, type=pa.string()),
+    }
+    schema_metadata = {
+        **QUALITY_TABLE_SCHEMA.metadata,
+        **{f"fiqa.{key}".encode(): (value if isinstance(value, str) else json.dumps(value)).encode()
+           for key, value in metadata.items()},
+    }
+    table = pa.Table.from_arrays([arrays[f.name] for f in _FIELDS], schema=QUALITY_TABLE_SCHEMA.with_metadata(schema_metadata))
+    table.validate(full=True)
+    return table
+
+
+def read_schema_metadata(schema: pa.Schema) -> dict[str, str]:
+    """The `fiqa.*` entries of a Parquet file's schema metadata, decoded."""
+    return {
+        key.decode().removeprefix("fiqa."): value.decode()
+        for key, value in (schema.metadata or {}).items()
+        if key.startswith(b"fiqa.")
+    }

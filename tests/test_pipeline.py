@@ -1,0 +1,296 @@
+"""The scoring pipeline end to end: the real Prefect flow on a real two-node Ray cluster."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from flows.plan import PlanConflict
+from flows.sources import InputError
+from schemas import SCHEMA_VERSION
+from tests.conftest import TOLERANCE, ReferenceFixture
+from tests.reference_vitfiqa import randomize_state_dict, reference_forward
+from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
+
+pytestmark = pytest.mark.slow
+
+
+def write_pngs(images: np.ndarray, folder: Path, prefix: str = "img") -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index, image in enumerate(images):
+        name = f"{prefix}_{index:03d}.png"
+        Image.fromarray(image).save(folder / name)
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("exit_depth", [1, 6, 12])
+def test_fixture_parity_through_the_pipeline(
+    reference: ReferenceFixture, exit_depth: int, tmp_path: Path, run_score
+) -> None:
+    names = write_pngs(reference.images, tmp_path / "in" / "sub dir")
+    summary, rows = run_score(
+        tmp_path / "in", tmp_path / "out", checkpoint=str(reference.checkpoint),
+        model_config=str(reference.path / "config.json"), exit_depth=exit_depth, shard_size=3, batch_size=4,
+        fusion="final",
+    )
+    assert summary.counts == {"ok": len(names)} and summary.shards_written == 3
+    for index, name in enumerate(names):
+        row = rows[f"sub dir/{name}"]
+        assert row["status"] == "ok" and row["exit_depth"] == exit_depth and not row["resized"]
+        np.testing.assert_allclose(row["exit_scores"], reference.block_quality[index, :exit_depth], **TOLERANCE)
+        np.testing.assert_allclose(row["quality"], reference.block_quality[index, exit_depth - 1], **TOLERANCE)
+        np.testing.assert_allclose(row["quality_final"], row["quality"])
+        np.testing.assert_allclose(row["quality_f"], reference.block_quality[index, :exit_depth].mean(), **TOLERANCE)
+        weights = np.arange(1, exit_depth + 1) / np.arange(1, exit_depth + 1).sum()
+        np.testing.assert_allclose(row["quality_fw"], reference.block_quality[index, :exit_depth] @ weights, **TOLERANCE)
+        assert row["model_sha256"] == summary.model_sha256 == load_model(reference.checkpoint).sha256
+
+
+def test_other_configuration_parity(tmp_path: Path, run_score) -> None:
+    config = ViTFIQAConfig(mode="full", embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0)
+    state = randomize_state_dict(ViTFIQA(config), seed=11)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, checkpoint)
+    (tmp_path / "arch.json").write_text(json.dumps({"num_heads": 3, "note": "unknown keys are ignored"}))
+    images = np.random.default_rng(3).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    names = write_pngs(images, tmp_path / "in")
+    _, rows = run_score(tmp_path / "in", tmp_path / "out", checkpoint=str(checkpoint),
+                        model_config=str(tmp_path / "arch.json"), shard_size=2)
+    for exit_at in (1, 2, 3):
+        _, expected = reference_forward(torch.from_numpy(images), state, mode="full", patch_size=9,
+                                        num_heads=3, exit_at=exit_at)
+        got = [rows[name]["exit_scores"][exit_at - 1] for name in names]
+        np.testing.assert_allclose(got, expected.numpy(), **TOLERANCE)
+
+
+def _tiny_checkpoint(tmp_path: Path) -> tuple[str, str]:
+    config = ViTFIQAConfig(mode="token", embed_dim=32, depth=4, num_heads=4)
+    torch.manual_seed(5)
+    path = tmp_path / "tiny" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ViTFIQA(config).state_dict(), path)
+    (path.parent / "config.json").write_text(json.dumps(config.to_dict()))
+    return str(path), str(path.parent / "config.json")
+
+
+def _api_scores(checkpoint: str, payloads: dict[str, bytes], exit_depth: int | None = None) -> dict[str, np.ndarray]:
+    scorer = QualityScorer(load_model(checkpoint), device="cpu")
+    decoded = {key: decode_face(data) for key, data in payloads.items()}
+    keys = [key for key, result in decoded.items() if result.ok]
+    result = scorer.score(np.stack([decoded[k].image for k in keys]), exit_depth=exit_depth)
+    return {key: result.exit_scores[i] for i, key in enumerate(keys)}
+
+
+def _jpeg(seed: int, size: int = 112) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("manifest_format", ["csv", "parquet"])
+def test_manifest_input(manifest_format: str, tmp_path: Path, run_score) -> None:
+    checkpoint, config = _tiny_checkpoint(tmp_path)
+    data = tmp_path / "data"
+    (data / "photos").mkdir(parents=True)
+    payloads = {f"person{i % 2}-{i}": _jpeg(i) for i in range(5)}
+    for key, payload in payloads.items():
+        (data / "photos" / f"{key}.jpg").write_bytes(payload)
+    rows = [{"uri": f"photos/{key}.jpg", "image_id": key, "identity": key.split("-")[0]} for key in payloads]
+    rows.append({"uri": str(data / "photos" / "absent.jpg"), "image_id": "absent", "identity": "ghost"})
+    manifest = tmp_path / f"manifest.{manifest_format}"
+    if manifest_format == "csv":
+        with open(manifest, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["uri", "image_id", "identity"])
+            writer.writeheader()
+            writer.writerows(rows)
+        manifest.replace(data / manifest.name)
+        manifest = data / manifest.name
+    else:
+        rows = [{**row, "uri": str(data / row["uri"]) if not row["uri"].startswith("/") else row["uri"]} for row in rows]
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
+    summary, table = run_score(manifest, tmp_path / "out", checkpoint=checkpoint, model_config=config)
+    assert summary.counts == {"ok": 5, "read_error": 1}
+    assert table["absent"]["status"] == "read_error" and "FileNotFoundError" in table["absent"]["error"]
+    expected = _api_scores(checkpoint, payloads)
+    for key in payloads:
+        assert table[key]["identity"] == key.split("-")[0]
+        np.testing.assert_allclose(table[key]["exit_scores"], expected[key], **TOLERANCE)
+
+
+def test_webdataset_tar_shards(tmp_path: Path, run_score) -> None:
+    checkpoint, config = _tiny_checkpoint(tmp_path)
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    payloads = {}
+    for shard in range(2):
+        with tarfile.open(folder / f"train-{shard:04d}.tar", "w") as archive:
+            for index in range(3):
+                key = f"sample{shard}{index}"
+                members = {f"{key}.jpg": _jpeg(shard * 10 + index), f"{key}.cls": f"id{index}".encode()}
+                if (shard, index) == (1, 2):
+                    members[f"{key}.png"] = members[f"{key}.jpg"]  # two images under one key
+                    members[f"{key}.jpg"] = b"not really a jpeg"
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+                    if name.endswith((".jpg", ".png")):
+                        payloads[f"train-{shard:04d}.tar/{name}"] = data
+    summary, rows = run_score(folder, tmp_path / "out", checkpoint=checkpoint, model_config=config, shard_size=4)
+    assert summary.total_rows == 7 and summary.counts == {"decode_error": 1, "ok": 6}
+    assert rows["train-0000.tar/sample00"]["identity"] == "id0"
+    assert rows["train-0001.tar/sample12.jpg"]["status"] == "decode_error"
+    assert rows["train-0001.tar/sample12.png"]["source"].endswith("train-0001.tar#sample12.png")
+    expected = _api_scores(checkpoint, {
+        (k.rsplit(".", 1)[0] if not k.split("/")[1].startswith("sample12") else k): v for k, v in payloads.items()
+    })
+    for image_id, scores in expected.items():
+        np.testing.assert_allclose(rows[image_id]["exit_scores"], scores, **TOLERANCE)
+
+
+def _bad_corpus(folder: Path) -> dict[str, str]:
+    """Files with the status each must get; the tests make every one of them here."""
+    folder.mkdir(parents=True)
+    face = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    expected = {}
+
+    def save(name: str, image: Image.Image, status: str = "ok", **options) -> None:
+        image.save(folder / name, **options)
+        expected[name] = status
+
+    save("plain.png", Image.fromarray(face))
+    save("UPPER CASE.JPG", Image.fromarray(face), format="JPEG")
+    save("visage é 1.png", Image.fromarray(face))
+    save("cmyk.tif", Image.fromarray(face).convert("CMYK"))
+    save("grey16.png", Image.fromarray(face[..., 0].astype(np.uint16) * 257))
+    save("palette.gif", Image.fromarray(face).quantize(32))
+    save("rgba.png", Image.fromarray(np.dstack([face, face[..., 0]])))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    save("rotated.jpg", Image.fromarray(face[:, :80]), exif=exif.tobytes())
+    save("one_pixel.bmp", Image.new("RGB", (1, 1), (200, 10, 10)))
+    save("huge.png", Image.new("L", (10000, 10000)), status="too_large")
+    (folder / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = "decode_error"
+    (folder / "text.jpg").write_text("not an image")
+    expected["text.jpg"] = "decode_error"
+    (folder / "truncated.png").write_bytes((folder / "plain.png").read_bytes()[:300])
+    expected["truncated.png"] = "decode_error"
+    save("icon.ico", Image.fromarray(face), status="unsupported_format")
+    (folder / "notes.txt").write_text("not an input")  # not an image extension: not listed
+    (folder / ".hidden.png").write_bytes((folder / "plain.png").read_bytes())  # hidden: not listed
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.png").write_bytes((folder / "plain.png").read_bytes())
+    return expected
+
+
+def test_bad_input_corpus(tmp_path: Path, run_score) -> None:
+    expected = _bad_corpus(tmp_path / "in")
+    summary, rows = run_score(tmp_path / "in", tmp_path / "out", max_pixels=50_000_000, shard_size=5)
+    assert {image_id: row["status"] for image_id, row in rows.items()} == expected
+    assert summary.total_rows == len(expected)
+    assert rows["huge.png"]["width"] == 10000 and rows["huge.png"]["exit_scores"] is None
+    assert rows["rotated.jpg"]["width"] == 112 and rows["rotated.jpg"]["height"] == 80  # orientation 8
+    assert rows["one_pixel.bmp"]["resized"] is True
+    for image_id, status in expected.items():
+        row = rows[image_id]
+        if status == "ok":
+            assert len(row["exit_scores"]) == 12 and np.isfinite(row["quality"]) and row["error"] is None
+        else:
+            assert row["quality"] is None and row["error"]
+
+
+def test_resume_skips_committed_shards_and_refuses_to_mix(tmp_path: Path, run_score) -> None:
+    checkpoint, config = _tiny_checkpoint(tmp_path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(7):
+        (folder / f"f{index}.jpg").write_bytes(_jpeg(index))
+    out = tmp_path / "out"
+    first, rows = run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3)
+    assert first.shards_written == 3 and (out / "_SUCCESS").exists()
+    shards = sorted((out / "scores").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()  # as if the run had died before committing it
+    (out / "_SUCCESS").unlink()
+    second, rows_again = run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3)
+    assert second.shards_written == 1 and second.shards_skipped == 2 and second.scored_now == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "scores").iterdir() if p.name != shards[1].name} == {
+        k: v for k, v in stamps.items() if k != shards[1].name}
+    assert rows_again.keys() == rows.keys()
+    for image_id in rows:
+        np.testing.assert_allclose(rows_again[image_id]["exit_scores"], rows[image_id]["exit_scores"], rtol=1e-5, atol=1e-7)
+    assert rows_again["f3.jpg"]["run_id"] != rows_again["f0.jpg"]["run_id"]  # recomputed vs kept
+    assert json.loads((out / "_run.json").read_text())["total_rows"] == 7
+
+    with pytest.raises(PlanConflict, match=r"scoring configuration changed.*exit_depth"):
+        run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3, exit_depth=2)
+    (folder / "new.jpg").write_bytes(_jpeg(99))
+    with pytest.raises(PlanConflict, match="input listing changed"):
+        run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3)
+    third, rows_new = run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3,
+                                exit_depth=2, overwrite=True)
+    assert third.total_rows == 8 and {row["exit_depth"] for row in rows_new.values()} == {2}
+
+
+def test_pipeline_errors_before_any_work(tmp_path: Path, run_score) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        run_score(tmp_path / "absent", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_nodes_share_the_work_and_match_one_node(tmp_path: Path, run_score, ray_cluster) -> None:
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    checkpoint, config = _tiny_checkpoint(tmp_path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(40):
+        (folder / f"f{index:02d}.jpg").write_bytes(_jpeg(index))
+    _, two = run_score(folder, tmp_path / "two", checkpoint=checkpoint, model_config=config, workers=2,
+                       batch_size=4, shard_size=10)
+    record = json.loads((tmp_path / "two" / "_run.json").read_text())
+    by_node = record["stages"]["rows_by_node"]
+    assert len(by_node) == 2 and all(n > 0 for n in by_node.values()) and sum(by_node.values()) == 40
+    _, one = run_score(folder, tmp_path / "one", checkpoint=checkpoint, model_config=config, workers=1,
+                       batch_size=16, shard_size=10)
+    assert one.keys() == two.keys()
+    for image_id in one:
+        np.testing.assert_allclose(two[image_id]["exit_scores"], one[image_id]["exit_scores"], atol=1e-6, rtol=1e-6)
+
+
+def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
+    checkpoint, config = _tiny_checkpoint(tmp_path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(6):
+        (folder / f"f{index}.jpg").write_bytes(_jpeg(index))
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8 broken")
+    _, rows = run_score(folder, tmp_path / "out", checkpoint=checkpoint, model_config=config, shard_size=4)
+    con = duckdb.connect()
+    glob = str(tmp_path / "out" / "scores" / "*.parquet")
+    status_counts = dict(con.sql(f"select status, count(*) from '{glob}' group by status").fetchall())
+    assert status_counts == {"ok": 6, "decode_error": 1}
+    exit_two = dict(con.sql(f"select image_id, exit_scores[2] from '{glob}' where status = 'ok'").fetchall())
+    for image_id, value in exit_two.items():
+        assert value == pytest.approx(rows[image_id]["exit_scores"][1])
+    worst = con.execute(f"select image_id from '{glob}' where status = 'ok' order by quality limit 1").fetchone()[0]
+    assert worst == min((r for r in rows.values() if r["status"] == "ok"), key=lambda r: r["quality"])["image_id"]
+    metadata = pq.read_schema(next((tmp_path / "out" / "scores").iterdir())).metadata
+    assert metadata[b"fiqa.schema_version"] == SCHEMA_VERSION.encode()
+    assert json.loads(metadata[b"fiqa.fusion_weights"]) == pytest.approx([0.1, 0.2, 0.3, 0.4])

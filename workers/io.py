@@ -1,0 +1,50 @@
+"""Reading input bytes from any fsspec URL, whole files or byte ranges (members of tar shards), with
+retries and backoff for transient object-store errors. A failure is a value, not an exception."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+T = TypeVar("T")
+PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+
+
+def with_retries(action: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0) -> T:
+    """Run `action`, retrying errors that may be transient (network, throttling, 5xx) with jittered
+    exponential backoff. Errors that cannot get better (missing file, permissions) are raised at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except PERMANENT_ERRORS:
+            raise
+        except Exception:
+            if attempt == attempts:
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            time.sleep(delay * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(url, **dict(storage_options or {}))
+
+
+def read_range(
+    url: str,
+    offset: int = -1,
+    length: int = -1,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    attempts: int = 5,
+) -> bytes:
+    """Bytes of `url`, or of `length` bytes at `offset` when offset >= 0."""
+    fs, path = filesystem(url, storage_options)
+    if offset >= 0:
+        return with_retries(lambda: fs.cat_file(path, start=offset, end=offset + length), attempts=attempts)
+    return with_retries(lambda: fs.cat_file(path), attempts=attempts)
