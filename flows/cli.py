@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,28 +30,46 @@ example:
 """
 
 
+def _progress(disable: bool = False):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=disable)
+
+
+def _print_summary(summary) -> None:
+    counts = ", ".join(f"{status} {n}" for status, n in summary.counts.items())
+    console.print(f"[bold]done[/]: {summary.total_rows} images ({counts})")
+    console.print(f"scored now: {summary.scored_now} in {summary.shards_written} shard(s), "
+                  f"{summary.shards_skipped} shard(s) already committed; "
+                  f"{summary.images_per_second} images/s; exit depth {summary.exit_depth}, fusion {summary.fusion}")
+    console.print(f"quality table: {summary.output}/scores/   run record: {summary.output}/_run.json")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import NOTICE, run_demo
 
     console.print(f"[bold yellow]{NOTICE}[/]")
-    result = run_demo(Path(args.output), count=args.images, exit_depth=args.exit_depth, fusion=args.fusion)
-    primary = f"quality_{args.fusion}" if args.fusion in ("f", "fw", "final") else "quality_w"
-    table = Table(title=f"{len(result.rows)} files scored (lowest {primary} first; failures last)")
-    for column in ("image_id", "status", primary, "exit_1", "resized"):
+    with _progress() as progress:
+        bar = progress.add_task("scoring", total=None)
+        result = run_demo(Path(args.output), count=args.images, exit_depth=args.exit_depth, fusion=args.fusion,
+                          on_rows=lambda n: progress.update(bar, advance=n))
+    table = Table(title="lowest and highest `quality`, then failures (all rows: the quality table)")
+    for column in ("image_id", "status", "quality", "exit 1", f"exit {result.summary.exit_depth}", "resized"):
         table.add_column(column)
-    ranked = sorted(result.rows, key=lambda r: (r[primary] is None, r[primary] or 0.0))
-    for row in ranked[:5] + ranked[-4:]:
-        value = row[primary]
+    ok = sorted((r for r in result.rows if r["status"] == "ok"), key=lambda r: r["quality"])
+    failed = [r for r in result.rows if r["status"] != "ok"]
+    for row in [*ok[:4], *ok[-3:], *failed]:
+        scores = row["exit_scores"] or [None]
         table.add_row(
             row["image_id"], row["status"] if row["status"] == "ok" else f"[red]{row['status']}[/]",
-            "-" if value is None else f"{value:.4f}",
-            "-" if row["exit_1"] is None else f"{row['exit_1']:.4f}", str(row["resized"]),
+            *(f"{v:.4f}" if v is not None else "-" for v in (row["quality"], scores[0], scores[-1])),
+            str(row["resized"]) if row["resized"] is not None else "-",
         )
     console.print(table)
-    counts = ", ".join(f"{status}: {n}" for status, n in sorted(result.counts.items()))
-    console.print(f"statuses: {counts}; {result.seconds:.1f} s")
-    console.print(f"quality table: {result.output / 'scores.csv'}\nrun record:    {result.output / 'run.json'}")
-    console.print("[bold yellow]Reminder: random model, generated images; see README 'Status'.[/]")
+    _print_summary(result.summary)
+    console.print(f"images: {result.output / 'images'}   try: fiqa score --help")
+    console.print("[bold yellow]Reminder: random stand-in model, generated images; see README 'Status'.[/]")
     return 0
 
 
@@ -98,8 +117,6 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import logging
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from flows.score import ScoreOptions, score_flow
 
     options = ScoreOptions(
@@ -113,16 +130,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
         console.print("[bold yellow]No --checkpoint: using the bundled STAND-IN model (randomly initialised); "
                       "its scores carry no meaning.[/]")
     logging.getLogger("ray").setLevel(logging.WARNING)
-    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=args.no_progress) as progress:
+    with _progress(disable=args.no_progress) as progress:
         bar = progress.add_task("scoring", total=None)
         summary = score_flow(options, on_rows=lambda n: progress.update(bar, advance=n))
-    counts = ", ".join(f"{status} {n}" for status, n in summary.counts.items())
-    console.print(f"[bold]done[/]: {summary.total_rows} images ({counts})")
-    console.print(f"scored now: {summary.scored_now} in {summary.shards_written} shard(s), "
-                  f"{summary.shards_skipped} shard(s) already committed; "
-                  f"{summary.images_per_second} images/s; exit depth {summary.exit_depth}, fusion {summary.fusion}")
-    console.print(f"quality table: {summary.output}/scores/   run record: {summary.output}/_run.json")
+    _print_summary(summary)
     return 0
 
 
@@ -195,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before Prefect is imported: its temporary server's analytics only add a noisy "database is locked".
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.plan import PlanConflict
     from flows.sources import InputError
     from flows.storage import OutputError

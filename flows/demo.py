@@ -1,32 +1,33 @@
-"""The embedded default job: generated face-like images scored by a small random ViT-FIQA.
+"""The embedded default job: generated face-like images scored through the real pipeline by the bundled
+stand-in model (a seeded, randomly initialised ViT-FIQA).
 
-This is the stand-in until the demo kit (real sample faces and a trained demo model) lands: it runs the
-real code path (official-format checkpoint written and loaded back, byte decoding, one early-exit pass,
-fusion) on inputs made here, offline, in seconds. The scores carry no meaning and the output says so.
+This is the stand-in until the demo kit (real sample faces and a trained demo model) lands: the pipeline,
+checkpoint loading, decoding, early exits and fusion are the real ones, offline, in well under a minute;
+the scores carry no meaning and the output says so.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import platform
-import time
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
+from flows.score import RunSummary, ScoreOptions, score_flow
+from workers import ViTFIQA, ViTFIQAConfig
 from workers.checkpoint import save_checkpoint
 
 STANDIN_CONFIG = ViTFIQAConfig(mode="token", embed_dim=32, depth=12, num_heads=4)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 NOTICE = (
-    "DEMO STAND-IN: generated face-like images scored by a RANDOMLY INITIALISED ViT-FIQA "
-    "(token mode, dim 32, depth 12). The scores carry no meaning; they show the code path, not quality."
+    "DEMO STAND-IN: generated face-like images scored through the real pipeline (Prefect + Ray + Parquet) "
+    "by a RANDOMLY INITIALISED ViT-FIQA (token mode, dim 32, depth 12). The scores carry no meaning; "
+    "they show the code path, not quality."
 )
 
 
@@ -90,57 +91,25 @@ def make_random_model(folder: Path, seed: int = 0) -> Path:
 class DemoResult:
     output: Path
     rows: list[dict]
-    counts: Counter
-    seconds: float
+    summary: RunSummary
 
 
-def run_demo(output: Path, *, count: int = 24, exit_depth: int | None = None, fusion: str = "fw") -> DemoResult:
-    started = time.perf_counter()
-    images = generate_images(output / "images", count)
-    checkpoint = make_random_model(output / "model")
-    loaded = load_model(checkpoint)
-    scorer = QualityScorer(loaded, device="cpu")
-    depth = exit_depth or loaded.config.depth
+def run_demo(
+    output: Path, *, count: int = 24, exit_depth: int | None = None, fusion: str = "fw",
+    on_rows: Callable[[int], None] | None = None,
+) -> DemoResult:
+    """Generate the images if missing, then score them with the bundled model through the real pipeline.
 
-    decoded = [(path, decode_face(path.read_bytes())) for path in images]
-    good = [(path, result) for path, result in decoded if result.ok]
-    scores = scorer.score(np.stack([result.image for _, result in good]), exit_depth=depth, fusion=fusion)
-    by_path = {path: index for index, (path, _) in enumerate(good)}
-
-    rows = []
-    for path, result in decoded:
-        row = {
-            "image_id": path.relative_to(output / "images").as_posix(),
-            "status": str(result.status),
-            "error": result.error or "",
-            "width": result.width,
-            "height": result.height,
-            "resized": result.resized if result.ok else None,
-        }
-        index = by_path.get(path)
-        for name in scores.fused:
-            row[f"quality_{name}"] = float(scores.fused[name][index]) if index is not None else None
-        for exit_index in range(depth):
-            row[f"exit_{exit_index + 1}"] = float(scores.exit_scores[index, exit_index]) if index is not None else None
-        rows.append(row)
-
-    with open(output / "scores.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    seconds = time.perf_counter() - started
-    counts = Counter(row["status"] for row in rows)
-    run = {
-        "notice": NOTICE,
-        "model": loaded.describe(),
-        "exit_depth": depth,
-        "fusion": {"primary": scores.primary, "weights": {k: v.tolist() for k, v in scores.weights.items()}},
-        "counts": dict(counts),
-        "seconds": round(seconds, 3),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-    }
-    (output / "run.json").write_text(json.dumps(run, indent=1))
-    return DemoResult(output=output, rows=rows, counts=counts, seconds=seconds)
+    A rerun finds the same listing and configuration and resumes (nothing to recompute); a rerun with
+    other options replaces the previous results."""
+    images = output / "images"
+    if not images.is_dir():
+        generate_images(images, count)
+    options = ScoreOptions(input=str(images), output=str(output / "quality"), exit_depth=exit_depth,
+                           fusion=fusion, shard_size=10, overwrite=True)
+    summary = score_flow(options, on_rows=on_rows)
+    table = pq.read_table(output / "quality" / "scores")
+    return DemoResult(output=output, rows=table.to_pylist(), summary=summary)
 
 
 if __name__ == "__main__":

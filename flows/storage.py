@@ -64,12 +64,18 @@ class Output:
 
     def list(self, relative: str) -> list[str]:
         """Names (not paths) of the files directly under `relative`; empty when it does not exist."""
+        folder = self.path(relative).rstrip("/")
         try:
-            self.fs.invalidate_cache(self.path(relative))
-            entries = with_retries(lambda: self.fs.ls(self.path(relative), detail=False))
+            self.fs.invalidate_cache(folder)
+            entries = with_retries(lambda: self.fs.ls(folder, detail=True))
         except FileNotFoundError:
             return []
-        return sorted(posixpath.basename(entry.rstrip("/")) for entry in entries)
+        # Object stores may list a folder's own marker; only files below it count.
+        return sorted(
+            posixpath.basename(entry["name"].rstrip("/"))
+            for entry in entries
+            if entry.get("type") == "file" and entry["name"].rstrip("/") != folder
+        )
 
     def remove(self, relative: str) -> None:
         target = self.path(relative)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -12,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import read_quality_table
 from workers import QualityScorer, decode_face, load_model
+from workers.assets import BUNDLED_CHECKPOINT
 
 FIQA = str(Path(sys.executable).parent / "fiqa")
 
@@ -24,31 +25,37 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("demo", "inspect", "check-reference"):
+    for command in ("demo", "score", "inspect", "check-reference"):
         assert command in result.stdout
+    score_help = run("score", "--help").stdout
+    for flag in ("--checkpoint", "--model-config", "--arch", "--mode", "--exit-depth", "--fusion", "--batch-size",
+                 "--shard-size", "--workers", "--device", "--overwrite", "--storage-options", "AWS_ENDPOINT_URL"):
+        assert flag in score_help
 
 
 @pytest.mark.slow
-def test_demo_runs_the_real_path_and_says_it_is_a_stand_in(tmp_path: Path) -> None:
+def test_demo_runs_the_real_pipeline_and_says_it_is_a_stand_in(tmp_path: Path) -> None:
     output = tmp_path / "demo"
     result = run("demo", "--output", str(output), "--images", "12", "--exit-depth", "6")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "RANDOMLY INITIALISED" in result.stdout and "carry no meaning" in result.stdout
-    with open(output / "scores.csv", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    assert "done: 14 images (decode_error 2, ok 12)" in result.stdout
+    rows = read_quality_table(str(output / "quality"))
     assert len(rows) == 14  # 12 images + 2 broken files, none dropped
-    statuses = {row["image_id"]: row["status"] for row in rows}
-    assert statuses["broken_truncated.jpg"] == statuses["notes_not_an_image.png"] == "decode_error"
-    assert sum(status == "ok" for status in statuses.values()) == 12
-    assert "exit_6" in rows[0] and "exit_7" not in rows[0]
+    assert rows["broken_truncated.jpg"]["status"] == rows["notes_not_an_image.png"]["status"] == "decode_error"
+    good = sorted(image_id for image_id, row in rows.items() if row["status"] == "ok")
+    assert len(good) == 12 and all(len(rows[i]["exit_scores"]) == 6 for i in good)
 
-    # the table's numbers are the API's numbers for the same files and the same checkpoint
-    scorer = QualityScorer(load_model(output / "model" / "model.pt"), device="cpu")
-    good = [row for row in rows if row["status"] == "ok"]
-    images = np.stack([decode_face((output / "images" / row["image_id"]).read_bytes()).image for row in good])
-    expected = scorer.score(images, exit_depth=6)
-    np.testing.assert_allclose([float(row["quality_fw"]) for row in good], expected.fused["fw"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose([float(row["exit_1"]) for row in good], expected.exit_scores[:, 0], rtol=1e-5, atol=1e-6)
+    # the table's numbers are the API's numbers for the same files and the bundled checkpoint
+    loaded = load_model(BUNDLED_CHECKPOINT)
+    assert {row["model_sha256"] for row in rows.values()} == {loaded.sha256}
+    images = np.stack([decode_face((output / "images" / image_id).read_bytes()).image for image_id in good])
+    expected = QualityScorer(loaded, device="cpu").score(images, exit_depth=6)
+    np.testing.assert_allclose([rows[i]["quality"] for i in good], expected.fused["fw"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([rows[i]["exit_scores"] for i in good], expected.exit_scores, rtol=1e-5, atol=1e-6)
+
+    again = run("demo", "--output", str(output), "--images", "12", "--exit-depth", "6")
+    assert again.returncode == 0 and "scored now: 0 in 0 shard(s), 2 shard(s) already committed" in again.stdout  # resumed, not recomputed
 
 
 def test_check_reference_passes_and_detects_a_mismatch(reference_root: Path, tmp_path: Path) -> None:

@@ -1,0 +1,136 @@
+"""`fiqa score` as a user runs it: the installed command in its own process, with its own local Ray and
+Prefect's temporary server, against local folders and a real S3 server; killed and resumed."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+import torch
+from PIL import Image
+
+from tests.conftest import TOLERANCE, read_quality_table
+from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
+
+pytestmark = pytest.mark.slow
+FIQA = str(Path(sys.executable).parent / "fiqa")
+
+
+def fiqa(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([FIQA, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                               **(env or {})})
+
+
+def jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def checkpoint_dir(tmp_path: Path, config: ViTFIQAConfig, seed: int = 0) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(ViTFIQA(config).state_dict(), folder / "model.pt")
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    return folder
+
+
+@pytest.mark.s3
+def test_s3_in_and_out_with_aws_environment(tmp_path: Path, s3_server, s3_bucket: str) -> None:
+    model = checkpoint_dir(tmp_path, ViTFIQAConfig(embed_dim=32, depth=4, num_heads=4))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)
+    payloads = {f"faces/person {i}/img_{i}.jpg": jpeg(i) for i in range(6)}
+    for key, data in payloads.items():
+        fs.pipe(f"{s3_bucket}/in/{key}", data)
+    fs.pipe(f"{s3_bucket}/in/faces/broken.png", b"\x89PNG broken")
+    fs.put(str(model / "model.pt"), f"{s3_bucket}/models/model.pt")
+    env = {"AWS_ACCESS_KEY_ID": s3_server.storage_options["key"],
+           "AWS_SECRET_ACCESS_KEY": s3_server.storage_options["secret"],
+           "AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+    result = fiqa("score", f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out/run-1",
+                  "--checkpoint", f"s3://{s3_bucket}/models/model.pt", "--model-config", str(model / "config.json"),
+                  "--exit-depth", "3", "--shard-size", "4", "--no-progress", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "done: 7 images (decode_error 1, ok 6)" in result.stdout
+    assert s3_server.storage_options["secret"] not in result.stdout + result.stderr  # never log credentials
+    assert fs.exists(f"{s3_bucket}/out/run-1/_SUCCESS")
+    rows = read_quality_table(f"s3://{s3_bucket}/out/run-1", s3_server.storage_options)
+    assert rows["faces/broken.png"]["status"] == "decode_error"
+    assert rows["faces/person 0/img_0.jpg"]["source"] == f"s3://{s3_bucket}/in/faces/person 0/img_0.jpg"
+    scorer = QualityScorer(load_model(model / "model.pt"), device="cpu")
+    for key, data in payloads.items():
+        expected = scorer.score(decode_face(data).image[None], exit_depth=3).exit_scores[0]
+        np.testing.assert_allclose(rows[key]["exit_scores"], expected, **TOLERANCE)
+    run = json.loads(fs.cat(f"{s3_bucket}/out/run-1/_run.json"))
+    assert run["counts"] == {"decode_error": 1, "ok": 6} and run["config"]["exit_depth"] == 3
+    assert s3_server.storage_options["secret"] not in json.dumps(run)
+
+
+def test_job_level_errors_exit_2_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg(1))
+    cases = [
+        (["score", str(tmp_path / "absent"), str(tmp_path / "o1")], "INPUT does not exist"),
+        (["score", str(tmp_path / "in"), str(tmp_path / "o2"), "--checkpoint", str(tmp_path / "nope.pt"),
+          "--arch", "vit_s_qs"], "checkpoint not found"),
+        (["score", str(tmp_path / "in"), str(tmp_path / "o3"), "--model-config", str(tmp_path / "none.json")],
+         "no such model config"),
+        (["score", str(tmp_path / "in"), "/proc/fiqa-cannot-write-here"], "OUTPUT is not writable"),
+        (["score", str(tmp_path / "in"), str(tmp_path / "o4"), "--exit-depth", "13"], "--exit-depth must be in 1..12"),
+        (["score", str(tmp_path / "in"), str(tmp_path / "o5"), "--fusion", "1,2"], "2 fusion weights given for 12 exits"),
+    ]
+    for args, message in cases:
+        result = fiqa(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "error:" in result.stdout and message in result.stdout, (args, result.stdout)
+        assert "Traceback" not in result.stdout
+
+
+def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
+    model = checkpoint_dir(tmp_path, ViTFIQAConfig(embed_dim=96, depth=12, num_heads=4))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(600):
+        (folder / f"img_{index:04d}.jpg").write_bytes(jpeg(index))
+    out = tmp_path / "out"
+    args = ["score", str(folder), str(out), "--checkpoint", str(model / "model.pt"), "--batch-size", "10",
+            "--shard-size", "10", "--no-progress"]
+    process = subprocess.Popen([FIQA, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    deadline = time.monotonic() + 300
+    committed: list[Path] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        committed = sorted((out / "scores").glob("*.parquet")) if (out / "scores").exists() else []
+        if len(committed) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole process tree, mid-run
+    process.wait()
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "scores").glob("*.parquet")}
+    assert 3 <= len(before) < 60, f"the kill should land mid-run, {len(before)} of 60 shards were committed"
+    assert not (out / "_SUCCESS").exists()
+
+    result = fiqa(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = json.loads((out / "_run.json").read_text())
+    assert run["shards_skipped"] == len(before) and run["shards_written"] == 60 - len(before)
+    assert run["total_rows"] == 600 and (out / "_SUCCESS").exists()
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "scores").glob("*.parquet")}
+    assert {name: after[name] for name in before} == before  # committed shards were not recomputed
+    rows = read_quality_table(str(out))  # raises if any image_id appears twice
+    assert sorted(rows) == sorted(f"img_{index:04d}.jpg" for index in range(600))
+    assert {row["status"] for row in rows.values()} == {"ok"}
+    assert not list((out / "_staging").glob("*.part"))
