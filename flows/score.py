@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,7 +37,7 @@ from flows.plan import (
     save_plan,
     shard_name,
 )
-from flows.sources import discover, items_to_table
+from flows.sources import IMAGE_EXTENSIONS, InputError, discover, items_to_table
 from flows.storage import Output
 from schemas import SCHEMA_VERSION, build_quality_table
 from workers import ViTFIQAConfig, load_model
@@ -47,6 +47,7 @@ from workers.fusion import parse_fusion
 from workers.preprocess import DEFAULT_MAX_PIXELS
 
 RUN_FILE = "_run.json"
+_PRIVATE_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # see score_flow_run
 SUCCESS_FILE = "_SUCCESS"
 
 
@@ -95,10 +96,10 @@ def resolve_model(options: ScoreOptions) -> tuple[LoadedModel, str]:
     """Load the model once on the driver: bad checkpoints and configs fail here, before any work."""
     checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
     arch: Any = options.model_config
+    if options.mode and not options.arch:
+        raise ValueError("--mode goes with --arch (a preset); a JSON config states its own mode")
     if options.arch:
         arch = ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
-    elif options.mode and options.model_config is None and options.checkpoint is not None:
-        raise ValueError("--mode goes with --arch (a preset); a JSON config states its own mode")
     return load_model(checkpoint, arch, storage_options=options.storage_options), checkpoint
 
 
@@ -150,6 +151,8 @@ def _cluster_has_gpus() -> bool:
 def plan_task(options: ScoreOptions, config: dict[str, Any]) -> tuple[Plan, list[int]]:
     logger = get_run_logger()
     kind, items = discover(options.input, options.storage_options)  # an unreadable INPUT creates nothing
+    if not items:
+        raise InputError(f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     output = Output(options.output, options.storage_options)
     output.ensure_writable()
     plan = make_plan(options.input, kind, items, options.shard_size, config)
@@ -242,7 +245,8 @@ def execute_task(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from workers.stages import ScoreActor, read_and_decode
+    from workers.reading import read_and_decode
+    from workers.stages import ScoreActor
 
     logger = get_run_logger()
     output = Output(options.output, options.storage_options)
@@ -282,16 +286,23 @@ def execute_task(
     )
     logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers, "GPU" if gpus else "CPU")
     scored = 0
+    first_batch_at: float | None = None
     for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
         writer.add(batch)
         count = len(batch["image_id"])
         scored += count
+        if first_batch_at is None:
+            first_batch_at, first_count = time.perf_counter(), count
         if on_rows:
             on_rows(count)
     missing = writer.missing()
     if missing:
         raise RuntimeError(f"rows missing after scoring, shards not committed: {missing}")
-    return {"scored": scored, "shards": writer.committed, "seconds": time.perf_counter() - started,
+    finished = time.perf_counter()
+    steady = (scored - first_count) / (finished - first_batch_at) if first_batch_at and finished > first_batch_at else 0.0
+    return {"scored": scored, "shards": writer.committed, "seconds": finished - started,
+            # start-up (actors spawned, model loaded, first batch through) vs the rate once running
+            "first_batch_seconds": (first_batch_at or finished) - started, "steady_images_per_second": steady,
             "write_seconds": writer.write_seconds, "workers": workers, "device": "cuda" if gpus else "cpu",
             "rows_by_node": dict(writer.rows_by_node)}
 
@@ -328,6 +339,8 @@ def finalize_task(
         "input_kind": plan.input_kind, "shard_size": plan.shard_size, "shard_count": plan.shard_count,
         "config": config, "workers": stats.get("workers"), "device": stats.get("device"),
         "stages": {"write_seconds": round(stats.get("write_seconds", 0.0), 3),
+                   "first_batch_seconds": round(stats.get("first_batch_seconds", 0.0), 3),
+                   "steady_images_per_second": round(stats.get("steady_images_per_second", 0.0), 2),
                    "rows_by_node": stats.get("rows_by_node", {})},
         "versions": {"fiqa_curator": _version(), "python": platform.python_version(), "torch": torch.__version__,
                      "ray": ray.__version__, "prefect": prefect.__version__, "pyarrow": pa.__version__},
@@ -347,8 +360,15 @@ def _version() -> str:
 
 
 @flow(name="fiqa-score", log_prints=False, validate_parameters=False)
-def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = None) -> RunSummary:
-    """Score every image of INPUT into OUTPUT's quality table; resumes a previous run of the same plan."""
+def score_flow_run(
+    options: ScoreOptions, storage_options_ref: str | None = None,
+    on_rows: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """The flow itself. Prefect records flow parameters (in its database, on a real server), and
+    credentials must never end up there: storage options stay in this process and the flow receives
+    only an opaque reference to them."""
+    if storage_options_ref is not None:
+        options = replace(options, storage_options=_PRIVATE_STORAGE_OPTIONS[storage_options_ref])
     timings: dict[str, float] = {}
     started = time.perf_counter()
     loaded, checkpoint = resolve_model(options)
@@ -371,6 +391,16 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
             import ray
 
             ray.shutdown()
-    summary = finalize_task(options, plan, config, run_id, stats, timings,
-                            plan.shard_count - len(pending), options.checkpoint is None)
-    return summary
+    return finalize_task(options, plan, config, run_id, stats, timings,
+                         plan.shard_count - len(pending), options.checkpoint is None)
+
+
+def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = None) -> RunSummary:
+    """Score every image of INPUT into OUTPUT's quality table; resumes a previous run of the same plan."""
+    reference = uuid.uuid4().hex if options.storage_options else None
+    if reference:
+        _PRIVATE_STORAGE_OPTIONS[reference] = dict(options.storage_options)
+    try:
+        return score_flow_run(replace(options, storage_options={}), reference, on_rows)
+    finally:
+        _PRIVATE_STORAGE_OPTIONS.pop(reference, None)

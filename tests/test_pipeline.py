@@ -250,6 +250,12 @@ def test_resume_skips_committed_shards_and_refuses_to_mix(tmp_path: Path, run_sc
 def test_pipeline_errors_before_any_work(tmp_path: Path, run_score) -> None:
     with pytest.raises(InputError, match="does not exist"):
         run_score(tmp_path / "absent", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(InputError, match="no images found"):
+        run_score(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(ValueError, match="--mode goes with --arch"):
+        run_score(tmp_path / "empty", tmp_path / "out", mode="crfiqa")
     assert not (tmp_path / "out").exists()
 
 
@@ -294,3 +300,41 @@ def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
     metadata = pq.read_schema(next((tmp_path / "out" / "scores").iterdir())).metadata
     assert metadata[b"fiqa.schema_version"] == SCHEMA_VERSION.encode()
     assert json.loads(metadata[b"fiqa.fusion_weights"]) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.s3
+def test_s3_input_and_output_with_storage_options(tmp_path: Path, run_score, s3_server, s3_bucket: str) -> None:
+    import s3fs
+    from prefect.client.orchestration import get_client
+
+    checkpoint, config = _tiny_checkpoint(tmp_path)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)
+    payloads = {f"in/p{i}/face {i}.jpg": _jpeg(40 + i) for i in range(5)}
+    for key, data in payloads.items():
+        fs.pipe(f"{s3_bucket}/{key}", data)
+    with tarfile.open(tmp_path / "shard.tar", "w") as archive:
+        info = tarfile.TarInfo("k1.jpg")
+        info.size = len(payloads["in/p0/face 0.jpg"])
+        archive.addfile(info, io.BytesIO(payloads["in/p0/face 0.jpg"]))
+    fs.put(str(tmp_path / "shard.tar"), f"{s3_bucket}/in/shards/shard.tar")
+    summary, rows = run_score(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", checkpoint=checkpoint,
+                              model_config=config, storage_options=s3_server.storage_options, shard_size=2)
+    assert summary.counts == {"ok": 6} and summary.output == f"s3://{s3_bucket}/out"
+    assert fs.exists(f"{s3_bucket}/out/_SUCCESS") and len(fs.ls(f"{s3_bucket}/out/scores")) == 3
+    assert not [p for p in fs.find(f"{s3_bucket}/out/_staging") if p.endswith(".part")]
+    expected = _api_scores(checkpoint, {k.removeprefix("in/"): v for k, v in payloads.items()})
+    for image_id, scores in expected.items():
+        np.testing.assert_allclose(rows[image_id]["exit_scores"], scores, **TOLERANCE)
+    np.testing.assert_allclose(rows["shards/shard.tar/k1"]["exit_scores"], expected["p0/face 0.jpg"], **TOLERANCE)
+
+    # resuming against S3 skips everything; credentials never reach Prefect's records
+    again, _ = run_score(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", checkpoint=checkpoint,
+                         model_config=config, storage_options=s3_server.storage_options, shard_size=2)
+    assert again.shards_skipped == 3 and again.scored_now == 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        recorded = json.dumps([run.model_dump(mode="json") for run in runs], default=str)
+        recorded += json.dumps([run.model_dump(mode="json") for run in client.read_task_runs()], default=str)
+        flow_names = {flow.name for flow in client.read_flows()}
+    assert "fiqa-score" in flow_names and runs
+    assert s3_server.storage_options["secret"] not in recorded, recorded

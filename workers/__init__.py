@@ -2,32 +2,52 @@
 
 This package owns everything that turns image bytes into quality scores on one machine: decoding and
 preprocessing (`preprocess`), the ViT-FIQA network with EX-FIQA early exits (`model`), its architecture
-description (`config`), checkpoint loading (`checkpoint`), exit fusion (`fusion`) and the batch scoring
-API (`scoring`). It knows nothing of Ray, Prefect or object-store layouts; `checkpoint` only uses fsspec
-to read one file.
+description (`config`), checkpoint loading (`checkpoint`), exit fusion (`fusion`), the batch scoring API
+(`scoring`), byte reading with retries (`io`) and the two pipeline stages Ray runs (`reading`, `stages`).
+The model knows nothing of Ray, Prefect or object-store layouts.
+
+Names are imported lazily: a Ray task that only reads and decodes bytes never pays for importing torch
+and timm (several seconds per fresh worker process).
 """
 
-from workers.checkpoint import CheckpointError, LoadedModel, load_model
-from workers.config import PRESETS, ViTFIQAConfig
-from workers.fusion import Fusion, parse_fusion
-from workers.model import ExitOutput, ViTFIQA
-from workers.preprocess import DecodedImage, DecodeStatus, decode_face, normalize
-from workers.scoring import QualityScorer, ScoreResult
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "PRESETS",
-    "CheckpointError",
-    "DecodeStatus",
-    "DecodedImage",
-    "ExitOutput",
-    "Fusion",
-    "LoadedModel",
-    "QualityScorer",
+_EXPORTS = {
+    "PRESETS": "workers.config",
+    "ViTFIQAConfig": "workers.config",
+    "CheckpointError": "workers.checkpoint",
+    "LoadedModel": "workers.checkpoint",
+    "load_model": "workers.checkpoint",
+    "Fusion": "workers.fusion",
+    "parse_fusion": "workers.fusion",
+    "ExitOutput": "workers.model",
+    "ViTFIQA": "workers.model",
+    "DecodeStatus": "workers.preprocess",
+    "DecodedImage": "workers.preprocess",
+    "decode_face": "workers.preprocess",
+    "normalize": "workers.preprocess",
+    "QualityScorer": "workers.scoring",
+    "ScoreResult": "workers.scoring",
+}
+
+__all__ = [  # noqa: RUF022 - grouped as _EXPORTS
+    "PRESETS", "ViTFIQAConfig", "CheckpointError", "LoadedModel", "load_model", "Fusion", "parse_fusion",
+    "ExitOutput", "ViTFIQA", "DecodeStatus", "DecodedImage", "decode_face", "normalize", "QualityScorer",
     "ScoreResult",
-    "ViTFIQA",
-    "ViTFIQAConfig",
-    "decode_face",
-    "load_model",
-    "normalize",
-    "parse_fusion",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from workers.checkpoint import CheckpointError, LoadedModel, load_model
+    from workers.config import PRESETS, ViTFIQAConfig
+    from workers.fusion import Fusion, parse_fusion
+    from workers.model import ExitOutput, ViTFIQA
+    from workers.preprocess import DecodedImage, DecodeStatus, decode_face, normalize
+    from workers.scoring import QualityScorer, ScoreResult

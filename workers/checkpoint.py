@@ -86,7 +86,12 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
     keys = list(state_dict)
     if keys and all(key.startswith(WRAPPER_PREFIX) for key in keys):
         state_dict = {key[len(WRAPPER_PREFIX) :]: value for key, value in state_dict.items()}
-    clean = {key: value for key, value in state_dict.items() if key not in TRAINING_ONLY_KEYS}
+    # float32 like the official model, whatever precision the file was saved in
+    clean = {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in state_dict.items()
+        if key not in TRAINING_ONLY_KEYS
+    }
     ignored = tuple(sorted(set(state_dict) - set(clean)))
     return clean, ignored
 
@@ -212,9 +217,12 @@ def build_model(
     """A model in eval mode with the given weights; see `load_model`."""
     clean, ignored = clean_state_dict(state_dict)
     config = resolve_config(infer_architecture(clean), arch)
-    model = ViTFIQA(config)
+    # Built on the meta device: no memory and no random initialisation (seconds for ViT-S) for weights
+    # that the checkpoint replaces anyway; `assign=True` then adopts the loaded tensors as parameters.
+    with torch.device("meta"):
+        model = ViTFIQA(config)
     _check_keys(model, clean)
-    model.load_state_dict(clean, strict=True)
+    model.load_state_dict(clean, strict=True, assign=True)
     model.eval()
     return model, config, ignored
 

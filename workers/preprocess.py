@@ -10,10 +10,13 @@ import io
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # decoding runs in light Ray tasks that never import torch
+    import torch
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 DEFAULT_SIZE = 112
@@ -140,6 +143,8 @@ def _unidentified(data: bytes) -> DecodedImage:
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32, exactly the official `x/255 - 0.5) / 0.5`."""
+    import torch
+
     tensor = torch.as_tensor(images)
     if tensor.dtype != torch.uint8 or tensor.ndim != 4 or tensor.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(tensor.shape)} {tensor.dtype}")

@@ -1,18 +1,14 @@
-"""The two pipeline stages that run on Ray workers, as plain callables over column batches.
+"""The scoring stage that runs on a Ray actor pool, as a plain callable class over column batches.
 
-- `read_and_decode`: stateless, runs as Ray tasks on CPUs: reads each item's bytes (whole file or byte
-  range) with retries, decodes to 112x112 RGB; every failure becomes a status and a reason.
-- `ScoreActor`: stateful, runs on an actor pool: loads the model once, scores the decodable rows of each
-  batch at the configured exit depth, passes the others through untouched.
-
-They take and return `dict[str, np.ndarray]` batches (Ray Data's numpy format) and know nothing of Ray
-itself, so they are tested by calling them directly.
+`ScoreActor` loads the model once, scores the decodable rows of each batch at the configured exit depth
+and passes the others through untouched. Its partner stage, `reading.read_and_decode`, lives apart so
+that reading tasks never import torch. Both take and return `dict[str, np.ndarray]` batches (Ray Data's
+numpy format) and are tested by calling them directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,57 +16,9 @@ import torch
 
 from workers.checkpoint import load_model
 from workers.config import ViTFIQAConfig
-from workers.io import read_range
-from workers.preprocess import DEFAULT_MAX_PIXELS, DecodedImage, DecodeStatus, decode_face
 from workers.scoring import QualityScorer
 
-READ_THREADS = 16  # object stores reward many requests in flight; local disks do not mind
 SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
-
-
-def _load_one(
-    url: str, offset: int, length: int, storage_options: Mapping[str, Any] | None, size: int, max_pixels: int
-) -> tuple[DecodedImage, int, str]:
-    try:
-        data = read_range(url, int(offset), int(length), storage_options)
-    except Exception as error:
-        return DecodedImage(DecodeStatus.DECODE_ERROR), -1, f"{type(error).__name__}: {error}"
-    return decode_face(data, size=size, max_pixels=max_pixels), len(data), ""
-
-
-def read_and_decode(
-    batch: dict[str, np.ndarray],
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-    img_size: int = 112,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> dict[str, np.ndarray]:
-    """Items (image_id, url, offset, length, ...) -> the same columns plus pixels and decode results."""
-    count = len(batch["image_id"])
-    pixels = np.zeros((count, img_size, img_size, 3), dtype=np.uint8)
-    status = np.empty(count, dtype=object)
-    error = np.empty(count, dtype=object)
-    width = np.full(count, -1, dtype=np.int64)
-    height = np.full(count, -1, dtype=np.int64)
-    byte_size = np.full(count, -1, dtype=np.int64)
-    resized = np.zeros(count, dtype=bool)
-    jobs = zip(batch["url"], batch["offset"], batch["length"], strict=True)
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, count))) as pool:
-        results = list(pool.map(lambda job: _load_one(*job, storage_options, img_size, max_pixels), jobs))
-    for index, (decoded, n_bytes, read_error) in enumerate(results):
-        byte_size[index] = n_bytes
-        if read_error:
-            status[index], error[index] = "read_error", read_error
-            continue
-        status[index], error[index] = str(decoded.status), decoded.error or ""
-        width[index] = decoded.width if decoded.width is not None else -1
-        height[index] = decoded.height if decoded.height is not None else -1
-        if decoded.ok:
-            pixels[index] = decoded.image
-            resized[index] = decoded.resized
-    passthrough = {key: value for key, value in batch.items() if key not in ("url", "offset", "length")}
-    return {**passthrough, "pixels": pixels, "status": status, "error": error, "width": width,
-            "height": height, "byte_size": byte_size, "resized": resized}
 
 
 def _ray_node_id() -> str:

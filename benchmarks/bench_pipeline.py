@@ -1,0 +1,138 @@
+"""End-to-end throughput of `fiqa score` against the bare model, measured side by side in one run.
+
+Generates N synthetic 112x112 JPEGs and a ViT-S-sized random checkpoint (token mode, dim 512, depth 12),
+then for each exit depth (default 12 and 4):
+  bare      QualityScorer.score on decoded uint8 batches already in memory: the model alone, same batch
+            size, same torch thread count as the scoring actor;
+  pipeline  `fiqa score` in its own process (Prefect + local Ray + Parquet): images/s of the execute stage
+            (read, decode, score, write, overlapped; start-up of the Ray workers and the model included),
+            the steady rate once the first batch is out, the time to that first batch, the whole command, and the peak memory: PSS
+            summed over the command's process tree (driver, Ray workers, Prefect server), so pages shared
+            between processes (Ray's object store) count once.
+
+    python benchmarks/bench_pipeline.py [--images 3000] [--batch 64] [--depths 12 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
+
+
+def make_inputs(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:112, 0:112]
+    for index in range(count):
+        base = np.dstack([xx * 2, yy * 2, (xx + yy)]).astype(np.int16) + rng.integers(-30, 30, (112, 112, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        (folder / f"img_{index:05d}.jpg").write_bytes(buffer.getvalue())
+
+
+def bare_rate(scorer: QualityScorer, images: np.ndarray, exit_depth: int, batches: int) -> float:
+    scorer.score(images[: scorer.batch_size], exit_depth=exit_depth)  # warm-up
+    chunk = images[: scorer.batch_size * batches]
+    start = time.perf_counter()
+    scorer.score(chunk, exit_depth=exit_depth)
+    return len(chunk) / (time.perf_counter() - start)
+
+
+def tree_pss(process: psutil.Process) -> int:
+    """Proportional set size summed over the process tree: shared pages (Ray's object store is mapped into
+    every worker) count once in total, where summed RSS would count them once per process."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += member.memory_full_info().pss
+    return total
+
+
+def run_pipeline(args: list[str]) -> tuple[float, int]:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    start = time.perf_counter()
+    process = subprocess.Popen([str(Path(sys.executable).parent / "fiqa"), *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watched = psutil.Process(process.pid)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_pss(watched))
+            time.sleep(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = process.wait()
+    done.set()
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"fiqa score failed with exit status {code}: {' '.join(args)}")
+    return time.perf_counter() - start, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--depths", type=int, nargs="+", default=[12, 4])
+    parser.add_argument("--bare-batches", type=int, default=6, help="batches timed for the bare model")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fiqa-bench-"))
+    make_inputs(work / "images", args.images)
+    config = ViTFIQAConfig.preset("vit_s_qs")
+    torch.manual_seed(0)
+    torch.save(ViTFIQA(config).state_dict(), work / "model.pt")
+    loaded = load_model(work / "model.pt", "vit_s_qs")
+    scorer = QualityScorer(loaded, device="cpu", batch_size=args.batch)
+    threads = torch.get_num_threads()
+    decoded = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((work / "images").iterdir())
+                        [: args.batch * args.bare_batches]])
+
+    print(f"{args.images} JPEGs 112x112; ViT-S token (dim 512, depth 12); batch {args.batch}; "
+          f"{threads} torch threads; {os.cpu_count()} CPUs; torch {torch.__version__}")
+    print(f"{'exit':>4} {'bare img/s':>10} {'pipeline img/s':>15} {'ratio':>6} {'steady img/s':>13} {'ratio':>6} "
+          f"{'first batch':>12} {'wall img/s':>11} {'peak PSS':>9}")
+    results = []
+    for depth in args.depths:
+        bare = bare_rate(scorer, decoded, depth, args.bare_batches)
+        out = work / f"out-{depth}"
+        wall, peak = run_pipeline(["score", str(work / "images"), str(out), "--checkpoint", str(work / "model.pt"),
+                                   "--arch", "vit_s_qs", "--exit-depth", str(depth), "--batch-size", str(args.batch),
+                                   "--shard-size", "500", "--no-progress", "--device", "cpu"])
+        record = json.loads((out / "_run.json").read_text())
+        pipeline = record["images_per_second"]
+        steady = record["stages"]["steady_images_per_second"]
+        results.append({"exit_depth": depth, "bare_images_per_s": bare, "pipeline_images_per_s": pipeline,
+                        "ratio": pipeline / bare, "steady_images_per_s": steady, "steady_ratio": steady / bare,
+                        "first_batch_s": record["stages"]["first_batch_seconds"], "wall_s": wall, "wall_images_per_s": args.images / wall,
+                        "peak_pss_bytes": peak, "total_rows": record["total_rows"]})
+        print(f"{depth:>4} {bare:>10.2f} {pipeline:>15.2f} {pipeline / bare:>6.2f} {steady:>13.2f} {steady / bare:>6.2f} "
+              f"{record['stages']['first_batch_seconds']:>10.1f} s {args.images / wall:>11.2f} {peak / 2**30:>7.2f} G")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"images": args.images, "batch": args.batch, "threads": threads,
+                                               "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

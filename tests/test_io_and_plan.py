@@ -1,0 +1,118 @@
+"""Fast tests of the pipeline's building blocks: retries, listing rules, plans, atomic commits."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from flows.plan import PlanConflict, make_plan, reconcile, shard_name
+from flows.sources import InputError, InputItem, discover
+from flows.storage import Output
+from workers.io import read_range, with_retries
+
+
+def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection reset by peer")
+        return "data"
+
+    assert with_retries(flaky, base_delay=0.001) == "data" and len(calls) == 3
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, base_delay=0.001)
+    assert len(calls) == 1
+
+    def always_down() -> None:
+        raise TimeoutError("still down")
+
+    with pytest.raises(TimeoutError):
+        with_retries(always_down, attempts=3, base_delay=0.001)
+
+
+def test_read_range_reads_members_by_offset() -> None:
+    with fsspec.open("memory://fiqa-io/blob.bin", "wb") as handle:
+        handle.write(b"0123456789")
+    assert read_range("memory://fiqa-io/blob.bin") == b"0123456789"
+    assert read_range("memory://fiqa-io/blob.bin", 3, 4) == b"3456"
+
+
+def test_folder_listing_rules(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    for name in ["z.JPG", "a/b/c d é.png", "a/x.heic", "a/notes.txt", ".hidden.png", ".git/obj.png", "a/.DS.jpg"]:
+        (tmp_path / name).write_bytes(b"x")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in [("k1.jpg", b"img"), ("k1.cls", b"alice"), ("k2.webp", b"img2"), ("k2.json", b"{}")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "a" / "shard.tar").write_bytes(buffer.getvalue())
+    kind, items = discover(str(tmp_path))
+    assert kind == "folder"
+    assert [item.image_id for item in items] == ["a/b/c d é.png", "a/shard.tar/k1", "a/shard.tar/k2", "a/x.heic", "z.JPG"]
+    member = items[1]
+    assert member.identity == "alice" and member.source.endswith("shard.tar#k1.jpg")
+    assert read_range(member.url, member.offset, member.length) == b"img"
+    with pytest.raises(InputError, match="does not exist"):
+        discover(str(tmp_path / "absent"))
+    with pytest.raises(InputError, match="must be a folder"):
+        discover(str(tmp_path / "a" / "notes.txt"))
+
+
+def test_manifest_needs_uri_and_unique_ids(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("path\nx.jpg\n")
+    with pytest.raises(InputError, match="no `uri` column"):
+        discover(str(tmp_path / "m.csv"))
+    (tmp_path / "m.csv").write_text("uri,image_id\na.jpg,same\nb.jpg,same\n")
+    with pytest.raises(InputError, match="more than once"):
+        discover(str(tmp_path / "m.csv"))
+
+
+def _items(count: int) -> list[InputItem]:
+    return [InputItem(f"img{i:03d}.jpg", f"s{i}", f"s{i}", size=10 + i) for i in range(count)]
+
+
+def test_plan_is_deterministic_and_reconciles() -> None:
+    config = {"model_sha256": "abc", "exit_depth": 12}
+    plan = make_plan("in", "folder", list(reversed(_items(7))), 3, config)
+    assert plan.shard_count == 3 and [i.image_id for i in plan.shard_items(2)] == ["img006.jpg"]
+    assert plan.items[0].image_id == "img000.jpg" and shard_name(12) == "shard-00012"
+    same = make_plan("in", "folder", _items(7), 3, dict(config))
+    assert same.listing_fingerprint == plan.listing_fingerprint and same.config_fingerprint == plan.config_fingerprint
+    assert reconcile(plan, same, overwrite=False, has_results=True) == "resume"
+    assert reconcile(None, same, overwrite=False, has_results=False) == "fresh"
+    with pytest.raises(PlanConflict, match="no plan"):
+        reconcile(None, same, overwrite=False, has_results=True)
+    other = make_plan("in", "folder", _items(7), 3, {**config, "exit_depth": 6})
+    with pytest.raises(PlanConflict, match=r"configuration changed \(exit_depth\)"):
+        reconcile(plan, other, overwrite=False, has_results=True)
+    assert reconcile(plan, other, overwrite=True, has_results=True) == "fresh"
+    grown = make_plan("in", "folder", _items(8), 3, config)
+    with pytest.raises(PlanConflict, match="listing changed"):
+        reconcile(plan, grown, overwrite=False, has_results=True)
+
+
+def test_commit_is_atomic_and_staging_is_cleaned(tmp_path: Path) -> None:
+    output = Output(str(tmp_path / "out"))
+    output.ensure_writable()
+    output.commit_bytes("scores/shard-00000.parquet", b"complete")
+    assert (tmp_path / "out" / "scores" / "shard-00000.parquet").read_bytes() == b"complete"
+    assert output.list("scores") == ["shard-00000.parquet"] and output.list("absent") == []
+    (tmp_path / "out" / "_staging" / "shard-00001.parquet.dead.part").write_bytes(b"half")
+    output.clean_staging()
+    assert output.list("_staging") == []
+    assert output.read_bytes("nothing") is None
