@@ -7,6 +7,7 @@ Their absence is a failure, not a skip: without them the model is untested.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Ray's background threads may log after pytest has closed its capture streams; such a failed log call
+# must not print a traceback over the test summary.
+logging.raiseExceptions = False
 
 
 def reference_fixture_root() -> Path:
@@ -125,6 +129,19 @@ def run_score(prefect_harness, ray_cluster):
     def run(input: str, output: str, **options):
         summary = score_flow(ScoreOptions(input=str(input), output=str(output), progress=False, **options))
         return summary, read_quality_table(str(output), options.get("storage_options"))
+
+    return run
+
+
+@pytest.fixture
+def run_cli(prefect_harness, ray_cluster, capsys):
+    """`fiqa ARGS...` through the real command-line entry point, in-process on the test cluster;
+    returns (exit status, printed output)."""
+    from flows.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main([str(arg) for arg in args])
+        return code, capsys.readouterr().out
 
     return run
 

@@ -19,7 +19,7 @@ from PIL import Image
 from flows.plan import PlanConflict
 from flows.sources import InputError
 from schemas import SCHEMA_VERSION
-from tests.conftest import TOLERANCE, ReferenceFixture
+from tests.conftest import TOLERANCE, ReferenceFixture, read_quality_table
 from tests.reference_vitfiqa import randomize_state_dict, reference_forward
 from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
 
@@ -102,7 +102,7 @@ def _jpeg(seed: int, size: int = 112) -> bytes:
 
 
 @pytest.mark.parametrize("manifest_format", ["csv", "parquet"])
-def test_manifest_input(manifest_format: str, tmp_path: Path, run_score) -> None:
+def test_manifest_input_through_the_cli(manifest_format: str, tmp_path: Path, run_cli) -> None:
     checkpoint, config = _tiny_checkpoint(tmp_path)
     data = tmp_path / "data"
     (data / "photos").mkdir(parents=True)
@@ -122,8 +122,11 @@ def test_manifest_input(manifest_format: str, tmp_path: Path, run_score) -> None
     else:
         rows = [{**row, "uri": str(data / row["uri"]) if not row["uri"].startswith("/") else row["uri"]} for row in rows]
         pq.write_table(pa.Table.from_pylist(rows), manifest)
-    summary, table = run_score(manifest, tmp_path / "out", checkpoint=checkpoint, model_config=config)
-    assert summary.counts == {"ok": 5, "read_error": 1}
+    code, printed = run_cli("score", manifest, tmp_path / "out", "--checkpoint", checkpoint,
+                            "--model-config", config, "--no-progress")
+    assert code == 0, printed
+    assert "done: 6 images (ok 5, read_error 1)" in printed
+    table = read_quality_table(str(tmp_path / "out"))
     assert table["absent"]["status"] == "read_error" and "FileNotFoundError" in table["absent"]["error"]
     expected = _api_scores(checkpoint, payloads)
     for key in payloads:
@@ -131,7 +134,7 @@ def test_manifest_input(manifest_format: str, tmp_path: Path, run_score) -> None
         np.testing.assert_allclose(table[key]["exit_scores"], expected[key], **TOLERANCE)
 
 
-def test_webdataset_tar_shards(tmp_path: Path, run_score) -> None:
+def test_webdataset_tar_shards_through_the_cli(tmp_path: Path, run_cli) -> None:
     checkpoint, config = _tiny_checkpoint(tmp_path)
     folder = tmp_path / "wds"
     folder.mkdir()
@@ -150,8 +153,11 @@ def test_webdataset_tar_shards(tmp_path: Path, run_score) -> None:
                     archive.addfile(info, io.BytesIO(data))
                     if name.endswith((".jpg", ".png")):
                         payloads[f"train-{shard:04d}.tar/{name}"] = data
-    summary, rows = run_score(folder, tmp_path / "out", checkpoint=checkpoint, model_config=config, shard_size=4)
-    assert summary.total_rows == 7 and summary.counts == {"decode_error": 1, "ok": 6}
+    code, printed = run_cli("score", folder, tmp_path / "out", "--checkpoint", checkpoint, "--model-config", config,
+                            "--shard-size", "4", "--no-progress")
+    assert code == 0, printed
+    assert "done: 7 images (decode_error 1, ok 6)" in printed and "2 shard(s)" in printed
+    rows = read_quality_table(str(tmp_path / "out"))
     assert rows["train-0000.tar/sample00"]["identity"] == "id0"
     assert rows["train-0001.tar/sample12.jpg"]["status"] == "decode_error"
     assert rows["train-0001.tar/sample12.png"]["source"].endswith("train-0001.tar#sample12.png")
