@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from flows.sources import InputItem, items_to_table, table_to_items
+from flows.sources import InputItem, items_to_table
 from flows.storage import Output
 
 PLAN_VERSION = 1
@@ -101,9 +101,7 @@ def load_plan(output: Output) -> Plan | None:
         return None
     record = json.loads(raw)
     record.pop("shards", None)
-    listing = output.read_bytes(LISTING_FILE)
-    items = table_to_items(pq.read_table(io.BytesIO(listing))) if listing is not None else []
-    return Plan(**record, items=items)
+    return Plan(**record)  # fingerprints and boundaries; the listing itself stays in LISTING_FILE
 
 
 def reconcile(existing: Plan | None, new: Plan, *, overwrite: bool, has_results: bool) -> str:

@@ -66,9 +66,6 @@ def items_to_table(items: list[InputItem]) -> pa.Table:
     return pa.Table.from_pylist([item.as_dict() for item in items], schema=ITEM_SCHEMA)
 
 
-def table_to_items(table: pa.Table) -> list[InputItem]:
-    return [InputItem(**row) for row in table.to_pylist()]
-
 
 def _is_hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))

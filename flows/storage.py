@@ -59,9 +59,6 @@ class Output:
         except FileNotFoundError:
             return None
 
-    def exists(self, relative: str) -> bool:
-        return bool(with_retries(lambda: self.fs.exists(self.path(relative))))
-
     def list(self, relative: str) -> list[str]:
         """Names (not paths) of the files directly under `relative`; empty when it does not exist."""
         folder = self.path(relative).rstrip("/")

@@ -9,7 +9,6 @@ from schemas.quality_table import (
     SCHEMA_VERSION,
     STATUS_VALUES,
     build_quality_table,
-    read_schema_metadata,
 )
 
-__all__ = ["QUALITY_TABLE_SCHEMA", "SCHEMA_VERSION", "STATUS_VALUES", "build_quality_table", "read_schema_metadata"]
+__all__ = ["QUALITY_TABLE_SCHEMA", "SCHEMA_VERSION", "STATUS_VALUES", "build_quality_table"]

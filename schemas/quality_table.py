@@ -124,12 +124,3 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
     table = pa.Table.from_arrays([arrays[f.name] for f in _FIELDS], schema=QUALITY_TABLE_SCHEMA.with_metadata(schema_metadata))
     table.validate(full=True)
     return table
-
-
-def read_schema_metadata(schema: pa.Schema) -> dict[str, str]:
-    """The `fiqa.*` entries of a Parquet file's schema metadata, decoded."""
-    return {
-        key.decode().removeprefix("fiqa."): value.decode()
-        for key, value in (schema.metadata or {}).items()
-        if key.startswith(b"fiqa.")
-    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
@@ -143,7 +144,7 @@ def test_json_config_ignores_unknown_keys(tmp_path: Path) -> None:
 
 def test_modes_are_inferred_from_weights(tmp_path: Path) -> None:
     for mode in ("token", "crfiqa", "full"):
-        config = SMALL.with_overrides(mode=mode)
+        config = dataclasses.replace(SMALL, mode=mode)
         path = _save(ViTFIQA(config).state_dict(), tmp_path / f"{mode}.pt")
         assert load_model(path, {"num_heads": 4}).config.mode == mode
 

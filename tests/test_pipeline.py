@@ -94,6 +94,14 @@ def _api_scores(checkpoint: str, payloads: dict[str, bytes], exit_depth: int | N
     return {key: result.exit_scores[i] for i, key in enumerate(keys)}
 
 
+def _jpeg_folder(tmp_path: Path, count: int) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(count):
+        (folder / f"f{index:02d}.jpg").write_bytes(_jpeg(index))
+    return folder
+
+
 def _jpeg(seed: int, size: int = 112) -> bytes:
     image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -222,10 +230,7 @@ def test_bad_input_corpus(tmp_path: Path, run_score) -> None:
 
 def test_resume_skips_committed_shards_and_refuses_to_mix(tmp_path: Path, run_score) -> None:
     checkpoint, config = _tiny_checkpoint(tmp_path)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for index in range(7):
-        (folder / f"f{index}.jpg").write_bytes(_jpeg(index))
+    folder = _jpeg_folder(tmp_path, 7)
     out = tmp_path / "out"
     first, rows = run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3)
     assert first.shards_written == 3 and (out / "_SUCCESS").exists()
@@ -240,7 +245,7 @@ def test_resume_skips_committed_shards_and_refuses_to_mix(tmp_path: Path, run_sc
     assert rows_again.keys() == rows.keys()
     for image_id in rows:
         np.testing.assert_allclose(rows_again[image_id]["exit_scores"], rows[image_id]["exit_scores"], rtol=1e-5, atol=1e-7)
-    assert rows_again["f3.jpg"]["run_id"] != rows_again["f0.jpg"]["run_id"]  # recomputed vs kept
+    assert rows_again["f03.jpg"]["run_id"] != rows_again["f00.jpg"]["run_id"]  # recomputed vs kept
     assert json.loads((out / "_run.json").read_text())["total_rows"] == 7
 
     with pytest.raises(PlanConflict, match=r"scoring configuration changed.*exit_depth"):
@@ -270,10 +275,7 @@ def test_two_nodes_share_the_work_and_match_one_node(tmp_path: Path, run_score, 
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     checkpoint, config = _tiny_checkpoint(tmp_path)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for index in range(40):
-        (folder / f"f{index:02d}.jpg").write_bytes(_jpeg(index))
+    folder = _jpeg_folder(tmp_path, 40)
     _, two = run_score(folder, tmp_path / "two", checkpoint=checkpoint, model_config=config, workers=2,
                        batch_size=4, shard_size=10)
     record = json.loads((tmp_path / "two" / "_run.json").read_text())
@@ -288,10 +290,7 @@ def test_two_nodes_share_the_work_and_match_one_node(tmp_path: Path, run_score, 
 
 def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
     checkpoint, config = _tiny_checkpoint(tmp_path)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for index in range(6):
-        (folder / f"f{index}.jpg").write_bytes(_jpeg(index))
+    folder = _jpeg_folder(tmp_path, 6)
     (folder / "bad.jpg").write_bytes(b"\xff\xd8 broken")
     _, rows = run_score(folder, tmp_path / "out", checkpoint=checkpoint, model_config=config, shard_size=4)
     con = duckdb.connect()

@@ -7,9 +7,8 @@ The number of attention heads cannot be read from a checkpoint, so every model i
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
 Mode = Literal["token", "crfiqa", "full"]
@@ -64,9 +63,6 @@ class ViTFIQAConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
-    def with_overrides(self, **changes: Any) -> ViTFIQAConfig:
-        return replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -77,14 +73,6 @@ class ViTFIQAConfig:
         if "mlp_ratio" in known:
             known["mlp_ratio"] = float(known["mlp_ratio"])
         return cls(**known)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ViTFIQAConfig:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a model config must be a JSON object")
-        return cls.from_dict(values)
 
     @classmethod
     def preset(cls, name: str, mode: Mode = "token") -> ViTFIQAConfig:

@@ -9,4 +9,3 @@ from pathlib import Path
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "standin"
 BUNDLED_CHECKPOINT = BUNDLED_DIR / "model.pt"
-BUNDLED_IS_STANDIN = True
