@@ -73,6 +73,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from evaluation.run import evaluate, load_embeddings, load_methods, load_pairs, prepare
+
+    storage = _storage_options(args.storage_options)
+    ids, methods = load_methods(args.quality, storage)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        missing = [m for m in wanted if m not in methods]
+        if missing:
+            raise ValueError(f"unknown methods {missing}; available: {', '.join(methods)}")
+        methods = {m: methods[m] for m in wanted}
+    data = prepare(ids, methods, load_embeddings(args.embeddings, storage), *load_pairs(args.pairs, storage))
+    fmrs = [float(v) for v in args.fmr.split(",")]
+    result = evaluate(data, args.protocol, fmrs=fmrs, discard_limit=args.discard_limit,
+                      threshold=args.threshold, starting_error=args.starting_error)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    console.print(f"{args.protocol}: {result['pairs_used']} of {result['pairs']} pairs used "
+                  f"({result['pairs_dropped']} without a quality score or an embedding)")
+    points = list(next(iter(result["methods"].values())))
+    table = Table(title=f"pAUC up to {args.discard_limit:g} discarded (lower is better)")
+    table.add_column("method")
+    for point in points:
+        table.add_column(f"FMR {point}" if args.protocol == "erc" or point[0].isdigit() else point)
+    for name, per_point in sorted(result["methods"].items(), key=lambda kv: kv[1][points[0]]["pauc"]):
+        table.add_row(name, *(f"{per_point[p]['pauc']:.4f}" for p in points))
+    console.print(table)
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from workers import load_model
 
@@ -189,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": false}\'')
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(handler=_cmd_score)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="EDC curves and pAUC of quality scores against face-recognition comparisons")
+    evaluate.add_argument("--quality", required=True,
+                          help="a fiqa OUTPUT folder (every exit + fusions) or a Parquet/CSV with image_id + methods")
+    evaluate.add_argument("--pairs", required=True, help="Parquet/CSV with image_id_a, image_id_b, genuine")
+    evaluate.add_argument("--embeddings", required=True, help="Parquet with image_id, embedding (cosine similarity)")
+    evaluate.add_argument("--protocol", choices=["erc", "iso"], default="erc",
+                          help="erc: CR-FIQA/EX-FIQA papers; iso: Schlett et al. FNM-EDC (default: %(default)s)")
+    evaluate.add_argument("--fmr", default="1e-2,1e-3,1e-4", help="operating points (default: %(default)s)")
+    evaluate.add_argument("--discard-limit", type=float, default=0.3, help="pAUC limit (default: %(default)s)")
+    evaluate.add_argument("--threshold", type=float, help="iso: fixed similarity threshold")
+    evaluate.add_argument("--starting-error", type=float, help="iso: threshold as this quantile of genuine scores")
+    evaluate.add_argument("--methods", help="comma-separated subset of the quality columns")
+    evaluate.add_argument("--storage-options", help="fsspec options as JSON")
+    evaluate.add_argument("--json", action="store_true", help="print the machine-readable result")
+    evaluate.set_defaults(handler=_cmd_evaluate)
 
     inspect = commands.add_parser("inspect", help="load a checkpoint and print its architecture and cost")
     inspect.add_argument("checkpoint", help="model.pt: local path or fsspec URL (s3://...)")

@@ -1,0 +1,160 @@
+"""`fiqa evaluate`: quality tables + comparison pairs + embeddings in, EDC curves and pAUC per method out.
+
+Methods: every numeric column of a quality Parquet (`image_id` + one column per method), or, for a fiqa
+OUTPUT folder, every exit (`exit_1..exit_L`, from `exit_scores`) and `quality_final`, `quality_f`,
+`quality_fw`. Pairs (`image_id_a`, `image_id_b`, `genuine`) whose images lack a quality (failed rows) or
+an embedding are left out, and the result says how many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from evaluation.edc import (
+    DEFAULT_FMRS,
+    ErcCurves,
+    angular_distance,
+    cosine_similarity,
+    iso_curve,
+    iso_threshold,
+    pair_quality,
+)
+
+FIQA_SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw")
+REPORTED_LIMITS = (0.2, 0.3)
+
+
+def _read_table(url: str, storage_options: Mapping[str, Any] | None) -> pa.Table:
+    fs, path = url_to_fs(url, **dict(storage_options or {}))
+    if fs.isdir(path):
+        scores = path.rstrip("/") + "/scores"
+        return pq.read_table(scores if fs.isdir(scores) else path, filesystem=fs)
+    if path.endswith(".csv"):
+        with fs.open(path, "rb") as handle:
+            return pacsv.read_csv(handle)
+    return pq.read_table(path, filesystem=fs)
+
+
+def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(image ids, method -> quality per image); NaN where an image has no score."""
+    table = _read_table(url, storage_options)
+    if "image_id" not in table.column_names:
+        raise ValueError(f"{url}: a quality table needs an `image_id` column")
+    ids = table.column("image_id").to_pylist()
+    methods: dict[str, np.ndarray] = {}
+    if "exit_scores" in table.column_names:  # a fiqa quality table
+        depth = int(pc.max(table.column("exit_depth")).as_py())
+        scores = table.column("exit_scores").to_pylist()
+        grid = np.array([s if s is not None else [np.nan] * depth for s in scores], dtype=np.float64)
+        for exit_index in range(depth):
+            methods[f"exit_{exit_index + 1}"] = grid[:, exit_index]
+        for name in FIQA_SCORE_COLUMNS:
+            methods[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+    else:
+        for name in table.column_names:
+            if name != "image_id" and (pa.types.is_floating(table.schema.field(name).type)
+                                       or pa.types.is_integer(table.schema.field(name).type)):
+                methods[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+    if not methods:
+        raise ValueError(f"{url}: no numeric quality columns")
+    return ids, methods
+
+
+def load_embeddings(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    table = _read_table(url, storage_options)
+    if not {"image_id", "embedding"} <= set(table.column_names):
+        raise ValueError(f"{url}: embeddings need `image_id` and `embedding` columns")
+    vectors = table.column("embedding").to_pylist()
+    return {i: np.asarray(v, dtype=np.float64) for i, v in zip(table.column("image_id").to_pylist(), vectors,
+                                                               strict=True) if v is not None}
+
+
+def load_pairs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    table = _read_table(url, storage_options)
+    if not {"image_id_a", "image_id_b", "genuine"} <= set(table.column_names):
+        raise ValueError(f"{url}: pairs need `image_id_a`, `image_id_b`, `genuine` columns")
+    genuine = np.asarray([bool(int(g)) if not isinstance(g, bool) else g for g in table.column("genuine").to_pylist()])
+    return [str(x) for x in table.column("image_id_a").to_pylist()], [str(x) for x in table.column("image_id_b").to_pylist()], genuine
+
+
+@dataclass
+class EvaluationInput:
+    similarity: np.ndarray  # cosine similarity per usable pair
+    genuine: np.ndarray
+    pair_qualities: dict[str, np.ndarray]
+    pairs_total: int
+    pairs_dropped: int
+
+
+def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: Mapping[str, np.ndarray],
+            pairs_a: Sequence[str], pairs_b: Sequence[str], genuine: np.ndarray) -> EvaluationInput:
+    index = {image_id: i for i, image_id in enumerate(ids)}
+    usable = []
+    for k, (a, b) in enumerate(zip(pairs_a, pairs_b, strict=True)):
+        ia, ib = index.get(a), index.get(b)
+        if ia is None or ib is None or a not in embeddings or b not in embeddings:
+            continue
+        if any(not (np.isfinite(m[ia]) and np.isfinite(m[ib])) for m in methods.values()):
+            continue
+        usable.append((k, ia, ib))
+    if not usable:
+        raise ValueError("no usable pair: every pair misses a quality score or an embedding")
+    rows = np.array(usable)
+    emb_a = np.stack([embeddings[pairs_a[k]] for k in rows[:, 0]])
+    emb_b = np.stack([embeddings[pairs_b[k]] for k in rows[:, 0]])
+    return EvaluationInput(
+        similarity=cosine_similarity(emb_a, emb_b), genuine=np.asarray(genuine)[rows[:, 0]],
+        pair_qualities={name: pair_quality(values[rows[:, 1]], values[rows[:, 2]]) for name, values in methods.items()},
+        pairs_total=len(pairs_a), pairs_dropped=len(pairs_a) - len(usable),
+    )
+
+
+def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[float] = DEFAULT_FMRS,
+             discard_limit: float = 0.3, threshold: float | None = None,
+             starting_error: float | None = None) -> dict[str, Any]:
+    """Machine-readable result: per method and operating point, the pAUC values and the curve."""
+    limits = sorted({discard_limit, *REPORTED_LIMITS})
+    result: dict[str, Any] = {"protocol": protocol, "discard_limit": discard_limit, "pairs": data.pairs_total,
+                              "pairs_used": data.pairs_total - data.pairs_dropped,
+                              "pairs_dropped": data.pairs_dropped, "methods": {}}
+    if protocol == "erc":
+        curves = ErcCurves(angular_distance(data.similarity), data.genuine)
+        for name, qualities in data.pair_qualities.items():
+            erc = curves.evaluate(qualities, tuple(fmrs))
+            result["methods"][name] = {
+                f"{fmr:g}": {"pauc": erc.pauc(fmr, discard_limit),
+                             **{f"pauc@{limit:g}": erc.pauc(fmr, limit) for limit in limits},
+                             "discard_fractions": erc.discard_fractions.round(12).tolist(),
+                             "fnmr": erc.fnmr[fmr].tolist(), "thresholds": erc.thresholds[fmr].tolist()}
+                for fmr in fmrs
+            }
+        return result
+    if protocol != "iso":
+        raise ValueError(f"protocol must be erc or iso, got {protocol!r}")
+    genuine_similarity = data.similarity[data.genuine]
+    impostor_similarity = data.similarity[~data.genuine]
+    if threshold is not None or starting_error is not None or not len(impostor_similarity):
+        points = {"fixed" if threshold is not None else f"starting_error={starting_error or 0.05:g}":
+                  iso_threshold(genuine_similarity, threshold=threshold, starting_error=starting_error)}
+    else:
+        points = {f"{fmr:g}": iso_threshold(genuine_similarity, impostor_similarity, fmr=fmr) for fmr in fmrs}
+    for name, qualities in data.pair_qualities.items():
+        result["methods"][name] = {}
+        for label, value in points.items():
+            curve = iso_curve(genuine_similarity, qualities[data.genuine], value)
+            result["methods"][name][label] = {
+                "threshold": value, "pauc": curve.pauc(discard_limit),
+                **{f"pauc@{limit:g}": curve.pauc(limit) for limit in limits},
+                "pauc_minus_best": curve.pauc(discard_limit, minus_theoretical_best=True),
+                "discard_fractions": curve.discard_fractions.tolist(), "fnmr": curve.error_fractions.tolist(),
+            }
+    return result

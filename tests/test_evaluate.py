@@ -1,0 +1,141 @@
+"""`fiqa evaluate` end to end on generated tables: methods, pairs, embeddings, both protocols, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from evaluation.edc import ErcCurves, angular_distance, cosine_similarity, iso_curve, iso_threshold, pair_quality
+from flows.cli import main
+from schemas import build_quality_table
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> dict:
+    """40 identities x 5 images; an image's embedding drifts from its identity by its (hidden) degradation."""
+    rng = np.random.default_rng(0)
+    identities, per_identity, dim = 40, 5, 32
+    centres = rng.normal(size=(identities, dim))
+    ids, embeddings, degradation = [], [], []
+    for person in range(identities):
+        for k in range(per_identity):
+            level = rng.uniform(0, 3)
+            ids.append(f"p{person:02d}/img{k}.png")
+            embeddings.append(centres[person] + level * rng.normal(size=dim))
+            degradation.append(level)
+    degradation = np.array(degradation)
+    pairs_a, pairs_b, genuine = [], [], []
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            same = ids[i][:3] == ids[j][:3]
+            if same or rng.random() < 0.05:
+                pairs_a.append(ids[i])
+                pairs_b.append(ids[j])
+                genuine.append(same)
+    pairs_a.append(ids[0])
+    pairs_b.append("missing/embedding.png")  # no embedding for this one: dropped and counted
+    genuine.append(False)
+    quality = {"informed": -degradation, "random": rng.normal(size=len(ids))}
+    quality["random"][5] = np.nan  # a failed image: its pairs are dropped
+    pq.write_table(pa.table({"image_id": ids, **quality}), tmp_path / "quality.parquet")
+    pq.write_table(pa.table({"image_id": ids, "embedding": [e.tolist() for e in embeddings]}),
+                   tmp_path / "embeddings.parquet")
+    pq.write_table(pa.table({"image_id_a": pairs_a, "image_id_b": pairs_b, "genuine": genuine}),
+                   tmp_path / "pairs.parquet")
+    return {"ids": ids, "embeddings": np.array(embeddings), "quality": quality, "pairs": (pairs_a, pairs_b, genuine),
+            "path": tmp_path}
+
+
+def run_json(capsys, *args: str) -> dict:
+    assert main([str(a) for a in args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _expected_inputs(dataset: dict):
+    index = {image_id: i for i, image_id in enumerate(dataset["ids"])}
+    a_list, b_list, genuine = dataset["pairs"]
+    keep = [k for k, (a, b) in enumerate(zip(a_list, b_list, strict=True)) if a in index and b in index
+            and 5 not in (index[a], index[b])]
+    ia = np.array([index[a_list[k]] for k in keep])
+    ib = np.array([index[b_list[k]] for k in keep])
+    similarity = cosine_similarity(dataset["embeddings"][ia], dataset["embeddings"][ib])
+    return keep, ia, ib, similarity, np.array(genuine)[keep]
+
+
+def test_erc_json_matches_the_protocol_and_ranks_methods(dataset: dict, capsys) -> None:
+    path = dataset["path"]
+    result = run_json(capsys, "evaluate", "--quality", path / "quality.parquet", "--pairs", path / "pairs.parquet",
+                      "--embeddings", path / "embeddings.parquet", "--protocol", "erc", "--fmr", "1e-1,1e-2", "--json")
+    keep, ia, ib, similarity, genuine = _expected_inputs(dataset)
+    assert result["pairs"] == len(dataset["pairs"][0]) and result["pairs_used"] == len(keep)
+    assert result["pairs_dropped"] == len(dataset["pairs"][0]) - len(keep) > 1
+    curves = ErcCurves(angular_distance(similarity), genuine)
+    for method in ("informed", "random"):
+        q = dataset["quality"][method]
+        expected = curves.evaluate(pair_quality(q[ia], q[ib]), (1e-1, 1e-2))
+        for fmr in (1e-1, 1e-2):
+            got = result["methods"][method][f"{fmr:g}"]
+            np.testing.assert_array_equal(got["fnmr"], expected.fnmr[fmr])
+            assert got["pauc"] == pytest.approx(expected.pauc(fmr, 0.3)) and "pauc@0.2" in got
+            assert len(got["discard_fractions"]) == 20
+    assert result["methods"]["informed"]["0.1"]["pauc"] < result["methods"]["random"]["0.1"]["pauc"]
+
+
+def test_iso_json_with_fmr_thresholds_and_starting_error(dataset: dict, capsys) -> None:
+    path = dataset["path"]
+    common = ["evaluate", "--quality", path / "quality.parquet", "--pairs", path / "pairs.parquet",
+              "--embeddings", path / "embeddings.parquet", "--protocol", "iso", "--json"]
+    by_fmr = run_json(capsys, *common, "--fmr", "1e-2")
+    _, ia, ib, similarity, genuine = _expected_inputs(dataset)
+    threshold = iso_threshold(similarity[genuine], similarity[~genuine], fmr=1e-2)
+    q = dataset["quality"]["informed"]
+    curve = iso_curve(similarity[genuine], pair_quality(q[ia], q[ib])[genuine], threshold)
+    got = by_fmr["methods"]["informed"]["0.01"]
+    assert got["threshold"] == pytest.approx(threshold)
+    np.testing.assert_allclose(got["fnmr"], curve.error_fractions)
+    assert got["pauc"] == pytest.approx(curve.pauc(0.3))
+    assert got["pauc_minus_best"] == pytest.approx(curve.pauc(0.3, minus_theoretical_best=True))
+    by_start = run_json(capsys, *common, "--starting-error", "0.1")
+    assert list(by_start["methods"]["informed"]) == ["starting_error=0.1"]
+    assert by_start["methods"]["informed"]["starting_error=0.1"]["fnmr"][0] == pytest.approx(0.1, abs=0.02)
+
+
+def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path: Path) -> None:
+    ids = dataset["ids"]
+    rng = np.random.default_rng(1)
+    exits = rng.normal(size=(len(ids), 3)).astype(np.float32)
+    exits[:, 2] = -np.asarray(dataset["quality"]["informed"], dtype=np.float32)
+    status = ["ok"] * len(ids)
+    status[7] = "decode_error"
+    table = build_quality_table({
+        "image_id": ids, "source": ids, "status": status, "error": [""] * len(ids), "byte_size": [1] * len(ids),
+        "width": [112] * len(ids), "height": [112] * len(ids), "resized": [False] * len(ids), "exit_scores": exits,
+        "quality_final": exits[:, 2], "quality_f": exits.mean(1), "quality_fw": exits @ np.array([1, 2, 3]) / 6,
+        "quality": exits @ np.array([1, 2, 3]) / 6, "model_sha256": "x", "run_id": "r", "shard": "shard-00000",
+    }, metadata={"fusion": "fw"})
+    (tmp_path / "run" / "scores").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "run" / "scores" / "shard-00000.parquet")
+    path = dataset["path"]
+    result = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
+                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--json")
+    assert set(result["methods"]) == {"exit_1", "exit_2", "exit_3", "quality_final", "quality_f", "quality_fw"}
+    assert result["methods"]["exit_3"] == result["methods"]["quality_final"]
+
+
+def test_human_table_and_errors(dataset: dict, capsys) -> None:
+    path = dataset["path"]
+    assert main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / "pairs.parquet"),
+                 "--embeddings", str(path / "embeddings.parquet")]) == 0
+    printed = capsys.readouterr().out
+    assert "pAUC up to 0.3" in printed and "informed" in printed and "pairs used" in printed
+    assert main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / "quality.parquet"),
+                 "--embeddings", str(path / "embeddings.parquet")]) == 2
+    assert "pairs need" in capsys.readouterr().out
+    assert main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / "pairs.parquet"),
+                 "--embeddings", str(path / "embeddings.parquet"), "--methods", "nope"]) == 2
+    assert "unknown methods" in capsys.readouterr().out
