@@ -10,7 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.edc import ErcCurves, angular_distance, cosine_similarity, iso_curve, iso_threshold, pair_quality
+from evaluation.edc import (
+    ErcCurves,
+    angular_distance,
+    cosine_similarity,
+    iso_curve,
+    iso_threshold,
+    pair_quality,
+)
 from flows.cli import main
 from schemas import build_quality_table
 
