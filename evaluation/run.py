@@ -72,7 +72,8 @@ def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> 
 def load_embeddings(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     table = _read_table(url, storage_options)
     if not {"image_id", "embedding"} <= set(table.column_names):
-        raise ValueError(f"{url}: embeddings need `image_id` and `embedding` columns")
+        raise ValueError(f"{url}: no embeddings (`image_id` + `embedding` columns): pass --embeddings, or score "
+                         f"with `fiqa score --embeddings`")
     vectors = table.column("embedding").to_pylist()
     return {i: np.asarray(v, dtype=np.float64) for i, v in zip(table.column("image_id").to_pylist(), vectors,
                                                                strict=True) if v is not None}

@@ -84,7 +84,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if missing:
             raise ValueError(f"unknown methods {missing}; available: {', '.join(methods)}")
         methods = {m: methods[m] for m in wanted}
-    data = prepare(ids, methods, load_embeddings(args.embeddings, storage), *load_pairs(args.pairs, storage))
+    embeddings = load_embeddings(args.embeddings or args.quality, storage)
+    data = prepare(ids, methods, embeddings, *load_pairs(args.pairs, storage))
     fmrs = [float(v) for v in args.fmr.split(",")]
     result = evaluate(data, args.protocol, fmrs=fmrs, discard_limit=args.discard_limit,
                       threshold=args.threshold, starting_error=args.starting_error)
@@ -155,7 +156,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         arch=args.arch, mode=args.mode, exit_depth=args.exit_depth, fusion=args.fusion,
         batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers, device=args.device,
         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
-        ray_address=args.ray_address, max_pixels=args.max_pixels,
+        ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
     )
     if options.checkpoint is None:
         console.print("[bold yellow]No --checkpoint: using the bundled STAND-IN model (randomly initialised); "
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--mode", choices=["token", "crfiqa", "full"], help="with --arch: the expected mode")
     model.add_argument("--exit-depth", type=int, help="run blocks 1..L only (default: the model depth)")
     model.add_argument("--fusion", default="fw", help="fw (default) | f | final | w1,...,wL: the `quality` column")
+    model.add_argument("--embeddings", action="store_true",
+                       help="also store the model's face embedding (full depth only), for `fiqa evaluate`")
     run = score.add_argument_group("execution")
     run.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: %(default)s)")
     run.add_argument("--shard-size", type=int, default=1000, help="images per output file (default: %(default)s)")
@@ -226,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quality", required=True,
                           help="a fiqa OUTPUT folder (every exit + fusions) or a Parquet/CSV with image_id + methods")
     evaluate.add_argument("--pairs", required=True, help="Parquet/CSV with image_id_a, image_id_b, genuine")
-    evaluate.add_argument("--embeddings", required=True, help="Parquet with image_id, embedding (cosine similarity)")
+    evaluate.add_argument("--embeddings", help="Parquet with image_id, embedding (any FR model; cosine similarity); "
+                          "default: the quality table's own `embedding` column (fiqa score --embeddings)")
     evaluate.add_argument("--protocol", choices=["erc", "iso"], default="erc",
                           help="erc: CR-FIQA/EX-FIQA papers; iso: Schlett et al. FNM-EDC (default: %(default)s)")
     evaluate.add_argument("--fmr", default="1e-2,1e-3,1e-4", help="operating points (default: %(default)s)")

@@ -72,6 +72,7 @@ class ScoreOptions:
     ray_address: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
+    embeddings: bool = False
 
 
 @dataclass
@@ -108,6 +109,9 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
     exit_depth = options.exit_depth or loaded.config.depth
     if not 1 <= exit_depth <= loaded.config.depth:
         raise ValueError(f"--exit-depth must be in 1..{loaded.config.depth}, got {exit_depth}")
+    if options.embeddings and exit_depth != loaded.config.depth:
+        raise ValueError(f"--embeddings needs the full depth ({loaded.config.depth}): the embedding is the output "
+                         f"of the whole model, and exit depth {exit_depth} stops before it")
     fusion = parse_fusion(options.fusion)
     weights = fusion.weights(exit_depth)  # rejects a wrong number of user weights now
     return {
@@ -118,6 +122,7 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
         "fusion_weights": [round(float(w), 12) for w in weights],
         "max_pixels": options.max_pixels,
         "schema_version": SCHEMA_VERSION,
+        "embeddings": options.embeddings,
     }
 
 
@@ -208,6 +213,8 @@ class ShardWriter:
         columns = {name: [row[name] for row in rows] for name in rows[0]}
         depth = int(self.config["exit_depth"])
         columns["exit_scores"] = np.stack(columns["exit_scores"]) if rows else np.zeros((0, depth), np.float32)
+        if "embedding" in columns:
+            columns["embedding"] = np.stack(columns["embedding"])
         columns.update(model_sha256=self.config["model_sha256"], run_id=self.run_id, shard=shard)
         table = build_quality_table(columns, metadata={
             "fusion": self.config["fusion"], "fusion_weights": self.config["fusion_weights"],
@@ -281,7 +288,7 @@ def execute_task(
             "checkpoint": checkpoint, "config": config["model_config"],
             "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",
             "exit_depth": config["exit_depth"], "fusion": config["fusion"], "batch_size": options.batch_size,
-            "threads": threads, "expected_sha256": config["model_sha256"],
+            "threads": threads, "expected_sha256": config["model_sha256"], "embeddings": config["embeddings"],
         },
     )
     logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers, "GPU" if gpus else "CPU")

@@ -22,6 +22,7 @@ Columns (README "Quality table" documents them for analysts):
 | model_sha256    | string             | sha256 of the checkpoint bytes                                       |
 | run_id          | string             | the run that wrote the row                                           |
 | shard           | string             | shard name (`shard-00000`)                                           |
+| embedding       | list<float32>      | optional (`--embeddings`): the model's face embedding, full depth   |
 
 Higher quality = more useful for face recognition. File metadata: `fiqa.schema_version`, `fiqa.fusion`,
 `fiqa.fusion_weights` (JSON), `fiqa.config_fingerprint`.
@@ -60,6 +61,8 @@ _FIELDS = [
     pa.field("shard", pa.string(), nullable=False),
 ]
 QUALITY_TABLE_SCHEMA = pa.schema(_FIELDS, metadata={"fiqa.schema_version": SCHEMA_VERSION})
+# Optional last column, written only by `fiqa score --embeddings` (full depth): the official `feature` output.
+EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
 SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
 
 
@@ -82,6 +85,13 @@ def _nullable_strings(values: Sequence[Any] | np.ndarray) -> pa.Array:
     return pa.array([clean(v) for v in values], type=pa.string())
 
 
+def _list_column(rows: np.ndarray, null: np.ndarray) -> pa.Array:
+    """(N, K) float32 -> list<float32>, null where `null`."""
+    count, width = rows.shape
+    offsets = pa.array(np.arange(0, (count + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=pa.float32()), mask=pa.array(null))
+
+
 def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, Any]) -> pa.Table:
     """Build and validate one shard's table from column arrays.
 
@@ -96,9 +106,6 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
     count = len(status)
     exit_scores = np.asarray(columns["exit_scores"], dtype=np.float32).reshape(count, -1)
     depth = exit_scores.shape[1]
-    flat = pa.array(exit_scores.reshape(-1), type=pa.float32())
-    offsets = pa.array(np.arange(0, (count + 1) * depth, depth, dtype=np.int32))
-    exit_list = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~ok))
     arrays = {
         "image_id": pa.array(columns["image_id"], type=pa.string()),
         "source": pa.array(columns["source"], type=pa.string()),
@@ -110,7 +117,7 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
         "height": _nullable_numbers(columns["height"], pa.int32()),
         "resized": pa.array(np.asarray(columns["resized"], dtype=bool), type=pa.bool_(), mask=~ok),
         "exit_depth": pa.array(np.full(count, depth, dtype=np.int16), type=pa.int16()),
-        "exit_scores": exit_list,
+        "exit_scores": _list_column(exit_scores, ~ok),
         **{name: _nullable_numbers(np.where(ok, columns[name], np.nan), pa.float32()) for name in SCORE_COLUMNS},
         "model_sha256": pa.array([columns["model_sha256"]] * count, type=pa.string()),
         "run_id": pa.array([columns["run_id"]] * count, type=pa.string()),
@@ -121,6 +128,11 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
         **{f"fiqa.{key}".encode(): (value if isinstance(value, str) else json.dumps(value)).encode()
            for key, value in metadata.items()},
     }
-    table = pa.Table.from_arrays([arrays[f.name] for f in _FIELDS], schema=QUALITY_TABLE_SCHEMA.with_metadata(schema_metadata))
+    fields = list(_FIELDS)
+    if columns.get("embedding") is not None:  # only when scored with --embeddings
+        arrays["embedding"] = _list_column(np.asarray(columns["embedding"], dtype=np.float32).reshape(count, -1), ~ok)
+        fields.append(EMBEDDING_FIELD)
+    schema = pa.schema(fields, metadata=schema_metadata)
+    table = pa.Table.from_arrays([arrays[f.name] for f in fields], schema=schema)
     table.validate(full=True)
     return table

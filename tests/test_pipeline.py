@@ -343,3 +343,23 @@ def test_s3_input_and_output_with_storage_options(tmp_path: Path, run_score, s3_
         flow_names = {flow.name for flow in client.read_flows()}
     assert "fiqa-score" in flow_names and runs
     assert s3_server.storage_options["secret"] not in recorded, recorded
+
+
+def test_embeddings_are_stored_and_evaluated(reference: ReferenceFixture, tmp_path: Path, run_score, capsys) -> None:
+    from flows.cli import main
+
+    names = write_pngs(reference.images, tmp_path / "in")
+    with pytest.raises(ValueError, match="--embeddings needs the full depth"):
+        run_score(tmp_path / "in", tmp_path / "partial", checkpoint=str(reference.checkpoint), exit_depth=6,
+                  embeddings=True)
+    _, rows = run_score(tmp_path / "in", tmp_path / "out", checkpoint=str(reference.checkpoint), embeddings=True,
+                        shard_size=5)
+    for index, name in enumerate(names):
+        np.testing.assert_allclose(rows[name]["embedding"], reference.embedding[index], **TOLERANCE)
+    pairs = [(names[i], names[j], (i % 2) == (j % 2)) for i in range(len(names)) for j in range(i + 1, len(names))]
+    pq.write_table(pa.table({"image_id_a": [p[0] for p in pairs], "image_id_b": [p[1] for p in pairs],
+                             "genuine": [p[2] for p in pairs]}), tmp_path / "pairs.parquet")
+    assert main(["evaluate", "--quality", str(tmp_path / "out"), "--pairs", str(tmp_path / "pairs.parquet"),
+                 "--protocol", "iso", "--fmr", "0.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pairs_used"] == len(pairs) and "exit_12" in result["methods"] and "quality_fw" in result["methods"]

@@ -48,6 +48,7 @@ class ScoreActor:
         batch_size: int = 64,
         threads: int | None = None,
         expected_sha256: str | None = None,
+        embeddings: bool = False,
     ) -> None:
         if threads:
             torch.set_num_threads(int(threads))  # Ray sets OMP_NUM_THREADS to the actor's CPU reservation
@@ -56,6 +57,7 @@ class ScoreActor:
         self.scorer = QualityScorer(loaded, device=device, batch_size=batch_size)
         self.exit_depth = exit_depth or loaded.config.depth
         self.fusion = fusion
+        self.embeddings = embeddings
         self.sha256 = loaded.sha256
         self.node_id = _ray_node_id()
         if expected_sha256 and loaded.sha256 != expected_sha256:
@@ -70,8 +72,13 @@ class ScoreActor:
         out["exit_scores"] = np.full((count, self.exit_depth), np.nan, dtype=np.float32)
         for name in SCORE_COLUMNS:
             out[name] = np.full(count, np.nan, dtype=np.float32)
+        if self.embeddings:
+            out["embedding"] = np.full((count, self.scorer.loaded.config.embed_dim), np.nan, dtype=np.float32)
         if ok.any():
-            result = self.scorer.score(np.asarray(batch["pixels"])[ok], exit_depth=self.exit_depth, fusion=self.fusion)
+            result = self.scorer.score(np.asarray(batch["pixels"])[ok], exit_depth=self.exit_depth, fusion=self.fusion,
+                                       embeddings=self.embeddings)
+            if result.embedding is not None:
+                out["embedding"][ok] = result.embedding
             out["exit_scores"][ok] = result.exit_scores
             out["quality_final"][ok] = result.fused["final"]
             out["quality_f"][ok] = result.fused["f"]
