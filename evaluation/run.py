@@ -19,6 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from evaluation.advisor import advise, depth_fusions
 from evaluation.edc import (
     DEFAULT_FMRS,
     ErcCurves,
@@ -59,6 +60,7 @@ def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> 
             methods[f"exit_{exit_index + 1}"] = grid[:, exit_index]
         for name in FIQA_SCORE_COLUMNS:
             methods[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        methods.update(depth_fusions(grid))  # f@l, fw@l: what a run stopped at l would have fused
     else:
         for name in table.column_names:
             if name != "image_id" and (pa.types.is_floating(table.schema.field(name).type)
@@ -117,6 +119,35 @@ def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: M
         pair_qualities={name: pair_quality(values[rows[:, 1]], values[rows[:, 2]]) for name, values in methods.items()},
         pairs_total=len(pairs_a), pairs_dropped=len(pairs_a) - len(usable),
     )
+
+
+def model_config_of(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The model config recorded in a fiqa OUTPUT's `_run.json`, if INPUT is one."""
+    import json
+
+    fs, path = url_to_fs(url, **dict(storage_options or {}))
+    run = path.rstrip("/") + "/_run.json"
+    if not fs.isdir(path) or not fs.exists(run):
+        return None
+    return json.loads(fs.cat_file(run))["config"]["model_config"]
+
+
+def add_advice(result: dict[str, Any], *, operating_point: str, tolerance: float = 0.05,
+               model_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Attach the exit-depth advisor's recommendation for one operating point (an FMR label)."""
+    from workers.config import ViTFIQAConfig
+
+    pauc = {name: points[operating_point]["pauc"] for name, points in result["methods"].items()
+            if operating_point in points}
+    config = ViTFIQAConfig.from_dict(model_config) if model_config is not None else None
+
+    def gflops(depth: int) -> float:
+        assert config is not None
+        return config.flops_at_exit(depth) / 1e9
+
+    advice = advise(pauc, tolerance=tolerance, gflops_at=gflops if config is not None else None)
+    result["advisor"] = {"operating_point": operating_point, **advice}
+    return result
 
 
 def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[float] = DEFAULT_FMRS,

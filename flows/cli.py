@@ -74,7 +74,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from evaluation.run import evaluate, load_embeddings, load_methods, load_pairs, prepare
+    from evaluation.run import (
+        add_advice,
+        evaluate,
+        load_embeddings,
+        load_methods,
+        load_pairs,
+        model_config_of,
+        prepare,
+    )
 
     storage = _storage_options(args.storage_options)
     ids, methods = load_methods(args.quality, storage)
@@ -89,6 +97,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     fmrs = [float(v) for v in args.fmr.split(",")]
     result = evaluate(data, args.protocol, fmrs=fmrs, discard_limit=args.discard_limit,
                       threshold=args.threshold, starting_error=args.starting_error)
+    if any(name.startswith("fw@") for name in result["methods"]):  # a fiqa table: exits and per-depth fusions
+        points = list(next(iter(result["methods"].values())))
+        point = f"{args.advise_fmr:g}" if f"{args.advise_fmr:g}" in points else points[0]
+        add_advice(result, operating_point=point, tolerance=args.tolerance,
+                   model_config=model_config_of(args.quality, storage))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -102,6 +115,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for name, per_point in sorted(result["methods"].items(), key=lambda kv: kv[1][points[0]]["pauc"]):
         table.add_row(name, *(f"{per_point[p]['pauc']:.4f}" for p in points))
     console.print(table)
+    if "advisor" in result:
+        advice = result["advisor"]["recommended"]
+        saved = f", saves {advice['compute_saved']:.0%} of the compute" if "compute_saved" in advice else ""
+        console.print(f"advisor ({result['advisor']['operating_point']}): exit depth {advice['exit_depth']} with "
+                      f"{advice['option']} (pAUC {advice['pauc']:.4f}, within {args.tolerance:.0%} of the best, "
+                      f"{result['advisor']['best']['option']}){saved}")
     return 0
 
 
@@ -238,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, help="iso: fixed similarity threshold")
     evaluate.add_argument("--starting-error", type=float, help="iso: threshold as this quantile of genuine scores")
     evaluate.add_argument("--methods", help="comma-separated subset of the quality columns")
+    evaluate.add_argument("--tolerance", type=float, default=0.05,
+                          help="advisor: pAUC within this fraction of the best option (default: %(default)s)")
+    evaluate.add_argument("--advise-fmr", type=float, default=1e-3,
+                          help="advisor: the operating point it decides on (default: %(default)s)")
     evaluate.add_argument("--storage-options", help="fsspec options as JSON")
     evaluate.add_argument("--json", action="store_true", help="print the machine-readable result")
     evaluate.set_defaults(handler=_cmd_evaluate)

@@ -20,6 +20,7 @@ from evaluation.edc import (
 )
 from flows.cli import main
 from schemas import build_quality_table
+from workers import ViTFIQAConfig
 
 
 @pytest.fixture
@@ -127,11 +128,25 @@ def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path
     }, metadata={"fusion": "fw"})
     (tmp_path / "run" / "scores").mkdir(parents=True)
     pq.write_table(table, tmp_path / "run" / "scores" / "shard-00000.parquet")
+    model_config = {"mode": "token", "embed_dim": 512, "depth": 3, "num_heads": 8}
+    (tmp_path / "run" / "_run.json").write_text(json.dumps({"config": {"model_config": model_config}}))
     path = dataset["path"]
     result = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
                       "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--json")
-    assert set(result["methods"]) == {"exit_1", "exit_2", "exit_3", "quality_final", "quality_f", "quality_fw"}
+    per_depth = {f"{scheme}@{depth}" for scheme in ("f", "fw") for depth in (1, 2, 3)}
+    assert set(result["methods"]) == {"exit_1", "exit_2", "exit_3", "quality_final", "quality_f", "quality_fw",
+                                      *per_depth}
     assert result["methods"]["exit_3"] == result["methods"]["quality_final"]
+    assert result["methods"]["fw@3"]["0.1"]["pauc"] == pytest.approx(result["methods"]["quality_fw"]["0.1"]["pauc"])
+    # the advisor: the shallowest depth whose best option is within 5% of the best, and what it saves
+    advice = result["advisor"]
+    chosen = advice["recommended"]["exit_depth"]
+    limit = advice["best"]["pauc"] * 1.05
+    assert advice["operating_point"] == "0.1" and advice["recommended"]["pauc"] <= limit
+    assert all(advice["per_depth"][str(depth)]["pauc"] > limit for depth in range(1, chosen))
+    config = ViTFIQAConfig.from_dict(model_config)
+    assert advice["recommended"]["compute_saved"] == pytest.approx(
+        1 - config.flops_at_exit(chosen) / config.flops_at_exit(3))
 
 
 def test_human_table_and_errors(dataset: dict, capsys) -> None:
@@ -146,3 +161,19 @@ def test_human_table_and_errors(dataset: dict, capsys) -> None:
     assert main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / "pairs.parquet"),
                  "--embeddings", str(path / "embeddings.parquet"), "--methods", "nope"]) == 2
     assert "unknown methods" in capsys.readouterr().out
+
+
+def test_advisor_picks_the_shallowest_depth_within_tolerance() -> None:
+    from evaluation.advisor import advise, depth_fusions
+
+    pauc = {"exit_1": 0.30, "exit_2": 0.20, "f@2": 0.104, "fw@2": 0.12, "exit_3": 0.11, "fw@3": 0.10,
+            "exit_4": 0.101, "quality": 0.05}  # `quality` is not a per-depth option: ignored
+    advice = advise(pauc, tolerance=0.05, gflops_at=lambda depth: 1.0 * depth)
+    assert advice["best"]["option"] == "fw@3"
+    assert advice["recommended"]["option"] == "f@2" and advice["recommended"]["exit_depth"] == 2
+    assert advice["recommended"]["compute_saved"] == pytest.approx(0.5)  # 2 of 4 blocks
+    assert advise(pauc, tolerance=0.0)["recommended"]["option"] == "fw@3"
+    with pytest.raises(ValueError):
+        advise({"quality": 0.1})
+    fused = depth_fusions(np.array([[1.0, 2.0, 4.0]]))
+    assert fused["f@2"][0] == pytest.approx(1.5) and fused["fw@3"][0] == pytest.approx((1 + 4 + 12) / 6)
