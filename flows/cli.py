@@ -102,6 +102,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         point = f"{args.advise_fmr:g}" if f"{args.advise_fmr:g}" in points else points[0]
         add_advice(result, operating_point=point, tolerance=args.tolerance,
                    model_config=model_config_of(args.quality, storage))
+    if args.output:
+        from evaluation.outputs import write_evaluation
+        from flows.storage import Output
+        from workers import ViTFIQAConfig
+
+        output = Output(args.output, storage)
+        output.ensure_writable()
+        model_config = model_config_of(args.quality, storage)
+        config = ViTFIQAConfig.from_dict(model_config) if model_config else None
+        written = write_evaluation(result, output.commit_bytes,
+                                   (lambda depth: config.flops_at_exit(depth) / 1e9) if config else None)
+        if not args.json:
+            console.print(f"wrote {', '.join(written)} to {output.full_url()}")
     if args.json:
         print(json.dumps(result))
         return 0
@@ -263,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="advisor: the operating point it decides on (default: %(default)s)")
     evaluate.add_argument("--storage-options", help="fsspec options as JSON")
     evaluate.add_argument("--json", action="store_true", help="print the machine-readable result")
+    evaluate.add_argument("--output", help="folder (any fsspec URL) for result.json, curves.parquet, "
+                          "summary.parquet and the plots")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     inspect = commands.add_parser("inspect", help="load a checkpoint and print its architecture and cost")

@@ -132,7 +132,9 @@ def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path
     (tmp_path / "run" / "_run.json").write_text(json.dumps({"config": {"model_config": model_config}}))
     path = dataset["path"]
     result = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
-                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--json")
+                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--json",
+                      "--output", tmp_path / "evaluation")
+    assert (tmp_path / "evaluation" / "pauc_vs_gflops.png").stat().st_size > 1000
     per_depth = {f"{scheme}@{depth}" for scheme in ("f", "fw") for depth in (1, 2, 3)}
     assert set(result["methods"]) == {"exit_1", "exit_2", "exit_3", "quality_final", "quality_f", "quality_fw",
                                       *per_depth}
@@ -177,3 +179,22 @@ def test_advisor_picks_the_shallowest_depth_within_tolerance() -> None:
         advise({"quality": 0.1})
     fused = depth_fusions(np.array([[1.0, 2.0, 4.0]]))
     assert fused["f@2"][0] == pytest.approx(1.5) and fused["fw@3"][0] == pytest.approx((1 + 4 + 12) / 6)
+
+
+def test_output_folder_holds_json_tables_and_plots(dataset: dict, capsys, tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = dataset["path"]
+    out = tmp_path / "evaluation"
+    result = run_json(capsys, "evaluate", "--quality", path / "quality.parquet", "--pairs", path / "pairs.parquet",
+                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1,1e-2", "--json", "--output", out)
+    assert json.loads((out / "result.json").read_text()) == result
+    summary = pq.read_table(out / "summary.parquet").to_pylist()
+    assert {(row["method"], row["operating_point"]) for row in summary} == {
+        (m, p) for m in ("informed", "random") for p in ("0.1", "0.01")}
+    informed = next(r for r in summary if r["method"] == "informed" and r["operating_point"] == "0.1")
+    assert informed["pauc"] == result["methods"]["informed"]["0.1"]["pauc"]
+    curves = pq.read_table(out / "curves.parquet")
+    assert curves.num_rows == 2 * 2 * 20
+    with Image.open(out / "edc.png") as image:
+        assert image.format == "PNG" and image.width > 500
