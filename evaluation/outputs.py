@@ -79,6 +79,8 @@ def write_evaluation(result: Mapping[str, Any], write: Callable[[str, bytes], No
         pq.write_table(table, buffer)
         files[name] = buffer.getvalue()
     files.update(_plots(result, gflops_at))
+    if "fusion_fit" in result:  # what `fiqa score --fusion` needs, on its own
+        files["fusion_weights.json"] = json.dumps(result["fusion_fit"], indent=1).encode()
     for name, data in files.items():
         write(name, data)
     return sorted(files)

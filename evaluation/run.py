@@ -96,6 +96,8 @@ class EvaluationInput:
     pair_qualities: dict[str, np.ndarray]
     pairs_total: int
     pairs_dropped: int
+    index_a: np.ndarray  # image index (into the quality table's ids) of each usable pair's images
+    index_b: np.ndarray
 
 
 def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: Mapping[str, np.ndarray],
@@ -118,6 +120,7 @@ def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: M
         similarity=cosine_similarity(emb_a, emb_b), genuine=np.asarray(genuine)[rows[:, 0]],
         pair_qualities={name: pair_quality(values[rows[:, 1]], values[rows[:, 2]]) for name, values in methods.items()},
         pairs_total=len(pairs_a), pairs_dropped=len(pairs_a) - len(usable),
+        index_a=rows[:, 1], index_b=rows[:, 2],
     )
 
 

@@ -74,6 +74,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from evaluation.run import (
         add_advice,
         evaluate,
@@ -102,6 +104,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         point = f"{args.advise_fmr:g}" if f"{args.advise_fmr:g}" in points else points[0]
         add_advice(result, operating_point=point, tolerance=args.tolerance,
                    model_config=model_config_of(args.quality, storage))
+    if args.fit_fusion:
+        from evaluation.fitting import fit_fusion
+
+        exits = sorted((int(name.split("_")[1]), name) for name in methods if name.startswith("exit_"))
+        if not exits:
+            raise ValueError("--fit-fusion needs a fiqa quality table (per-exit scores)")
+        grid = np.stack([methods[name] for _, name in exits], axis=1)
+        fitted = fit_fusion(ids, grid, data.index_a, data.index_b, data.similarity, data.genuine,
+                            protocol=args.protocol, fmr=args.advise_fmr, discard_limit=args.discard_limit)
+        result["fusion_fit"] = {"weights": fitted.weights.tolist(), "fusion": fitted.spec, "fmr": args.advise_fmr,
+                                "fit_pauc": fitted.fit_pauc, "heldout_pauc": fitted.heldout_pauc,
+                                "fit_pairs": fitted.fit_pairs, "heldout_pairs": fitted.heldout_pairs,
+                                "evaluations": fitted.evaluations}
     if args.output:
         from evaluation.outputs import write_evaluation
         from flows.storage import Output
@@ -128,6 +143,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for name, per_point in sorted(result["methods"].items(), key=lambda kv: kv[1][points[0]]["pauc"]):
         table.add_row(name, *(f"{per_point[p]['pauc']:.4f}" for p in points))
     console.print(table)
+    if "fusion_fit" in result:
+        fit = result["fusion_fit"]
+        held = fit["heldout_pauc"]
+        console.print(f"fitted fusion (held-out pAUC {held['fitted']:.4f}; F {held['f']:.4f}, FW {held['fw']:.4f}): "
+                      f"--fusion {fit['fusion']}")
     if "advisor" in result:
         advice = result["advisor"]["recommended"]
         saved = f", saves {advice['compute_saved']:.0%} of the compute" if "compute_saved" in advice else ""
@@ -276,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="advisor: the operating point it decides on (default: %(default)s)")
     evaluate.add_argument("--storage-options", help="fsspec options as JSON")
     evaluate.add_argument("--json", action="store_true", help="print the machine-readable result")
+    evaluate.add_argument("--fit-fusion", action="store_true",
+                          help="fit non-negative exit weights on half of the images' pairs, report them on the other "
+                               "half against F and FW, and print the --fusion value that uses them")
     evaluate.add_argument("--output", help="folder (any fsspec URL) for result.json, curves.parquet, "
                           "summary.parquet and the plots")
     evaluate.set_defaults(handler=_cmd_evaluate)

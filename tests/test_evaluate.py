@@ -113,11 +113,12 @@ def test_iso_json_with_fmr_thresholds_and_starting_error(dataset: dict, capsys) 
     assert by_start["methods"]["informed"]["starting_error=0.1"]["fnmr"][0] == pytest.approx(0.1, abs=0.02)
 
 
-def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path: Path) -> None:
+def _fake_fiqa_output(dataset: dict, tmp_path: Path) -> dict:
+    """A fiqa OUTPUT with 3 exits: exits 1 and 2 are noise, exit 3 knows the degradation."""
     ids = dataset["ids"]
     rng = np.random.default_rng(1)
     exits = rng.normal(size=(len(ids), 3)).astype(np.float32)
-    exits[:, 2] = -np.asarray(dataset["quality"]["informed"], dtype=np.float32)
+    exits[:, 2] = np.asarray(dataset["quality"]["informed"], dtype=np.float32)  # = -degradation
     status = ["ok"] * len(ids)
     status[7] = "decode_error"
     table = build_quality_table({
@@ -130,6 +131,11 @@ def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path
     pq.write_table(table, tmp_path / "run" / "scores" / "shard-00000.parquet")
     model_config = {"mode": "token", "embed_dim": 512, "depth": 3, "num_heads": 8}
     (tmp_path / "run" / "_run.json").write_text(json.dumps({"config": {"model_config": model_config}}))
+    return model_config
+
+
+def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path: Path) -> None:
+    model_config = _fake_fiqa_output(dataset, tmp_path)
     path = dataset["path"]
     result = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
                       "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--json",
@@ -198,3 +204,29 @@ def test_output_folder_holds_json_tables_and_plots(dataset: dict, capsys, tmp_pa
     assert curves.num_rows == 2 * 2 * 20
     with Image.open(out / "edc.png") as image:
         assert image.format == "PNG" and image.width > 500
+
+
+def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(dataset: dict, capsys, tmp_path: Path) -> None:
+    from workers import parse_fusion
+
+    _fake_fiqa_output(dataset, tmp_path)
+    path = dataset["path"]
+    result = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
+                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--advise-fmr", "0.1",
+                      "--fit-fusion", "--json", "--output", tmp_path / "evaluation")
+    fit = result["fusion_fit"]
+    weights = np.array(fit["weights"])
+    assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0)
+    assert int(np.argmax(weights)) == 2  # the informative exit
+    assert fit["fit_pairs"] > 0 and fit["heldout_pairs"] > 0
+    # F and FW are among the search's starting points: on the fitting half it can only do better
+    assert fit["fit_pauc"]["fitted"] <= min(fit["fit_pauc"]["f"], fit["fit_pauc"]["fw"])
+    assert set(fit["heldout_pauc"]) == {"fitted", "f", "fw"}  # the honest comparison, reported as it is
+    assert all(0 <= value <= 1 for value in fit["heldout_pauc"].values())
+    assert parse_fusion(fit["fusion"]).weights(3) == pytest.approx(weights, abs=1e-5)  # usable as --fusion
+    saved = json.loads((tmp_path / "evaluation" / "fusion_weights.json").read_text())
+    assert saved["fusion"] == fit["fusion"]
+    again = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
+                     "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--advise-fmr", "0.1",
+                     "--fit-fusion", "--json")
+    assert again["fusion_fit"] == fit  # seeded: the same weights every time
