@@ -193,3 +193,21 @@ def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[flo
                 "discard_fractions": curve.discard_fractions.tolist(), "fnmr": curve.error_fractions.tolist(),
             }
     return result
+
+
+def add_fusion_fit(result: dict[str, Any], ids: Sequence[str], methods: Mapping[str, np.ndarray],
+                   data: EvaluationInput, *, protocol: str, fmr: float, discard_limit: float) -> dict[str, Any]:
+    """Attach fitted fusion weights (fit on one half of the images, reported on the other)."""
+    from evaluation.fitting import fit_fusion
+
+    exits = sorted((int(name.split("_")[1]), name) for name in methods if name.startswith("exit_"))
+    if not exits:
+        raise ValueError("--fit-fusion needs a fiqa quality table (per-exit scores)")
+    grid = np.stack([methods[name] for _, name in exits], axis=1)
+    fitted = fit_fusion(list(ids), grid, data.index_a, data.index_b, data.similarity, data.genuine,
+                        protocol=protocol, fmr=fmr, discard_limit=discard_limit)
+    result["fusion_fit"] = {"weights": fitted.weights.tolist(), "fusion": fitted.spec, "fmr": fmr,
+                            "fit_pauc": fitted.fit_pauc, "heldout_pauc": fitted.heldout_pauc,
+                            "fit_pairs": fitted.fit_pairs, "heldout_pairs": fitted.heldout_pairs,
+                            "evaluations": fitted.evaluations}
+    return result

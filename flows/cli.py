@@ -74,10 +74,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from evaluation.run import (
         add_advice,
+        add_fusion_fit,
         evaluate,
         load_embeddings,
         load_methods,
@@ -105,18 +104,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         add_advice(result, operating_point=point, tolerance=args.tolerance,
                    model_config=model_config_of(args.quality, storage))
     if args.fit_fusion:
-        from evaluation.fitting import fit_fusion
-
-        exits = sorted((int(name.split("_")[1]), name) for name in methods if name.startswith("exit_"))
-        if not exits:
-            raise ValueError("--fit-fusion needs a fiqa quality table (per-exit scores)")
-        grid = np.stack([methods[name] for _, name in exits], axis=1)
-        fitted = fit_fusion(ids, grid, data.index_a, data.index_b, data.similarity, data.genuine,
-                            protocol=args.protocol, fmr=args.advise_fmr, discard_limit=args.discard_limit)
-        result["fusion_fit"] = {"weights": fitted.weights.tolist(), "fusion": fitted.spec, "fmr": args.advise_fmr,
-                                "fit_pauc": fitted.fit_pauc, "heldout_pauc": fitted.heldout_pauc,
-                                "fit_pairs": fitted.fit_pairs, "heldout_pairs": fitted.heldout_pairs,
-                                "evaluations": fitted.evaluations}
+        add_fusion_fit(result, ids, methods, data, protocol=args.protocol, fmr=args.advise_fmr,
+                       discard_limit=args.discard_limit)
     if args.output:
         from evaluation.outputs import write_evaluation
         from flows.storage import Output
