@@ -146,6 +146,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_select(args: argparse.Namespace) -> int:
+    from flows.curation import select
+
+    selection = select(args.output, drop_fraction=args.drop_fraction, min_quality=args.min_quality, by=args.by,
+                       storage_options=_storage_options(args.storage_options))
+    threshold = "none (nothing dropped)" if selection.threshold is None else f"{selection.threshold:.6g}"
+    console.print(f"{selection.rule}; threshold {threshold}")
+    console.print(f"keep {selection.kept}, drop {selection.dropped_low_quality} for quality and "
+                  f"{selection.dropped_unscored} that could not be scored -> {selection.output}/keep.parquet, "
+                  f"drop.parquet, selection.json")
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from flows.query import run_query, write_result
+
+    storage = _storage_options(args.storage_options)
+    table = run_query(args.output, args.sql, storage)
+    if args.out:
+        write_result(table, args.out, storage)
+        console.print(f"{table.num_rows} rows -> {args.out}")
+        return 0
+    shown = Table(title=f"{table.num_rows} rows" + (f" (first {args.limit})" if table.num_rows > args.limit else ""))
+    for name in table.column_names:
+        shown.add_column(name)
+    for row in table.slice(0, args.limit).to_pylist():
+        shown.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(shown)
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from workers import load_model
 
@@ -291,6 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="folder (any fsspec URL) for result.json, curves.parquet, "
                           "summary.parquet and the plots")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    select = commands.add_parser("select", help="keep/drop lists from a quality table")
+    select.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
+    rule = select.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--drop-fraction", type=float, help="drop this fraction of the scored images, lowest first")
+    rule.add_argument("--min-quality", type=float, help="drop scored images below this quality")
+    select.add_argument("--by", default="quality", help="quality | quality_fw | quality_f | quality_final | exit_<k>")
+    select.add_argument("--storage-options", help="fsspec options as JSON")
+    select.set_defaults(handler=_cmd_select)
+
+    query = commands.add_parser("query", help="SQL (DuckDB) over a quality table, as the view `scores`")
+    query.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
+    query.add_argument("sql", help='e.g. "SELECT status, count(*) FROM scores GROUP BY status"')
+    query.add_argument("--out", help="write the result to this .csv or .parquet (local or URL) instead of printing")
+    query.add_argument("--limit", type=int, default=50, help="rows to print (default: %(default)s)")
+    query.add_argument("--storage-options", help="fsspec options as JSON")
+    query.set_defaults(handler=_cmd_query)
 
     inspect = commands.add_parser("inspect", help="load a checkpoint and print its architecture and cost")
     inspect.add_argument("checkpoint", help="model.pt: local path or fsspec URL (s3://...)")

@@ -47,6 +47,7 @@ class Output:
         """Write `data` so that `relative` appears only once it is complete."""
         final = self.path(relative)
         staged = self.path(f"{STAGING}/{posixpath.basename(relative)}.{uuid.uuid4().hex}.part")
+        with_retries(lambda: self.fs.makedirs(self.path(STAGING), exist_ok=True))
         with_retries(lambda: self.fs.pipe_file(staged, data))
         parent = posixpath.dirname(final)
         if parent:
