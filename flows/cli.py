@@ -146,6 +146,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from flows.report import write_report
+
+    url, summary = write_report(args.output, _storage_options(args.storage_options))
+    console.print(f"report: {url} ({summary['rows']} images)")
+    return 0
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from flows.curation import select
 
@@ -322,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="folder (any fsspec URL) for result.json, curves.parquet, "
                           "summary.parquet and the plots")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    report = commands.add_parser("report", help="write OUTPUT/report/index.html, a self-contained page")
+    report.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
+    report.add_argument("--storage-options", help="fsspec options as JSON")
+    report.set_defaults(handler=_cmd_report)
 
     select = commands.add_parser("select", help="keep/drop lists from a quality table")
     select.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
