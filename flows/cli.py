@@ -44,6 +44,8 @@ def _print_summary(summary) -> None:
                   f"{summary.shards_skipped} shard(s) already committed; "
                   f"{summary.images_per_second} images/s; exit depth {summary.exit_depth}, fusion {summary.fusion}")
     console.print(f"quality table: {summary.output}/scores/   run record: {summary.output}/_run.json")
+    if summary.report:
+        console.print(f"report: {summary.report}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -237,6 +239,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers, device=args.device,
         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
         ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
+        report=not args.no_report,
     )
     if options.checkpoint is None:
         console.print("[bold yellow]No --checkpoint: using the bundled STAND-IN model (randomly initialised); "
@@ -302,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace results of a different plan in OUTPUT")
     run.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": false}\'')
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report/index.html at the end")
     score.set_defaults(handler=_cmd_score)
 
     evaluate = commands.add_parser(

@@ -136,6 +136,7 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
         figure, axis = plt.subplots(figsize=(6, 3))
         axis.hist(quality, bins=50, color="#3a6ea5")
         axis.set(xlabel="quality (fused)", ylabel="images")
+        figure.tight_layout()
         plots = _img(_png(figure), "histogram of the fused quality")
         depth = exits.shape[1]
         columns = min(depth, 6)

@@ -73,6 +73,7 @@ class ScoreOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
     embeddings: bool = False
+    report: bool = True
 
 
 @dataclass
@@ -90,6 +91,7 @@ class RunSummary:
     exit_depth: int
     fusion: str
     uses_standin_model: bool
+    report: str | None = None
 
 
 # ---- model and configuration --------------------------------------------------------------------------
@@ -357,6 +359,29 @@ def finalize_task(
     return summary
 
 
+@task(name="report", cache_policy=NONE)
+def report_task(options: ScoreOptions, summary: RunSummary) -> str:
+    """Write OUTPUT/report/index.html and publish the summary as Prefect artifacts under stable keys, so
+    nightly runs of the same deployment build a history."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from flows.report import write_report
+
+    url, report = write_report(options.output, options.storage_options)
+    thresholds = report.get("thresholds", {})
+    lines = [f"# fiqa-curator: {summary.total_rows} images", "",
+             f"- output: `{summary.output}`", f"- report: [{url}]({url})",
+             f"- model sha256: `{summary.model_sha256}`, exit depth {summary.exit_depth}, fusion `{summary.fusion}`",
+             "", "| status | images |", "|---|---|",
+             *[f"| {status} | {count} |" for status, count in summary.counts.items()],
+             "", "| quantile | threshold | images dropped |", "|---|---|---|",
+             *[f"| {q} | {v['threshold']:.4f} | {v['dropped']} |" for q, v in thresholds.items()]]
+    create_markdown_artifact(key="fiqa-report", markdown="\n".join(lines), description="fiqa score summary")
+    create_table_artifact(key="fiqa-status-counts", table=[{"status": s, "images": n} for s, n in summary.counts.items()],
+                          description="images by status")
+    return url
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -398,8 +423,11 @@ def score_flow_run(
             import ray
 
             ray.shutdown()
-    return finalize_task(options, plan, config, run_id, stats, timings,
-                         plan.shard_count - len(pending), options.checkpoint is None)
+    summary = finalize_task(options, plan, config, run_id, stats, timings,
+                            plan.shard_count - len(pending), options.checkpoint is None)
+    if options.report:
+        summary.report = report_task(options, summary)
+    return summary
 
 
 def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = None) -> RunSummary:

@@ -302,6 +302,15 @@ def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
         assert value == pytest.approx(rows[image_id]["exit_scores"][1])
     worst = con.execute(f"select image_id from '{glob}' where status = 'ok' order by quality limit 1").fetchone()[0]
     assert worst == min((r for r in rows.values() if r["status"] == "ok"), key=lambda r: r["quality"])["image_id"]
+    # the report was written at the end of the run and published as Prefect artifacts under stable keys
+    assert (tmp_path / "out" / "report" / "index.html").stat().st_size > 10_000
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    assert {"fiqa-report", "fiqa-status-counts"} <= {a.key for a in artifacts}
+    ours = [str(a.data) for a in artifacts if a.key == "fiqa-report" and str(tmp_path) in str(a.data)]
+    assert ours and "decode_error" in ours[0] and "report/index.html" in ours[0]
     metadata = pq.read_schema(next((tmp_path / "out" / "scores").iterdir())).metadata
     assert metadata[b"fiqa.schema_version"] == SCHEMA_VERSION.encode()
     assert json.loads(metadata[b"fiqa.fusion_weights"]) == pytest.approx([0.1, 0.2, 0.3, 0.4])

@@ -127,3 +127,21 @@ def test_report_sections_numbers_and_escaping(tmp_path: Path, capsys) -> None:
     assert len(thumbnails) >= 3 * 8  # three galleries of eight previews
     decoded = Image.open(io.BytesIO(__import__("base64").b64decode(thumbnails[-1].split(",", 1)[1])))
     assert decoded.size == (112, 112)
+
+
+@pytest.mark.browser
+def test_report_in_a_real_headless_browser(tmp_path: Path) -> None:
+    from tests.browser import load_page
+
+    data = make_output(tmp_path)
+    assert main(["report", str(data["out"])]) == 0
+    page = (data["out"] / "report" / "index.html").resolve()
+    load = load_page(page.as_uri())
+    assert load.console_errors == []
+    assert load.dialogs == []  # the <script>alert(1)</script> file name never ran
+    assert [u for u in load.requests if not u.startswith(("file:", "data:"))] == []  # no external requests
+    assert load.requests and load.requests[0] == page.as_uri()
+    assert load.screenshot.startswith(b"\x89PNG")
+    (tmp_path / "report.png").write_bytes(load.screenshot)
+    with Image.open(tmp_path / "report.png") as shot:
+        assert shot.width >= 1000 and shot.height > 1000
