@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flows.storage import Output
 
-COLUMNS = ["image_id", "source", "identity", "status", "error", "width", "height", "resized", "exit_depth",
-           "exit_scores", "quality"]
+COLUMNS = ["image_id", "identity", "status", "error", "width", "height", "resized", "exit_depth", "exit_scores",
+           "quality"]
 QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3)
 FAILURE_EXAMPLES = 5
 GALLERY = 8
@@ -54,14 +56,18 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def load(output: Output) -> pd.DataFrame:
-    """Only the columns the page shows (embeddings and the rest are never read)."""
-    return pq.read_table(output.path("scores"), columns=COLUMNS, filesystem=output.fs).to_pandas()
-
-
-def _exit_matrix(frame: pd.DataFrame) -> np.ndarray:
-    depth = int(frame["exit_depth"].max()) if len(frame) else 0
-    return np.array([s if s is not None else [np.nan] * depth for s in frame["exit_scores"]], dtype=np.float64)
+def load(output: Output) -> tuple[pd.DataFrame, np.ndarray]:
+    """(rows without exit scores, (N, L) exit scores with NaN rows where unscored). Only the columns the page
+    shows are read (never embeddings), and the exit scores stay in numpy, not in Python lists."""
+    table = pq.read_table(output.path("scores"), columns=COLUMNS, filesystem=output.fs)
+    depth = int(pc.max(table.column("exit_depth")).as_py() or 0) if table.num_rows else 0
+    scores = table.column("exit_scores").combine_chunks()
+    if depth:
+        filled = pc.fill_null(scores, pa.scalar([np.nan] * depth, pa.list_(pa.float32())))
+        exits = pc.list_flatten(filled).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, depth)
+    else:
+        exits = np.zeros((table.num_rows, 0))
+    return table.drop_columns(["exit_scores"]).to_pandas(), exits
 
 
 def _thumbnail(output: Output, listing: Mapping[str, tuple[str, int, int]], image_id: str,
@@ -96,7 +102,7 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
     output = Output(output_url, storage_options)
     if not output.list("scores"):
         raise ValueError(f"no quality table in {output_url} (expected scores/*.parquet)")
-    frame = load(output)
+    frame, all_exits = load(output)
     run_raw = output.read_bytes("_run.json")
     run = json.loads(run_raw) if run_raw else {}
     listing_raw = output.read_bytes("_plan/listing.parquet")
@@ -105,9 +111,10 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
         for row in pq.read_table(io.BytesIO(listing_raw), columns=["image_id", "url", "offset", "length"]).to_pylist():
             listing[row["image_id"]] = (row["url"], row["offset"], row["length"])
 
-    ok = frame[frame["status"] == "ok"].copy()
+    ok_mask = (frame["status"] == "ok").to_numpy()
+    ok = frame[ok_mask].copy()
     quality = ok["quality"].to_numpy(dtype=np.float64)
-    exits = _exit_matrix(ok)
+    exits = all_exits[ok_mask]
     counts = frame["status"].value_counts().sort_index()
     summary: dict[str, Any] = {"rows": len(frame), "counts": {k: int(v) for k, v in counts.items()}}
     sections: list[str] = []
