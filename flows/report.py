@@ -91,6 +91,55 @@ def _thumbnail(output: Output, listing: Mapping[str, tuple[str, int, int]], imag
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+ATTENTION_IMAGES = 4
+
+
+def _attention_section(output: Output, run: Mapping[str, Any], listing: Mapping[str, tuple[str, int, int]],
+                       chosen: Sequence[tuple[str, float]], storage_options: Mapping[str, Any] | None) -> str | None:
+    """Quality-token attention over the patches at every exit, for a few images (token/full models)."""
+    from matplotlib import pyplot as plt
+
+    from workers.checkpoint import load_model
+    from workers.config import ViTFIQAConfig
+    from workers.io import read_range
+    from workers.preprocess import decode_face, normalize
+
+    config = run.get("config", {}).get("model_config")
+    checkpoint = run.get("checkpoint")
+    if not config or not checkpoint or config.get("mode") == "crfiqa":
+        return None
+    try:
+        loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(config), storage_options=storage_options)
+    except Exception:
+        return None  # the checkpoint moved or is not readable from here: the page goes without this figure
+    faces, labels = [], []
+    for image_id, score in chosen:
+        if image_id in listing:
+            decoded = decode_face(read_range(*listing[image_id], storage_options, attempts=2))
+            if decoded.ok:
+                faces.append(decoded.image)
+                labels.append(f"{image_id} ({score:.3f})")
+    if not faces:
+        return None
+    depth = int(run["config"].get("exit_depth", loaded.config.depth))
+    maps = loaded.model.quality_token_attention(normalize(np.stack(faces)), depth).numpy()
+    seen = loaded.config.grid_size * loaded.config.patch_size  # pixels the patches cover (108 of 112)
+    figure, axes = plt.subplots(len(faces), depth, figsize=(1.1 * depth, 1.2 * len(faces)), squeeze=False)
+    for row, face in enumerate(faces):
+        for column in range(depth):
+            axis = axes[row][column]
+            axis.imshow(face[:seen, :seen])
+            axis.imshow(maps[row, column], cmap="inferno", alpha=0.55, extent=(0, seen, seen, 0))
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(f"exit {column + 1}", fontsize=7)
+        axes[row][0].set_ylabel(f"{row + 1}", fontsize=7)
+    figure.tight_layout()
+    legend = "".join(f"<li>{html.escape(label)}</li>" for label in labels)
+    return _img(_png(figure), "quality-token attention at every exit") + f"<ol>{legend}</ol>"
+
+
 def build_report(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
                  threshold_quantile: float = 0.1) -> tuple[str, dict[str, Any]]:
     """(HTML, summary) for the quality table in OUTPUT."""
@@ -222,6 +271,13 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
                              f"{quality[index]:.4f}</figcaption></figure>")
             galleries.append(f'<h3>{html.escape(title)}</h3><div class="gallery">{"".join(cards)}</div>')
         sections.append(("galleries", "Galleries", "".join(galleries)))
+
+        picks = [*order[: ATTENTION_IMAGES // 2], *order[::-1][: ATTENTION_IMAGES // 2]]
+        attention = _attention_section(output, run, listing,
+                                       [(ok["image_id"].iloc[i], float(quality[i])) for i in picks], storage_options)
+        if attention:
+            sections.append(("attention", "Quality-token attention across exits (lowest and highest images)",
+                             attention))
 
         # identities ------------------------------------------------------------------------------------
         if "identity" in frame and frame["identity"].notna().any():

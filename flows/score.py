@@ -347,6 +347,7 @@ def finalize_task(
         **asdict(summary), "finished_at": datetime.now(UTC).isoformat(), "input": options.input,
         "input_kind": plan.input_kind, "shard_size": plan.shard_size, "shard_count": plan.shard_count,
         "config": config, "workers": stats.get("workers"), "device": stats.get("device"),
+        "checkpoint": options.checkpoint or str(BUNDLED_CHECKPOINT),
         "stages": {"write_seconds": round(stats.get("write_seconds", 0.0), 3),
                    "first_batch_seconds": round(stats.get("first_batch_seconds", 0.0), 3),
                    "steady_images_per_second": round(stats.get("steady_images_per_second", 0.0), 2),

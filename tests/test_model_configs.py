@@ -102,3 +102,26 @@ def test_exit_selection_and_embedding_rules() -> None:
     with pytest.raises(ValueError, match="exits"):
         model.forward_exits(pixels, 2, exits=[3])
     assert model.forward_exits(pixels, 4, with_embedding=True).embedding.shape == (2, 32)
+
+
+def test_quality_token_attention_maps() -> None:
+    config = ViTFIQAConfig(mode="token", embed_dim=32, depth=3, num_heads=4)
+    model = ViTFIQA(config).eval()
+    state = randomize_state_dict(model, seed=9)
+    model.load_state_dict(state)
+    images = torch.from_numpy(_images(2, 112, seed=5))
+    pixels = (images.permute(0, 3, 1, 2).double() / 255 - 0.5) / 0.5
+    maps = model.quality_token_attention(pixels.float(), exit_depth=2)
+    assert maps.shape == (2, 2, 12, 12)
+    assert torch.all(maps >= 0) and torch.all(maps.sum(dim=(2, 3)) <= 1.0 + 1e-6)
+    # independent recomputation of block 1: LayerNorm, qkv without bias, softmax(q k^T / sqrt(d))
+    x = torch.nn.functional.conv2d(pixels, state["patch_embed.proj.weight"].double(),
+                                   state["patch_embed.proj.bias"].double(), stride=9).flatten(2).transpose(1, 2)
+    x = torch.cat([state["qs_token"].double().expand(2, -1, -1), x], dim=1) + state["pos_embed"].double()
+    h = torch.nn.functional.layer_norm(x, (32,), state["blocks.0.norm1.weight"].double(),
+                                       state["blocks.0.norm1.bias"].double(), eps=1e-5)
+    qkv = (h @ state["blocks.0.attn.qkv.weight"].double().T).reshape(2, 145, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    weights = ((qkv[0] @ qkv[1].transpose(-2, -1)) * 8**-0.5).softmax(-1)[:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(maps[:, 0].reshape(2, -1).double(), weights, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no quality token"):
+        ViTFIQA(ViTFIQAConfig(mode="crfiqa", embed_dim=32, depth=1, num_heads=4)).quality_token_attention(pixels.float())

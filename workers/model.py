@@ -178,3 +178,26 @@ class ViTFIQA(nn.Module):
             exit_scores=torch.stack(scores, dim=1),
             embedding=embedding if with_embedding else None,
         )
+
+    @torch.no_grad()
+    def quality_token_attention(self, pixels: torch.Tensor, exit_depth: int | None = None) -> torch.Tensor:
+        """(B, L, grid, grid): at each block 1..L, the attention of the quality token over the patches,
+        averaged over heads (token and full modes). Computed from the block's own qkv weights on the same
+        pass that the scores take; the maps of a block sum, with the token's attention to itself, to 1."""
+        if self.config.mode == "crfiqa":
+            raise ValueError("crfiqa models have no quality token to attend from")
+        depth = self.depth if exit_depth is None else int(exit_depth)
+        hidden = self.embed(pixels)
+        maps = []
+        for block in self.blocks[:depth]:
+            attention = block.attn
+            normed = block.norm1(hidden)
+            batch, tokens, dim = normed.shape
+            heads = attention.num_heads
+            qkv = attention.qkv(normed).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            query, key = qkv[0][:, :, :1], qkv[1]  # the quality token's query against every key
+            weights = ((query @ key.transpose(-2, -1)) * attention.scale).softmax(dim=-1)  # (B, heads, 1, tokens)
+            maps.append(weights.mean(dim=1)[:, 0, 1:])
+            hidden = block(hidden)
+        grid = self.config.grid_size
+        return torch.stack(maps, dim=1).reshape(pixels.shape[0], depth, grid, grid)
