@@ -106,4 +106,7 @@ def test_select_and_query_on_s3(s3_server, s3_bucket: str, capsys) -> None:
     assert main(["query", url, "SELECT count(*) AS n FROM scores WHERE quality IS NOT NULL",
                  "--storage-options", options, "--out", f"{url}/counts.csv"]) == 0
     assert fs.cat(f"{s3_bucket}/run/counts.csv").decode().splitlines() == ['"n"', "18"]
+    assert main(["report", url, "--storage-options", options]) == 0  # the report works on object storage too
+    page = fs.cat(f"{s3_bucket}/run/report/index.html").decode()
+    assert '<section id="thresholds">' in page and "decode_error" in page
     assert s3_server.storage_options["secret"] not in capsys.readouterr().out
