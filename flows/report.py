@@ -70,39 +70,40 @@ def load(output: Output) -> tuple[pd.DataFrame, np.ndarray]:
     return table.drop_columns(["exit_scores"]).to_pandas(), exits
 
 
-def _thumbnail(output: Output, listing: Mapping[str, tuple[str, int, int]], image_id: str,
-               storage_options: Mapping[str, Any] | None) -> str | None:
-    from PIL import Image
-
+def _face(listing: Mapping[str, tuple[str, int, int]], image_id: str,
+          storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
+    """The 112x112 face the model saw, re-read from the source; None when it can no longer be read."""
     from workers.io import read_range
     from workers.preprocess import decode_face
 
     if image_id not in listing:
         return None
-    url, offset, length = listing[image_id]
     try:
-        decoded = decode_face(read_range(url, offset, length, storage_options, attempts=2))
-    except Exception:
+        decoded = decode_face(read_range(*listing[image_id], storage_options, attempts=2))
+    except Exception:  # moved or deleted since scoring: the page shows "no preview"
         return None
-    if not decoded.ok:
-        return None
+    return decoded.image if decoded.ok else None
+
+
+def _thumbnail(face: np.ndarray) -> str:
+    from PIL import Image
+
     buffer = io.BytesIO()
-    Image.fromarray(decoded.image).save(buffer, format="PNG")
+    Image.fromarray(face).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 ATTENTION_IMAGES = 4
 
 
-def _attention_section(output: Output, run: Mapping[str, Any], listing: Mapping[str, tuple[str, int, int]],
+def _attention_section(run: Mapping[str, Any], faces_by_id: Mapping[str, np.ndarray],
                        chosen: Sequence[tuple[str, float]], storage_options: Mapping[str, Any] | None) -> str | None:
     """Quality-token attention over the patches at every exit, for a few images (token/full models)."""
     from matplotlib import pyplot as plt
 
     from workers.checkpoint import load_model
     from workers.config import ViTFIQAConfig
-    from workers.io import read_range
-    from workers.preprocess import decode_face, normalize
+    from workers.preprocess import normalize
 
     config = run.get("config", {}).get("model_config")
     checkpoint = run.get("checkpoint")
@@ -114,11 +115,9 @@ def _attention_section(output: Output, run: Mapping[str, Any], listing: Mapping[
         return None  # the checkpoint moved or is not readable from here: the page goes without this figure
     faces, labels = [], []
     for image_id, score in chosen:
-        if image_id in listing:
-            decoded = decode_face(read_range(*listing[image_id], storage_options, attempts=2))
-            if decoded.ok:
-                faces.append(decoded.image)
-                labels.append(f"{image_id} ({score:.3f})")
+        if faces_by_id.get(image_id) is not None:
+            faces.append(faces_by_id[image_id])
+            labels.append(f"{image_id} ({score:.3f})")
     if not faces:
         return None
     depth = int(run["config"].get("exit_depth", loaded.config.depth))
@@ -260,21 +259,24 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
         chosen = float(np.quantile(quality, threshold_quantile))
         near = np.argsort(np.abs(quality - chosen), kind="stable")[:GALLERY]
         galleries = []
+        faces: dict[str, np.ndarray | None] = {}
         for title, indices in (("Lowest quality", order[:GALLERY]), ("Highest quality", order[::-1][:GALLERY]),
                                (f"Around the {threshold_quantile:g} quantile threshold ({chosen:.4f})", near)):
             cards = []
             for index in indices:
                 image_id = ok["image_id"].iloc[index]
-                thumb = _thumbnail(output, listing, image_id, storage_options)
-                picture = _img(thumb, image_id) if thumb else '<div class="missing">no preview</div>'
+                if image_id not in faces:
+                    faces[image_id] = _face(listing, image_id, storage_options)
+                face = faces[image_id]
+                picture = _img(_thumbnail(face), image_id) if face is not None else '<div class="missing">no preview</div>'
                 cards.append(f'<figure>{picture}<figcaption>{html.escape(image_id)}<br>'
                              f"{quality[index]:.4f}</figcaption></figure>")
             galleries.append(f'<h3>{html.escape(title)}</h3><div class="gallery">{"".join(cards)}</div>')
         sections.append(("galleries", "Galleries", "".join(galleries)))
 
         picks = [*order[: ATTENTION_IMAGES // 2], *order[::-1][: ATTENTION_IMAGES // 2]]
-        attention = _attention_section(output, run, listing,
-                                       [(ok["image_id"].iloc[i], float(quality[i])) for i in picks], storage_options)
+        attention = _attention_section(run, faces, [(ok["image_id"].iloc[i], float(quality[i])) for i in picks],
+                                       storage_options)
         if attention:
             sections.append(("attention", "Quality-token attention across exits (lowest and highest images)",
                              attention))
