@@ -65,6 +65,9 @@ def select(
     output = Output(output_url, storage_options)
     if not output.list("scores"):
         raise ValueError(f"no quality table in {output_url} (expected scores/*.parquet)")
+    if output.read_bytes("_SUCCESS") is None:
+        raise ValueError(f"{output_url} has no _SUCCESS: the run is incomplete, so lists would miss images; "
+                         f"rerun the same `fiqa score` command to finish it first")
     columns = ["image_id", "source", "status", "error", "exit_depth", "exit_scores", *SCORE_COLUMNS]
     table = pq.read_table(output.path("scores"), columns=columns, filesystem=output.fs)
     scores = _score_column(table, by).to_numpy(zero_copy_only=False).astype("float64")
@@ -87,6 +90,8 @@ def select(
         record = {"image_id": row["image_id"], "source": row["source"], "quality": quality}
         if row["status"] != "ok":
             drop.append({**record, "reason": f"{row['status']}: {row['error'] or ''}".rstrip(": ")})
+        elif quality is None:
+            drop.append({**record, "reason": f"no finite {by} score"})
         elif i in low_set:
             drop.append({**record, "reason": reason})
         else:

@@ -159,7 +159,8 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
         for row in pq.read_table(io.BytesIO(listing_raw), columns=["image_id", "url", "offset", "length"]).to_pylist():
             listing[row["image_id"]] = (row["url"], row["offset"], row["length"])
 
-    ok_mask = (frame["status"] == "ok").to_numpy()
+    # scored rows with a finite score (a NaN from a broken checkpoint must not break every plot)
+    ok_mask = (frame["status"] == "ok").to_numpy() & np.isfinite(frame["quality"].to_numpy(dtype=np.float64))
     ok = frame[ok_mask].copy()
     quality = ok["quality"].to_numpy(dtype=np.float64)
     exits = all_exits[ok_mask]
@@ -282,7 +283,7 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
                              attention))
 
         # identities ------------------------------------------------------------------------------------
-        if "identity" in frame and frame["identity"].notna().any():
+        if "identity" in ok and ok["identity"].notna().any():
             scored = ok[ok["identity"].notna()].assign(below=quality[ok["identity"].notna().to_numpy()] < chosen)
             per = scored.groupby("identity").agg(images=("image_id", "size"), below=("below", "sum"))
             per["kept"] = per["images"] - per["below"]

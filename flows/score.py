@@ -44,6 +44,7 @@ from workers import ViTFIQAConfig, load_model
 from workers.assets import BUNDLED_CHECKPOINT
 from workers.checkpoint import LoadedModel
 from workers.fusion import parse_fusion
+from workers.io import protocol_of
 from workers.preprocess import DEFAULT_MAX_PIXELS
 
 RUN_FILE = "_run.json"
@@ -192,7 +193,7 @@ class ShardWriter:
         self.config = config
         self.expected = {shard_name(i): len(plan.shard_items(i)) for i in pending}
         self.rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-        self.committed: list[str] = []
+        self.committed: dict[str, None] = {}  # ordered set
         self.write_seconds = 0.0
         self.rows_by_node: Counter[str] = Counter()
 
@@ -204,6 +205,8 @@ class ShardWriter:
             shard = str(shard)
             if shard not in self.expected:
                 raise RuntimeError(f"row for unplanned shard {shard!r}")
+            if shard in self.committed:
+                continue  # a retried task delivering a row again after its shard was written: already there
             image_id = str(batch["image_id"][index])
             self.rows[shard].setdefault(image_id, {column: batch[column][index] for column in columns})
             if len(self.rows[shard]) == self.expected[shard]:
@@ -226,7 +229,7 @@ class ShardWriter:
         pq.write_table(table, buffer, compression="zstd")
         self.output.commit_bytes(f"scores/{shard}.parquet", buffer.getvalue())
         del self.rows[shard]
-        self.committed.append(shard)
+        self.committed[shard] = None
         self.write_seconds += time.perf_counter() - started
 
     def missing(self) -> dict[str, int]:
@@ -279,7 +282,8 @@ def execute_task(
         # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
         # keeps Ray from fusing the two stages, so decoding overlaps with the model instead of preceding it.
         read_and_decode, batch_size=block_rows, batch_format="numpy", num_cpus=0.25,
-        fn_kwargs={"storage_options": options.storage_options, "max_pixels": options.max_pixels,
+        fn_kwargs={"storage_options": options.storage_options, "options_protocol": protocol_of(options.input),
+                   "max_pixels": options.max_pixels,
                    "img_size": config["model_config"]["img_size"]},
     )
     dataset = dataset.map_batches(
@@ -309,7 +313,7 @@ def execute_task(
         raise RuntimeError(f"rows missing after scoring, shards not committed: {missing}")
     finished = time.perf_counter()
     steady = (scored - first_count) / (finished - first_batch_at) if first_batch_at and finished > first_batch_at else 0.0
-    return {"scored": scored, "shards": writer.committed, "seconds": finished - started,
+    return {"scored": scored, "shards": list(writer.committed), "seconds": finished - started,
             # start-up (actors spawned, model loaded, first batch through) vs the rate once running
             "first_batch_seconds": (first_batch_at or finished) - started, "steady_images_per_second": steady,
             "write_seconds": writer.write_seconds, "workers": workers, "device": "cuda" if gpus else "cpu",
@@ -427,7 +431,10 @@ def score_flow_run(
     summary = finalize_task(options, plan, config, run_id, stats, timings,
                             plan.shard_count - len(pending), options.checkpoint is None)
     if options.report:
-        summary.report = report_task(options, summary)
+        try:
+            summary.report = report_task(options, summary)
+        except Exception as error:  # the scores are committed and _SUCCESS written: a report bug must not fail them
+            get_run_logger().warning("report not written: %s: %s (rerun with `fiqa report`)", type(error).__name__, error)
     return summary
 
 

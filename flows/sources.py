@@ -145,9 +145,10 @@ def _list_tar(fs: Any, path: str, tar_id: str) -> list[InputItem]:
     try:
         with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
             for member in archive:
-                if not member.isfile() or _is_hidden(member.name):
+                name = posixpath.normpath(member.name).lstrip("/")  # `tar -C dir .` writes "./x.jpg"
+                if not member.isfile() or _is_hidden(name) or name.startswith(".."):
                     continue
-                directory, base = posixpath.split(member.name)
+                directory, base = posixpath.split(name)
                 stem, _, extension = base.partition(".")  # WebDataset: the key ends at the first dot
                 key = posixpath.join(directory, stem)
                 if extension.lower() in IDENTITY_EXTENSIONS and member.size <= MAX_IDENTITY_BYTES:
@@ -187,10 +188,12 @@ def _read_manifest(fs: Any, path: str) -> list[InputItem]:
         if not uri:
             raise InputError(f"manifest {path}, row {number}: empty `uri`")
         if "://" not in uri and not uri.startswith("/"):
-            uri = _full_url(fs, posixpath.join(base, uri))  # relative to the manifest's folder
+            # relative to the manifest's folder; normalised, since object stores take "./" and "../" literally
+            uri = _full_url(fs, posixpath.normpath(posixpath.join(base, uri)))
         elif "://" not in uri and protocol not in ("file", "local"):
             uri = f"{protocol}://{uri.lstrip('/')}"
-        image_id = str(row.get("image_id") or "").strip() or str(row["uri"]).strip()
+        raw_id = row.get("image_id")
+        image_id = (str(raw_id).strip() if raw_id is not None else "") or str(row["uri"]).strip()
         identity = row.get("identity")
         items.append(InputItem(image_id, uri, uri, identity=None if identity in (None, "") else str(identity)))
     return items

@@ -22,6 +22,9 @@ class OutputError(RuntimeError):
 
 class Output:
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        if any(char in url for char in "[]*?"):
+            # fsspec expands these as patterns in rm/mv on object stores: "--overwrite" could hit another run
+            raise OutputError(f"OUTPUT must not contain [ ] * or ?: {url}")
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = filesystem(self.url, self.storage_options)

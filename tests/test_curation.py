@@ -38,6 +38,7 @@ def write_output(folder: Path, table) -> None:
     (folder / "scores").mkdir(parents=True)
     pq.write_table(table.slice(0, 10), folder / "scores" / "shard-00000.parquet")
     pq.write_table(table.slice(10), folder / "scores" / "shard-00001.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
 
 
 def test_select_by_drop_fraction_with_ties_and_failures(tmp_path: Path, capsys) -> None:
@@ -98,6 +99,7 @@ def test_select_and_query_on_s3(s3_server, s3_bucket: str, capsys) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     fs.pipe(f"{s3_bucket}/run/scores/shard-00000.parquet", buffer.getvalue())
+    fs.pipe(f"{s3_bucket}/run/_SUCCESS", b"")
     options = json.dumps(s3_server.storage_options)
     url = f"s3://{s3_bucket}/run"
     assert main(["select", url, "--drop-fraction", "0.5", "--storage-options", options]) == 0
@@ -110,3 +112,11 @@ def test_select_and_query_on_s3(s3_server, s3_bucket: str, capsys) -> None:
     page = fs.cat(f"{s3_bucket}/run/report/index.html").decode()
     assert '<section id="thresholds">' in page and "decode_error" in page
     assert s3_server.storage_options["secret"] not in capsys.readouterr().out
+
+
+def test_select_refuses_an_incomplete_run(tmp_path: Path, capsys) -> None:
+    write_output(tmp_path / "out", quality_table())
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    assert main(["select", str(tmp_path / "out"), "--drop-fraction", "0.1"]) == 2
+    assert "incomplete" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "curation").exists()

@@ -116,3 +116,50 @@ def test_commit_is_atomic_and_staging_is_cleaned(tmp_path: Path) -> None:
     output.clean_staging()
     assert output.list("_staging") == []
     assert output.read_bytes("nothing") is None
+
+
+def test_tar_members_with_dot_slash_and_odd_names(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:  # what `tar -cf s.tar -C dir .` writes
+        for name, data in [("./a.jpg", b"A"), ("./sub/b.png", b"B"), ("./.hidden.jpg", b"H"), ("./c::d.jpg", b"C")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar").write_bytes(buffer.getvalue())
+    kind, items = discover(str(tmp_path / "s.tar"))
+    assert kind == "webdataset" and [i.image_id for i in items] == ["s.tar/a", "s.tar/c::d", "s.tar/sub/b"]
+    assert [read_range(i.url, i.offset, i.length) for i in items] == [b"A", b"C", b"B"]
+
+
+def test_manifest_uris_are_normalised_and_ids_kept(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x::y.jpg").write_bytes(b"XY")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "m.csv").write_text("uri,image_id\n../data/x::y.jpg,0\n./../data/x::y.jpg,1\n")
+    _, items = discover(str(tmp_path / "lists" / "m.csv"))
+    assert [i.image_id for i in items] == ["0", "1"]
+    assert all("/./" not in i.url and "/../" not in i.url for i in items)
+    assert read_range(items[0].url) == b"XY"  # "::" is part of the name, not a filesystem chain
+
+
+def test_output_urls_with_glob_characters_are_refused() -> None:
+    from flows.storage import OutputError
+
+    with pytest.raises(OutputError, match="must not contain"):
+        Output("memory://runs/o[1]")
+
+
+def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from workers.reading import read_and_decode
+
+    Image.new("RGB", (112, 112), (10, 20, 30)).save(tmp_path / "a.png")
+    batch = {"image_id": np.array(["a.png"], dtype=object), "url": np.array([str(tmp_path / "a.png")], dtype=object),
+             "offset": np.array([-1]), "length": np.array([-1])}
+    s3_credentials = {"key": "AKIA-not-for-local-files", "secret": "s"}
+    out = read_and_decode(batch, storage_options=s3_credentials, options_protocol="s3")
+    assert list(out["status"]) == ["ok"]  # the local read did not receive (and choke on) the S3 options
+    leaked = read_and_decode(batch, storage_options=s3_credentials, options_protocol="file")
+    assert list(leaked["status"]) == ["read_error"] and "key" in leaked["error"][0]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol
 
 T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
@@ -32,7 +32,15 @@ def with_retries(action: Callable[[], T], *, attempts: int = 5, base_delay: floa
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return url_to_fs(url, **dict(storage_options or {}))
+    """The filesystem and path of one URL. Not `url_to_fs`: it reads "::" as a chain of filesystems, and
+    "::" is a legal character pair in file names and object keys."""
+    protocol, _ = split_protocol(url)
+    fs = fsspec.filesystem(protocol or "file", **dict(storage_options or {}))
+    return fs, fs._strip_protocol(url)
+
+
+def protocol_of(url: str) -> str:
+    return split_protocol(url)[0] or "file"
 
 
 def read_range(

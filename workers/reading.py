@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.io import read_range
+from workers.io import protocol_of, read_range
 from workers.preprocess import DEFAULT_MAX_PIXELS, DecodedImage, DecodeStatus, decode_face
 
 READ_THREADS = 16  # object stores reward many requests in flight; local disks do not mind
@@ -34,6 +34,7 @@ def read_and_decode(
     batch: dict[str, np.ndarray],
     *,
     storage_options: Mapping[str, Any] | None = None,
+    options_protocol: str | None = None,
     img_size: int = 112,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, np.ndarray]:
@@ -48,7 +49,11 @@ def read_and_decode(
     resized = np.zeros(count, dtype=bool)
     jobs = zip(batch["url"], batch["offset"], batch["length"], strict=True)
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, count))) as pool:
-        results = list(pool.map(lambda job: _load_one(*job, storage_options, img_size, max_pixels), jobs))
+        # Options (credentials) go only to URLs of the store they were given for: a manifest may also name
+        # https:// or other stores, which must not receive them.
+        results = list(pool.map(
+            lambda job: _load_one(*job, storage_options if protocol_of(job[0]) == options_protocol else None,
+                                  img_size, max_pixels), jobs))
     for index, (decoded, n_bytes, read_error) in enumerate(results):
         byte_size[index] = n_bytes
         if read_error:
