@@ -150,16 +150,31 @@ def test_output_urls_with_glob_characters_are_refused() -> None:
 
 
 def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
+    """A manifest may name https:// images next to s3:// ones: S3 credentials must not go to the web server
+    (and would break the request). A real HTTP server on loopback serves the image."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
     import numpy as np
     from PIL import Image
 
     from workers.reading import read_and_decode
 
     Image.new("RGB", (112, 112), (10, 20, 30)).save(tmp_path / "a.png")
-    batch = {"image_id": np.array(["a.png"], dtype=object), "url": np.array([str(tmp_path / "a.png")], dtype=object),
-             "offset": np.array([-1]), "length": np.array([-1])}
-    s3_credentials = {"key": "AKIA-not-for-local-files", "secret": "s"}
-    out = read_and_decode(batch, storage_options=s3_credentials, options_protocol="s3")
-    assert list(out["status"]) == ["ok"]  # the local read did not receive (and choke on) the S3 options
-    leaked = read_and_decode(batch, storage_options=s3_credentials, options_protocol="file")
-    assert list(leaked["status"]) == ["read_error"] and "key" in leaked["error"][0]
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
+        batch = {"image_id": np.array(["a.png"], dtype=object), "url": np.array([url], dtype=object),
+                 "offset": np.array([-1]), "length": np.array([-1])}
+        s3_credentials = {"key": "AKIA-for-s3-only", "secret": "s"}
+        out = read_and_decode(batch, storage_options=s3_credentials, options_protocol="s3")
+        assert list(out["status"]) == ["ok"] and tuple(out["pixels"][0, 0, 0]) == (10, 20, 30)
+        # the same options handed to the HTTP filesystem break the read: what the protocol check prevents
+        wrong = read_and_decode(batch, storage_options=s3_credentials, options_protocol="http")
+        assert list(wrong["status"]) == ["read_error"]
+    finally:
+        server.shutdown()
