@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -29,6 +28,7 @@ from evaluation.edc import (
     iso_threshold,
     pair_quality,
 )
+from schemas import exit_score_matrix
 
 FIQA_SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw")
 REPORTED_LIMITS = (0.2, 0.3)
@@ -53,10 +53,8 @@ def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     ids = table.column("image_id").to_pylist()
     methods: dict[str, np.ndarray] = {}
     if "exit_scores" in table.column_names:  # a fiqa quality table
-        depth = int(pc.max(table.column("exit_depth")).as_py())
-        scores = table.column("exit_scores").to_pylist()
-        grid = np.array([s if s is not None else [np.nan] * depth for s in scores], dtype=np.float64)
-        for exit_index in range(depth):
+        grid = exit_score_matrix(table)
+        for exit_index in range(grid.shape[1]):
             methods[f"exit_{exit_index + 1}"] = grid[:, exit_index]
         for name in FIQA_SCORE_COLUMNS:
             methods[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flows.storage import Output
+from schemas import SCORE_COLUMNS, exit_score_matrix
 
-SCORE_COLUMNS = ("quality", "quality_fw", "quality_f", "quality_final")
 _EXIT = re.compile(r"^exit_(\d+)$")
 LIST_SCHEMA = pa.schema([("image_id", pa.string()), ("source", pa.string()), ("quality", pa.float32()),
                          ("reason", pa.string())])
@@ -39,18 +39,16 @@ class Selection:
     output: str
 
 
-def _score_column(table: pa.Table, by: str) -> pa.Array:
+def _score_column(table: pa.Table, by: str) -> np.ndarray:
     if by in SCORE_COLUMNS:
-        return table.column(by).combine_chunks()
+        return table.column(by).to_numpy(zero_copy_only=False).astype("float64")
     match = _EXIT.match(by)
     if match:
-        depth = int(pc.max(table.column("exit_depth")).as_py())
+        exits = exit_score_matrix(table)
         exit_index = int(match.group(1))
-        if not 1 <= exit_index <= depth:
-            raise ValueError(f"--by {by}: the table has exits 1..{depth}")
-        scores = table.column("exit_scores").combine_chunks()
-        return pc.list_element(pc.fill_null(scores, pa.scalar([math.nan] * depth, pa.list_(pa.float32()))),
-                               exit_index - 1)
+        if not 1 <= exit_index <= exits.shape[1]:
+            raise ValueError(f"--by {by}: the table has exits 1..{exits.shape[1]}")
+        return exits[:, exit_index - 1]
     raise ValueError(f"--by must be one of {', '.join(SCORE_COLUMNS)} or exit_<k>, got {by!r}")
 
 
@@ -70,7 +68,7 @@ def select(
                          f"rerun the same `fiqa score` command to finish it first")
     columns = ["image_id", "source", "status", "error", "exit_depth", "exit_scores", *SCORE_COLUMNS]
     table = pq.read_table(output.path("scores"), columns=columns, filesystem=output.fs)
-    scores = _score_column(table, by).to_numpy(zero_copy_only=False).astype("float64")
+    scores = _score_column(table, by)
     rows = table.select(["image_id", "source", "status", "error"]).to_pylist()
     scored = sorted((i for i, row in enumerate(rows) if row["status"] == "ok" and math.isfinite(scores[i])),
                     key=lambda i: (scores[i], rows[i]["image_id"]))

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flows.storage import Output
+from schemas import exit_score_matrix
 
 COLUMNS = ["image_id", "identity", "status", "error", "width", "height", "resized", "exit_depth", "exit_scores",
            "quality"]
@@ -60,14 +59,7 @@ def load(output: Output) -> tuple[pd.DataFrame, np.ndarray]:
     """(rows without exit scores, (N, L) exit scores with NaN rows where unscored). Only the columns the page
     shows are read (never embeddings), and the exit scores stay in numpy, not in Python lists."""
     table = pq.read_table(output.path("scores"), columns=COLUMNS, filesystem=output.fs)
-    depth = int(pc.max(table.column("exit_depth")).as_py() or 0) if table.num_rows else 0
-    scores = table.column("exit_scores").combine_chunks()
-    if depth:
-        filled = pc.fill_null(scores, pa.scalar([np.nan] * depth, pa.list_(pa.float32())))
-        exits = pc.list_flatten(filled).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, depth)
-    else:
-        exits = np.zeros((table.num_rows, 0))
-    return table.drop_columns(["exit_scores"]).to_pandas(), exits
+    return table.drop_columns(["exit_scores"]).to_pandas(), exit_score_matrix(table)
 
 
 def _face(listing: Mapping[str, tuple[str, int, int]], image_id: str,

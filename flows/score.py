@@ -148,12 +148,6 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 # ---- tasks ---------------------------------------------------------------------------------------------
 @task(name="plan", cache_policy=NONE)
 def plan_task(options: ScoreOptions, config: dict[str, Any]) -> tuple[Plan, list[int]]:
@@ -270,11 +264,13 @@ def execute_task(
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    gpus = options.device in ("auto", "cuda") and _cluster_has_gpus()
+    resources = ray.cluster_resources()
+    gpu_count = int(resources.get("GPU", 0))
+    gpus = options.device in ("auto", "cuda") and gpu_count > 0
     if options.device == "cuda" and not gpus:
         raise RuntimeError("--device cuda: the Ray cluster has no GPU")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = options.workers or (int(ray.cluster_resources().get("GPU", 0)) if gpus else 1)
+    cpus = int(resources.get("CPU", 1))
+    workers = options.workers or (gpu_count if gpus else 1)
     threads = max(1, cpus // workers) if not gpus else None
     block_rows = max(1, options.batch_size)
     dataset = ray.data.from_arrow(_item_blocks(plan, pending, block_rows))

@@ -7,8 +7,10 @@ flows use it to build and validate every file they write.
 from schemas.quality_table import (
     QUALITY_TABLE_SCHEMA,
     SCHEMA_VERSION,
+    SCORE_COLUMNS,
     STATUS_VALUES,
     build_quality_table,
+    exit_score_matrix,
 )
 
-__all__ = ["QUALITY_TABLE_SCHEMA", "SCHEMA_VERSION", "STATUS_VALUES", "build_quality_table"]
+__all__ = ["QUALITY_TABLE_SCHEMA", "SCHEMA_VERSION", "SCORE_COLUMNS", "STATUS_VALUES", "build_quality_table", "exit_score_matrix"]

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = "1"
 STATUS_VALUES = ("ok", "decode_error", "unsupported_format", "too_large", "read_error")
@@ -136,3 +137,15 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
     table = pa.Table.from_arrays([arrays[f.name] for f in fields], schema=schema)
     table.validate(full=True)
     return table
+
+
+def exit_score_matrix(table: pa.Table) -> np.ndarray:
+    """(N, L) float64 exit scores of a quality table (exit 1 first), NaN rows where a row has none.
+    Goes through Arrow buffers, not Python lists: a million rows stay a few hundred MB."""
+    depth = int(pc.max(table.column("exit_depth")).as_py() or 0) if table.num_rows else 0
+    if depth == 0:
+        return np.zeros((table.num_rows, 0))
+    filled = pc.fill_null(table.column("exit_scores").combine_chunks(),
+                          pa.scalar([np.nan] * depth, pa.list_(pa.float32())))
+    return pc.list_flatten(filled).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, depth)
+

@@ -17,7 +17,6 @@ from workers.io import protocol_of, read_range
 from workers.preprocess import DEFAULT_MAX_PIXELS, DecodedImage, DecodeStatus, decode_face
 
 READ_THREADS = 16  # object stores reward many requests in flight; local disks do not mind
-SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
 
 
 def _load_one(
