@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -49,78 +50,81 @@ def _print_summary(summary) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import NOTICE, run_demo
+    from flows.demo import HEAVY, NOTICE, run_demo
 
-    console.print(f"[bold yellow]{NOTICE}[/]")
+    console.print(f"[bold]{NOTICE}[/]")
     with _progress() as progress:
         bar = progress.add_task("scoring", total=None)
-        result = run_demo(Path(args.output), count=args.images, exit_depth=args.exit_depth, fusion=args.fusion,
-                          on_rows=lambda n: progress.update(bar, advance=n))
-    table = Table(title="lowest and highest `quality`, then failures (all rows: the quality table)")
-    for column in ("image_id", "status", "quality", "exit 1", f"exit {result.summary.exit_depth}", "resized"):
-        table.add_column(column)
-    ok = sorted((r for r in result.rows if r["status"] == "ok"), key=lambda r: r["quality"])
-    failed = [r for r in result.rows if r["status"] != "ok"]
-    for row in [*ok[:4], *ok[-3:], *failed]:
-        scores = row["exit_scores"] or [None]
-        table.add_row(
-            row["image_id"], row["status"] if row["status"] == "ok" else f"[red]{row['status']}[/]",
-            *(f"{v:.4f}" if v is not None else "-" for v in (row["quality"], scores[0], scores[-1])),
-            str(row["resized"]) if row["resized"] is not None else "-",
-        )
-    console.print(table)
+        result = run_demo(Path(args.output), exit_depth=args.exit_depth, fusion=args.fusion, faces=args.faces,
+                          raw=not args.no_raw, evaluate=not args.no_evaluate, on_rows=lambda n: progress.update(bar, advance=n),
+                          log=lambda line: console.print(line))
     _print_summary(result.summary)
-    console.print(f"images: {result.output / 'images'}   try: fiqa score --help")
-    console.print("[bold yellow]Reminder: random stand-in model, generated images; see README 'Status'.[/]")
+    table = Table(title=f"median `quality` ({result.summary.fusion}, exit depth {result.summary.exit_depth}) "
+                        "by degradation and severity (0 = clean)")
+    severities = sorted({row["severity"] for row in result.rows})
+    table.add_column("degradation")
+    for severity in severities:
+        table.add_column(str(severity), justify="right")
+    clean = [row["quality"] for row in result.rows if row["severity"] == 0 and row["status"] == "ok"]
+    for kind in sorted({row["degradation"] for row in result.rows} - {"clean"}):
+        cells = []
+        for severity in severities:
+            values = clean if severity == 0 else [row["quality"] for row in result.rows if row["degradation"] == kind
+                                                  and row["severity"] == severity and row["status"] == "ok"]
+            cells.append(f"{np.median(values):+.3f}" if values else "-")
+        table.add_row(kind, *cells)
+    console.print(table)
+    sep = result.separation
+    console.print(f"[bold]clean vs heavily degraded (severity {HEAVY})[/]: median quality {sep['clean_median']:+.3f} vs "
+                  f"{sep['heavy_median']:+.3f}; a clean face outscores a heavily degraded one in "
+                  f"{100 * sep['clean_above_heavy']:.1f}% of pairs; Spearman with the FR utility "
+                  f"{sep['spearman_utility']:.3f} ({sep['images']} images)")
+    if result.evaluation and "advisor" in result.evaluation:
+        advisor = result.evaluation["advisor"]
+        chosen, best = advisor["recommended"], advisor["best"]
+        saved = f", saving {chosen['compute_saved']:.0%} of the compute" if "compute_saved" in chosen else ""
+        console.print(f"[bold]evaluation[/] (EDC against dlib's face recogniser, FMR {advisor['operating_point']}, "
+                      f"pAUC lower is better): best {best['option']} {best['pauc']:.4f}; advisor: exit depth "
+                      f"{chosen['exit_depth']} with {chosen['option']} ({chosen['pauc']:.4f}){saved}")
+    if result.raw_summary is not None:
+        raw = Table(title="raw photographs scored with --align --all-faces (one row per face; nothing dropped)")
+        for column in ("image_id", "status", "faces", "face_confidence", "quality"):
+            raw.add_column(column)
+        for row in result.raw_rows:
+            raw.add_row(row["image_id"], row["status"] if row["status"] == "ok" else f"[red]{row['status']}[/]",
+                        "-" if row["faces"] is None else str(row["faces"]),
+                        "-" if row["face_confidence"] is None else f"{row['face_confidence']:.2f}",
+                        "-" if row["quality"] is None else f"{row['quality']:+.3f}")
+        console.print(raw)
+    out = result.output
+    console.print(f"look at: report {out / 'quality' / 'report' / 'index.html'}   table {out / 'quality' / 'scores'}/   "
+                  f"data {out / 'data'} (manifest.csv: degradation, severity, utility)")
+    console.print("next: fiqa query " + str(out / "quality") + " \"select status, count(*) from scores group by 1\"   "
+                  "|  fiqa score --help")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from demo_kit.build import build_sample_set
+
+    severities = tuple(int(v) for v in args.severities.split(","))
+    manifest = build_sample_set(Path(args.output), split=args.split, severities=severities, max_faces=args.faces,
+                                seed=args.seed, log=lambda line: console.print(line))
+    console.print(f"score it: fiqa score {manifest} OUTPUT")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from evaluation.run import (
-        add_advice,
-        add_fusion_fit,
-        evaluate,
-        load_embeddings,
-        load_methods,
-        load_pairs,
-        model_config_of,
-        prepare,
-    )
+    from flows.evaluate import run_evaluation
 
-    storage = _storage_options(args.storage_options)
-    ids, methods = load_methods(args.quality, storage)
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",")]
-        missing = [m for m in wanted if m not in methods]
-        if missing:
-            raise ValueError(f"unknown methods {missing}; available: {', '.join(methods)}")
-        methods = {m: methods[m] for m in wanted}
-    embeddings = load_embeddings(args.embeddings or args.quality, storage)
-    data = prepare(ids, methods, embeddings, *load_pairs(args.pairs, storage))
-    fmrs = [float(v) for v in args.fmr.split(",")]
-    result = evaluate(data, args.protocol, fmrs=fmrs, discard_limit=args.discard_limit,
-                      threshold=args.threshold, starting_error=args.starting_error)
-    if any(name.startswith("fw@") for name in result["methods"]):  # a fiqa table: exits and per-depth fusions
-        points = list(next(iter(result["methods"].values())))
-        point = f"{args.advise_fmr:g}" if f"{args.advise_fmr:g}" in points else points[0]
-        add_advice(result, operating_point=point, tolerance=args.tolerance,
-                   model_config=model_config_of(args.quality, storage))
-    if args.fit_fusion:
-        add_fusion_fit(result, ids, methods, data, protocol=args.protocol, fmr=args.advise_fmr,
-                       discard_limit=args.discard_limit)
-    if args.output:
-        from evaluation.outputs import write_evaluation
-        from flows.storage import Output
-        from workers import ViTFIQAConfig
-
-        output = Output(args.output, storage)
-        output.ensure_writable()
-        model_config = model_config_of(args.quality, storage)
-        config = ViTFIQAConfig.from_dict(model_config) if model_config else None
-        written = write_evaluation(result, output.commit_bytes,
-                                   (lambda depth: config.flops_at_exit(depth) / 1e9) if config else None)
-        if not args.json:
-            console.print(f"wrote {', '.join(written)} to {output.full_url()}")
+    result, written, output_url = run_evaluation(
+        args.quality, args.pairs, embeddings=args.embeddings, protocol=args.protocol,
+        fmrs=[float(v) for v in args.fmr.split(",")], discard_limit=args.discard_limit, threshold=args.threshold,
+        starting_error=args.starting_error, methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+        tolerance=args.tolerance, advise_fmr=args.advise_fmr, fit_fusion=args.fit_fusion, output=args.output,
+        storage_options=_storage_options(args.storage_options))
+    if written and not args.json:
+        console.print(f"wrote {', '.join(written)} to {output_url}")
     if args.json:
         print(json.dumps(result))
         return 0
@@ -239,11 +243,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers, device=args.device,
         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
         ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
-        report=not args.no_report,
+        report=not args.no_report, align="all" if args.all_faces else ("largest" if args.align else None),
     )
     if options.checkpoint is None:
-        console.print("[bold yellow]No --checkpoint: using the bundled STAND-IN model (randomly initialised); "
-                      "its scores carry no meaning.[/]")
+        console.print("[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
+                      "faces; a demonstration, not for production: workers/assets/demo/MODEL_CARD.md).[/]")
     logging.getLogger("ray").setLevel(logging.WARNING)
     with _progress(disable=args.no_progress) as progress:
         bar = progress.add_task("scoring", total=None)
@@ -273,10 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the embedded default job (offline, no arguments needed)")
     demo.add_argument("--output", default="fiqa-output/demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--images", type=int, default=24, help="generated images (default: %(default)s)")
+    demo.add_argument("--faces", type=int, default=None, help="use only this many held-out faces (default: all 15)")
     demo.add_argument("--exit-depth", type=int, default=None, help="exit depth L (default: model depth)")
     demo.add_argument("--fusion", default="fw", help="fw | f | final | w1,...,wL (default: %(default)s)")
+    demo.add_argument("--no-raw", action="store_true", help="skip scoring the raw photographs with --align")
+    demo.add_argument("--no-evaluate", action="store_true", help="skip the EDC evaluation against dlib's recogniser")
     demo.set_defaults(handler=_cmd_demo)
+
+    demo_data = commands.add_parser(
+        "demo-data", help="build the sample dataset: package faces, aligned, degraded, with an FR utility target")
+    demo_data.add_argument("output", metavar="OUT", help="folder to write (images/, manifest.csv, pairs.parquet, ...)")
+    demo_data.add_argument("--split", choices=["test", "train", "all"], default="test",
+                           help="test: the 15 faces held out from the demo model's training (default)")
+    demo_data.add_argument("--faces", type=int, help="at most this many faces")
+    demo_data.add_argument("--severities", default="1,2,3,4,5", help="severities to write (default: %(default)s)")
+    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.set_defaults(handler=_cmd_demo_data)
 
     score = commands.add_parser(
         "score", help="score every image of INPUT into a Parquet quality table in OUTPUT",
@@ -295,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fusion", default="fw", help="fw (default) | f | final | w1,...,wL: the `quality` column")
     model.add_argument("--embeddings", action="store_true",
                        help="also store the model's face embedding (full depth only), for `fiqa evaluate`")
+    faces = score.add_argument_group("raw photos (default: INPUT holds aligned 112x112 face crops)")
+    faces.add_argument("--align", action="store_true",
+                       help="detect faces (dlib) and warp the largest to the ArcFace template; no face: status no_face")
+    faces.add_argument("--all-faces", action="store_true",
+                       help="with --align: one row per face (image ids ID#face0, ID#face1, ...; largest first)")
     run = score.add_argument_group("execution")
     run.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: %(default)s)")
     run.add_argument("--shard-size", type=int, default=1000, help="images per output file (default: %(default)s)")
@@ -384,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (CheckpointError, InputError, OutputError, PlanConflict, ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(f"[red]error:[/] {error}", soft_wrap=True)  # whole lines: greppable, copyable
         return 2
 
 

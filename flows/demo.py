@@ -1,121 +1,111 @@
-"""The embedded default job: generated face-like images scored through the real pipeline by the bundled
-stand-in model (a seeded, randomly initialised ViT-FIQA).
+"""The embedded default job (`fiqa demo`, the README's first command): the sample dataset scored through
+the real pipeline by the bundled demo model.
 
-This is the stand-in until the demo kit (real sample faces and a trained demo model) lands: the pipeline,
-checkpoint loading, decoding, early exits and fusion are the real ones, offline, in well under a minute;
-the scores carry no meaning and the output says so.
+1. builds the sample dataset under OUTPUT/data if missing (`demo_kit.build`: the 15 faces held out from
+   the demo model's training, clean and degraded, with dlib's utility target; about a minute);
+2. scores its manifest with Prefect + Ray into OUTPUT/quality (Parquet quality table, run record, report);
+3. scores the unaligned photographs of OUTPUT/data/raw with `--align --all-faces` into OUTPUT/raw-quality
+   (detection, alignment, a photo with two faces, photos with no face, a broken file);
+4. evaluates the scores against dlib's face recogniser (EDC, `erc` protocol: every exit, F/FW fusions, the
+   exit-depth advisor) into OUTPUT/quality/evaluation and adds it to the report;
+5. summarises how well the scores separate clean from heavily degraded faces.
+
+Offline: faces and models ship inside installed packages; nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import json
+import csv
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
-from PIL import Image, ImageDraw, ImageFilter
 
 from flows.score import RunSummary, ScoreOptions, score_flow
-from workers import ViTFIQA, ViTFIQAConfig
-from workers.checkpoint import save_checkpoint
 
-STANDIN_CONFIG = ViTFIQAConfig(mode="token", embed_dim=32, depth=12, num_heads=4)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-NOTICE = (
-    "DEMO STAND-IN: generated face-like images scored through the real pipeline (Prefect + Ray + Parquet) "
-    "by a RANDOMLY INITIALISED ViT-FIQA (token mode, dim 32, depth 12). The scores carry no meaning; "
-    "they show the code path, not quality."
-)
-
-
-def _face(rng: np.random.Generator, size: int = 112) -> Image.Image:
-    """A crude synthetic face: skin ellipse, eyes, nose, mouth on a random background."""
-    background = tuple(int(v) for v in rng.integers(0, 256, 3))
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    skin = tuple(int(v) for v in rng.integers([150, 100, 80], [255, 200, 170]))
-    draw.ellipse((22, 10, 90, 106), fill=skin)
-    for x in (38, 73):  # eyes near the ArcFace template points
-        draw.ellipse((x - 6, 46, x + 6, 56), fill=(255, 255, 255))
-        draw.ellipse((x - 3, 48, x + 3, 54), fill=tuple(int(v) for v in rng.integers(0, 120, 3)))
-    draw.polygon([(56, 58), (51, 74), (61, 74)], fill=tuple(max(0, c - 40) for c in skin))
-    draw.arc((40, 80, 72, 98), 15, 165, fill=(120, 30, 40), width=3)
-    return image
-
-
-def generate_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Write `count` generated images in varied formats and conditions, plus two broken files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths: list[Path] = []
-    for index in range(count):
-        image = _face(rng)
-        kind = index % 6
-        if kind == 1:
-            image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.5, 4))))
-        elif kind == 2:
-            noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 35, (112, 112, 3)).astype(np.int16)
-            image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-        elif kind == 3:
-            image = image.resize((250, 250), Image.Resampling.BICUBIC)  # not a 112 crop: resized + flagged
-        elif kind == 4:
-            image = image.convert("L")
-        extension, options = [(".png", {}), (".jpg", {"quality": 85}), (".webp", {"quality": 80})][index % 3]
-        path = folder / f"face_{index:03d}{extension}"
-        image.save(path, **options)
-        paths.append(path)
-    truncated = folder / "broken_truncated.jpg"
-    truncated.write_bytes((folder / "face_001.jpg").read_bytes()[:200])
-    not_an_image = folder / "notes_not_an_image.png"
-    not_an_image.write_text("this file is text, not an image\n")
-    return sorted([*paths, truncated, not_an_image])
-
-
-def make_random_model(folder: Path, seed: int = 0) -> Path:
-    """Save a seeded random demo model in the official checkpoint format, with its config.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = ViTFIQA(STANDIN_CONFIG)
-    with torch.no_grad():  # non-trivial head statistics so scores vary between images
-        model.head_qs[0].running_var.fill_(1e-3)
-    path = folder / "model.pt"
-    save_checkpoint(model, path)
-    (folder / "config.json").write_text(json.dumps(STANDIN_CONFIG.to_dict(), indent=1))
-    return path
+NOTICE = ("fiqa demo: sample faces from installed packages (held out from the demo model's training), degraded at "
+          "5 severities, scored by the bundled DEMO model (trained here on CPU in minutes: a demonstration, not "
+          "for production; workers/assets/demo/MODEL_CARD.md).")
+HEAVY = 5  # the highest severity
 
 
 @dataclass
 class DemoResult:
     output: Path
-    rows: list[dict]
+    rows: list[dict[str, Any]]  # quality table rows joined with the manifest (degradation, severity, utility)
     summary: RunSummary
+    raw_rows: list[dict[str, Any]] = field(default_factory=list)
+    raw_summary: RunSummary | None = None
+    separation: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+
+
+def separation(rows: list[dict[str, Any]], column: str = "quality") -> dict[str, Any]:
+    """How well `column` separates clean from heavily degraded images, and its agreement with the utility."""
+    from scipy.stats import spearmanr
+
+    ok = [row for row in rows if row["status"] == "ok"]
+    clean = np.array([row[column] for row in ok if row["severity"] == 0])
+    heavy = np.array([row[column] for row in ok if row["severity"] == HEAVY])
+    by_severity = {}
+    for severity in sorted({row["severity"] for row in ok}):
+        by_severity[severity] = float(np.median([row[column] for row in ok if row["severity"] == severity]))
+    # probability that a clean image outscores a heavily degraded one (ties count half): the ROC AUC
+    above = (clean[:, None] > heavy[None, :]).mean() + 0.5 * (clean[:, None] == heavy[None, :]).mean() \
+        if len(clean) and len(heavy) else float("nan")
+    return {
+        "clean_median": float(np.median(clean)) if len(clean) else float("nan"),
+        "heavy_median": float(np.median(heavy)) if len(heavy) else float("nan"),
+        "clean_above_heavy": float(above), "median_by_severity": by_severity,
+        "spearman_utility": float(spearmanr([r[column] for r in ok], [r["utility"] for r in ok]).statistic),
+        "images": len(ok),
+    }
+
+
+def _manifest(path: Path) -> dict[str, dict[str, Any]]:
+    with open(path, newline="") as handle:
+        return {row["image_id"]: row for row in csv.DictReader(handle)}
 
 
 def run_demo(
-    output: Path, *, count: int = 24, exit_depth: int | None = None, fusion: str = "fw",
-    on_rows: Callable[[int], None] | None = None,
+    output: Path, *, exit_depth: int | None = None, fusion: str = "fw", faces: int | None = None,
+    raw: bool = True, evaluate: bool = True, on_rows: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Generate the images if missing, then score them with the bundled model through the real pipeline.
+    """Build the sample data if missing, then score it (and the raw photographs) through the real pipeline.
 
     A rerun finds the same listing and configuration and resumes (nothing to recompute); a rerun with
     other options replaces the previous results."""
-    images = output / "images"
-    if not images.is_dir():
-        generate_images(images, count)
-    options = ScoreOptions(input=str(images), output=str(output / "quality"), exit_depth=exit_depth,
-                           fusion=fusion, shard_size=10, overwrite=True)
+    from demo_kit.build import MANIFEST, build_sample_set
+
+    data = output / "data"
+    manifest = data / MANIFEST
+    if not manifest.is_file():
+        build_sample_set(data, split="test", max_faces=faces, log=log)
+    options = ScoreOptions(input=str(manifest), output=str(output / "quality"), exit_depth=exit_depth,
+                           fusion=fusion, shard_size=250, overwrite=True)
     summary = score_flow(options, on_rows=on_rows)
-    table = pq.read_table(output / "quality" / "scores")
-    return DemoResult(output=output, rows=table.to_pylist(), summary=summary)
+    known = _manifest(manifest)
+    rows = []
+    for row in pq.read_table(output / "quality" / "scores").to_pylist():
+        meta = known[row["image_id"]]
+        rows.append({**row, "degradation": meta["degradation"], "severity": int(meta["severity"]),
+                     "utility": float(meta["utility"]), "face": meta["face"]})
+    result = DemoResult(output=output, rows=rows, summary=summary, separation=separation(rows))
+    if evaluate:
+        from flows.evaluate import EVALUATION_FOLDER, run_evaluation
+        from flows.report import write_report
 
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["--write-standin"]:
-        from workers.assets import BUNDLED_DIR
-
-        print(make_random_model(BUNDLED_DIR))
+        quality = str(output / "quality")
+        result.evaluation, _, _ = run_evaluation(
+            quality, str(data / "pairs.parquet"), embeddings=str(data / "fr_embeddings.parquet"), protocol="erc",
+            output=str(output / "quality" / EVALUATION_FOLDER))
+        write_report(quality)  # again, now with the evaluation section
+    if raw and (data / "raw").is_dir():
+        raw_options = ScoreOptions(input=str(data / "raw"), output=str(output / "raw-quality"), exit_depth=exit_depth,
+                                   fusion=fusion, align="all", overwrite=True)
+        result.raw_summary = score_flow(raw_options, on_rows=on_rows)
+        result.raw_rows = pq.read_table(output / "raw-quality" / "scores").to_pylist()
+    return result

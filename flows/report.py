@@ -1,7 +1,7 @@
 """`fiqa report OUTPUT`: one self-contained HTML page about a quality table (OUTPUT/report/index.html).
 
 Sections (each a `<section id=...>`): run, status, distribution, agreement, size, thresholds, galleries,
-identities. Plots are embedded PNGs and thumbnails embedded images: no external assets and no script, so
+attention, identities, and evaluation when OUTPUT/evaluation/ holds a `fiqa evaluate --output` result. Plots are embedded PNGs and thumbnails embedded images: no external assets and no script, so
 the page opens from disk or from object storage. Every name taken from the data is HTML-escaped.
 Only the columns the page needs are read.
 """
@@ -63,18 +63,30 @@ def load(output: Output) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def _face(listing: Mapping[str, tuple[str, int, int]], image_id: str,
-          storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
-    """The 112x112 face the model saw, re-read from the source; None when it can no longer be read."""
+          storage_options: Mapping[str, Any] | None, align: str | None = None) -> np.ndarray | None:
+    """The 112x112 face the model saw, re-read from the source; None when it can no longer be read.
+    For a run with `--align`, the photo is aligned again (the same detector, so the same crop)."""
     from workers.io import read_range
-    from workers.preprocess import decode_face
+    from workers.preprocess import decode_face, decode_image
 
-    if image_id not in listing:
+    item_id, face_index = image_id, 0
+    if align == "all" and "#face" in image_id:
+        item_id, _, index = image_id.rpartition("#face")
+        face_index = int(index) if index.isdigit() else 0
+    if item_id not in listing:
         return None
     try:
-        decoded = decode_face(read_range(*listing[image_id], storage_options, attempts=2))
+        data = read_range(*listing[item_id], storage_options, attempts=2)
+        if not align:
+            decoded = decode_face(data)
+            return decoded.image if decoded.ok else None
+        from workers.align import detect_faces, warp_to_template
+
+        decoded = decode_image(data)
+        faces = detect_faces(decoded.image) if decoded.ok else []
+        return warp_to_template(decoded.image, faces[face_index].landmarks) if len(faces) > face_index else None
     except Exception:  # moved or deleted since scoring: the page shows "no preview"
         return None
-    return decoded.image if decoded.ok else None
 
 
 def _thumbnail(face: np.ndarray) -> str:
@@ -129,6 +141,40 @@ def _attention_section(run: Mapping[str, Any], faces_by_id: Mapping[str, np.ndar
     figure.tight_layout()
     legend = "".join(f"<li>{html.escape(label)}</li>" for label in labels)
     return _img(_png(figure), "quality-token attention at every exit") + f"<ol>{legend}</ol>"
+
+
+def _evaluation_section(output: Output, summary: dict[str, Any]) -> str | None:
+    """OUTPUT/evaluation/ (written by `fiqa evaluate --output OUTPUT/evaluation`): the advisor's choice,
+    pAUC per method and operating point, and the saved plots."""
+    raw = output.read_bytes("evaluation/result.json")
+    if not raw:
+        return None
+    result = json.loads(raw)
+    methods = result.get("methods", {})
+    if not methods:
+        return None
+    points = list(next(iter(methods.values())))
+    parts = [f"<p>protocol <b>{html.escape(str(result.get('protocol')))}</b>, {result.get('pairs_used', '-')} of "
+             f"{result.get('pairs', '-')} pairs, pAUC up to {html.escape(str(result.get('discard_limit')))} "
+             f"discarded (lower is better)</p>"]
+    advisor = result.get("advisor")
+    if advisor:
+        chosen = advisor["recommended"]
+        saved = f", saving {chosen['compute_saved']:.0%} of the compute" if "compute_saved" in chosen else ""
+        parts.append(f"<p id=\"advisor\">Advisor ({html.escape(str(advisor['operating_point']))}): exit depth "
+                     f"<b>{chosen['exit_depth']}</b> with <b>{html.escape(str(chosen['option']))}</b> (pAUC "
+                     f"{chosen['pauc']:.4f}; best {html.escape(str(advisor['best']['option']))} "
+                     f"{advisor['best']['pauc']:.4f}){saved}</p>")
+        summary["advisor"] = {"exit_depth": chosen["exit_depth"], "option": chosen["option"]}
+    for name in ("edc.png", "pauc_vs_gflops.png"):
+        image = output.read_bytes(f"evaluation/{name}")
+        if image:
+            parts.append(_img("data:image/png;base64," + base64.b64encode(image).decode(), name))
+    ranked = sorted(methods.items(), key=lambda kv: kv[1][points[0]]["pauc"])
+    parts.append(_table(["method", *points], [(name, *(data[p]["pauc"] for p in points)) for name, data in ranked],
+                        "evaluation-table"))
+    summary["evaluation"] = {"protocol": result.get("protocol"), "best": ranked[0][0]}
+    return "".join(parts)
 
 
 def build_report(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
@@ -259,7 +305,7 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
             for index in indices:
                 image_id = ok["image_id"].iloc[index]
                 if image_id not in faces:
-                    faces[image_id] = _face(listing, image_id, storage_options)
+                    faces[image_id] = _face(listing, image_id, storage_options, config.get("align"))
                 face = faces[image_id]
                 picture = _img(_thumbnail(face), image_id) if face is not None else '<div class="missing">no preview</div>'
                 cards.append(f'<figure>{picture}<figcaption>{html.escape(image_id)}<br>'
@@ -290,6 +336,10 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
             body += f"<h3>Identities left with fewer than {MIN_IMAGES_PER_IDENTITY} images ({len(too_few)})</h3>" + _table(
                 ["identity", "images", "kept"], list(too_few[["images", "kept"]].itertuples()), "identity-few")
             sections.append(("identities", "Identities", body))
+
+    evaluation = _evaluation_section(output, summary)
+    if evaluation:
+        sections.append(("evaluation", "Evaluation: EDC and pAUC per exit and fusion", evaluation))
 
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
     content = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'

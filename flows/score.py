@@ -46,6 +46,7 @@ from workers.checkpoint import LoadedModel
 from workers.fusion import parse_fusion
 from workers.io import protocol_of
 from workers.preprocess import DEFAULT_MAX_PIXELS
+from workers.reading import ALIGN_MODES
 
 RUN_FILE = "_run.json"
 _PRIVATE_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # see score_flow_run
@@ -75,6 +76,7 @@ class ScoreOptions:
     progress: bool = True
     embeddings: bool = False
     report: bool = True
+    align: str | None = None  # None: inputs are aligned crops; "largest" / "all": raw photos, detect + align
 
 
 @dataclass
@@ -91,7 +93,7 @@ class RunSummary:
     model_sha256: str
     exit_depth: int
     fusion: str
-    uses_standin_model: bool
+    uses_demo_model: bool
     report: str | None = None
 
 
@@ -115,6 +117,8 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
     if options.embeddings and exit_depth != loaded.config.depth:
         raise ValueError(f"--embeddings needs the full depth ({loaded.config.depth}): the embedding is the output "
                          f"of the whole model, and exit depth {exit_depth} stops before it")
+    if options.align not in (None, *ALIGN_MODES):
+        raise ValueError(f"align must be one of {', '.join(ALIGN_MODES)}, got {options.align!r}")
     fusion = parse_fusion(options.fusion)
     weights = fusion.weights(exit_depth)  # rejects a wrong number of user weights now
     return {
@@ -126,6 +130,7 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
         "max_pixels": options.max_pixels,
         "schema_version": SCHEMA_VERSION,
         "embeddings": options.embeddings,
+        "align": options.align,
     }
 
 
@@ -178,7 +183,11 @@ def plan_task(options: ScoreOptions, config: dict[str, Any]) -> tuple[Plan, list
 class ShardWriter:
     """Collects scored rows per shard on the driver and commits a shard the moment it is complete.
 
-    Rows are keyed by image_id, so a row delivered twice (a retried Ray task) is written once."""
+    A shard is complete when every one of its items delivered all its rows (`item_rows`: one, or one per
+    face with `--align all`). Rows are keyed by image_id, so a row delivered twice (a retried Ray task) is
+    written once."""
+
+    BOOKKEEPING = ("scored_on", "item_id", "item_rows")  # carried by batches, not table columns
 
     def __init__(self, output: Output, plan: Plan, pending: list[int], *, run_id: str, config: Mapping[str, Any]):
         self.output = output
@@ -186,13 +195,15 @@ class ShardWriter:
         self.run_id = run_id
         self.config = config
         self.expected = {shard_name(i): len(plan.shard_items(i)) for i in pending}
-        self.rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        # shard -> item_id -> image_id -> row
+        self.rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+        self.complete_items: Counter[str] = Counter()
         self.committed: dict[str, None] = {}  # ordered set
         self.write_seconds = 0.0
         self.rows_by_node: Counter[str] = Counter()
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
-        columns = [column for column in batch if column != "scored_on"]
+        columns = [column for column in batch if column not in self.BOOKKEEPING]
         if "scored_on" in batch:
             self.rows_by_node.update(str(node) for node in batch["scored_on"])
         for index, shard in enumerate(batch["shard"]):
@@ -202,18 +213,27 @@ class ShardWriter:
             if shard in self.committed:
                 continue  # a retried task delivering a row again after its shard was written: already there
             image_id = str(batch["image_id"][index])
-            self.rows[shard].setdefault(image_id, {column: batch[column][index] for column in columns})
-            if len(self.rows[shard]) == self.expected[shard]:
-                self._commit(shard)
+            item_id = str(batch["item_id"][index]) if "item_id" in batch else image_id
+            item_rows = int(batch["item_rows"][index]) if "item_rows" in batch else 1
+            item = self.rows[shard][item_id]
+            if image_id in item:
+                continue
+            item[image_id] = {column: batch[column][index] for column in columns}
+            if len(item) == item_rows:
+                self.complete_items[shard] += 1
+                if self.complete_items[shard] == self.expected[shard]:
+                    self._commit(shard)
 
     def _commit(self, shard: str) -> None:
         started = time.perf_counter()
-        rows = [self.rows[shard][key] for key in sorted(self.rows[shard])]
+        by_id = {image_id: row for item in self.rows[shard].values() for image_id, row in item.items()}
+        rows = [by_id[key] for key in sorted(by_id)]
         columns = {name: [row[name] for row in rows] for name in rows[0]}
         depth = int(self.config["exit_depth"])
         columns["exit_scores"] = np.stack(columns["exit_scores"]) if rows else np.zeros((0, depth), np.float32)
-        if "embedding" in columns:
-            columns["embedding"] = np.stack(columns["embedding"])
+        for name in ("embedding", "face_box"):
+            if name in columns:
+                columns[name] = np.stack(columns[name])
         columns.update(model_sha256=self.config["model_sha256"], run_id=self.run_id, shard=shard)
         table = build_quality_table(columns, metadata={
             "fusion": self.config["fusion"], "fusion_weights": self.config["fusion_weights"],
@@ -223,11 +243,12 @@ class ShardWriter:
         pq.write_table(table, buffer, compression="zstd")
         self.output.commit_bytes(f"scores/{shard}.parquet", buffer.getvalue())
         del self.rows[shard]
+        self.complete_items.pop(shard, None)
         self.committed[shard] = None
         self.write_seconds += time.perf_counter() - started
 
     def missing(self) -> dict[str, int]:
-        return {shard: n - len(self.rows.get(shard, {})) for shard, n in self.expected.items()
+        return {shard: n - self.complete_items[shard] for shard, n in self.expected.items()
                 if shard not in self.committed}
 
 
@@ -277,9 +298,10 @@ def execute_task(
     dataset = dataset.map_batches(
         # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
         # keeps Ray from fusing the two stages, so decoding overlaps with the model instead of preceding it.
-        read_and_decode, batch_size=block_rows, batch_format="numpy", num_cpus=0.25,
+        # With --align, reading also detects and warps faces: real CPU work, so it reserves a whole CPU.
+        read_and_decode, batch_size=block_rows, batch_format="numpy", num_cpus=1 if config["align"] else 0.25,
         fn_kwargs={"storage_options": options.storage_options, "options_protocol": protocol_of(options.input),
-                   "max_pixels": options.max_pixels,
+                   "max_pixels": options.max_pixels, "align": config["align"],
                    "img_size": config["model_config"]["img_size"]},
     )
     dataset = dataset.map_batches(
@@ -319,17 +341,21 @@ def execute_task(
 @task(name="finalize", cache_policy=NONE)
 def finalize_task(
     options: ScoreOptions, plan: Plan, config: dict[str, Any], run_id: str, stats: dict[str, Any],
-    timings: dict[str, float], skipped: int, uses_standin: bool,
+    timings: dict[str, float], skipped: int, uses_demo: bool,
 ) -> RunSummary:
     output = Output(options.output, options.storage_options)
-    # Totals over every committed shard, this run's and earlier ones'; only the status column is read.
+    # Totals over every committed shard, this run's and earlier ones'. Each item has exactly one row whose
+    # face_index is null or 0 (its only row, or its largest face), so those count the items.
     statuses: Counter[str] = Counter()
+    items = 0
     if output.list("scores"):
-        table = pq.read_table(output.path("scores"), columns=["status"], filesystem=output.fs)
+        table = pq.read_table(output.path("scores"), columns=["status", "face_index"], filesystem=output.fs)
         statuses.update(table.column("status").to_pylist())
+        face_index = table.column("face_index").to_numpy(zero_copy_only=False)
+        items = int(np.sum(np.isnan(face_index.astype(np.float64)) | (face_index == 0)))
     total = sum(statuses.values())
-    if total != plan.item_count:
-        raise RuntimeError(f"OUTPUT holds {total} rows for {plan.item_count} planned items")
+    if items != plan.item_count:
+        raise RuntimeError(f"OUTPUT holds rows for {items} items, {plan.item_count} were planned")
     execute_seconds = timings.get("execute", 0.0)
     summary = RunSummary(
         output=output.full_url(), run_id=run_id, counts=dict(sorted(statuses.items())), total_rows=total,
@@ -337,7 +363,7 @@ def finalize_task(
         seconds={k: round(v, 3) for k, v in timings.items()},
         images_per_second=round(stats["scored"] / execute_seconds, 2) if execute_seconds > 0 else 0.0,
         model_sha256=config["model_sha256"], exit_depth=config["exit_depth"], fusion=config["fusion"],
-        uses_standin_model=uses_standin,
+        uses_demo_model=uses_demo,
     )
     import prefect
     import ray

@@ -8,11 +8,15 @@ Columns (README "Quality table" documents them for analysts):
 | source          | string             | the URI that was read (`tar_url#member` inside WebDataset shards)    |
 | identity        | string, nullable   | subject identity when the manifest / shard provides one              |
 | status          | string             | `ok` or the reason: decode_error, unsupported_format, too_large,    |
-|                 |                    | read_error                                                           |
+|                 |                    | read_error, no_face (`--align` found no face)                        |
 | error           | string, nullable   | human-readable reason when status is not ok                          |
 | byte_size       | int64, nullable    | size of the bytes read                                               |
 | width, height   | int32, nullable    | decoded size (after EXIF orientation), before resizing               |
 | resized         | bool, nullable     | whether the image was resampled to the model's input size            |
+| face_index      | int16, nullable    | `--align`: which face of the photo (0 = largest); null otherwise     |
+| faces           | int16, nullable    | `--align`: faces the detector found in the photo (0 with `no_face`)  |
+| face_box        | list<float32>      | `--align`: detected box x0, y0, x1, y1 in the photo's pixels         |
+| face_confidence | float32, nullable  | `--align`: detector score (dlib HOG SVM margin; > 0 = detected)      |
 | exit_depth      | int16              | L: blocks 1..L were run                                              |
 | exit_scores     | list<float32>      | EX-FIQA score of exits 1..L (exit 1 first); null when not ok        |
 | quality_final   | float32, nullable  | score of exit L (the ViT-FIQA score when L is the model depth)       |
@@ -38,8 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = "1"
-STATUS_VALUES = ("ok", "decode_error", "unsupported_format", "too_large", "read_error")
+SCHEMA_VERSION = "2"  # 2: face_index, faces, face_box, face_confidence (`--align`), status no_face
+STATUS_VALUES = ("ok", "decode_error", "unsupported_format", "too_large", "read_error", "no_face")
 
 _FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -51,6 +55,10 @@ _FIELDS = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("resized", pa.bool_()),
+    pa.field("face_index", pa.int16()),
+    pa.field("faces", pa.int16()),
+    pa.field("face_box", pa.list_(pa.float32())),
+    pa.field("face_confidence", pa.float32()),
     pa.field("exit_depth", pa.int16(), nullable=False),
     pa.field("exit_scores", pa.list_(pa.float32())),
     pa.field("quality_final", pa.float32()),
@@ -107,6 +115,7 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
     count = len(status)
     exit_scores = np.asarray(columns["exit_scores"], dtype=np.float32).reshape(count, -1)
     depth = exit_scores.shape[1]
+    face_box = np.asarray(columns.get("face_box", np.full((count, 4), np.nan)), dtype=np.float32).reshape(count, 4)
     arrays = {
         "image_id": pa.array(columns["image_id"], type=pa.string()),
         "source": pa.array(columns["source"], type=pa.string()),
@@ -117,6 +126,10 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
         "width": _nullable_numbers(columns["width"], pa.int32()),
         "height": _nullable_numbers(columns["height"], pa.int32()),
         "resized": pa.array(np.asarray(columns["resized"], dtype=bool), type=pa.bool_(), mask=~ok),
+        "face_index": _nullable_numbers(columns.get("face_index", np.full(count, -1)), pa.int16()),
+        "faces": _nullable_numbers(columns.get("faces", np.full(count, -1)), pa.int16()),
+        "face_box": _list_column(face_box, ~np.isfinite(face_box).all(axis=1)),
+        "face_confidence": _nullable_numbers(columns.get("face_confidence", np.full(count, np.nan)), pa.float32()),
         "exit_depth": pa.array(np.full(count, depth, dtype=np.int16), type=pa.int16()),
         "exit_scores": _list_column(exit_scores, ~ok),
         **{name: _nullable_numbers(np.where(ok, columns[name], np.nan), pa.float32()) for name in SCORE_COLUMNS},

@@ -34,28 +34,41 @@ def test_help_lists_commands() -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_the_real_pipeline_and_says_it_is_a_stand_in(tmp_path: Path) -> None:
+def test_demo_scores_the_sample_faces_with_the_demo_model(tmp_path: Path) -> None:
+    """The README's first command, on a smaller sample (4 held-out faces): real pipeline, demo model,
+    clean faces separated from heavily degraded ones, raw photos aligned, and a rerun resumes."""
     output = tmp_path / "demo"
-    result = run("demo", "--output", str(output), "--images", "12", "--exit-depth", "6")
+    result = run("demo", "--output", str(output), "--faces", "4")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "RANDOMLY INITIALISED" in result.stdout and "carry no meaning" in result.stdout
-    assert "done: 14 images (decode_error 2, ok 12)" in result.stdout
+    assert "DEMO model" in result.stdout and "not for production" in result.stdout
+    assert "done: 224 images (ok 224)" in result.stdout  # 4 faces x (clean + 11 kinds x 5 severities)
     rows = read_quality_table(str(output / "quality"))
-    assert len(rows) == 14  # 12 images + 2 broken files, none dropped
-    assert rows["broken_truncated.jpg"]["status"] == rows["notes_not_an_image.png"]["status"] == "decode_error"
-    good = sorted(image_id for image_id, row in rows.items() if row["status"] == "ok")
-    assert len(good) == 12 and all(len(rows[i]["exit_scores"]) == 6 for i in good)
+    assert len(rows) == 224 and all(len(row["exit_scores"]) == 12 for row in rows.values())
+    assert "a clean face outscores a heavily degraded one in" in result.stdout
+    share = float(result.stdout.split("heavily degraded one in")[1].split("%")[0])
+    assert share >= 80.0, result.stdout  # 4 clean vs 44 heavy images; a model that knew nothing: near 50%
 
     # the table's numbers are the API's numbers for the same files and the bundled checkpoint
     loaded = load_model(BUNDLED_CHECKPOINT)
     assert {row["model_sha256"] for row in rows.values()} == {loaded.sha256}
-    images = np.stack([decode_face((output / "images" / image_id).read_bytes()).image for image_id in good])
-    expected = QualityScorer(loaded, device="cpu").score(images, exit_depth=6)
-    np.testing.assert_allclose([rows[i]["quality"] for i in good], expected.fused["fw"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose([rows[i]["exit_scores"] for i in good], expected.exit_scores, rtol=1e-5, atol=1e-6)
+    some = sorted(rows)[::20]
+    images = np.stack([decode_face((output / "data" / "images" / image_id).read_bytes()).image for image_id in some])
+    expected = QualityScorer(loaded, device="cpu").score(images)
+    np.testing.assert_allclose([rows[i]["quality"] for i in some], expected.fused["fw"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([rows[i]["exit_scores"] for i in some], expected.exit_scores, rtol=1e-5, atol=1e-6)
 
-    again = run("demo", "--output", str(output), "--images", "12", "--exit-depth", "6")
-    assert again.returncode == 0 and "scored now: 0 in 0 shard(s), 2 shard(s) already committed" in again.stdout  # resumed, not recomputed
+    raw = read_quality_table(str(output / "raw-quality"))
+    assert raw["broken_truncated.jpg"]["status"] == "decode_error"
+    assert {raw[f"no_face_{i}.png"]["status"] for i in range(3)} == {"no_face"}
+    assert {"two_faces.jpg#face0", "two_faces.jpg#face1", "grace_hopper.jpg#face0"} <= set(raw)
+    page = (output / "quality" / "report" / "index.html").read_text()
+    assert 'id="evaluation"' in page and 'id="advisor"' in page  # EDC against dlib's recogniser, in the report
+    assert "evaluation (EDC against dlib's face recogniser" in result.stdout
+    raw_page = (output / "raw-quality" / "report" / "index.html").read_text()
+    assert "two_faces.jpg#face1" in raw_page and "no preview" not in raw_page  # previews re-aligned
+
+    again = run("demo", "--output", str(output), "--faces", "4")
+    assert again.returncode == 0 and "scored now: 0 in 0 shard(s)" in again.stdout  # resumed, not recomputed
 
 
 def test_check_reference_passes_and_detects_a_mismatch(reference_root: Path, tmp_path: Path) -> None:

@@ -230,3 +230,37 @@ def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(dataset
                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--advise-fmr", "0.1",
                      "--fit-fusion", "--json")
     assert again["fusion_fit"] == fit  # seeded: the same weights every time
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_demo_dataset_with_dlib_and_own_embeddings(tmp_path: Path, run_score, capsys) -> None:
+    """Sample faces -> the demo model through the pipeline (with its own embeddings) -> EDC against dlib's
+    recogniser and against the model's embeddings -> curves and the advisor in the report."""
+    from demo_kit.build import build_sample_set
+    from flows.evaluate import run_evaluation
+    from flows.report import build_report
+
+    manifest = build_sample_set(tmp_path / "data", max_faces=4, severities=(1, 3, 5), log=lambda _: None)
+    quality = tmp_path / "quality"
+    summary, rows = run_score(manifest, quality, embeddings=True, report=False)
+    assert summary.counts == {"ok": 4 * (1 + 11 * 3)}
+
+    result, written, _ = run_evaluation(str(quality), str(tmp_path / "data" / "pairs.parquet"),
+                                        embeddings=str(tmp_path / "data" / "fr_embeddings.parquet"),
+                                        output=str(quality / "evaluation"))
+    assert {"result.json", "edc.png", "pauc_vs_gflops.png", "curves.parquet"} <= set(written)
+    assert {f"exit_{d}" for d in range(1, 13)} <= set(result["methods"]) and "fw@12" in result["methods"]
+    assert result["pairs_used"] == result["pairs"] == 136 * 4 - 4
+    # the demo model's ranking is real: discarding its lowest-scored images removes false non-matches
+    curve = result["methods"]["quality_fw"]["0.01"]
+    assert curve["fnmr"][0] > 0 and curve["fnmr"][6] < curve["fnmr"][0]  # 30% discarded vs none
+    assert 1 <= result["advisor"]["recommended"]["exit_depth"] <= 12
+
+    page, report = build_report(str(quality))
+    assert 'id="evaluation"' in page and 'id="advisor"' in page and page.count("data:image/png;base64,") >= 2
+    assert report["advisor"]["exit_depth"] == result["advisor"]["recommended"]["exit_depth"]
+
+    # with the model's own embeddings (the demo model's embedding head is untrained: mechanics, not accuracy)
+    own, _, _ = run_evaluation(str(quality), str(tmp_path / "data" / "pairs.parquet"))
+    assert own["pairs_used"] == result["pairs_used"] and set(own["methods"]) == set(result["methods"])
+    assert len(rows[next(iter(rows))]["embedding"]) == 64

@@ -374,3 +374,43 @@ def test_embeddings_are_stored_and_evaluated(reference: ReferenceFixture, tmp_pa
                  "--protocol", "iso", "--fmr", "0.5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["pairs_used"] == len(pairs) and "exit_12" in result["methods"] and "quality_fw" in result["methods"]
+
+
+def test_raw_photos_with_align_through_the_pipeline(reference: ReferenceFixture, tmp_path: Path, run_score) -> None:
+    """`--align all`: one row per face (ids ID#faceK), no_face and decode errors kept, scores equal the API's
+    on the library's own aligned crops, and a rerun resumes."""
+    from demo_kit.faces import _astronaut, _grace_hopper, lfw_non_faces
+    from workers.align import align_faces
+
+    grace, astronaut = _grace_hopper()[0], _astronaut()[0]
+    collage = np.zeros((620, 1100, 3), np.uint8)
+    collage[10:610, 10:522] = grace
+    collage[40:552, 570:1082] = astronaut
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    photos = {"collage.png": collage, "grace.png": grace,
+              **{f"texture_{i}.png": np.stack([t] * 3, -1) for i, t in enumerate(lfw_non_faces(3))}}
+    for name, image in photos.items():
+        Image.fromarray(image).save(raw / name)
+    (raw / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    options = {"checkpoint": str(reference.checkpoint), "model_config": str(reference.path / "config.json"),
+               "align": "all", "shard_size": 2, "batch_size": 2}
+    summary, rows = run_score(raw, tmp_path / "out", **options)
+    collage_faces = align_faces(collage, all_faces=True)
+    assert len(collage_faces) >= 2
+    expected_ids = {*(f"collage.png#face{i}" for i in range(len(collage_faces))), "grace.png#face0", "broken.jpg",
+                    *(f"texture_{i}.png" for i in range(3))}
+    assert set(rows) == expected_ids
+    assert summary.counts == {"ok": len(collage_faces) + 1, "no_face": 3, "decode_error": 1}
+    assert all(rows[f"texture_{i}.png"]["faces"] == 0 and rows[f"texture_{i}.png"]["quality"] is None for i in range(3))
+    scorer = QualityScorer(load_model(reference.checkpoint, str(reference.path / "config.json")), device="cpu")
+    crops = [*(f.image for f in collage_faces), align_faces(grace)[0].image]
+    ids = [*(f"collage.png#face{i}" for i in range(len(collage_faces))), "grace.png#face0"]
+    expected = scorer.score(np.stack(crops))
+    for index, image_id in enumerate(ids):
+        row = rows[image_id]
+        assert row["face_index"] == int(image_id[-1]) and row["faces"] == (len(collage_faces) if "collage" in image_id else 1)
+        np.testing.assert_allclose(row["quality"], expected.quality[index], **TOLERANCE)
+        assert len(row["face_box"]) == 4 and row["face_confidence"] > 0
+    again, rows_again = run_score(raw, tmp_path / "out", **options)
+    assert again.scored_now == 0 and rows_again.keys() == rows.keys()

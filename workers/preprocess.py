@@ -2,6 +2,7 @@
 
 Every outcome is a `DecodedImage` with a status; no decoding error escapes to the caller. Inputs are
 expected to be aligned face crops (ArcFace template); other sizes are resized and flagged, not aligned.
+Raw photographs go through `decode_image` (full size) and `workers.align` instead (`fiqa score --align`).
 """
 
 from __future__ import annotations
@@ -81,13 +82,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
 
 
-def decode_face(
-    data: bytes,
-    *,
-    size: int = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> DecodedImage:
-    """Decode image bytes (JPEG, PNG, WebP, BMP, TIFF, GIF first frame) to RGB (size, size) uint8."""
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode image bytes (JPEG, PNG, WebP, BMP, TIFF, GIF first frame) to RGB uint8 at their own size
+    (after EXIF orientation): the input of face alignment."""
     if not data:
         return DecodedImage(DecodeStatus.DECODE_ERROR, error="empty file")
     try:
@@ -115,15 +112,25 @@ def decode_face(
     except Exception as error:  # truncated/corrupt data (OSError, SyntaxError, ...) or a decoder bug: a row
         return DecodedImage(DecodeStatus.DECODE_ERROR, error=f"{type(error).__name__}: {error}")
     width, height = rgb.size
-    resized = (width, height) != (size, size)
-    if resized:
-        # Pillow's resampling filters adapt their support when shrinking, so large images are anti-aliased.
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return DecodedImage(
-        DecodeStatus.OK,
-        image=np.asarray(rgb, dtype=np.uint8).copy(),
-        width=width, height=height, format=image_format, mode=source_mode, resized=resized,
-    )
+    return DecodedImage(DecodeStatus.OK, image=np.asarray(rgb, dtype=np.uint8).copy(), width=width, height=height,
+                        format=image_format, mode=source_mode)
+
+
+def decode_face(
+    data: bytes,
+    *,
+    size: int = DEFAULT_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
+    """Decode image bytes to RGB (size, size) uint8: an aligned crop as it is, any other size resized."""
+    decoded = decode_image(data, max_pixels=max_pixels)
+    if not decoded.ok or decoded.image.shape[:2] == (size, size):
+        return decoded
+    # Pillow's resampling filters adapt their support when shrinking, so large images are anti-aliased.
+    resized = Image.fromarray(decoded.image).resize((size, size), Image.Resampling.BILINEAR)
+    decoded.image = np.asarray(resized, dtype=np.uint8).copy()
+    decoded.resized = True
+    return decoded
 
 
 def _unidentified(data: bytes) -> DecodedImage:

@@ -3,30 +3,76 @@
 `read_and_decode` reads each item's bytes (a whole file or a byte range of a tar shard) with retries and
 decodes it; every failure becomes a status and a reason. It imports no torch: a fresh Ray worker that runs
 it starts in a fraction of a second.
+
+With `align` ("largest" or "all") items are raw photographs: each is decoded at full size, faces are
+detected and warped to the ArcFace template (`workers.align`). An item then yields one row per face
+("all"; image ids `ID#face0`, `ID#face1`, ... largest first), its largest face ("largest"; the image id
+unchanged), or one `no_face` row. Every row carries `item_id` and `item_rows` (how many rows its item
+yields) so that the writer knows when an item, and so a shard, is complete.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from workers.io import protocol_of, read_range
-from workers.preprocess import DEFAULT_MAX_PIXELS, DecodedImage, DecodeStatus, decode_face
+from workers.preprocess import DEFAULT_MAX_PIXELS, DecodeStatus, decode_face, decode_image
 
 READ_THREADS = 16  # object stores reward many requests in flight; local disks do not mind
+ALIGN_MODES = ("largest", "all")
+NO_FACE = "no_face"
 
 
-def _load_one(
-    url: str, offset: int, length: int, storage_options: Mapping[str, Any] | None, size: int, max_pixels: int
-) -> tuple[DecodedImage, int, str]:
+@dataclass
+class _Row:
+    """One output row of an item (several for an item with several faces)."""
+
+    status: str
+    error: str = ""
+    pixels: np.ndarray | None = None
+    width: int = -1
+    height: int = -1
+    resized: bool = False
+    face_index: int = -1
+    faces: int = -1
+    face_box: tuple[float, ...] = field(default=(np.nan,) * 4)
+    face_confidence: float = np.nan
+
+
+def _read(url: str, offset: int, length: int, storage_options: Mapping[str, Any] | None) -> tuple[bytes | None, str]:
     try:
-        data = read_range(url, int(offset), int(length), storage_options)
+        return read_range(url, int(offset), int(length), storage_options), ""
     except Exception as error:
-        return DecodedImage(DecodeStatus.DECODE_ERROR), -1, f"{type(error).__name__}: {error}"
-    return decode_face(data, size=size, max_pixels=max_pixels), len(data), ""
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _decode_rows(data: bytes, img_size: int, max_pixels: int, align: str | None) -> list[_Row]:
+    if align is None:
+        decoded = decode_face(data, size=img_size, max_pixels=max_pixels)
+        return [_Row(str(decoded.status), decoded.error or "", decoded.image, decoded.width or -1,
+                     decoded.height or -1, decoded.resized)]
+    from workers.align import detect_faces, warp_to_template
+
+    decoded = decode_image(data, max_pixels=max_pixels)
+    size = (decoded.width or -1, decoded.height or -1)
+    if decoded.status is not DecodeStatus.OK:
+        return [_Row(str(decoded.status), decoded.error or "", None, *size)]
+    try:
+        faces = detect_faces(decoded.image)
+        chosen = faces if align == "all" else faces[:1]
+        crops = [warp_to_template(decoded.image, face.landmarks, img_size) for face in chosen]
+    except Exception as error:  # a detector failure on one image is that image's row, not the job's end
+        return [_Row("decode_error", f"face alignment failed: {type(error).__name__}: {error}", None, *size)]
+    if not faces:
+        return [_Row(NO_FACE, "no face found by the detector", None, *size, faces=0)]
+    return [_Row("ok", "", crop, *size, resized=True, face_index=index, faces=len(faces),
+                 face_box=tuple(float(v) for v in face.box), face_confidence=face.confidence)
+            for index, (face, crop) in enumerate(zip(chosen, crops, strict=True))]
 
 
 def read_and_decode(
@@ -36,34 +82,48 @@ def read_and_decode(
     options_protocol: str | None = None,
     img_size: int = 112,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    align: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Items (image_id, url, offset, length, ...) -> the same columns plus pixels and decode results."""
+    """Items (image_id, url, offset, length, ...) -> rows with pixels and decode (and face) results."""
+    if align is not None and align not in ALIGN_MODES:
+        raise ValueError(f"align must be one of {ALIGN_MODES} or None, got {align!r}")
     count = len(batch["image_id"])
-    pixels = np.zeros((count, img_size, img_size, 3), dtype=np.uint8)
-    status = np.empty(count, dtype=object)
-    error = np.empty(count, dtype=object)
-    width = np.full(count, -1, dtype=np.int64)
-    height = np.full(count, -1, dtype=np.int64)
-    byte_size = np.full(count, -1, dtype=np.int64)
-    resized = np.zeros(count, dtype=bool)
     jobs = zip(batch["url"], batch["offset"], batch["length"], strict=True)
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, count))) as pool:
         # Options (credentials) go only to URLs of the store they were given for: a manifest may also name
         # https:// or other stores, which must not receive them.
-        results = list(pool.map(
-            lambda job: _load_one(*job, storage_options if protocol_of(job[0]) == options_protocol else None,
-                                  img_size, max_pixels), jobs))
-    for index, (decoded, n_bytes, read_error) in enumerate(results):
-        byte_size[index] = n_bytes
-        if read_error:
-            status[index], error[index] = "read_error", read_error
-            continue
-        status[index], error[index] = str(decoded.status), decoded.error or ""
-        width[index] = decoded.width if decoded.width is not None else -1
-        height[index] = decoded.height if decoded.height is not None else -1
-        if decoded.ok:
-            pixels[index] = decoded.image
-            resized[index] = decoded.resized
-    passthrough = {key: value for key, value in batch.items() if key not in ("url", "offset", "length")}
-    return {**passthrough, "pixels": pixels, "status": status, "error": error, "width": width,
-            "height": height, "byte_size": byte_size, "resized": resized}
+        reads = list(pool.map(
+            lambda job: _read(*job, storage_options if protocol_of(job[0]) == options_protocol else None), jobs))
+    passthrough = [key for key in batch if key not in ("url", "offset", "length")]
+    rows: list[tuple[int, _Row]] = []
+    byte_sizes: list[int] = []
+    for index, (data, read_error) in enumerate(reads):
+        item_rows = [_Row("read_error", read_error)] if data is None else _decode_rows(data, img_size, max_pixels, align)
+        rows.extend((index, row) for row in item_rows)
+        byte_sizes.append(-1 if data is None else len(data))
+    total = len(rows)
+    out: dict[str, np.ndarray] = {key: np.asarray(batch[key])[[i for i, _ in rows]] for key in passthrough}
+    item_rows_count = np.bincount([i for i, _ in rows], minlength=count)
+    out["item_id"] = np.asarray(batch["image_id"])[[i for i, _ in rows]]
+    out["item_rows"] = item_rows_count[[i for i, _ in rows]].astype(np.int64)
+    if align == "all":  # one row per face: each needs its own id; items without a face keep theirs
+        out["image_id"] = np.array([f"{batch['image_id'][i]}#face{row.face_index}" if row.face_index >= 0
+                                    else str(batch["image_id"][i]) for i, row in rows], dtype=object)
+    pixels = np.zeros((total, img_size, img_size, 3), dtype=np.uint8)
+    for position, (_, row) in enumerate(rows):
+        if row.pixels is not None:
+            pixels[position] = row.pixels
+    out.update(
+        pixels=pixels,
+        status=np.array([row.status for _, row in rows], dtype=object),
+        error=np.array([row.error for _, row in rows], dtype=object),
+        width=np.array([row.width for _, row in rows], dtype=np.int64),
+        height=np.array([row.height for _, row in rows], dtype=np.int64),
+        byte_size=np.array([byte_sizes[i] for i, _ in rows], dtype=np.int64),
+        resized=np.array([row.resized for _, row in rows], dtype=bool),
+        face_index=np.array([row.face_index for _, row in rows], dtype=np.int64),
+        faces=np.array([row.faces for _, row in rows], dtype=np.int64),
+        face_box=np.array([row.face_box for _, row in rows], dtype=np.float32).reshape(total, 4),
+        face_confidence=np.array([row.face_confidence for _, row in rows], dtype=np.float32),
+    )
+    return out
