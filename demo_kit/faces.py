@@ -46,7 +46,7 @@ def _grace_hopper() -> tuple[np.ndarray, str, str]:
 
 def _align_photo(face_id: str, loader) -> SourceFace:
     image, provenance, licence = loader()
-    faces = detect_faces(image)
+    faces = detect_faces(image, upsample=1)  # fixed: the demo model was trained on these crops
     if not faces:  # pragma: no cover - these package photos are known to contain a detectable face
         raise RuntimeError(f"no face detected in {face_id}")
     return SourceFace(face_id, warp_to_template(image, faces[0].landmarks), provenance, licence, "detected",
@@ -63,7 +63,7 @@ def lfw_faces(count: int = 100) -> list[SourceFace]:
         grey = Image.fromarray(np.clip(np.rint(crop * 255), 0, 255).astype(np.uint8))
         big = np.asarray(grey.resize((LFW_UPSCALE, LFW_UPSCALE), Image.Resampling.BICUBIC).convert("RGB"))
         padded = np.pad(big, ((LFW_PAD, LFW_PAD), (LFW_PAD, LFW_PAD), (0, 0)), mode="edge")
-        detected = detect_faces(padded)
+        detected = detect_faces(padded, upsample=1)
         if detected:
             landmarks, how = detected[0].landmarks, "detected"
         else:

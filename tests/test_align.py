@@ -65,7 +65,7 @@ def test_alignment_puts_detected_landmarks_on_the_template(name: str) -> None:
     aligned = warp_to_template(photo, faces[0].landmarks)
     assert aligned.shape == (112, 112, 3)
     # detect again on the aligned crop (with a margin, as the detector needs context)
-    redetected = detect_faces(np.pad(aligned, ((56, 56), (56, 56), (0, 0))))
+    redetected = detect_faces(np.pad(aligned, ((56, 56), (56, 56), (0, 0))), upsample=1)  # a small image
     assert redetected, "the aligned face is no longer found"
     landmarks = redetected[0].landmarks - 56
     errors = np.linalg.norm(landmarks - ARCFACE_TEMPLATE, axis=1)
@@ -89,8 +89,7 @@ def test_no_face_on_textures_and_several_faces_largest_first() -> None:
     grace, astronaut = _grace_hopper()[0], _astronaut()[0]
     collage = np.zeros((620, 1300, 3), np.uint8)
     collage[10:610, 10:522] = grace
-    small = np.asarray(Image.fromarray(astronaut).resize((400, 400)))
-    collage[100:500, 700:1100] = small
+    collage[60:572, 700:1212] = astronaut
     faces = align_faces(collage, all_faces=True)
     assert len(faces) >= 2
     areas = [f.face.area for f in faces]
@@ -98,6 +97,9 @@ def test_no_face_on_textures_and_several_faces_largest_first() -> None:
     assert faces[0].face.box[2] < 522  # Grace Hopper's face is the larger one
     assert any(f.face.box[0] > 700 for f in faces[1:])
     assert len(align_faces(collage)) == 1
+    # a small face alone is still found (the detector upsamples when nothing was found at full size) ...
+    small = np.asarray(Image.fromarray(astronaut).resize((300, 300)))
+    assert len(detect_faces(small, upsample=0)) == 0 and len(detect_faces(small)) == 1
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -113,8 +113,16 @@ def landmarks_from_68(points: np.ndarray) -> np.ndarray:
     return np.stack([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
 
 
-def detect_faces(rgb: np.ndarray, *, upsample: int = 1, min_confidence: float = 0.0) -> list[Face]:
-    """Faces in an (H, W, 3) uint8 RGB image, largest first (ties: the more confident first)."""
+def detect_faces(rgb: np.ndarray, *, upsample: int | None = None, min_confidence: float = 0.0) -> list[Face]:
+    """Faces in an (H, W, 3) uint8 RGB image, largest first (ties: the more confident first).
+
+    dlib's HOG detector finds faces of about 80 px and more; each `upsample` doubles the image first to
+    find smaller ones, at 4x the cost. The default (None) tries without upsampling and upsamples once only
+    when that found nothing: a photo with a large face costs a quarter, a photo with only small faces is
+    still searched (small faces beside a large one are then not reported: pass upsample=1)."""
+    if upsample is None:
+        return detect_faces(rgb, upsample=0, min_confidence=min_confidence) or detect_faces(
+            rgb, upsample=1, min_confidence=min_confidence)
     import dlib
 
     detector, predictor = _dlib_models()
@@ -152,7 +160,7 @@ class AlignedFace:
 
 
 def align_faces(
-    rgb: np.ndarray, *, all_faces: bool = False, size: int = TEMPLATE_SIZE, upsample: int = 1,
+    rgb: np.ndarray, *, all_faces: bool = False, size: int = TEMPLATE_SIZE, upsample: int | None = None,
     min_confidence: float = 0.0,
 ) -> list[AlignedFace]:
     """Detect, then align: the largest face only (default) or every face, largest first. [] when none."""
