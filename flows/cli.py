@@ -41,7 +41,8 @@ def _progress(disable: bool = False):
 def _print_summary(summary) -> None:
     counts = ", ".join(f"{status} {n}" for status, n in summary.counts.items())
     console.print(f"[bold]done[/]: {summary.total_rows} images ({counts})")
-    console.print(f"scored now: {summary.scored_now} in {summary.shards_written} shard(s), "
+    carried = f"carried over {summary.carried_over} unchanged image(s); " if summary.carried_over else ""
+    console.print(f"{carried}scored now: {summary.scored_now} in {summary.shards_written} shard(s), "
                   f"{summary.shards_skipped} shard(s) already committed; "
                   f"{summary.images_per_second} images/s; exit depth {summary.exit_depth}, fusion {summary.fusion}")
     console.print(f"quality table: {summary.output}/scores/   run record: {summary.output}/_run.json")
@@ -244,6 +245,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
         ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
         report=not args.no_report, align="all" if args.all_faces else ("largest" if args.align else None),
+        since=args.since,
     )
     if options.checkpoint is None:
         console.print("[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different plan in OUTPUT")
+    run.add_argument("--since", metavar="PREVIOUS_OUTPUT",
+                     help="incremental: copy the rows of images unchanged since PREVIOUS_OUTPUT (same id, URI, size, "
+                          "ETag/mtime; same configuration) and score only new or changed ones")
     run.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": false}\'')
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report/index.html at the end")

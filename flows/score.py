@@ -77,6 +77,7 @@ class ScoreOptions:
     embeddings: bool = False
     report: bool = True
     align: str | None = None  # None: inputs are aligned crops; "largest" / "all": raw photos, detect + align
+    since: str | None = None  # a previous OUTPUT: carry over the rows of unchanged images (flows.incremental)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class RunSummary:
     fusion: str
     uses_demo_model: bool
     report: str | None = None
+    carried_over: int = 0
 
 
 # ---- model and configuration --------------------------------------------------------------------------
@@ -149,7 +151,9 @@ def init_ray(address: str | None) -> bool:
     else:
         # Makes every Ray socket bind 127.0.0.1 (ENVIRONMENT notes): a local run opens nothing to the network.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        # address="local": always a private cluster; a bare ray.init() would join any Ray already running
+        # on this machine (`ray start`, another job), and hang if that one goes away.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     return True
 
 
@@ -219,6 +223,7 @@ class ShardWriter:
             if image_id in item:
                 continue
             item[image_id] = {column: batch[column][index] for column in columns}
+            item[image_id].setdefault("run_id", self.run_id)  # carried rows keep the run that scored them
             if len(item) == item_rows:
                 self.complete_items[shard] += 1
                 if self.complete_items[shard] == self.expected[shard]:
@@ -234,7 +239,7 @@ class ShardWriter:
         for name in ("embedding", "face_box"):
             if name in columns:
                 columns[name] = np.stack(columns[name])
-        columns.update(model_sha256=self.config["model_sha256"], run_id=self.run_id, shard=shard)
+        columns.update(model_sha256=self.config["model_sha256"], shard=shard)
         table = build_quality_table(columns, metadata={
             "fusion": self.config["fusion"], "fusion_weights": self.config["fusion_weights"],
             "config_fingerprint": self.config_fingerprint,
@@ -252,16 +257,31 @@ class ShardWriter:
                 if shard not in self.committed}
 
 
-def _item_blocks(plan: Plan, pending: list[int], block_rows: int) -> list[pa.Table]:
-    """Pending items as Arrow tables of `block_rows` rows: each becomes one Ray Data block."""
+def _item_blocks(plan: Plan, pending: list[int], block_rows: int, exclude: set[str] = frozenset()) -> list[pa.Table]:
+    """Pending items (but `exclude`) as Arrow tables of `block_rows` rows: each becomes one Ray Data block."""
     items, shards = [], []
     for index in pending:
-        shard_items = plan.shard_items(index)
+        shard_items = [item for item in plan.shard_items(index) if item.image_id not in exclude]
         items.extend(shard_items)
         shards.extend([shard_name(index)] * len(shard_items))
     table = items_to_table(items).append_column("shard", pa.array(shards, type=pa.string()))
     table = table.drop_columns(["size", "version"])
     return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
+
+
+def _carry_over(options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any],
+                writer: ShardWriter) -> set[str]:
+    """--since: hand the writer PREVIOUS's rows of unchanged images; returns the image ids carried."""
+    from flows.incremental import carried_batches, unchanged_items
+
+    previous = Output(options.since, options.storage_options)
+    shard_of = {item.image_id: shard_name(i) for i in pending for item in plan.shard_items(i)}
+    unchanged = unchanged_items(previous, plan, (item for i in pending for item in plan.shard_items(i)))
+    carried: set[str] = set()
+    for batch in carried_batches(previous, unchanged, shard_of, align=config["align"]):
+        writer.add(batch)
+        carried.update(str(item) for item in batch["item_id"])
+    return carried
 
 
 @task(name="execute", cache_policy=NONE)
@@ -280,7 +300,13 @@ def execute_task(
     writer = ShardWriter(output, plan, pending, run_id=run_id, config=config)
     started = time.perf_counter()
     if not pending:
-        return {"scored": 0, "shards": [], "seconds": 0.0, "write_seconds": 0.0}
+        return {"scored": 0, "carried": 0, "shards": [], "seconds": 0.0, "write_seconds": 0.0}
+    carried = _carry_over(options, plan, pending, config, writer) if options.since else set()
+    if carried:
+        logger.info("carried over %d unchanged images from %s", len(carried), options.since)
+    if not writer.missing():  # everything was carried over: nothing for Ray to do
+        return {"scored": 0, "carried": len(carried), "shards": list(writer.committed),
+                "seconds": time.perf_counter() - started, "write_seconds": writer.write_seconds}
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
@@ -294,7 +320,7 @@ def execute_task(
     workers = options.workers or (gpu_count if gpus else 1)
     threads = max(1, cpus // workers) if not gpus else None
     block_rows = max(1, options.batch_size)
-    dataset = ray.data.from_arrow(_item_blocks(plan, pending, block_rows))
+    dataset = ray.data.from_arrow(_item_blocks(plan, pending, block_rows, exclude=carried))
     dataset = dataset.map_batches(
         # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
         # keeps Ray from fusing the two stages, so decoding overlaps with the model instead of preceding it.
@@ -331,7 +357,7 @@ def execute_task(
         raise RuntimeError(f"rows missing after scoring, shards not committed: {missing}")
     finished = time.perf_counter()
     steady = (scored - first_count) / (finished - first_batch_at) if first_batch_at and finished > first_batch_at else 0.0
-    return {"scored": scored, "shards": list(writer.committed), "seconds": finished - started,
+    return {"scored": scored, "carried": len(carried), "shards": list(writer.committed), "seconds": finished - started,
             # start-up (actors spawned, model loaded, first batch through) vs the rate once running
             "first_batch_seconds": (first_batch_at or finished) - started, "steady_images_per_second": steady,
             "write_seconds": writer.write_seconds, "workers": workers, "device": "cuda" if gpus else "cpu",
@@ -363,7 +389,7 @@ def finalize_task(
         seconds={k: round(v, 3) for k, v in timings.items()},
         images_per_second=round(stats["scored"] / execute_seconds, 2) if execute_seconds > 0 else 0.0,
         model_sha256=config["model_sha256"], exit_depth=config["exit_depth"], fusion=config["fusion"],
-        uses_demo_model=uses_demo,
+        uses_demo_model=uses_demo, carried_over=stats.get("carried", 0),
     )
     import prefect
     import ray
@@ -373,7 +399,7 @@ def finalize_task(
         **asdict(summary), "finished_at": datetime.now(UTC).isoformat(), "input": options.input,
         "input_kind": plan.input_kind, "shard_size": plan.shard_size, "shard_count": plan.shard_count,
         "config": config, "workers": stats.get("workers"), "device": stats.get("device"),
-        "checkpoint": options.checkpoint or str(BUNDLED_CHECKPOINT),
+        "checkpoint": options.checkpoint or str(BUNDLED_CHECKPOINT), "since": options.since,
         "stages": {"write_seconds": round(stats.get("write_seconds", 0.0), 3),
                    "first_batch_seconds": round(stats.get("first_batch_seconds", 0.0), 3),
                    "steady_images_per_second": round(stats.get("steady_images_per_second", 0.0), 2),
@@ -439,6 +465,10 @@ def score_flow_run(
     plan, pending = plan_task(options, config)
     timings["plan"] = time.perf_counter() - started
 
+    if options.since:  # a PREVIOUS of another configuration fails now, before any work
+        from flows.incremental import check_previous
+
+        check_previous(Output(options.since, options.storage_options), plan)
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     started_ray = init_ray(options.ray_address) if pending else False
     try:

@@ -3,7 +3,8 @@
 INPUT is any fsspec URL (local path, s3://...):
 - a folder/prefix: image files found recursively by extension (hidden files and folders ignored), plus
   the images inside any WebDataset `.tar` shards found there;
-- a manifest: a `.csv` or `.parquet` file with a `uri` column and optional `image_id`, `identity`
+- a manifest: a `.csv` or `.parquet` file with a `uri` column and optional `image_id`, `identity`, `size`,
+  `version` (the last two let `--since` recognise unchanged images)
   (relative URIs are resolved against the manifest's folder);
 - one WebDataset `.tar` shard.
 
@@ -195,5 +196,15 @@ def _read_manifest(fs: Any, path: str) -> list[InputItem]:
         raw_id = row.get("image_id")
         image_id = (str(raw_id).strip() if raw_id is not None else "") or str(row["uri"]).strip()
         identity = row.get("identity")
-        items.append(InputItem(image_id, uri, uri, identity=None if identity in (None, "") else str(identity)))
+        # optional `size` and `version` (an ETag, mtime or content hash the producer knows): with them,
+        # `fiqa score --since` can tell an unchanged image without touching the store
+        version = row.get("version")
+        size = row.get("size")
+        try:
+            size = int(size) if size not in (None, "") else -1
+        except ValueError as error:
+            raise InputError(f"manifest {path}, row {number}: `size` is not an integer: {size!r}") from error
+        items.append(InputItem(image_id, uri, uri, identity=None if identity in (None, "") else str(identity),
+                               size=size,
+                               version="" if version in (None, "") else str(version)))
     return items

@@ -134,7 +134,9 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
         "exit_scores": _list_column(exit_scores, ~ok),
         **{name: _nullable_numbers(np.where(ok, columns[name], np.nan), pa.float32()) for name in SCORE_COLUMNS},
         "model_sha256": pa.array([columns["model_sha256"]] * count, type=pa.string()),
-        "run_id": pa.array([columns["run_id"]] * count, type=pa.string()),
+        # one run id for the shard, or one per row (rows carried over by `--since` keep their run's id)
+        "run_id": pa.array([columns["run_id"]] * count if isinstance(columns["run_id"], str)
+                           else [str(r) for r in columns["run_id"]], type=pa.string()),
         "shard": pa.array([columns["shard"]] * count, type=pa.string()),
     }
     schema_metadata = {

@@ -134,3 +134,22 @@ def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     assert sorted(rows) == sorted(f"img_{index:04d}.jpg" for index in range(600))
     assert {row["status"] for row in rows.values()} == {"ok"}
     assert not list((out / "_staging").glob("*.part"))
+
+
+def test_a_local_run_starts_its_own_ray_even_when_another_cluster_runs_here(tmp_path: Path, ray_cluster) -> None:
+    """A bare ray.init() joins the latest cluster started on the machine (/tmp/ray/ray_current_cluster):
+    `fiqa score` without --ray-address must not land its work on someone else's cluster."""
+    import ray
+
+    theirs = {node["NodeID"] for node in ray.nodes()}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"img_{index}.jpg").write_bytes(jpeg(index))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([FIQA, "score", str(folder), str(tmp_path / "out"), "--no-progress", "--no-report"],
+                            capture_output=True, text=True, timeout=600, env={**env, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    nodes = set(json.loads((tmp_path / "out" / "_run.json").read_text())["stages"]["rows_by_node"])
+    assert nodes and not nodes & theirs
+    assert {node["NodeID"] for node in ray.nodes() if node["Alive"]} >= theirs  # and it left theirs alone
