@@ -153,6 +153,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the nightly deployment: registers it with the Prefect server and runs its scheduled runs."""
+    import prefect
+
+    from flows.nightly import nightly_deployment
+
+    parameters = {key: value for key, value in {
+        "checkpoint": args.checkpoint, "arch": args.arch, "architecture_file": args.model_config,
+        "exit_depth": args.exit_depth, "fusion": args.fusion, "shard_size": args.shard_size,
+        "align": "all" if args.all_faces else ("largest" if args.align else None),
+        "incremental": not args.no_incremental}.items() if value is not None}
+    deployment = nightly_deployment(args.input, args.output_root, cron=args.cron, timezone=args.timezone,
+                                    name=args.name, collision=args.collision, parameters=parameters)
+    api = prefect.settings.PREFECT_API_URL.value()
+    console.print(f"serving deployment fiqa-nightly/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a "
+                  f"time ({args.collision} when busy), {args.input} -> {args.output_root}/<date>/", soft_wrap=True)
+    console.print(f"Prefect server: {api or 'none configured: a temporary one (schedules end with this process)'}; "
+                  "trigger a run now: prefect deployment run fiqa-nightly/" + args.name, soft_wrap=True)
+    prefect.serve(deployment, print_starting_message=False)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from flows.report import write_report
 
@@ -245,7 +267,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
         ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
         report=not args.no_report, align="all" if args.all_faces else ("largest" if args.align else None),
-        since=args.since,
+        since=args.since, stall_timeout=args.stall_timeout or None,
     )
     if options.checkpoint is None:
         console.print("[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
@@ -275,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fiqa",
         description="Score and curate face datasets with ViT-FIQA and EX-FIQA early exits.",
     )
+    parser.add_argument("--log-json", action="store_true",
+                        help="logs (stderr) as one JSON object per line, for log collectors; default: plain text")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the embedded default job (offline, no arguments needed)")
@@ -326,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different plan in OUTPUT")
+    run.add_argument("--stall-timeout", type=float, default=1800.0, metavar="SECONDS",
+                     help="fail the run when no batch is scored for this long, instead of waiting forever on a "
+                          "cluster that lost resources (default: %(default)s; 0: wait)")
     run.add_argument("--since", metavar="PREVIOUS_OUTPUT",
                      help="incremental: copy the rows of images unchanged since PREVIOUS_OUTPUT (same id, URI, size, "
                           "ETag/mtime; same configuration) and score only new or changed ones")
@@ -333,6 +360,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report/index.html at the end")
     score.set_defaults(handler=_cmd_score)
+
+    serve = commands.add_parser(
+        "serve", help="run the nightly scoring deployment on a schedule (Prefect), until stopped")
+    serve.add_argument("input", metavar="INPUT", help="what to score every night (any fsspec URL)")
+    serve.add_argument("output_root", metavar="OUTPUT_ROOT", help="each run writes OUTPUT_ROOT/<YYYY-MM-DD>/")
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: %(default)s)")
+    serve.add_argument("--timezone", default="UTC", help="time zone of the schedule and the dates (default: UTC)")
+    serve.add_argument("--name", default="nightly", help="deployment name (default: %(default)s)")
+    serve.add_argument("--collision", choices=["enqueue", "cancel-new"], default="enqueue",
+                       help="a run triggered while one runs: wait for it, or be cancelled (default: %(default)s)")
+    serve.add_argument("--checkpoint")
+    serve_arch = serve.add_mutually_exclusive_group()
+    serve_arch.add_argument("--model-config")
+    serve_arch.add_argument("--arch", choices=["vit_s_qs", "vit_b_qs"])
+    serve.add_argument("--exit-depth", type=int)
+    serve.add_argument("--fusion")
+    serve.add_argument("--shard-size", type=int)
+    serve.add_argument("--align", action="store_true")
+    serve.add_argument("--all-faces", action="store_true")
+    serve.add_argument("--no-incremental", action="store_true", help="score everything every night")
+    serve.set_defaults(handler=_cmd_serve)
 
     evaluate = commands.add_parser(
         "evaluate", help="EDC curves and pAUC of quality scores against face-recognition comparisons")
@@ -401,17 +449,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Before Prefect is imported: its temporary server's analytics only add a noisy "database is locked".
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    if args.log_json:  # Prefect reads its logging settings when it is first imported: set them before
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"] = "json"
     from flows.plan import PlanConflict
+    from flows.score import StallError
     from flows.sources import InputError
     from flows.storage import OutputError
     from workers import CheckpointError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (CheckpointError, InputError, OutputError, PlanConflict, ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}", soft_wrap=True)  # whole lines: greppable, copyable
         return 2
+    except StallError as error:  # the run started and stopped making progress: rerunning resumes it
+        console.print(f"[red]failed:[/] {error}", soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

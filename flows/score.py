@@ -12,10 +12,12 @@ import io
 import json
 import os
 import platform
+import queue
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -78,6 +80,7 @@ class ScoreOptions:
     report: bool = True
     align: str | None = None  # None: inputs are aligned crops; "largest" / "all": raw photos, detect + align
     since: str | None = None  # a previous OUTPUT: carry over the rows of unchanged images (flows.incremental)
+    stall_timeout: float | None = 1800.0  # fail (not hang) when no batch arrives for this long; None: wait
 
 
 @dataclass
@@ -140,17 +143,19 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
 def init_ray(address: str | None) -> bool:
     """Join the cluster at `address` / RAY_ADDRESS, or start a local Ray bound to loopback.
     Returns True when this call started Ray (the caller then shuts it down)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+        # Every Ray socket on 127.0.0.1 (ENVIRONMENT notes), and for a cluster on loopback the driver looks
+        # for its raylet there. Ray reads this when it is imported: set it first.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     else:
-        # Makes every Ray socket bind 127.0.0.1 (ENVIRONMENT notes): a local run opens nothing to the network.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # address="local": always a private cluster; a bare ray.init() would join any Ray already running
         # on this machine (`ray start`, another job), and hang if that one goes away.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
@@ -269,6 +274,42 @@ def _item_blocks(plan: Plan, pending: list[int], block_rows: int, exclude: set[s
     return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
 
 
+class StallError(RuntimeError):
+    """No scored batch arrived for longer than the stall timeout: the run is failed, not left hanging."""
+
+
+def _watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any]:
+    """Yield from `batches` (consumed on a helper thread) but raise StallError when none arrives for
+    `stall_timeout` seconds. A cluster that lost nodes can be left unable to schedule work (Ray waits for
+    resources forever); at 3 a.m. a failed run that the next attempt resumes beats a hung one."""
+    if not stall_timeout:
+        yield from batches
+        return
+    inbox: queue.Queue = queue.Queue(maxsize=4)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                inbox.put(batch)
+            inbox.put(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            inbox.put(error)
+
+    threading.Thread(target=pump, name="fiqa-batches", daemon=True).start()
+    while True:
+        try:
+            item = inbox.get(timeout=stall_timeout)
+        except queue.Empty:
+            raise StallError(f"no scored batch for {stall_timeout:g} s (--stall-timeout): the cluster may have "
+                             "lost the resources it needs; committed shards are kept, rerun to resume") from None
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _carry_over(options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any],
                 writer: ShardWriter) -> set[str]:
     """--since: hand the writer PREVIOUS's rows of unchanged images; returns the image ids carried."""
@@ -344,7 +385,7 @@ def execute_task(
     logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers, "GPU" if gpus else "CPU")
     scored = 0
     first_batch_at: float | None = None
-    for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in _watched(dataset.iter_batches(batch_format="numpy", batch_size=None), options.stall_timeout):
         writer.add(batch)
         count = len(batch["image_id"])
         scored += count

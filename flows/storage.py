@@ -78,6 +78,17 @@ class Output:
             if entry.get("type") == "file" and entry["name"].rstrip("/") != folder
         )
 
+    def list_dirs(self, relative: str = "") -> list[str]:
+        """Names of the folders directly under `relative` (object stores: common prefixes)."""
+        folder = (self.path(relative) if relative else self.root).rstrip("/")
+        try:
+            self.fs.invalidate_cache(folder)
+            entries = with_retries(lambda: self.fs.ls(folder, detail=True))
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in entries
+                      if entry.get("type") == "directory" and entry["name"].rstrip("/") != folder)
+
     def remove(self, relative: str) -> None:
         target = self.path(relative)
         if with_retries(lambda: self.fs.exists(target)):

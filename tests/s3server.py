@@ -54,6 +54,8 @@ class S3Server:
     endpoint_url: str
     process: subprocess.Popen
     log_path: Path
+    workdir: Path | None = None
+    ports: tuple[int, int, int, int] | None = None
 
     @property
     def storage_options(self) -> dict:
@@ -70,7 +72,7 @@ class S3Server:
                 self.process.wait()
 
 
-def start_s3_server(workdir: Path, timeout: float = 30.0) -> S3Server:
+def start_s3_server(workdir: Path, timeout: float = 30.0, ports: tuple[int, int, int, int] | None = None) -> S3Server:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "identities.json"
     config.write_text(json.dumps({"identities": [{
@@ -78,10 +80,10 @@ def start_s3_server(workdir: Path, timeout: float = 30.0) -> S3Server:
         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
     }]}))
-    s3_port, master_port, volume_port, filer_port = _free_ports(4)
+    s3_port, master_port, volume_port, filer_port = ports or _free_ports(4)
     data_dir = workdir / "data"
     data_dir.mkdir(exist_ok=True)
-    log_path = workdir / "weed.log"
+    log_path = workdir / f"weed-{int(time.time() * 1000)}.log"
     command = [
         weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
@@ -91,7 +93,8 @@ def start_s3_server(workdir: Path, timeout: float = 30.0) -> S3Server:
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - the server outlives this function
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3_port}", process, log_path)
+    server = S3Server(f"http://127.0.0.1:{s3_port}", process, log_path, workdir,
+                      (s3_port, master_port, volume_port, filer_port))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

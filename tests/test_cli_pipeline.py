@@ -153,3 +153,16 @@ def test_a_local_run_starts_its_own_ray_even_when_another_cluster_runs_here(tmp_
     nodes = set(json.loads((tmp_path / "out" / "_run.json").read_text())["stages"]["rows_by_node"])
     assert nodes and not nodes & theirs
     assert {node["NodeID"] for node in ray.nodes() if node["Alive"]} >= theirs  # and it left theirs alone
+
+
+def test_log_json_writes_prefect_records_as_json_lines(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg(1))
+    result = fiqa("--log-json", "score", str(folder), str(tmp_path / "out"), "--no-progress", "--no-report")
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(r["name"] == "prefect.flow_runs" and "fiqa-score" in r["msg"] for r in records)
+    assert all({"levelname", "created", "msg"} <= set(r) for r in records)
+    assert " | INFO    | " not in result.stderr  # no plain-text Prefect lines left
+    assert "done: 1 images (ok 1)" in result.stdout  # the summary for people stays on stdout

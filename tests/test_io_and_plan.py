@@ -178,3 +178,30 @@ def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
         assert list(wrong["status"]) == ["read_error"]
     finally:
         server.shutdown()
+
+
+def test_watched_batches_fail_on_a_stall_and_pass_everything_else() -> None:
+    import time as _time
+
+    from flows.score import StallError, _watched
+
+    assert list(_watched(iter(range(5)), 1.0)) == [0, 1, 2, 3, 4]
+    assert list(_watched(iter(range(3)), None)) == [0, 1, 2]
+
+    def stalls():
+        yield 1
+        _time.sleep(3)
+        yield 2
+
+    seen = []
+    with pytest.raises(StallError, match=r"no scored batch for 0\.5 s"):
+        for item in _watched(stalls(), 0.5):
+            seen.append(item)
+    assert seen == [1]
+
+    def breaks():
+        yield 1
+        raise OSError("lost")
+
+    with pytest.raises(OSError, match="lost"):
+        list(_watched(breaks(), 5.0))

@@ -15,9 +15,10 @@ T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
 
 
-def with_retries(action: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0) -> T:
+def with_retries(action: Callable[[], T], *, attempts: int = 9, base_delay: float = 0.2, max_delay: float = 15.0) -> T:
     """Run `action`, retrying errors that may be transient (network, throttling, 5xx) with jittered
-    exponential backoff. Errors that cannot get better (missing file, permissions) are raised at once."""
+    exponential backoff: about a minute in all by default, so that a store restarting (tens of seconds)
+    costs time, not rows. Errors that cannot get better (missing file, permissions) are raised at once."""
     for attempt in range(1, attempts + 1):
         try:
             return action()
@@ -49,7 +50,7 @@ def read_range(
     length: int = -1,
     storage_options: Mapping[str, Any] | None = None,
     *,
-    attempts: int = 5,
+    attempts: int = 9,
 ) -> bytes:
     """Bytes of `url`, or of `length` bytes at `offset` when offset >= 0."""
     fs, path = filesystem(url, storage_options)
