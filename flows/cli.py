@@ -267,7 +267,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
         ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
         report=not args.no_report, align="all" if args.all_faces else ("largest" if args.align else None),
-        since=args.since, stall_timeout=args.stall_timeout or None,
+        since=args.since, stall_timeout=args.stall_timeout or None, gpus_per_worker=args.gpus_per_worker,
     )
     if options.checkpoint is None:
         console.print("[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=1000, help="images per output file (default: %(default)s)")
     run.add_argument("--workers", type=int, help="scoring actors (default: one per GPU, else 1)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--gpus-per-worker", type=float, default=1.0,
+                     help="GPUs per scoring actor; 0.5 puts two actors on each GPU (default: %(default)s)")
     run.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different plan in OUTPUT")

@@ -80,6 +80,7 @@ class ScoreOptions:
     report: bool = True
     align: str | None = None  # None: inputs are aligned crops; "largest" / "all": raw photos, detect + align
     since: str | None = None  # a previous OUTPUT: carry over the rows of unchanged images (flows.incremental)
+    gpus_per_worker: float = 1.0  # a fraction lets several scoring actors share one GPU
     stall_timeout: float | None = 1800.0  # fail (not hang) when no batch arrives for this long; None: wait
 
 
@@ -274,6 +275,32 @@ def _item_blocks(plan: Plan, pending: list[int], block_rows: int, exclude: set[s
     return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
 
 
+@dataclass(frozen=True)
+class ActorPlacement:
+    gpu: bool
+    workers: int
+    gpus_per_worker: float
+    threads: int | None  # torch threads per CPU actor
+
+
+def actor_placement(resources: Mapping[str, float], *, device: str = "auto", workers: int | None = None,
+                    gpus_per_worker: float = 1.0) -> ActorPlacement:
+    """How many scoring actors, on what: one per GPU by default, or several sharing a GPU with a
+    fractional `gpus_per_worker` (a small model leaves a large GPU idle between batches); on CPUs one
+    actor using the cluster's CPUs as torch threads."""
+    if not 0 < gpus_per_worker <= 1 and not (gpus_per_worker > 1 and float(gpus_per_worker).is_integer()):
+        raise ValueError(f"--gpus-per-worker must be in (0, 1] or a whole number, got {gpus_per_worker}")
+    gpu_count = float(resources.get("GPU", 0))
+    gpu = device in ("auto", "cuda") and gpu_count > 0
+    if device == "cuda" and not gpu:
+        raise RuntimeError("--device cuda: the Ray cluster has no GPU")
+    if gpu:
+        count = workers or max(1, int(gpu_count // gpus_per_worker))
+        return ActorPlacement(True, count, gpus_per_worker, None)
+    count = workers or 1
+    return ActorPlacement(False, count, 0.0, max(1, int(resources.get("CPU", 1)) // count))
+
+
 class StallError(RuntimeError):
     """No scored batch arrived for longer than the stall timeout: the run is failed, not left hanging."""
 
@@ -352,14 +379,9 @@ def execute_task(
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    resources = ray.cluster_resources()
-    gpu_count = int(resources.get("GPU", 0))
-    gpus = options.device in ("auto", "cuda") and gpu_count > 0
-    if options.device == "cuda" and not gpus:
-        raise RuntimeError("--device cuda: the Ray cluster has no GPU")
-    cpus = int(resources.get("CPU", 1))
-    workers = options.workers or (gpu_count if gpus else 1)
-    threads = max(1, cpus // workers) if not gpus else None
+    placement = actor_placement(ray.cluster_resources(), device=options.device, workers=options.workers,
+                                gpus_per_worker=options.gpus_per_worker)
+    gpus, workers, threads = placement.gpu, placement.workers, placement.threads
     block_rows = max(1, options.batch_size)
     dataset = ray.data.from_arrow(_item_blocks(plan, pending, block_rows, exclude=carried))
     dataset = dataset.map_batches(
@@ -374,7 +396,7 @@ def execute_task(
     dataset = dataset.map_batches(
         ScoreActor, batch_size=block_rows, batch_format="numpy",
         compute=ActorPoolStrategy(size=workers),
-        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        num_gpus=placement.gpus_per_worker, num_cpus=0 if gpus else 1,
         fn_constructor_kwargs={
             "checkpoint": checkpoint, "config": config["model_config"],
             "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",

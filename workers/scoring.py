@@ -114,8 +114,12 @@ class QualityScorer:
         images = self._check_images(images)
         exit_chunks = [np.zeros((0, depth), dtype=np.float32)]
         embedding_chunks = [np.zeros((0, self.loaded.config.embed_dim), dtype=np.float32)]
+        on_gpu = self.device.type == "cuda"
         for start in range(0, images.shape[0], self.batch_size):
-            pixels = normalize(images[start : start + self.batch_size]).to(self.device, non_blocking=True)
+            chunk = images[start : start + self.batch_size]
+            if on_gpu:  # uint8 over the bus (4x less than float32), from pinned memory, normalised on the GPU
+                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            pixels = normalize(chunk).to(self.device)
             with torch.autocast(
                 device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
             ):

@@ -1,0 +1,161 @@
+"""The GPU checks and benchmarks of the nightly-operations issue, in one prepared run (a few minutes).
+
+    python benchmarks/gpu_check.py --json gpu.json                 # on a CUDA machine
+    python benchmarks/gpu_check.py --device cpu --images 64 --quick  # a dry run anywhere (the tests do this)
+
+1. parity: a seeded ViT-S-sized ViT-FIQA (token, dim 512, depth 12, heads 8) scores the same images on the
+   CPU in fp32 and on the device in fp32 and in bf16 autocast; reports the max |diff| of every exit and the
+   Spearman correlation of the bf16 scores with the fp32 ones. Tolerances: fp32 atol 1e-4; bf16 max |diff|
+   below 5% of the scores' spread and Spearman >= 0.99 (bf16 keeps 8 bits of mantissa);
+2. model-stage throughput at exits 4, 8, 12: images/s of `QualityScorer` on uint8 batches already in host
+   memory (host-to-device copy included), for a sweep of batch sizes, and the share of the device's bf16
+   dense peak (--peak-tflops; H200: 989) that the best batch reaches;
+3. end-to-end: `fiqa score` (the real pipeline: Prefect, Ray Data, Parquet) on packed WebDataset shards of
+   JPEGs at exit 12, images/s and the ratio to the model stage alone.
+The goal on an H200-class GPU is 20,000 images/s at full depth. Figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers import QualityScorer, ViTFIQA, ViTFIQAConfig
+from workers.checkpoint import LoadedModel, save_checkpoint
+
+CONFIG = ViTFIQAConfig(mode="token", embed_dim=512, depth=12, num_heads=8)
+
+
+def _loaded(seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    model = ViTFIQA(CONFIG).eval()
+    return LoadedModel(model=model, config=CONFIG, source="gpu_check", sha256="-", ignored_keys=())
+
+
+def _images(count: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (count, 14, 14, 3), dtype=np.uint8)  # smooth-ish images, not pure noise
+    return np.stack([np.asarray(Image.fromarray(b).resize((112, 112), Image.Resampling.BILINEAR)) for b in base])
+
+
+def parity(device: str, images: np.ndarray) -> dict:
+    from scipy.stats import spearmanr
+
+    reference = QualityScorer(_loaded(), device="cpu", precision="fp32").score(images).exit_scores
+    fp32 = QualityScorer(_loaded(), device=device, precision="fp32").score(images).exit_scores
+    out = {"fp32_max_abs_diff": float(np.abs(fp32 - reference).max()), "fp32_ok": bool(np.allclose(fp32, reference, atol=1e-4))}
+    if device.startswith("cuda"):
+        bf16 = QualityScorer(_loaded(), device=device, precision="bf16").score(images).exit_scores
+        spread = float(reference.std())
+        rho = min(float(spearmanr(bf16[:, e], reference[:, e]).statistic) for e in range(reference.shape[1]))
+        diff = float(np.abs(bf16 - reference).max())
+        out.update(bf16_max_abs_diff=diff, score_spread=spread, bf16_min_spearman=rho,
+                   bf16_ok=bool(diff < 0.05 * spread and rho >= 0.99))
+    return out
+
+
+def throughput(device: str, images: np.ndarray, exits: list[int], batches: list[int], repeats: int) -> dict:
+    scorer = QualityScorer(_loaded(), device=device)
+    results = {}
+    for exit_depth in exits:
+        best = 0.0
+        per_batch = {}
+        for batch in batches:
+            scorer.batch_size = batch
+            chunk = images[: max(batch, min(len(images), batch * 4))]
+            scorer.score(chunk[:batch], exit_depth=exit_depth)  # warm-up (kernels, allocator)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            rates = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                scorer.score(chunk, exit_depth=exit_depth)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                rates.append(len(chunk) / (time.perf_counter() - started))
+            per_batch[batch] = float(np.median(rates))
+            best = max(best, per_batch[batch])
+        results[exit_depth] = {"images_per_second": best, "by_batch": per_batch,
+                               "gflops_per_image": CONFIG.flops_at_exit(exit_depth) / 1e9}
+    return results
+
+
+def _shards(folder: Path, images: np.ndarray, per_shard: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(images), per_shard):
+        with tarfile.open(folder / f"shard-{start // per_shard:05d}.tar", "w") as tar:
+            for index in range(start, min(len(images), start + per_shard)):
+                buffer = io.BytesIO()
+                Image.fromarray(images[index]).save(buffer, format="JPEG", quality=90)
+                info = tarfile.TarInfo(f"{index:08d}.jpg")
+                info.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(info, buffer)
+    return folder
+
+
+def end_to_end(device: str, images: np.ndarray, workdir: Path) -> dict:
+    model_dir = workdir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(_loaded().model, model_dir / "model.pt")
+    (model_dir / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    shards = _shards(workdir / "shards", images, per_shard=1000)
+    fiqa = str(Path(sys.executable).parent / "fiqa")
+    started = time.perf_counter()
+    run = subprocess.run([fiqa, "score", str(shards), str(workdir / "out"), "--checkpoint", str(model_dir / "model.pt"),
+                          "--model-config", str(model_dir / "config.json"), "--device", device.split(":")[0],
+                          "--batch-size", "512", "--shard-size", "5000", "--no-progress", "--no-report"],
+                         capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if run.returncode != 0:
+        return {"error": run.stdout[-2000:] + run.stderr[-2000:]}
+    record = json.loads((workdir / "out" / "_run.json").read_text())
+    return {"images": len(images), "wall_seconds": seconds, "images_per_second": record["images_per_second"],
+            "steady_images_per_second": record["stages"]["steady_images_per_second"],
+            "first_batch_seconds": record["stages"]["first_batch_seconds"], "device": record["device"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--images", type=int, default=20000, help="images for the throughput runs")
+    parser.add_argument("--batches", default="256,512,1024,2048")
+    parser.add_argument("--exits", default="4,8,12")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the device")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a dry run of the script itself")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats = "16", 1
+    images = _images(args.images)
+    report: dict = {"device": args.device, "torch": torch.__version__,
+                    "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    report["parity"] = parity(args.device, images[:64])
+    report["model_stage"] = throughput(args.device, images, [int(e) for e in args.exits.split(",")],
+                                       [int(b) for b in args.batches.split(",")], args.repeats)
+    full = report["model_stage"][CONFIG.depth]
+    report["bf16_peak_share_at_full_depth"] = full["images_per_second"] * full["gflops_per_image"] / (args.peak_tflops * 1e3)
+    with tempfile.TemporaryDirectory() as workdir:
+        report["end_to_end"] = end_to_end(args.device, images, Path(workdir))
+    if "images_per_second" in report["end_to_end"]:
+        report["end_to_end"]["ratio_to_model_stage"] = report["end_to_end"]["images_per_second"] / full["images_per_second"]
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
