@@ -84,21 +84,19 @@ def test_served_deployment_runs_and_a_second_trigger_waits(tmp_path: Path, prefe
 
         first = run_deployment("fiqa-nightly/test-nightly", parameters={"run_for": "2026-11-30"}, timeout=0)
         second = run_deployment("fiqa-nightly/test-nightly", parameters={"run_for": "2026-11-30"}, timeout=0)
-        seen_second: set[str] = set()
         runs = {}
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
             with get_client(sync_client=True) as client:
                 runs = {name: client.read_flow_run(run.id) for name, run in (("first", first), ("second", second))}
-            seen_second.add(runs["second"].state.name)
             if all(run.state.is_final() for run in runs.values()):
                 break
             time.sleep(0.5)
         assert all(run.state.is_completed() for run in runs.values()), {n: r.state for n, r in runs.items()}
-        # one run at a time: the second waited for a slot, then ran after the first had finished
+        # one run at a time: whichever the runner took first, the other waited for its slot and started only
+        # after the first had finished (without the limit the runner starts both at once)
         early, late = sorted(runs.values(), key=lambda run: run.start_time)
         assert early.end_time <= late.start_time
-        assert "AwaitingConcurrencySlot" in seen_second or runs["second"].start_time >= runs["first"].end_time
         out = tmp_path / "quality" / "2026-11-30"
         assert (out / "_SUCCESS").is_file() and len(list((out / "scores").glob("*.parquet"))) == 1
         assert (out / "report" / "index.html").is_file()
