@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -51,6 +50,8 @@ def _print_summary(summary) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from flows.demo import HEAVY, NOTICE, run_demo
 
     console.print(f"[bold]{NOTICE}[/]")

@@ -102,10 +102,10 @@ def read_and_decode(
         rows.extend((index, row) for row in item_rows)
         byte_sizes.append(-1 if data is None else len(data))
     total = len(rows)
-    out: dict[str, np.ndarray] = {key: np.asarray(batch[key])[[i for i, _ in rows]] for key in passthrough}
-    item_rows_count = np.bincount([i for i, _ in rows], minlength=count)
-    out["item_id"] = np.asarray(batch["image_id"])[[i for i, _ in rows]]
-    out["item_rows"] = item_rows_count[[i for i, _ in rows]].astype(np.int64)
+    owner = np.array([i for i, _ in rows], dtype=np.int64)  # the item each row comes from
+    out: dict[str, np.ndarray] = {key: np.asarray(batch[key])[owner] for key in passthrough}
+    out["item_id"] = np.asarray(batch["image_id"])[owner]
+    out["item_rows"] = np.bincount(owner, minlength=count)[owner].astype(np.int64)
     if align == "all":  # one row per face: each needs its own id; items without a face keep theirs
         out["image_id"] = np.array([f"{batch['image_id'][i]}#face{row.face_index}" if row.face_index >= 0
                                     else str(batch["image_id"][i]) for i, row in rows], dtype=object)
@@ -119,7 +119,7 @@ def read_and_decode(
         error=np.array([row.error for _, row in rows], dtype=object),
         width=np.array([row.width for _, row in rows], dtype=np.int64),
         height=np.array([row.height for _, row in rows], dtype=np.int64),
-        byte_size=np.array([byte_sizes[i] for i, _ in rows], dtype=np.int64),
+        byte_size=np.array(byte_sizes, dtype=np.int64)[owner],
         resized=np.array([row.resized for _, row in rows], dtype=bool),
         face_index=np.array([row.face_index for _, row in rows], dtype=np.int64),
         faces=np.array([row.faces for _, row in rows], dtype=np.int64),
