@@ -8,10 +8,13 @@
    Spearman correlation of the bf16 scores with the fp32 ones. Tolerances: fp32 atol 1e-4; bf16 max |diff|
    below 5% of the scores' spread and Spearman >= 0.99 (bf16 keeps 8 bits of mantissa);
 2. model-stage throughput at exits 4, 8, 12: images/s of `QualityScorer` on uint8 batches already in host
-   memory (host-to-device copy included), for a sweep of batch sizes, and the share of the device's bf16
-   dense peak (--peak-tflops; H200: 989) that the best batch reaches;
-3. end-to-end: `fiqa score` (the real pipeline: Prefect, Ray Data, Parquet) on packed WebDataset shards of
-   JPEGs at exit 12, images/s and the ratio to the model stage alone.
+   memory (host-to-device copy included), for a sweep of batch sizes and the batch the memory probe picks
+   (`batch_size="auto"`), and the share of the device's bf16 dense peak (--peak-tflops; H200: 989) that the
+   best batch reaches;
+3. JPEG decoding: Pillow on one CPU core vs `decode_jpegs` on the device (nvJPEG, batched), images/s; the
+   pixel differences between the two and what they do to the scores (fp32, so only decoding differs);
+4. end-to-end: `fiqa score` (the real pipeline: Prefect, Ray Data, Parquet) on packed WebDataset shards of
+   JPEGs at exit 12, decoding on the CPU and on the device, images/s and the ratio to the model stage.
 The goal on an H200-class GPU is 20,000 images/s at full depth. Figures go to docs/benchmarks.md.
 """
 
@@ -33,6 +36,8 @@ from PIL import Image
 
 from workers import QualityScorer, ViTFIQA, ViTFIQAConfig
 from workers.checkpoint import LoadedModel, save_checkpoint
+from workers.device_decode import decode_jpegs
+from workers.preprocess import decode_face
 
 CONFIG = ViTFIQAConfig(mode="token", embed_dim=512, depth=12, num_heads=8)
 
@@ -65,8 +70,15 @@ def parity(device: str, images: np.ndarray) -> dict:
     return out
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def throughput(device: str, images: np.ndarray, exits: list[int], batches: list[int], repeats: int) -> dict:
-    scorer = QualityScorer(_loaded(), device=device)
+    scorer = QualityScorer(_loaded(), device=device, batch_size="auto")
+    auto = scorer.batch_size  # what the memory probe chose (CPU: the fixed CPU batch)
+    batches = sorted({*batches, auto})
     results = {}
     for exit_depth in exits:
         best = 0.0
@@ -75,20 +87,54 @@ def throughput(device: str, images: np.ndarray, exits: list[int], batches: list[
             scorer.batch_size = batch
             chunk = images[: max(batch, min(len(images), batch * 4))]
             scorer.score(chunk[:batch], exit_depth=exit_depth)  # warm-up (kernels, allocator)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(device)
             rates = []
             for _ in range(repeats):
                 started = time.perf_counter()
                 scorer.score(chunk, exit_depth=exit_depth)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                _sync(device)
                 rates.append(len(chunk) / (time.perf_counter() - started))
             per_batch[batch] = float(np.median(rates))
             best = max(best, per_batch[batch])
-        results[exit_depth] = {"images_per_second": best, "by_batch": per_batch,
+        results[exit_depth] = {"images_per_second": best, "by_batch": per_batch, "auto_batch_size": auto,
                                "gflops_per_image": CONFIG.flops_at_exit(exit_depth) / 1e9}
     return results
+
+
+def _jpegs(images: np.ndarray) -> list[bytes]:
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+def decoding(device: str, images: np.ndarray, repeats: int) -> dict:
+    blobs = _jpegs(images)
+    started = time.perf_counter()
+    on_cpu = np.stack([decode_face(blob).image for blob in blobs])
+    cpu_rate = len(blobs) / (time.perf_counter() - started)
+    decode_jpegs(blobs[:64], device)  # warm-up: nvJPEG handles, allocator
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        on_device = decode_jpegs(blobs, device)
+        _sync(device)
+        rates.append(len(blobs) / (time.perf_counter() - started))
+    refused = sum(image is None for image in on_device)
+    device_pixels = np.stack([(image.cpu().numpy() if image is not None else cpu) for image, cpu
+                              in zip(on_device, on_cpu, strict=True)])
+    pixel_diff = np.abs(device_pixels.astype(np.int16) - on_cpu.astype(np.int16))
+    scorer = QualityScorer(_loaded(), device=device, precision="fp32")
+    count = min(len(images), 2048)
+    from_cpu = scorer.score(on_cpu[:count]).exit_scores
+    from_device = scorer.score(device_pixels[:count]).exit_scores
+    return {"images": len(blobs), "cpu_images_per_second_one_core": cpu_rate,
+            "device_images_per_second": float(np.median(rates)), "device_refused": refused,
+            "pixel_max_abs_diff": int(pixel_diff.max()), "pixel_mean_abs_diff": float(pixel_diff.mean()),
+            "score_max_abs_diff": float(np.abs(from_device - from_cpu).max()), "score_spread": float(from_cpu.std())}
 
 
 def _shards(folder: Path, images: np.ndarray, per_shard: int) -> Path:
@@ -96,34 +142,38 @@ def _shards(folder: Path, images: np.ndarray, per_shard: int) -> Path:
     for start in range(0, len(images), per_shard):
         with tarfile.open(folder / f"shard-{start // per_shard:05d}.tar", "w") as tar:
             for index in range(start, min(len(images), start + per_shard)):
-                buffer = io.BytesIO()
-                Image.fromarray(images[index]).save(buffer, format="JPEG", quality=90)
+                data = _jpegs(images[index : index + 1])[0]
                 info = tarfile.TarInfo(f"{index:08d}.jpg")
-                info.size = buffer.tell()
-                buffer.seek(0)
-                tar.addfile(info, buffer)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return folder
 
 
-def end_to_end(device: str, images: np.ndarray, workdir: Path) -> dict:
+def end_to_end(device: str, images: np.ndarray, workdir: Path, decode: str) -> dict:
     model_dir = workdir / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(_loaded().model, model_dir / "model.pt")
-    (model_dir / "config.json").write_text(json.dumps(CONFIG.to_dict()))
-    shards = _shards(workdir / "shards", images, per_shard=1000)
+    if not model_dir.exists():
+        model_dir.mkdir(parents=True)
+        save_checkpoint(_loaded().model, model_dir / "model.pt")
+        (model_dir / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    shards = workdir / "shards"
+    if not shards.exists():
+        _shards(shards, images, per_shard=1000)
     fiqa = str(Path(sys.executable).parent / "fiqa")
+    out = workdir / f"out-{decode}"
     started = time.perf_counter()
-    run = subprocess.run([fiqa, "score", str(shards), str(workdir / "out"), "--checkpoint", str(model_dir / "model.pt"),
+    run = subprocess.run([fiqa, "score", str(shards), str(out), "--checkpoint", str(model_dir / "model.pt"),
                           "--model-config", str(model_dir / "config.json"), "--device", device.split(":")[0],
-                          "--batch-size", "512", "--shard-size", "5000", "--no-progress", "--no-report"],
+                          "--decode", decode, "--shard-size", "5000", "--no-progress", "--no-report"],
                          capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if run.returncode != 0:
         return {"error": run.stdout[-2000:] + run.stderr[-2000:]}
-    record = json.loads((workdir / "out" / "_run.json").read_text())
+    record = json.loads((out / "_run.json").read_text())
     return {"images": len(images), "wall_seconds": seconds, "images_per_second": record["images_per_second"],
             "steady_images_per_second": record["stages"]["steady_images_per_second"],
-            "first_batch_seconds": record["stages"]["first_batch_seconds"], "device": record["device"]}
+            "first_batch_seconds": record["stages"]["first_batch_seconds"], "device": record["device"],
+            "decoded_on_device": record["stages"]["decoded_on_device"], "precision": record["config"]["precision"],
+            "counts": record["counts"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,12 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
     report["parity"] = parity(args.device, images[:64])
     report["model_stage"] = throughput(args.device, images, [int(e) for e in args.exits.split(",")],
                                        [int(b) for b in args.batches.split(",")], args.repeats)
+    report["decode"] = decoding(args.device, images[: min(len(images), 8192)], args.repeats)
     full = report["model_stage"][CONFIG.depth]
     report["bf16_peak_share_at_full_depth"] = full["images_per_second"] * full["gflops_per_image"] / (args.peak_tflops * 1e3)
     with tempfile.TemporaryDirectory() as workdir:
-        report["end_to_end"] = end_to_end(args.device, images, Path(workdir))
-    if "images_per_second" in report["end_to_end"]:
-        report["end_to_end"]["ratio_to_model_stage"] = report["end_to_end"]["images_per_second"] / full["images_per_second"]
+        report["end_to_end"] = {decode: end_to_end(args.device, images, Path(workdir), decode)
+                                for decode in ("cpu", "device")}
+    for run in report["end_to_end"].values():
+        if "images_per_second" in run:
+            run["ratio_to_model_stage"] = run["images_per_second"] / full["images_per_second"]
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -164,7 +164,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "checkpoint": args.checkpoint, "arch": args.arch, "architecture_file": args.model_config,
         "exit_depth": args.exit_depth, "fusion": args.fusion, "shard_size": args.shard_size,
         "align": "all" if args.all_faces else ("largest" if args.align else None),
-        "incremental": not args.no_incremental}.items() if value is not None}
+        "incremental": not args.no_incremental, "device": args.device, "workers": args.workers,
+        "gpus_per_worker": args.gpus_per_worker, "precision": args.precision, "decode": args.decode,
+        "batch_size": args.batch_size}.items() if value is not None}
     deployment = nightly_deployment(args.input, args.output_root, cron=args.cron, timezone=args.timezone,
                                     name=args.name, collision=args.collision, parameters=parameters)
     api = prefect.settings.PREFECT_API_URL.value()
@@ -269,6 +271,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
         report=not args.no_report, align="all" if args.all_faces else ("largest" if args.align else None),
         since=args.since, stall_timeout=args.stall_timeout or None, gpus_per_worker=args.gpus_per_worker,
+        precision=args.precision, decode=args.decode,
     )
     if options.checkpoint is None:
         console.print("[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
@@ -344,12 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     faces.add_argument("--all-faces", action="store_true",
                        help="with --align: one row per face (image ids ID#face0, ID#face1, ...; largest first)")
     run = score.add_argument_group("execution")
-    run.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: %(default)s)")
+    run.add_argument("--batch-size", type=int,
+                     help="images per model batch (default: 64 on CPU; on GPU the largest that fits the free memory, "
+                          "measured by each actor, at most 2048, in Ray blocks of 1024)")
     run.add_argument("--shard-size", type=int, default=1000, help="images per output file (default: %(default)s)")
     run.add_argument("--workers", type=int, help="scoring actors (default: one per GPU, else 1)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--gpus-per-worker", type=float, default=1.0,
                      help="GPUs per scoring actor; 0.5 puts two actors on each GPU (default: %(default)s)")
+    run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                     help="model arithmetic: auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s); part "
+                          "of the configuration, so a run resumes and --since carries over only the same precision")
+    run.add_argument("--decode", choices=["cpu", "device"], default="cpu",
+                     help="where plain JPEG crops are decoded: cpu (reading tasks, Pillow) or device (the scoring "
+                          "actor: nvJPEG on GPU, batched; other images stay on the CPU) (default: %(default)s)")
     run.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different plan in OUTPUT")
@@ -383,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--align", action="store_true")
     serve.add_argument("--all-faces", action="store_true")
     serve.add_argument("--no-incremental", action="store_true", help="score everything every night")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--workers", type=int, help="scoring actors; on a cluster that autoscales GPU nodes from zero, "
+                       "with --device cuda")
+    serve.add_argument("--gpus-per-worker", type=float)
+    serve.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    serve.add_argument("--decode", choices=["cpu", "device"])
+    serve.add_argument("--batch-size", type=int)
     serve.set_defaults(handler=_cmd_serve)
 
     evaluate = commands.add_parser(
@@ -455,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.log_json:  # Prefect reads its logging settings when it is first imported: set them before
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"] = "json"
+        os.environ["FIQA_LOG_FORMAT"] = "json"  # flows.score.init_ray: Ray's logs as JSON too
     from flows.plan import PlanConflict
     from flows.score import StallError
     from flows.sources import InputError

@@ -51,8 +51,9 @@ def previous_output(output_root: str, today: date) -> str | None:
 def nightly_score(
     input: str, output_root: str, checkpoint: str | None = None, arch: str | None = None,
     architecture_file: str | None = None, exit_depth: int | None = None, fusion: str = "fw", align: str | None = None,
-    incremental: bool = True, timezone: str = "UTC", shard_size: int = 1000, batch_size: int = 64,
-    run_for: str | None = None,
+    incremental: bool = True, timezone: str = "UTC", shard_size: int = 1000, batch_size: int | None = None,
+    run_for: str | None = None, device: str = "auto", workers: int | None = None, gpus_per_worker: float = 1.0,
+    precision: str = "auto", decode: str = "cpu",
 ) -> dict[str, Any]:
     """Score INPUT into OUTPUT_ROOT/<date>/ (incrementally from the latest finished earlier date).
     `architecture_file` is `fiqa score --model-config` (pydantic reserves the name `model_config`);
@@ -68,7 +69,8 @@ def nightly_score(
     summary = score_flow(ScoreOptions(
         input=input, output=output, checkpoint=checkpoint, arch=arch, model_config=architecture_file,
         exit_depth=exit_depth, fusion=fusion, align=align, since=since, shard_size=shard_size,
-        batch_size=batch_size, progress=False))
+        batch_size=batch_size, device=device, workers=workers, gpus_per_worker=gpus_per_worker, precision=precision,
+        decode=decode, progress=False))
     return {"output": summary.output, "report": summary.report, "rows": summary.total_rows,
             "scored_now": summary.scored_now, "carried_over": summary.carried_over, "counts": summary.counts}
 

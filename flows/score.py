@@ -49,10 +49,14 @@ from workers.fusion import parse_fusion
 from workers.io import protocol_of
 from workers.preprocess import DEFAULT_MAX_PIXELS
 from workers.reading import ALIGN_MODES
+from workers.scoring import CPU_BATCH_SIZE
 
 RUN_FILE = "_run.json"
+GPU_BLOCK_ROWS = 1024  # rows per Ray Data block on GPU with an automatic batch size; the actor splits by memory
+DECODE_PLACES = ("cpu", "device")
 _PRIVATE_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # see score_flow_run
 SUCCESS_FILE = "_SUCCESS"
+LOG_FORMAT_ENV = "FIQA_LOG_FORMAT"  # "json": set by `fiqa --log-json`
 
 
 @dataclass
@@ -67,7 +71,7 @@ class ScoreOptions:
     mode: str | None = None
     exit_depth: int | None = None
     fusion: str = "fw"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64 on CPU; on GPU blocks of GPU_BLOCK_ROWS, model batches sized by memory
     shard_size: int = 1000
     workers: int | None = None
     device: str = "auto"
@@ -82,6 +86,8 @@ class ScoreOptions:
     since: str | None = None  # a previous OUTPUT: carry over the rows of unchanged images (flows.incremental)
     gpus_per_worker: float = 1.0  # a fraction lets several scoring actors share one GPU
     stall_timeout: float | None = 1800.0  # fail (not hang) when no batch arrives for this long; None: wait
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on GPU, fp32 on CPU); part of the configuration fingerprint
+    decode: str = "cpu"  # cpu | device: plain JPEG crops decoded by the scoring actor (nvJPEG on GPU)
 
 
 @dataclass
@@ -115,8 +121,28 @@ def resolve_model(options: ScoreOptions) -> tuple[LoadedModel, str]:
     return load_model(checkpoint, arch, storage_options=options.storage_options), checkpoint
 
 
+def scoring_device(device: str, address: str | None) -> tuple[str, bool]:
+    """("cpu" | "cuda", whether Ray was started): where the actors will score. Decided before planning
+    because "auto" precision, which is part of the configuration, depends on it. A cluster named by
+    address is asked for its GPUs (joining it now); a local run looks at this machine. An autoscaling
+    cluster with no GPU node up yet reads as CPU: pass --device cuda there."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device != "auto":
+        return device, False
+    if address or os.environ.get("RAY_ADDRESS"):
+        started = init_ray(address)
+        import ray
+
+        return ("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"), started
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu"), False
+
+
 def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]:
-    """What the numbers depend on: the fingerprint of this decides whether results may be mixed."""
+    """What the numbers depend on: the fingerprint of this decides whether results may be mixed.
+    `options.device` must be resolved ("cpu" or "cuda"; `scoring_device`): it decides "auto" precision."""
     exit_depth = options.exit_depth or loaded.config.depth
     if not 1 <= exit_depth <= loaded.config.depth:
         raise ValueError(f"--exit-depth must be in 1..{loaded.config.depth}, got {exit_depth}")
@@ -125,6 +151,15 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
                          f"of the whole model, and exit depth {exit_depth} stops before it")
     if options.align not in (None, *ALIGN_MODES):
         raise ValueError(f"align must be one of {', '.join(ALIGN_MODES)}, got {options.align!r}")
+    if options.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {options.precision!r}")
+    if options.decode not in DECODE_PLACES:
+        raise ValueError(f"--decode must be one of {', '.join(DECODE_PLACES)}, got {options.decode!r}")
+    if options.decode == "device" and options.align:
+        raise ValueError("--decode device is for aligned crops; with --align photos are decoded where faces are found")
+    if options.precision == "auto" and options.device not in ("cpu", "cuda"):
+        raise ValueError("resolve the device (scoring_device) before the configuration: auto precision depends on it")
+    precision = ("bf16" if options.device == "cuda" else "fp32") if options.precision == "auto" else options.precision
     fusion = parse_fusion(options.fusion)
     weights = fusion.weights(exit_depth)  # rejects a wrong number of user weights now
     return {
@@ -137,6 +172,10 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
         "schema_version": SCHEMA_VERSION,
         "embeddings": options.embeddings,
         "align": options.align,
+        # bf16 moves scores by up to a few percent of their spread, nvJPEG pixels by a level or two: a run
+        # must not resume or carry over rows computed the other way
+        "precision": precision,
+        "decode": options.decode,
     }
 
 
@@ -154,13 +193,32 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    logging: dict[str, Any] = {"logging_level": "WARNING"}
+    if os.environ.get(LOG_FORMAT_ENV) == "json":  # fiqa --log-json: Ray's driver and worker logs as JSON too
+        logging = {"logging_config": ray.LoggingConfig(encoding="JSON", log_level="WARNING")}
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        ray.init(address=address, log_to_driver=False, **logging)
     else:
         # address="local": always a private cluster; a bare ray.init() would join any Ray already running
         # on this machine (`ray start`, another job), and hang if that one goes away.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **logging)
     return True
+
+
+def json_console_logs() -> None:
+    """With `fiqa --log-json`, Ray's and Ray Data's console lines on this driver in Prefect's JSON format
+    (Ray Data installs its own text handler when imported). Ray's C++ core still writes its rare error
+    lines in its own (glog) format: it does not go through Python logging."""
+    if os.environ.get(LOG_FORMAT_ENV) != "json":
+        return
+    import logging
+
+    from prefect.logging.formatters import JsonFormatter
+
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setFormatter(JsonFormatter("default", None, None))
 
 
 # ---- tasks ---------------------------------------------------------------------------------------------
@@ -197,7 +255,7 @@ class ShardWriter:
     face with `--align all`). Rows are keyed by image_id, so a row delivered twice (a retried Ray task) is
     written once."""
 
-    BOOKKEEPING = ("scored_on", "item_id", "item_rows")  # carried by batches, not table columns
+    BOOKKEEPING = ("scored_on", "item_id", "item_rows", "device_decoded")  # carried by batches, not table columns
 
     def __init__(self, output: Output, plan: Plan, pending: list[int], *, run_id: str, config: Mapping[str, Any]):
         self.output = output
@@ -211,11 +269,14 @@ class ShardWriter:
         self.committed: dict[str, None] = {}  # ordered set
         self.write_seconds = 0.0
         self.rows_by_node: Counter[str] = Counter()
+        self.device_decoded = 0
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         columns = [column for column in batch if column not in self.BOOKKEEPING]
         if "scored_on" in batch:
             self.rows_by_node.update(str(node) for node in batch["scored_on"])
+        if "device_decoded" in batch:
+            self.device_decoded += int(np.sum(batch["device_decoded"]))
         for index, shard in enumerate(batch["shard"]):
             shard = str(shard)
             if shard not in self.expected:
@@ -293,7 +354,12 @@ def actor_placement(resources: Mapping[str, float], *, device: str = "auto", wor
     gpu_count = float(resources.get("GPU", 0))
     gpu = device in ("auto", "cuda") and gpu_count > 0
     if device == "cuda" and not gpu:
-        raise RuntimeError("--device cuda: the Ray cluster has no GPU")
+        if not workers:
+            raise RuntimeError("--device cuda: the Ray cluster has no GPU now; on a cluster that adds GPU nodes on "
+                               "demand (autoscaling from zero), say how many scoring actors to ask for: --workers N")
+        # Ray queues the actors' GPU requests and the autoscaler adds nodes for them; --stall-timeout fails
+        # the run if none ever comes.
+        return ActorPlacement(True, workers, gpus_per_worker, None)
     if gpu:
         count = workers or max(1, int(gpu_count // gpus_per_worker))
         return ActorPlacement(True, count, gpus_per_worker, None)
@@ -360,6 +426,7 @@ def execute_task(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    json_console_logs()
     from workers.reading import read_and_decode
     from workers.stages import ScoreActor
 
@@ -382,7 +449,7 @@ def execute_task(
     placement = actor_placement(ray.cluster_resources(), device=options.device, workers=options.workers,
                                 gpus_per_worker=options.gpus_per_worker)
     gpus, workers, threads = placement.gpu, placement.workers, placement.threads
-    block_rows = max(1, options.batch_size)
+    block_rows = options.batch_size or (GPU_BLOCK_ROWS if gpus else CPU_BATCH_SIZE)
     dataset = ray.data.from_arrow(_item_blocks(plan, pending, block_rows, exclude=carried))
     dataset = dataset.map_batches(
         # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
@@ -391,7 +458,7 @@ def execute_task(
         read_and_decode, batch_size=block_rows, batch_format="numpy", num_cpus=1 if config["align"] else 0.25,
         fn_kwargs={"storage_options": options.storage_options, "options_protocol": protocol_of(options.input),
                    "max_pixels": options.max_pixels, "align": config["align"],
-                   "img_size": config["model_config"]["img_size"]},
+                   "img_size": config["model_config"]["img_size"], "defer_jpeg": config["decode"] == "device"},
     )
     dataset = dataset.map_batches(
         ScoreActor, batch_size=block_rows, batch_format="numpy",
@@ -400,8 +467,11 @@ def execute_task(
         fn_constructor_kwargs={
             "checkpoint": checkpoint, "config": config["model_config"],
             "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",
-            "exit_depth": config["exit_depth"], "fusion": config["fusion"], "batch_size": options.batch_size,
+            "exit_depth": config["exit_depth"], "fusion": config["fusion"],
+            "batch_size": options.batch_size or ("auto" if gpus else CPU_BATCH_SIZE),
             "threads": threads, "expected_sha256": config["model_sha256"], "embeddings": config["embeddings"],
+            "precision": config["precision"], "memory_share": min(1.0, placement.gpus_per_worker) if gpus else 1.0,
+            "max_pixels": options.max_pixels,
         },
     )
     logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers, "GPU" if gpus else "CPU")
@@ -424,7 +494,8 @@ def execute_task(
             # start-up (actors spawned, model loaded, first batch through) vs the rate once running
             "first_batch_seconds": (first_batch_at or finished) - started, "steady_images_per_second": steady,
             "write_seconds": writer.write_seconds, "workers": workers, "device": "cuda" if gpus else "cpu",
-            "rows_by_node": dict(writer.rows_by_node)}
+            "rows_by_node": dict(writer.rows_by_node), "block_rows": block_rows,
+            "device_decoded": writer.device_decoded}
 
 
 @task(name="finalize", cache_policy=NONE)
@@ -466,7 +537,8 @@ def finalize_task(
         "stages": {"write_seconds": round(stats.get("write_seconds", 0.0), 3),
                    "first_batch_seconds": round(stats.get("first_batch_seconds", 0.0), 3),
                    "steady_images_per_second": round(stats.get("steady_images_per_second", 0.0), 2),
-                   "rows_by_node": stats.get("rows_by_node", {})},
+                   "rows_by_node": stats.get("rows_by_node", {}), "block_rows": stats.get("block_rows"),
+                   "decoded_on_device": stats.get("device_decoded", 0)},
         "versions": {"fiqa_curator": _version(), "python": platform.python_version(), "torch": torch.__version__,
                      "ray": ray.__version__, "prefect": prefect.__version__, "pyarrow": pa.__version__},
     }
@@ -520,21 +592,24 @@ def score_flow_run(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     loaded, checkpoint = resolve_model(options)
-    config = scoring_config(loaded, options)
-    del loaded  # actors load their own copy; the driver only needed the checks and the hash
-    timings["load_model"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    plan, pending = plan_task(options, config)
-    timings["plan"] = time.perf_counter() - started
-
-    if options.since:  # a PREVIOUS of another configuration fails now, before any work
-        from flows.incremental import check_previous
-
-        check_previous(Output(options.since, options.storage_options), plan)
-    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    started_ray = init_ray(options.ray_address) if pending else False
+    device, started_ray = scoring_device(options.device, options.ray_address)
     try:
+        options = replace(options, device=device)
+        config = scoring_config(loaded, options)
+        del loaded  # actors load their own copy; the driver only needed the checks and the hash
+        timings["load_model"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        plan, pending = plan_task(options, config)
+        timings["plan"] = time.perf_counter() - started
+
+        if options.since:  # a PREVIOUS of another configuration fails now, before any work
+            from flows.incremental import check_previous
+
+            check_previous(Output(options.since, options.storage_options), plan)
+        run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+        if pending and not started_ray:
+            started_ray = init_ray(options.ray_address)
         started = time.perf_counter()
         stats = execute_task(options, plan, pending, config, checkpoint, run_id, on_rows)
         timings["execute"] = time.perf_counter() - started

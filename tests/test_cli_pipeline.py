@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,4 +166,10 @@ def test_log_json_writes_prefect_records_as_json_lines(tmp_path: Path) -> None:
     assert any(r["name"] == "prefect.flow_runs" and "fiqa-score" in r["msg"] for r in records)
     assert all({"levelname", "created", "msg"} <= set(r) for r in records)
     assert " | INFO    | " not in result.stderr  # no plain-text Prefect lines left
+    # Ray's and Ray Data's Python loggers too; only Ray's C++ core writes its own (glog) lines
+    glog = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [IWEF] \d+ \d+\] \w+\.cc:\d+:")
+    plain = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("{")
+             and not glog.match(line)]
+    assert not plain, plain
+    assert any(r["name"].startswith("ray") for r in records)  # Ray Data's execution line, as JSON
     assert "done: 1 images (ok 1)" in result.stdout  # the summary for people stays on stdout

@@ -45,5 +45,11 @@ def test_gpu_check_script_runs_dry_on_the_cpu(tmp_path: Path, monkeypatch) -> No
                              "--json", str(tmp_path / "gpu.json")])
     assert report["parity"]["fp32_ok"] and report["parity"]["fp32_max_abs_diff"] == 0.0
     assert set(report["model_stage"]) == {4, 12} and report["model_stage"][4]["images_per_second"] > 0
-    assert report["end_to_end"].get("images") == 48, report["end_to_end"]
+    assert report["model_stage"][12]["auto_batch_size"] == 64  # the CPU batch; on CUDA the memory probe's
+    decode = report["decode"]
+    assert decode["images"] == 48 and decode["device_refused"] == 0 and decode["pixel_max_abs_diff"] == 0
+    assert decode["score_max_abs_diff"] == 0.0 and decode["device_images_per_second"] > 0
+    for place, run in report["end_to_end"].items():
+        assert run.get("images") == 48 and run["counts"] == {"ok": 48}, run
+        assert run["decoded_on_device"] == (48 if place == "device" else 0) and run["precision"] == "fp32"
     assert json.loads((tmp_path / "gpu.json").read_text())["device"] == "cpu"

@@ -23,6 +23,7 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 DEFAULT_SIZE = 112
 # A 112x112 face crop needs nothing near this; it only stops decompression bombs before decoding.
 DEFAULT_MAX_PIXELS = 64_000_000
+EXIF_ORIENTATION = 0x0112
 
 
 class DecodeStatus(StrEnum):
@@ -131,6 +132,22 @@ def decode_face(
     decoded.image = np.asarray(resized, dtype=np.uint8).copy()
     decoded.resized = True
     return decoded
+
+
+def plain_jpeg(data: bytes, *, size: int = DEFAULT_SIZE) -> bool:
+    """Whether `data` is a JPEG that a device decoder turns into what `decode_face` would give: baseline
+    (not progressive), exactly size x size, RGB or grey, no EXIF rotation, ending with its end-of-image
+    marker (a truncated file stays on the CPU, whose decoder reports it; nvJPEG may not). Reads the header
+    only (tens of microseconds); anything else, CMYK included, stays on the CPU path."""
+    if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
+            return (image.size == (size, size) and image.mode in ("RGB", "L")
+                    and not image.info.get("progressive") and not image.info.get("progression")
+                    and image.getexif().get(EXIF_ORIENTATION, 1) == 1)
+    except Exception:
+        return False
 
 
 def _unidentified(data: bytes) -> DecodedImage:

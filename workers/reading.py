@@ -9,6 +9,10 @@ detected and warped to the ArcFace template (`workers.align`). An item then yiel
 ("all"; image ids `ID#face0`, `ID#face1`, ... largest first), its largest face ("largest"; the image id
 unchanged), or one `no_face` row. Every row carries `item_id` and `item_rows` (how many rows its item
 yields) so that the writer knows when an item, and so a shard, is complete.
+
+With `defer_jpeg` (aligned crops only; `fiqa score --decode device`) plain JPEG crops are not decoded
+here: their bytes travel in the `encoded` column and the scoring actor decodes them on its device
+(`workers.device_decode`); `encoded` is empty for rows decoded here.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from workers.io import protocol_of, read_range
-from workers.preprocess import DEFAULT_MAX_PIXELS, DecodeStatus, decode_face, decode_image
+from workers.preprocess import DEFAULT_MAX_PIXELS, DecodeStatus, decode_face, decode_image, plain_jpeg
 
 READ_THREADS = 16  # object stores reward many requests in flight; local disks do not mind
 ALIGN_MODES = ("largest", "all")
@@ -42,6 +46,7 @@ class _Row:
     faces: int = -1
     face_box: tuple[float, ...] = field(default=(np.nan,) * 4)
     face_confidence: float = np.nan
+    encoded: bytes = b""  # left for the scoring device to decode
 
 
 def _read(url: str, offset: int, length: int, storage_options: Mapping[str, Any] | None) -> tuple[bytes | None, str]:
@@ -51,7 +56,9 @@ def _read(url: str, offset: int, length: int, storage_options: Mapping[str, Any]
         return None, f"{type(error).__name__}: {error}"
 
 
-def _decode_rows(data: bytes, img_size: int, max_pixels: int, align: str | None) -> list[_Row]:
+def _decode_rows(data: bytes, img_size: int, max_pixels: int, align: str | None, defer_jpeg: bool) -> list[_Row]:
+    if align is None and defer_jpeg and plain_jpeg(data, size=img_size):
+        return [_Row("ok", "", None, img_size, img_size, encoded=data)]
     if align is None:
         decoded = decode_face(data, size=img_size, max_pixels=max_pixels)
         return [_Row(str(decoded.status), decoded.error or "", decoded.image, decoded.width or -1,
@@ -83,10 +90,13 @@ def read_and_decode(
     img_size: int = 112,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     align: str | None = None,
+    defer_jpeg: bool = False,
 ) -> dict[str, np.ndarray]:
     """Items (image_id, url, offset, length, ...) -> rows with pixels and decode (and face) results."""
     if align is not None and align not in ALIGN_MODES:
         raise ValueError(f"align must be one of {ALIGN_MODES} or None, got {align!r}")
+    if align is not None and defer_jpeg:
+        raise ValueError("defer_jpeg is for aligned crops: raw photos are decoded where faces are detected")
     count = len(batch["image_id"])
     jobs = zip(batch["url"], batch["offset"], batch["length"], strict=True)
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, count))) as pool:
@@ -98,7 +108,8 @@ def read_and_decode(
     rows: list[tuple[int, _Row]] = []
     byte_sizes: list[int] = []
     for index, (data, read_error) in enumerate(reads):
-        item_rows = [_Row("read_error", read_error)] if data is None else _decode_rows(data, img_size, max_pixels, align)
+        item_rows = ([_Row("read_error", read_error)] if data is None
+                     else _decode_rows(data, img_size, max_pixels, align, defer_jpeg))
         rows.extend((index, row) for row in item_rows)
         byte_sizes.append(-1 if data is None else len(data))
     total = len(rows)
@@ -126,4 +137,6 @@ def read_and_decode(
         face_box=np.array([row.face_box for _, row in rows], dtype=np.float32).reshape(total, 4),
         face_confidence=np.array([row.face_confidence for _, row in rows], dtype=np.float32),
     )
+    if defer_jpeg:
+        out["encoded"] = np.array([row.encoded for _, row in rows], dtype=object)
     return out

@@ -14,9 +14,29 @@ import torch
 
 from workers.checkpoint import LoadedModel
 from workers.fusion import Fusion, parse_fusion
+from workers.model import ExitOutput
 from workers.preprocess import normalize
 
 DEFAULT_FUSIONS = ("f", "fw", "final")
+CPU_BATCH_SIZE = 64  # CPU throughput is flat above a few dozen images; larger batches only cost memory
+AUTO_BATCH_CAP = 2048  # a GPU is saturated well before this for ViT-S/B at 112x112
+PROBE_IMAGES = 32
+
+
+def batch_size_for_memory(per_image_bytes: float, free_bytes: float, *, share: float = 1.0,
+                          headroom: float = 0.7, cap: int = AUTO_BATCH_CAP, multiple: int = 32) -> int:
+    """The largest batch whose activations fit in `headroom` of `share` of the free device memory.
+
+    per_image_bytes: the peak memory one image adds during a forward pass (measured, `QualityScorer`);
+    share: the fraction of the GPU this scorer owns (`--gpus-per-worker` 0.5: two scorers share it).
+    Rounded down to a multiple of `multiple` (kernel-friendly shapes), at most `cap`, at least 1."""
+    if per_image_bytes <= 0 or free_bytes <= 0 or not 0 < share <= 1:
+        raise ValueError(f"need positive memory figures and 0 < share <= 1, got {per_image_bytes}, "
+                         f"{free_bytes}, {share}")
+    fits = int(free_bytes * share * headroom // per_image_bytes)
+    if fits >= multiple:
+        fits = fits // multiple * multiple
+    return max(1, min(cap, fits))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -57,8 +77,11 @@ class ScoreResult:
 class QualityScorer:
     """Scores batches of aligned 112x112 RGB faces with one loaded ViT-FIQA model.
 
-    precision: "fp32", "bf16" (autocast; CUDA) or "auto" (bf16 on CUDA, fp32 on CPU). The final norm and
-    the heads always run in float32, as in the official code.
+    precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 on CPU). The final norm and the
+    heads always run in float32, as in the official code.
+    batch_size: images per forward pass, or "auto": on CUDA the largest batch that fits the free memory
+    (measured once with a probe batch, times `memory_share`, the fraction of the GPU this scorer owns),
+    on CPU `CPU_BATCH_SIZE`.
     """
 
     def __init__(
@@ -67,15 +90,49 @@ class QualityScorer:
         *,
         device: str | torch.device = "auto",
         precision: str = "auto",
-        batch_size: int = 64,
+        batch_size: int | str = 64,
+        memory_share: float = 1.0,
     ) -> None:
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.loaded = loaded
         self.device = resolve_device(device)
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
-        self.batch_size = int(batch_size)
         self.model = loaded.model.to(self.device).eval()
+        if batch_size == "auto":
+            batch_size = self._batch_size_from_memory(memory_share) if self.device.type == "cuda" else CPU_BATCH_SIZE
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 or 'auto', got {batch_size!r}")
+
+    def _batch_size_from_memory(self, share: float) -> int:
+        per_image, free = self._memory_probe()
+        return batch_size_for_memory(per_image, free, share=share)
+
+    @torch.inference_mode()
+    def _memory_probe(self) -> tuple[float, float]:
+        """(peak bytes one image adds to a full-depth pass with the embedding, free bytes): a probe batch
+        is run and measured, because activation memory depends on attention kernels and precision in
+        ways a formula would miss. Free memory counts what PyTorch's cache holds but does not use."""
+        size = self.loaded.config.img_size
+        probe = torch.zeros((PROBE_IMAGES, size, size, 3), dtype=torch.uint8, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self._forward(probe, self.depth, embeddings=True)
+        torch.cuda.synchronize(self.device)
+        per_image = (torch.cuda.max_memory_allocated(self.device) - before) / PROBE_IMAGES
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return float(per_image), float(free + cached)
+
+    def _forward(self, chunk: torch.Tensor, depth: int, embeddings: bool) -> ExitOutput:
+        if self.device.type == "cuda" and chunk.device.type == "cpu":
+            # uint8 over the bus (4x less than float32), from pinned memory, normalised on the GPU
+            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+        pixels = normalize(chunk).to(self.device)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model.forward_exits(pixels, depth, with_embedding=embeddings)
 
     @property
     def depth(self) -> int:
@@ -100,7 +157,8 @@ class QualityScorer:
         extra_fusions: Iterable[str | Fusion] = DEFAULT_FUSIONS,
         embeddings: bool = False,
     ) -> ScoreResult:
-        """Score (N, 112, 112, 3) uint8 RGB images in one pass per chunk, stopping at `exit_depth`."""
+        """Score (N, 112, 112, 3) uint8 RGB images in one pass per chunk, stopping at `exit_depth`.
+        `images` may already be on the scoring device (decoded there: `workers.device_decode`)."""
         depth = self.depth if exit_depth is None else int(exit_depth)
         primary = parse_fusion(fusion)
         fusions = {primary.name: primary}
@@ -114,16 +172,8 @@ class QualityScorer:
         images = self._check_images(images)
         exit_chunks = [np.zeros((0, depth), dtype=np.float32)]
         embedding_chunks = [np.zeros((0, self.loaded.config.embed_dim), dtype=np.float32)]
-        on_gpu = self.device.type == "cuda"
         for start in range(0, images.shape[0], self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            if on_gpu:  # uint8 over the bus (4x less than float32), from pinned memory, normalised on the GPU
-                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-            pixels = normalize(chunk).to(self.device)
-            with torch.autocast(
-                device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-            ):
-                out = self.model.forward_exits(pixels, depth, with_embedding=embeddings)
+            out = self._forward(images[start : start + self.batch_size], depth, embeddings)
             exit_chunks.append(out.exit_scores.float().cpu().numpy())
             if out.embedding is not None:
                 embedding_chunks.append(out.embedding.float().cpu().numpy())

@@ -1,7 +1,8 @@
 """The scoring stage that runs on a Ray actor pool, as a plain callable class over column batches.
 
 `ScoreActor` loads the model once, scores the decodable rows of each batch at the configured exit depth
-and passes the others through untouched. Its partner stage, `reading.read_and_decode`, lives apart so
+and passes the others through untouched. Rows the reading stage left encoded (`--decode device`) are
+decoded here, on the scoring device, first. Its partner stage, `reading.read_and_decode`, lives apart so
 that reading tasks never import torch. Both take and return `dict[str, np.ndarray]` batches (Ray Data's
 numpy format) and are tested by calling them directly.
 """
@@ -16,9 +17,11 @@ import torch
 
 from workers.checkpoint import load_model
 from workers.config import ViTFIQAConfig
+from workers.preprocess import DEFAULT_MAX_PIXELS, decode_face
 from workers.scoring import QualityScorer
 
 SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
+DROPPED = ("pixels", "encoded")  # inputs of this stage, not carried on
 
 
 def _ray_node_id() -> str:
@@ -45,16 +48,21 @@ class ScoreActor:
         device: str = "auto",
         exit_depth: int | None = None,
         fusion: str = "fw",
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         threads: int | None = None,
         expected_sha256: str | None = None,
         embeddings: bool = False,
+        precision: str = "auto",
+        memory_share: float = 1.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if threads:
             torch.set_num_threads(int(threads))  # Ray sets OMP_NUM_THREADS to the actor's CPU reservation
         # `config` is the architecture the driver resolved and checked; the weights are checked against it again.
         loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(config), storage_options=storage_options)
-        self.scorer = QualityScorer(loaded, device=device, batch_size=batch_size)
+        self.scorer = QualityScorer(loaded, device=device, batch_size=batch_size, precision=precision,
+                                    memory_share=memory_share)
+        self.max_pixels = max_pixels
         self.exit_depth = exit_depth or loaded.config.depth
         self.fusion = fusion
         self.embeddings = embeddings
@@ -65,18 +73,20 @@ class ScoreActor:
                                f"planned with {expected_sha256}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.asarray(batch["status"]) == "ok"
-        count = len(ok)
-        out = {key: value for key, value in batch.items() if key != "pixels"}
+        count = len(batch["status"])
+        out = {key: value for key, value in batch.items() if key not in DROPPED}
         out["scored_on"] = np.full(count, self.node_id, dtype=object)  # observability; not a table column
+        out["device_decoded"] = np.zeros(count, dtype=bool)  # observability; not a table column
+        out["status"] = np.array(batch["status"], dtype=object)  # copies: device decoding may turn rows into errors
+        out["error"] = np.array(batch["error"], dtype=object)
         out["exit_scores"] = np.full((count, self.exit_depth), np.nan, dtype=np.float32)
         for name in SCORE_COLUMNS:
             out[name] = np.full(count, np.nan, dtype=np.float32)
         if self.embeddings:
             out["embedding"] = np.full((count, self.scorer.loaded.config.embed_dim), np.nan, dtype=np.float32)
+        images, ok = self._images(batch, out)
         if ok.any():
-            result = self.scorer.score(np.asarray(batch["pixels"])[ok], exit_depth=self.exit_depth, fusion=self.fusion,
-                                       embeddings=self.embeddings)
+            result = self.scorer.score(images, exit_depth=self.exit_depth, fusion=self.fusion, embeddings=self.embeddings)
             if result.embedding is not None:
                 out["embedding"][ok] = result.embedding
             out["exit_scores"][ok] = result.exit_scores
@@ -85,3 +95,43 @@ class ScoreActor:
             out["quality_fw"][ok] = result.fused["fw"]
             out["quality"][ok] = result.quality
         return out
+
+    def _images(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
+        """The pixels of the batch's decodable rows (numpy, or a tensor on the device when some were decoded
+        there) and the mask of those rows. A row the device decoder refused is decoded on the CPU; a row
+        that fails there too gets the CPU path's status and reason."""
+        ok = out["status"] == "ok"
+        pixels = np.asarray(batch["pixels"])
+        encoded = batch.get("encoded")
+        deferred = [i for i in np.flatnonzero(ok) if encoded is not None and len(encoded[i])]
+        if not deferred:
+            return pixels[ok], ok
+        from workers.device_decode import decode_jpegs
+
+        device, size = self.scorer.device, self.scorer.loaded.config.img_size
+        decoded = decode_jpegs([encoded[i] for i in deferred], device)
+        refused: dict[int, np.ndarray] = {}  # row -> pixels decoded on the CPU after the device refused it
+        for index, image in zip(deferred, decoded, strict=True):
+            if image is not None and tuple(image.shape) == (size, size, 3):
+                out["device_decoded"][index] = True
+                continue
+            fallback = decode_face(bytes(encoded[index]), size=size, max_pixels=self.max_pixels)
+            if fallback.ok:
+                refused[index] = fallback.image
+            else:
+                out["status"][index], out["error"][index] = str(fallback.status), fallback.error or ""
+        ok = out["status"] == "ok"
+        on_device = out["device_decoded"]
+        on_host = ok & ~on_device
+        images = torch.empty((int(ok.sum()), size, size, 3), dtype=torch.uint8, device=device)
+        position = np.cumsum(ok) - 1  # row -> its place among the ok rows
+        if on_host.any():
+            host = pixels[on_host]  # a copy (fancy indexing): the batch itself may be read-only
+            host_position = np.cumsum(on_host) - 1
+            for index, image in refused.items():
+                host[host_position[index]] = image
+            images[torch.as_tensor(position[on_host], device=device)] = torch.as_tensor(host).to(device)
+        if on_device.any():
+            images[torch.as_tensor(position[on_device], device=device)] = torch.stack(
+                [image for index, image in zip(deferred, decoded, strict=True) if on_device[index]])
+        return images, ok
