@@ -205,3 +205,60 @@ def test_watched_batches_fail_on_a_stall_and_pass_everything_else() -> None:
 
     with pytest.raises(OSError, match="lost"):
         list(_watched(breaks(), 5.0))
+
+
+def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -> None:
+    """One request per run of neighbouring members, not one per 4 KB face: the rows are the same as
+    member-by-member reads, and a failed span fails only its own members."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    import workers.reading
+    from workers.preprocess import decode_face
+    from workers.reading import read_and_decode
+
+    members: dict[str, bytes] = {}
+    for index in range(10):
+        buffer = io.BytesIO()
+        Image.new("RGB", (112, 112), (index * 20, 5, 9)).save(buffer, format="PNG")
+        members[f"{index:02d}.png"] = buffer.getvalue()
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "shard.tar") as tar:
+        ranges = {info.name: (info.offset_data, info.size) for info in tar.getmembers()}
+    (tmp_path / "alone.png").write_bytes(members["00.png"])
+    order = ["07.png", "01.png", "09.png", "00.png", "04.png", "02.png", "08.png", "03.png", "06.png", "05.png"]
+    items = [(name, str(tmp_path / "shard.tar"), *ranges[name]) for name in order]
+    items += [("alone", str(tmp_path / "alone.png"), -1, -1), ("lost", str(tmp_path / "missing.tar"), 512, 100)]
+    batch = {"image_id": np.array([i[0] for i in items], dtype=object), "url": np.array([i[1] for i in items], dtype=object),
+             "offset": np.array([i[2] for i in items]), "length": np.array([i[3] for i in items])}
+
+    calls: list[tuple] = []
+    real = workers.reading.read_range
+    monkeypatch.setattr(workers.reading, "read_range", lambda *a, **k: calls.append(a) or real(*a, **k))
+
+    def rows() -> dict[str, tuple]:
+        out = read_and_decode(dict(batch))
+        return {name: (status, size, pixels.tobytes()) for name, status, size, pixels
+                in zip(out["image_id"], out["status"], out["byte_size"], out["pixels"], strict=True)}
+
+    spanned = rows()
+    assert len(calls) == 3  # the whole tar in one read, the lone file, the missing tar
+    for name, data in members.items():
+        assert spanned[name] == ("ok", len(data), decode_face(data).image.tobytes())
+    assert spanned["alone"][0] == "ok" and spanned["lost"][0] == "read_error"
+
+    calls.clear()
+    monkeypatch.setattr(workers.reading, "MAX_GAP", 0)  # tar headers (512 bytes) now separate every member
+    assert rows() == spanned and len(calls) == 12
+    calls.clear()
+    monkeypatch.setattr(workers.reading, "MAX_GAP", 1 << 20)
+    step = ranges["01.png"][0] - ranges["00.png"][0]  # header + member + padding
+    assert all(size < step for _, size in ranges.values())
+    monkeypatch.setattr(workers.reading, "MAX_SPAN", step + max(size for _, size in ranges.values()))
+    assert rows() == spanned and len(calls) == 5 + 2  # two members per span

@@ -21,7 +21,7 @@ from workers.preprocess import DEFAULT_MAX_PIXELS, decode_face
 from workers.scoring import QualityScorer
 
 SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
-DROPPED = ("pixels", "encoded")  # inputs of this stage, not carried on
+DROPPED = ("pixels", "encoded", "jpeg")  # inputs of this stage, not carried on
 
 
 def _ray_node_id() -> str:
@@ -98,39 +98,40 @@ class ScoreActor:
 
     def _images(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
         """The pixels of the batch's decodable rows (numpy, or a tensor on the device when some were decoded
-        there) and the mask of those rows. A row the device decoder refused is decoded on the CPU; a row
-        that fails there too gets the CPU path's status and reason."""
+        there) and the mask of those rows. Batches of `--decode device` carry every row as bytes (see
+        `reading`): JPEGs are decoded on the device, in one call; one the device decoder refuses is decoded
+        on the CPU, and one that fails there too gets the CPU path's status and reason."""
         ok = out["status"] == "ok"
-        pixels = np.asarray(batch["pixels"])
-        encoded = batch.get("encoded")
-        deferred = [i for i in np.flatnonzero(ok) if encoded is not None and len(encoded[i])]
-        if not deferred:
-            return pixels[ok], ok
+        if "encoded" not in batch:
+            return np.asarray(batch["pixels"])[ok], ok
+        encoded, jpeg = batch["encoded"], np.asarray(batch["jpeg"], dtype=bool)
+        device, size = self.scorer.device, self.scorer.loaded.config.img_size
+        host: dict[int, np.ndarray] = {  # row -> pixels decoded on a CPU (by the reading stage, or below)
+            i: np.frombuffer(encoded[i], dtype=np.uint8).reshape(size, size, 3) for i in np.flatnonzero(ok & ~jpeg)}
+        deferred = np.flatnonzero(ok & jpeg)
+        if not len(deferred):
+            rows = np.flatnonzero(ok)
+            return (np.stack([host[i] for i in rows]) if len(rows) else np.zeros((0, size, size, 3), np.uint8)), ok
         from workers.device_decode import decode_jpegs
 
-        device, size = self.scorer.device, self.scorer.loaded.config.img_size
         decoded = decode_jpegs([encoded[i] for i in deferred], device)
-        refused: dict[int, np.ndarray] = {}  # row -> pixels decoded on the CPU after the device refused it
+        on_device = out["device_decoded"]
         for index, image in zip(deferred, decoded, strict=True):
             if image is not None and tuple(image.shape) == (size, size, 3):
-                out["device_decoded"][index] = True
+                on_device[index] = True
                 continue
             fallback = decode_face(bytes(encoded[index]), size=size, max_pixels=self.max_pixels)
             if fallback.ok:
-                refused[index] = fallback.image
+                host[index] = fallback.image
             else:
                 out["status"][index], out["error"][index] = str(fallback.status), fallback.error or ""
         ok = out["status"] == "ok"
-        on_device = out["device_decoded"]
-        on_host = ok & ~on_device
         images = torch.empty((int(ok.sum()), size, size, 3), dtype=torch.uint8, device=device)
         position = np.cumsum(ok) - 1  # row -> its place among the ok rows
-        if on_host.any():
-            host = pixels[on_host]  # a copy (fancy indexing): the batch itself may be read-only
-            host_position = np.cumsum(on_host) - 1
-            for index, image in refused.items():
-                host[host_position[index]] = image
-            images[torch.as_tensor(position[on_host], device=device)] = torch.as_tensor(host).to(device)
+        if host:
+            rows = sorted(host)
+            images[torch.as_tensor(position[rows], device=device)] = torch.as_tensor(
+                np.stack([host[i] for i in rows])).to(device)
         if on_device.any():
             images[torch.as_tensor(position[on_device], device=device)] = torch.stack(
                 [image for index, image in zip(deferred, decoded, strict=True) if on_device[index]])
