@@ -5,7 +5,9 @@ schedule's time zone), incrementally from the latest earlier dated folder that f
 writes the report; the deployment runs it on a cron schedule with retries and a concurrency limit of
 one, so two runs never write the same folder at once (a second trigger waits, or is cancelled: as
 configured). `fiqa serve` serves it against the configured Prefect server; `prefect.yaml` at the
-repository root declares the same deployment for a work pool.
+repository root declares the same deployment for a work pool. When the latest earlier night was scored
+with another configuration (a new model, exit depth, precision, ...), its rows cannot be carried over:
+the night scores everything, with a warning, instead of failing every night until someone comes.
 
 Credentials are never parameters (Prefect stores parameters): object stores are reached with the
 standard environment variables of the process that runs the flow (AWS_* for s3://).
@@ -14,12 +16,14 @@ standard environment variables of the process that runs the flow (AWS_* for s3:/
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger
 
+from flows.incremental import IncrementalError
 from flows.score import SUCCESS_FILE, ScoreOptions, score_flow
 from flows.storage import Output
 
@@ -66,11 +70,16 @@ def nightly_score(
     output = Output(output_root).full_url(today.isoformat())
     since = previous_output(output_root, today) if incremental else None
     logger.info("nightly run for %s: %s -> %s%s", today, input, output, f" (since {since})" if since else "")
-    summary = score_flow(ScoreOptions(
+    options = ScoreOptions(
         input=input, output=output, checkpoint=checkpoint, arch=arch, model_config=architecture_file,
         exit_depth=exit_depth, fusion=fusion, align=align, since=since, shard_size=shard_size,
         batch_size=batch_size, device=device, workers=workers, gpus_per_worker=gpus_per_worker, precision=precision,
-        decode=decode, progress=False))
+        decode=decode, progress=False)
+    try:
+        summary = score_flow(options)
+    except IncrementalError as error:  # raised after planning, before any scoring: nothing to undo
+        logger.warning("%s; scoring every image tonight instead", error)
+        summary = score_flow(replace(options, since=None))
     return {"output": summary.output, "report": summary.report, "rows": summary.total_rows,
             "scored_now": summary.scored_now, "carried_over": summary.carried_over, "counts": summary.counts}
 

@@ -193,15 +193,15 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    logging: dict[str, Any] = {"logging_level": "WARNING"}
+    log_options: dict[str, Any] = {"logging_level": "WARNING"}
     if os.environ.get(LOG_FORMAT_ENV) == "json":  # fiqa --log-json: Ray's driver and worker logs as JSON too
-        logging = {"logging_config": ray.LoggingConfig(encoding="JSON", log_level="WARNING")}
+        log_options = {"logging_config": ray.LoggingConfig(encoding="JSON", log_level="WARNING")}
     if address:
-        ray.init(address=address, log_to_driver=False, **logging)
+        ray.init(address=address, log_to_driver=False, **log_options)
     else:
         # address="local": always a private cluster; a bare ray.init() would join any Ray already running
         # on this machine (`ray start`, another job), and hang if that one goes away.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, **logging)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **log_options)
     return True
 
 

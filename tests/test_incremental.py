@@ -66,3 +66,26 @@ def test_second_run_scores_only_new_and_changed_images(tmp_path: Path, run_score
         run_score(folder, tmp_path / "night4", shard_size=5, exit_depth=4, since=str(tmp_path / "night1"))
     with pytest.raises(IncrementalError, match="not a fiqa OUTPUT"):
         run_score(folder, tmp_path / "night5", since=str(tmp_path / "nothing-here"))
+
+
+def test_nightly_run_after_a_configuration_change_scores_everything(tmp_path: Path, prefect_harness,
+                                                                    ray_cluster) -> None:
+    """A new model, exit depth or precision between two nights: the previous night's rows cannot be carried,
+    so the night scores every image (with a warning) rather than failing every night until someone comes."""
+    from flows.nightly import nightly_score
+
+    nightly_score = nightly_score.with_options(retries=0)  # a failure fails the test now, not after 2 x 10 min
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index, image in enumerate(_faces(6, 2)):
+        Image.fromarray(image).save(folder / f"img_{index}.png")
+    root = tmp_path / "nightly"
+    first = nightly_score(str(folder), str(root), run_for="2026-11-28", shard_size=4)
+    same = nightly_score(str(folder), str(root), run_for="2026-11-29", shard_size=4)
+    assert first["scored_now"] == 6 and same["scored_now"] == 0 and same["carried_over"] == 6
+    changed = nightly_score(str(folder), str(root), run_for="2026-11-30", shard_size=4, exit_depth=6)
+    assert changed["scored_now"] == 6 and changed["carried_over"] == 0 and changed["rows"] == 6
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(root / "2026-11-30" / "scores")
+    assert set(table.column("exit_depth").to_pylist()) == {6}  # no row of the old configuration mixed in
