@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from gpu_check import jpeg_bytes, synthetic_faces  # benchmarks/ is on sys.path when run
 
 import workers.reading
 from workers.device_decode import decode_jpegs
@@ -37,13 +37,11 @@ GOAL = 20_000  # images/s per H200-class GPU at full depth
 
 
 def _crops(count: int, folder: Path) -> dict[str, np.ndarray]:
-    """Face-like 112x112 JPEGs (smooth content, quality 90: ~4-5 KB like real aligned crops)."""
-    rng = np.random.default_rng(0)
+    """The GPU check's synthetic crops as JPEG files (quality 90: ~4 KB, like real aligned crops)."""
     urls = []
-    for index in range(count):
-        small = rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)
+    for index, blob in enumerate(jpeg_bytes(synthetic_faces(count))):
         path = folder / f"{index:06d}.jpg"
-        Image.fromarray(small).resize((112, 112), Image.Resampling.BILINEAR).save(path, format="JPEG", quality=90)
+        path.write_bytes(blob)
         urls.append(str(path))
     return {"image_id": np.array([Path(u).name for u in urls], dtype=object), "url": np.array(urls, dtype=object),
             "offset": np.full(count, -1), "length": np.full(count, -1)}

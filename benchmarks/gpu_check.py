@@ -48,7 +48,8 @@ def _loaded(seed: int = 0) -> LoadedModel:
     return LoadedModel(model=model, config=CONFIG, source="gpu_check", sha256="-", ignored_keys=())
 
 
-def _images(count: int, seed: int = 0) -> np.ndarray:
+def synthetic_faces(count: int, seed: int = 0) -> np.ndarray:
+    """Smooth 112x112 RGB images (14x14 noise upsampled): not faces, but JPEG-compressible like aligned crops."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (count, 14, 14, 3), dtype=np.uint8)  # smooth-ish images, not pure noise
     return np.stack([np.asarray(Image.fromarray(b).resize((112, 112), Image.Resampling.BILINEAR)) for b in base])
@@ -101,7 +102,7 @@ def throughput(device: str, images: np.ndarray, exits: list[int], batches: list[
     return results
 
 
-def _jpegs(images: np.ndarray) -> list[bytes]:
+def jpeg_bytes(images: np.ndarray) -> list[bytes]:
     blobs = []
     for image in images:
         buffer = io.BytesIO()
@@ -111,7 +112,7 @@ def _jpegs(images: np.ndarray) -> list[bytes]:
 
 
 def decoding(device: str, images: np.ndarray, repeats: int) -> dict:
-    blobs = _jpegs(images)
+    blobs = jpeg_bytes(images)
     started = time.perf_counter()
     on_cpu = np.stack([decode_face(blob).image for blob in blobs])
     cpu_rate = len(blobs) / (time.perf_counter() - started)
@@ -142,7 +143,7 @@ def _shards(folder: Path, images: np.ndarray, per_shard: int) -> Path:
     for start in range(0, len(images), per_shard):
         with tarfile.open(folder / f"shard-{start // per_shard:05d}.tar", "w") as tar:
             for index in range(start, min(len(images), start + per_shard)):
-                data = _jpegs(images[index : index + 1])[0]
+                data = jpeg_bytes(images[index : index + 1])[0]
                 info = tarfile.TarInfo(f"{index:08d}.jpg")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.repeats = "16", 1
-    images = _images(args.images)
+    images = synthetic_faces(args.images)
     report: dict = {"device": args.device, "torch": torch.__version__,
                     "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     report["parity"] = parity(args.device, images[:64])

@@ -426,9 +426,10 @@ def execute_task(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    json_console_logs()
     from workers.reading import read_and_decode
     from workers.stages import ScoreActor
+
+    json_console_logs()  # Ray Data installed its console handler when imported
 
     logger = get_run_logger()
     output = Output(options.output, options.storage_options)

@@ -20,13 +20,6 @@ import numpy as np
 import torch
 
 
-def _decode_jpeg():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
-    return decode_jpeg, ImageReadMode.RGB
-
-
 def decode_jpegs(blobs: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor | None]:
     """JPEG bytes -> (H, W, 3) uint8 RGB tensors on `device`; None for each image the decoder refused.
 
@@ -34,19 +27,20 @@ def decode_jpegs(blobs: Sequence[bytes], device: torch.device | str) -> list[tor
     image, so a failed batch is decoded again one image at a time to find it."""
     if not blobs:
         return []
-    decode, rgb = _decode_jpeg()
     tensors = [torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy()) for blob in blobs]
     # torchvision 0.29 deprecates its image decoders for TorchCodec, which this project's pins do not have yet.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         try:
-            return [image.permute(1, 2, 0) for image in decode(tensors, mode=rgb, device=device)]
+            return [image.permute(1, 2, 0) for image in decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)]
         except RuntimeError:
             pass
         decoded: list[torch.Tensor | None] = []
         for tensor in tensors:
             try:
-                decoded.append(decode(tensor, mode=rgb, device=device).permute(1, 2, 0))
+                decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0))
             except RuntimeError:
                 decoded.append(None)
         return decoded

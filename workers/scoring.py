@@ -100,14 +100,11 @@ class QualityScorer:
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
         self.model = loaded.model.to(self.device).eval()
         if batch_size == "auto":
-            batch_size = self._batch_size_from_memory(memory_share) if self.device.type == "cuda" else CPU_BATCH_SIZE
+            batch_size = (batch_size_for_memory(*self._memory_probe(), share=memory_share)
+                          if self.device.type == "cuda" else CPU_BATCH_SIZE)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 or 'auto', got {batch_size!r}")
-
-    def _batch_size_from_memory(self, share: float) -> int:
-        per_image, free = self._memory_probe()
-        return batch_size_for_memory(per_image, free, share=share)
 
     @torch.inference_mode()
     def _memory_probe(self) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workers import device_decode
 from workers.checkpoint import load_model
 from workers.config import ViTFIQAConfig
 from workers.preprocess import DEFAULT_MAX_PIXELS, decode_face
@@ -109,12 +110,7 @@ class ScoreActor:
         host: dict[int, np.ndarray] = {  # row -> pixels decoded on a CPU (by the reading stage, or below)
             i: np.frombuffer(encoded[i], dtype=np.uint8).reshape(size, size, 3) for i in np.flatnonzero(ok & ~jpeg)}
         deferred = np.flatnonzero(ok & jpeg)
-        if not len(deferred):
-            rows = np.flatnonzero(ok)
-            return (np.stack([host[i] for i in rows]) if len(rows) else np.zeros((0, size, size, 3), np.uint8)), ok
-        from workers.device_decode import decode_jpegs
-
-        decoded = decode_jpegs([encoded[i] for i in deferred], device)
+        decoded = device_decode.decode_jpegs([encoded[i] for i in deferred], device)
         on_device = out["device_decoded"]
         for index, image in zip(deferred, decoded, strict=True):
             if image is not None and tuple(image.shape) == (size, size, 3):
@@ -126,13 +122,14 @@ class ScoreActor:
             else:
                 out["status"][index], out["error"][index] = str(fallback.status), fallback.error or ""
         ok = out["status"] == "ok"
+        rows = sorted(host)  # = the ok rows not decoded on the device
+        pixels = np.stack([host[i] for i in rows]) if rows else np.zeros((0, size, size, 3), np.uint8)
+        if not on_device.any():
+            return pixels, ok
         images = torch.empty((int(ok.sum()), size, size, 3), dtype=torch.uint8, device=device)
         position = np.cumsum(ok) - 1  # row -> its place among the ok rows
-        if host:
-            rows = sorted(host)
-            images[torch.as_tensor(position[rows], device=device)] = torch.as_tensor(
-                np.stack([host[i] for i in rows])).to(device)
-        if on_device.any():
-            images[torch.as_tensor(position[on_device], device=device)] = torch.stack(
-                [image for index, image in zip(deferred, decoded, strict=True) if on_device[index]])
+        if rows:
+            images[torch.as_tensor(position[rows], device=device)] = torch.as_tensor(pixels).to(device)
+        images[torch.as_tensor(position[on_device], device=device)] = torch.stack(
+            [image for index, image in zip(deferred, decoded, strict=True) if on_device[index]])
         return images, ok
