@@ -159,6 +159,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import prefect
 
     from flows.nightly import nightly_deployment
+    from flows.prefect_server import ensure_prefect_api
 
     parameters = {key: value for key, value in {
         "checkpoint": args.checkpoint, "arch": args.arch, "architecture_file": args.model_config,
@@ -169,10 +170,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size}.items() if value is not None}
     deployment = nightly_deployment(args.input, args.output_root, cron=args.cron, timezone=args.timezone,
                                     name=args.name, collision=args.collision, parameters=parameters)
-    api = prefect.settings.PREFECT_API_URL.value()
+    configured = prefect.settings.PREFECT_API_URL.value()
+    api = ensure_prefect_api()  # before serving: a slow temporary server must not fail the runner
     console.print(f"serving deployment fiqa-nightly/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a "
                   f"time ({args.collision} when busy), {args.input} -> {args.output_root}/<date>/", soft_wrap=True)
-    console.print(f"Prefect server: {api or 'none configured: a temporary one (schedules end with this process)'}; "
+    console.print(f"Prefect server: {api}{'' if configured else ' (temporary: schedules end with this process)'}; "
                   "trigger a run now: prefect deployment run fiqa-nightly/" + args.name, soft_wrap=True)
     prefect.serve(deployment, print_starting_message=False)
     return 0
@@ -475,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"] = "json"
         os.environ["FIQA_LOG_FORMAT"] = "json"  # flows.score.init_ray: Ray's logs as JSON too
     from flows.plan import PlanConflict
+    from flows.prefect_server import PrefectServerError
     from flows.score import StallError
     from flows.sources import InputError
     from flows.storage import OutputError
@@ -482,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (CheckpointError, InputError, OutputError, PlanConflict, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, InputError, OutputError, PlanConflict, PrefectServerError, ValueError,
+            FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}", soft_wrap=True)  # whole lines: greppable, copyable
         return 2
     except StallError as error:  # the run started and stopped making progress: rerunning resumes it

@@ -79,11 +79,14 @@ def run_demo(
     A rerun finds the same listing and configuration and resumes (nothing to recompute); a rerun with
     other options replaces the previous results."""
     from demo_kit.build import MANIFEST, build_sample_set
+    from flows.prefect_server import start_prefect_api_in_background
 
+    prefect_api = start_prefect_api_in_background()  # its first start (a new database) overlaps the data build
     data = output / "data"
     manifest = data / MANIFEST
     if not manifest.is_file():
         build_sample_set(data, split="test", max_faces=faces, log=log)
+    prefect_api.result()  # a server that could not start fails here, with its one-line reason
     options = ScoreOptions(input=str(manifest), output=str(output / "quality"), exit_depth=exit_depth,
                            fusion=fusion, shard_size=250, overwrite=True)
     summary = score_flow(options, on_rows=on_rows)

@@ -631,6 +631,9 @@ def score_flow_run(
 
 def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = None) -> RunSummary:
     """Score every image of INPUT into OUTPUT's quality table; resumes a previous run of the same plan."""
+    from flows.prefect_server import ensure_prefect_api
+
+    ensure_prefect_api()  # Prefect's temporary server, started and waited for with a timeout of our own
     reference = uuid.uuid4().hex if options.storage_options else None
     if reference:
         _PRIVATE_STORAGE_OPTIONS[reference] = dict(options.storage_options)

@@ -99,7 +99,9 @@ def prefect_harness():
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from flows.prefect_server import STARTUP_TIMEOUT_S
+
+    with prefect_test_harness(server_startup_timeout=STARTUP_TIMEOUT_S):
         yield
 
 
