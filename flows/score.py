@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -367,6 +368,28 @@ def actor_placement(resources: Mapping[str, float], *, device: str = "auto", wor
     return ActorPlacement(False, count, 0.0, max(1, int(resources.get("CPU", 1)) // count))
 
 
+def spread_cpu_actors(placement: ActorPlacement, nodes_with_cpu: int) -> Any | None:
+    """A placement group that puts CPU scoring actors on distinct nodes (STRICT_SPREAD: one per node while
+    there are nodes enough; SPREAD beyond), or None when placement needs no help (one actor; GPU actors,
+    which their GPU requests place). Without it Ray's default spreading is best effort: two actors may
+    share one node, each running the threads meant for a node of its own (`ActorPlacement.threads`) while
+    another node idles. Each bundle holds one actor's CPU; the caller removes the group after the run."""
+    if placement.gpu or placement.workers < 2:
+        return None
+    from ray.util.placement_group import placement_group
+
+    strategy = "STRICT_SPREAD" if placement.workers <= nodes_with_cpu else "SPREAD"
+    return placement_group([{"CPU": 1}] * placement.workers, strategy=strategy, name=f"fiqa-{uuid.uuid4().hex[:8]}")
+
+
+def placement_nodes(group: Any) -> list[str]:
+    """The nodes that hold the placement group's bundles now (where its actors are; a bundle of a node that
+    died and is not placed again has none)."""
+    from ray.util.placement_group import placement_group_table
+
+    return sorted({node for node in placement_group_table(group)["bundles_to_node_id"].values() if node})
+
+
 class StallError(RuntimeError):
     """No scored batch arrived for longer than the stall timeout: the run is failed, not left hanging."""
 
@@ -424,10 +447,7 @@ def execute_task(
     on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
-    from workers.reading import read_and_decode
-    from workers.stages import ScoreActor
+    from ray.data import DataContext
 
     json_console_logs()  # Ray Data installed its console handler when imported
 
@@ -449,7 +469,33 @@ def execute_task(
     context.print_on_execution_start = False
     placement = actor_placement(ray.cluster_resources(), device=options.device, workers=options.workers,
                                 gpus_per_worker=options.gpus_per_worker)
+    group = spread_cpu_actors(placement, sum(1 for node in ray.nodes() if node["Alive"]
+                                             and node["Resources"].get("CPU", 0) >= 1))
+    try:
+        return _score_on_ray(options, plan, pending, config, checkpoint, placement, group, writer, carried,
+                             started, on_rows)
+    finally:
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+
+
+def _score_on_ray(
+    options: ScoreOptions, plan: Plan, pending: list[int], config: dict[str, Any], checkpoint: str,
+    placement: ActorPlacement, group: Any | None, writer: ShardWriter, carried: set[str], started: float,
+    on_rows: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    import ray
+    from ray.data import ActorPoolStrategy
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from workers.reading import read_and_decode
+    from workers.stages import ScoreActor
+
+    logger = get_run_logger()
     gpus, workers, threads = placement.gpu, placement.workers, placement.threads
+    actor_options = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)} if group is not None else {}
     block_rows = options.batch_size or (GPU_BLOCK_ROWS if gpus else CPU_BATCH_SIZE)
     dataset = ray.data.from_arrow(_item_blocks(plan, pending, block_rows, exclude=carried))
     dataset = dataset.map_batches(
@@ -461,20 +507,24 @@ def execute_task(
                    "max_pixels": options.max_pixels, "align": config["align"],
                    "img_size": config["model_config"]["img_size"], "defer_jpeg": config["decode"] == "device"},
     )
-    dataset = dataset.map_batches(
-        ScoreActor, batch_size=block_rows, batch_format="numpy",
-        compute=ActorPoolStrategy(size=workers),
-        num_gpus=placement.gpus_per_worker, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs={
-            "checkpoint": checkpoint, "config": config["model_config"],
-            "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",
-            "exit_depth": config["exit_depth"], "fusion": config["fusion"],
-            "batch_size": options.batch_size or ("auto" if gpus else CPU_BATCH_SIZE),
-            "threads": threads, "expected_sha256": config["model_sha256"], "embeddings": config["embeddings"],
-            "precision": config["precision"], "memory_share": min(1.0, placement.gpus_per_worker) if gpus else 1.0,
-            "max_pixels": options.max_pixels,
-        },
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing `scheduling_strategy` to map_batches (to be removed in 2.64; the pinned
+        # Ray is 2.60) and offers no named parameter for it yet; the two-node test fails when that changes.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        dataset = dataset.map_batches(
+            ScoreActor, batch_size=block_rows, batch_format="numpy",
+            compute=ActorPoolStrategy(size=workers),
+            num_gpus=placement.gpus_per_worker, num_cpus=0 if gpus else 1, **actor_options,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint, "config": config["model_config"],
+                "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",
+                "exit_depth": config["exit_depth"], "fusion": config["fusion"],
+                "batch_size": options.batch_size or ("auto" if gpus else CPU_BATCH_SIZE),
+                "threads": threads, "expected_sha256": config["model_sha256"], "embeddings": config["embeddings"],
+                "precision": config["precision"], "memory_share": min(1.0, placement.gpus_per_worker) if gpus else 1.0,
+                "max_pixels": options.max_pixels,
+            },
+        )
     logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers, "GPU" if gpus else "CPU")
     scored = 0
     first_batch_at: float | None = None
@@ -496,6 +546,7 @@ def execute_task(
             "first_batch_seconds": (first_batch_at or finished) - started, "steady_images_per_second": steady,
             "write_seconds": writer.write_seconds, "workers": workers, "device": "cuda" if gpus else "cpu",
             "rows_by_node": dict(writer.rows_by_node), "block_rows": block_rows,
+            "actor_nodes": placement_nodes(group) if group is not None else sorted(writer.rows_by_node),
             "device_decoded": writer.device_decoded}
 
 
@@ -538,7 +589,8 @@ def finalize_task(
         "stages": {"write_seconds": round(stats.get("write_seconds", 0.0), 3),
                    "first_batch_seconds": round(stats.get("first_batch_seconds", 0.0), 3),
                    "steady_images_per_second": round(stats.get("steady_images_per_second", 0.0), 2),
-                   "rows_by_node": stats.get("rows_by_node", {}), "block_rows": stats.get("block_rows"),
+                   "rows_by_node": stats.get("rows_by_node", {}), "actor_nodes": stats.get("actor_nodes", []),
+                   "block_rows": stats.get("block_rows"),
                    "decoded_on_device": stats.get("device_decoded", 0)},
         "versions": {"fiqa_curator": _version(), "python": platform.python_version(), "torch": torch.__version__,
                      "ray": ray.__version__, "prefect": prefect.__version__, "pyarrow": pa.__version__},

@@ -270,22 +270,50 @@ def test_pipeline_errors_before_any_work(tmp_path: Path, run_score) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_two_nodes_share_the_work_and_match_one_node(tmp_path: Path, run_score, ray_cluster) -> None:
+def test_actors_on_two_nodes_match_one_node(tmp_path: Path, run_score, ray_cluster) -> None:
+    """Two CPU actors are placed one per node (a STRICT_SPREAD placement group: a guarantee, not Ray's
+    best-effort spreading) and give the rows one actor gives. Which actor scores which block is Ray Data's
+    choice (it prefers the actor beside the block; one that starts late may get nothing), so the test
+    asserts the placement and the rows, not how the blocks happened to be shared."""
     import ray
 
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(nodes) == 2
     checkpoint, config = _tiny_checkpoint(tmp_path)
     folder = _jpeg_folder(tmp_path, 40)
     _, two = run_score(folder, tmp_path / "two", checkpoint=checkpoint, model_config=config, workers=2,
                        batch_size=4, shard_size=10)
-    record = json.loads((tmp_path / "two" / "_run.json").read_text())
-    by_node = record["stages"]["rows_by_node"]
-    assert len(by_node) == 2 and all(n > 0 for n in by_node.values()) and sum(by_node.values()) == 40
+    stages = json.loads((tmp_path / "two" / "_run.json").read_text())["stages"]
+    assert set(stages["actor_nodes"]) == nodes  # one actor on each node
+    by_node = stages["rows_by_node"]
+    assert set(by_node) <= nodes and sum(by_node.values()) == 40
+    from ray.util.placement_group import placement_group_table
+
+    assert {group["state"] for group in placement_group_table().values()} <= {"REMOVED"}  # released after the run
     _, one = run_score(folder, tmp_path / "one", checkpoint=checkpoint, model_config=config, workers=1,
                        batch_size=16, shard_size=10)
     assert one.keys() == two.keys()
     for image_id in one:
         np.testing.assert_allclose(two[image_id]["exit_scores"], one[image_id]["exit_scores"], atol=1e-6, rtol=1e-6)
+
+
+def test_cpu_actors_are_spread_strictly_while_there_are_nodes_enough(ray_cluster) -> None:
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    from flows.score import ActorPlacement, spread_cpu_actors
+
+    assert spread_cpu_actors(ActorPlacement(False, 1, 0.0, 4), nodes_with_cpu=2) is None  # one actor: Ray places it
+    assert spread_cpu_actors(ActorPlacement(True, 2, 1.0, None), nodes_with_cpu=2) is None  # GPUs place GPU actors
+    for workers, strategy in ((2, "STRICT_SPREAD"), (3, "SPREAD")):
+        group = spread_cpu_actors(ActorPlacement(False, workers, 0.0, 1), nodes_with_cpu=2)
+        try:
+            assert group.wait(60)
+            table = placement_group_table(group)
+            assert table["strategy"] == strategy and len(table["bundles"]) == workers
+            if strategy == "STRICT_SPREAD":  # a guarantee (SPREAD is Ray's best effort: not asserted)
+                assert len(set(table["bundles_to_node_id"].values())) == workers
+        finally:
+            remove_placement_group(group)
 
 
 def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
