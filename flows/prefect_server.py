@@ -11,7 +11,7 @@ API server" (and a 40-line traceback).
 So `fiqa` starts that server itself, before any flow, and waits for it explicitly (`ensure_prefect_api`):
 
 - with a timeout of its own, `STARTUP_TIMEOUT_S`, far above what a fresh start takes on a 2-core machine
-  (benchmarks/bench_first_run.py: 8 s idle, 20-31 s beside two CPU-bound processes, 46-52 s beside four);
+  (benchmarks/bench_first_run.py: 8-11 s idle, up to 31 s beside two CPU-bound processes, 52 s beside four);
   it costs nothing when the server is healthy, because the wait ends when it answers.
   A timeout the user set (environment, Prefect profile, prefect.toml) wins, and so does `PREFECT_API_URL`
   (then nothing is started);

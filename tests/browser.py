@@ -50,8 +50,15 @@ def load_page(url: str, settle_seconds: float = 1.0, timeout: float = 60.0) -> P
                 raise RuntimeError("Chromium did not start")
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
-        socket_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+        # DevTools may answer before the first tab exists (a slow start): wait for the page target
+        socket_url = None
+        while socket_url is None:
+            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout).read())
+            socket_url = next((t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"), None)
+            if socket_url is None:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("Chromium started without a page")
+                time.sleep(0.1)
         result = PageLoad()
         with connect(socket_url, max_size=None, open_timeout=timeout) as socket:
             counter = 0
@@ -96,7 +103,9 @@ def load_page(url: str, settle_seconds: float = 1.0, timeout: float = 60.0) -> P
             wait_for(lambda m: False, settle_seconds)  # late console messages and requests
             request = send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
             reply = wait_for(lambda m: m.get("id") == request, timeout)
-            result.screenshot = base64.b64decode(reply["result"]["data"]) if reply else b""
+            if reply is None:
+                raise RuntimeError(f"no screenshot of {url} within {timeout:g} s")
+            result.screenshot = base64.b64decode(reply["result"]["data"])
         return result
     finally:
         process.terminate()

@@ -68,6 +68,7 @@ def reference(request: pytest.FixtureRequest) -> ReferenceFixture:
 
 
 TOLERANCE = {"atol": 2e-5, "rtol": 1e-3}
+RAY_NODE_TIMEOUT_S = 120  # a hang guard for test clusters' nodes (a few seconds idle)
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +115,12 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     node_args = {"num_cpus": 2, "object_store_memory": 300 * 1024**2}
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
-    cluster.add_node(**node_args)
-    cluster.wait_for_nodes()
+    cluster = Cluster()
+    # Ray's waits for a node default to 30 s: too short for a busy 2-core machine, and this fixture's
+    # failure would fail every Ray test of the session
+    for args in ({**node_args, "include_dashboard": False}, node_args):
+        cluster._wait_for_node(cluster.add_node(wait=False, **args), timeout=RAY_NODE_TIMEOUT_S)
+    cluster.wait_for_nodes(timeout=RAY_NODE_TIMEOUT_S)
     ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
     yield cluster
     ray.shutdown()

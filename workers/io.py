@@ -17,8 +17,9 @@ PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Pe
 
 def with_retries(action: Callable[[], T], *, attempts: int = 9, base_delay: float = 0.2, max_delay: float = 15.0) -> T:
     """Run `action`, retrying errors that may be transient (network, throttling, 5xx) with jittered
-    exponential backoff: about a minute in all by default, so that a store restarting (tens of seconds)
-    costs time, not rows. Errors that cannot get better (missing file, permissions) are raised at once."""
+    exponential backoff: 40 to 60 s of waiting in all by default, so that a store restarting (tens of
+    seconds) costs time, not rows. Errors that cannot get better (missing file, permissions) are raised at
+    once."""
     for attempt in range(1, attempts + 1):
         try:
             return action()
@@ -28,7 +29,8 @@ def with_retries(action: Callable[[], T], *, attempts: int = 9, base_delay: floa
             if attempt == attempts:
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random()))
+            # jitter upwards only: spreads the retries of many readers without shortening the whole wait
+            time.sleep(delay * (1 + 0.5 * random.random()))
     raise AssertionError("unreachable")
 
 
