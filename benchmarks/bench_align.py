@@ -18,9 +18,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from demo_kit.faces import _astronaut, _grace_hopper
-from workers.align import detect_faces, warp_to_template
-from workers.preprocess import decode_face, decode_image
+from fiqa_curator.demo_kit.faces import _astronaut, _grace_hopper
+from fiqa_curator.workers.align import detect_faces, warp_to_template
+from fiqa_curator.workers.preprocess import decode_face, decode_image
 
 
 def _photos(count: int) -> list[bytes]:
@@ -55,8 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     data = _photos(args.photos)
     _align(data[:3])  # load the dlib models once, outside the timing
-    from workers import QualityScorer, load_model
-    from workers.assets import BUNDLED_CHECKPOINT
+    from fiqa_curator.workers import QualityScorer, load_model
+    from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
     scorer = QualityScorer(load_model(BUNDLED_CHECKPOINT), device="cpu", batch_size=64)
     crops = np.random.default_rng(0).integers(0, 256, (64, 112, 112, 3), dtype=np.uint8)

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from gpu_check import jpeg_bytes, synthetic_faces  # benchmarks/ is on sys.path when run
 
-import workers.reading
-from workers.device_decode import decode_jpegs
-from workers.reading import read_and_decode
+import fiqa_curator.workers.reading
+from fiqa_curator.workers.device_decode import decode_jpegs
+from fiqa_curator.workers.reading import read_and_decode
 
 GOAL = 20_000  # images/s per H200-class GPU at full depth
 
@@ -126,14 +126,14 @@ def _tar_spans(blobs: list[bytes], repeats: int, *, s3: bool) -> None:
             for _ in range(repeats):
                 for store, (batch, options) in stores.items():
                     for mode, gap in (("spans", 1 << 20), ("one read per member", -1)):
-                        workers.reading.MAX_GAP = gap
+                        fiqa_curator.workers.reading.MAX_GAP = gap
                         started = time.perf_counter()
                         out = read_and_decode(dict(batch), storage_options=options, options_protocol="s3",
                                               defer_jpeg=True)
                         rates.setdefault((store, mode), []).append(len(blobs) / (time.perf_counter() - started))
                         assert list(out["encoded"]) == blobs, (store, mode)  # same rows either way
         finally:
-            workers.reading.MAX_GAP = 1 << 20
+            fiqa_curator.workers.reading.MAX_GAP = 1 << 20
             if server:
                 server.stop()
     print(f"\n# one WebDataset tar of the same {len(blobs)} crops, one batch through read_and_decode "

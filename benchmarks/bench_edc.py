@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from evaluation.edc import ErcCurves, angular_distance, iso_curve, iso_threshold
+from fiqa_curator.evaluation.edc import ErcCurves, angular_distance, iso_curve, iso_threshold
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from workers import ViTFIQA, ViTFIQAConfig
+from fiqa_curator.workers import ViTFIQA, ViTFIQAConfig
 
 
 def timed(fn) -> float:

@@ -4,7 +4,7 @@ beside them, measured side by side in one run:
 - Prefect's temporary server on a new, empty PREFECT_HOME (the database is created and migrated): the
   figure behind `flows.prefect_server.STARTUP_TIMEOUT_S`, and why Prefect's own 20 s default failed a
   newcomer's first `./scripts/demo`;
-- a private local Ray (`flows.score.init_ray`), which Ray gives 30 s (hard-coded in ray._private.node).
+- a private local Ray (`flows.cluster.init_ray`), which Ray gives 30 s (hard-coded in ray._private.node).
 
     .venv/bin/python benchmarks/bench_first_run.py --repeats 3 --busy 0,2,4
 """

@@ -32,7 +32,7 @@ import psutil
 import torch
 from PIL import Image
 
-from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
+from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
 
 
 def make_inputs(folder: Path, count: int) -> None:

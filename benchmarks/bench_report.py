@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas import build_quality_table
+from fiqa_curator.schemas import build_quality_table
 
 
 def main() -> None:

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers import QualityScorer, ViTFIQA, ViTFIQAConfig
-from workers.checkpoint import LoadedModel, save_checkpoint
-from workers.device_decode import decode_jpegs
-from workers.preprocess import decode_face
+from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig
+from fiqa_curator.workers.checkpoint import LoadedModel, save_checkpoint
+from fiqa_curator.workers.device_decode import decode_jpegs
+from fiqa_curator.workers.preprocess import decode_face
 
 CONFIG = ViTFIQAConfig(mode="token", embed_dim=512, depth=12, num_heads=8)
 

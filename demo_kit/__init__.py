@@ -6,5 +6,5 @@ faces      the source photographs (with provenance and licence), aligned to the 
 degrade    graded, seeded degradations of an aligned face
 utility    dlib's face-recognition model and the utility target derived from it
 build      the sample dataset: images, manifest, pairs (`fiqa demo-data`)
-train      training and held-out evaluation of the demo model (`python -m demo_kit.train`)
+train      training and held-out evaluation of the demo model (`python -m fiqa_curator.demo_kit.train`)
 """

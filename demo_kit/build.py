@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from demo_kit.degrade import DEGRADATIONS, SEVERITIES, degrade
-from demo_kit.faces import SourceFace, lfw_non_faces, source_faces
-from demo_kit.utility import fr_embeddings, references, utility
+from fiqa_curator.demo_kit.degrade import DEGRADATIONS, SEVERITIES, degrade
+from fiqa_curator.demo_kit.faces import SourceFace, lfw_non_faces, source_faces
+from fiqa_curator.demo_kit.utility import fr_embeddings, references, utility
 
 HELD_OUT_LFW = 14  # LFW faces held out from training, plus grace_hopper: 15 faces never seen in training
 SPLIT_SEED = 20261130
@@ -95,7 +95,7 @@ def utility_of(sample: Sample, refs: np.ndarray, face_columns: np.ndarray) -> tu
 def _write_raw(folder: Path) -> None:
     """Unaligned photographs for `--align`: the originals, a collage with two faces, crops with no face,
     and a truncated file (a row with status decode_error, never a crash)."""
-    from demo_kit.faces import _astronaut, _grace_hopper
+    from fiqa_curator.demo_kit.faces import _astronaut, _grace_hopper
 
     folder.mkdir(parents=True, exist_ok=True)
     astronaut, grace = _astronaut()[0], _grace_hopper()[0]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from workers.align import detect_faces, landmarks_in_box, warp_to_template
+from fiqa_curator.workers.align import detect_faces, landmarks_in_box, warp_to_template
 
 LFW_UPSCALE = 100  # lfw_subset crops are 25x25: upscaled (bicubic) so that detector and landmarks work
 LFW_PAD = 30  # edge-replicated margin around the upscaled crop: the detector wants some context

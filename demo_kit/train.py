@@ -1,6 +1,6 @@
 """Train the demo ViT-FIQA model on the sample faces, evaluate it on held-out faces, write the model card.
 
-    python -m demo_kit.train --out workers/assets/demo          # the committed model (~15 min on 2 cores)
+    python -m fiqa_curator.demo_kit.train --out workers/assets/demo          # the committed model (~15 min on 2 cores)
 
 The recipe is ViT-FIQA's: the quality token's score at the LAST block, through the final norm and the
 quality head, regresses the utility target (smooth L1); nothing is trained at the intermediate exits, so
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demo_kit.build import Sample, degraded_set, split_faces, utility_of
-from demo_kit.degrade import DEGRADATIONS, SEVERITIES
-from demo_kit.faces import source_faces
-from demo_kit.utility import references
-from workers import ViTFIQA, ViTFIQAConfig, load_model
-from workers.checkpoint import save_checkpoint
-from workers.preprocess import normalize
-from workers.scoring import QualityScorer
+from fiqa_curator.demo_kit.build import Sample, degraded_set, split_faces, utility_of
+from fiqa_curator.demo_kit.degrade import DEGRADATIONS, SEVERITIES
+from fiqa_curator.demo_kit.faces import source_faces
+from fiqa_curator.demo_kit.utility import references
+from fiqa_curator.workers import ViTFIQA, ViTFIQAConfig, load_model
+from fiqa_curator.workers.checkpoint import save_checkpoint
+from fiqa_curator.workers.preprocess import normalize
+from fiqa_curator.workers.scoring import QualityScorer
 
 DEMO_CONFIG = ViTFIQAConfig(mode="token", embed_dim=64, depth=12, num_heads=4)
 SPEARMAN_GOAL = 0.6
@@ -233,14 +233,14 @@ def _card(metrics: dict[str, Any], record: dict[str, Any]) -> str:
         medians = " | ".join(f"{values['medians'][sev]['score_fw']:.3f}" for sev in sorted(values["medians"]))
         lines.append(f"| {kind} | {medians} | {'yes' if values['lowest_above_highest'] else 'NO'} | "
                      f"{'yes' if values['monotone'] else 'no'} |")
-    lines += ["", "Re-run the evaluation alone: `python -m demo_kit.train --evaluate-only --out workers/assets/demo`",
+    lines += ["", "Re-run the evaluation alone: `python -m fiqa_curator.demo_kit.train --evaluate-only --out workers/assets/demo`",
               f"(training.json holds every figure; total time {(record['train_seconds'] + record['prepare_seconds']) / 60:.1f} "
               "minutes, the limit is 20).", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo_kit.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fiqa_curator.demo_kit.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="workers/assets/demo", help="folder for model.pt, config.json, the card")
     parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         sha256 = save_checkpoint(model, out / "model.pt")
         (out / "config.json").write_text(json.dumps(DEMO_CONFIG.to_dict(), indent=1) + "\n")
-        command = "python -m demo_kit.train --out " + str(args.out) + "".join(
+        command = "python -m fiqa_curator.demo_kit.train --out " + str(args.out) + "".join(
             f" --{k} {v}" for k, v in (("epochs", args.epochs), ("seed", args.seed), ("max-steps", args.max_steps),
                                        ("max-faces", args.max_faces), ("exit-loss-weight", args.exit_loss_weight or None))
             if v is not None and (k != "epochs" or v != TrainSettings.epochs) and (k != "seed" or v))

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from workers.align import models_folder
+from fiqa_curator.workers.align import models_folder
 
 # dlib's 150x150 chip in the ArcFace 112x112 frame: centre (x, y) and side, angle 0 (measured, see above).
 CHIP_CENTRE = (56.53, 71.52)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from fiqa_curator.schemas.errors import UserError
+
 _OPTION = re.compile(r"^(?:exit_(\d+)|(f|fw)@(\d+))$")
 
 
@@ -45,7 +47,7 @@ def advise(
     """pAUC per option name (`exit_l`, `f@l`, `fw@l`; others ignored) -> the recommendation."""
     options = {name: (_option(name), value) for name, value in pauc.items() if _option(name) and np.isfinite(value)}
     if not options:
-        raise ValueError("no exit or per-depth fusion options to advise on")
+        raise UserError("no exit or per-depth fusion options to advise on")
     best_name, ((best_depth, _), best_value) = min(options.items(), key=lambda kv: (kv[1][1], kv[1][0][0]))
     limit = best_value * (1 + tolerance)  # pAUC values are areas under FNMR: never negative
     by_depth: dict[int, tuple[str, float]] = {}

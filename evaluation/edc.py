@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from fiqa_curator.schemas.errors import UserError
+
 ERC_GRID = np.arange(0, 0.98, 0.05)  # 0, 0.05, ..., 0.95: the reference's exact float values
 DEFAULT_FMRS = (1e-2, 1e-3, 1e-4)
 GRID_TOLERANCE = 1e-9  # the grid's floats (0.30000000000000004) count as the limit they stand for
@@ -161,7 +163,7 @@ def iso_threshold(
         return float(threshold)
     if fmr is not None:
         if impostor_similarities is None or len(impostor_similarities) == 0:
-            raise ValueError("a threshold for a target FMR needs impostor comparisons")
+            raise UserError("a threshold for a target FMR needs impostor comparisons")
         return float(np.quantile(np.asarray(impostor_similarities, dtype=np.float64), 1 - fmr))
     quantile = 0.05 if starting_error is None else starting_error
     return float(np.quantile(np.asarray(genuine_similarities, dtype=np.float64), quantile))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation.edc import ErcCurves, angular_distance, iso_curve, iso_threshold
+from fiqa_curator.evaluation.edc import ErcCurves, angular_distance, iso_curve, iso_threshold
+from fiqa_curator.schemas.errors import UserError
 
 
 def image_half(image_id: str) -> int:
@@ -100,7 +101,7 @@ def fit_fusion(
     half_a, half_b = halves[index_a], halves[index_b]
     fit, heldout = (half_a == 0) & (half_b == 0), (half_a == 1) & (half_b == 1)
     if fit.sum() == 0 or heldout.sum() == 0 or not genuine[fit].any() or not genuine[heldout].any():
-        raise ValueError("too few pairs to fit fusion weights: each half needs genuine pairs")
+        raise UserError("too few pairs to fit fusion weights: each half needs genuine pairs")
 
     def objective_on(mask: np.ndarray) -> Callable[[np.ndarray], float]:
         return make_objective(exit_grid, index_a[mask], index_b[mask], similarity[mask], genuine[mask],

@@ -18,8 +18,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from evaluation.advisor import advise, depth_fusions
-from evaluation.edc import (
+from fiqa_curator.evaluation.advisor import advise, depth_fusions
+from fiqa_curator.evaluation.edc import (
     DEFAULT_FMRS,
     ErcCurves,
     angular_distance,
@@ -28,7 +28,9 @@ from evaluation.edc import (
     iso_threshold,
     pair_quality,
 )
-from schemas import exit_score_matrix
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import RUN_FILE, RunRecord
+from fiqa_curator.schemas.quality_table import exit_score_matrix
 
 FIQA_SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw")
 REPORTED_LIMITS = (0.2, 0.3)
@@ -49,7 +51,7 @@ def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     """(image ids, method -> quality per image); NaN where an image has no score."""
     table = _read_table(url, storage_options)
     if "image_id" not in table.column_names:
-        raise ValueError(f"{url}: a quality table needs an `image_id` column")
+        raise UserError(f"{url}: a quality table needs an `image_id` column")
     ids = table.column("image_id").to_pylist()
     methods: dict[str, np.ndarray] = {}
     if "exit_scores" in table.column_names:  # a fiqa quality table
@@ -65,14 +67,14 @@ def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> 
                                        or pa.types.is_integer(table.schema.field(name).type)):
                 methods[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     if not methods:
-        raise ValueError(f"{url}: no numeric quality columns")
+        raise UserError(f"{url}: no numeric quality columns")
     return ids, methods
 
 
 def load_embeddings(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     table = _read_table(url, storage_options)
     if not {"image_id", "embedding"} <= set(table.column_names):
-        raise ValueError(f"{url}: no embeddings (`image_id` + `embedding` columns): pass --embeddings, or score "
+        raise UserError(f"{url}: no embeddings (`image_id` + `embedding` columns): pass --embeddings, or score "
                          f"with `fiqa score --embeddings`")
     vectors = table.column("embedding").to_pylist()
     return {i: np.asarray(v, dtype=np.float64) for i, v in zip(table.column("image_id").to_pylist(), vectors,
@@ -82,7 +84,7 @@ def load_embeddings(url: str, storage_options: Mapping[str, Any] | None = None) 
 def load_pairs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], list[str], np.ndarray]:
     table = _read_table(url, storage_options)
     if not {"image_id_a", "image_id_b", "genuine"} <= set(table.column_names):
-        raise ValueError(f"{url}: pairs need `image_id_a`, `image_id_b`, `genuine` columns")
+        raise UserError(f"{url}: pairs need `image_id_a`, `image_id_b`, `genuine` columns")
     genuine = np.asarray([bool(int(g)) if not isinstance(g, bool) else g for g in table.column("genuine").to_pylist()])
     return [str(x) for x in table.column("image_id_a").to_pylist()], [str(x) for x in table.column("image_id_b").to_pylist()], genuine
 
@@ -110,7 +112,7 @@ def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: M
             continue
         usable.append((k, ia, ib))
     if not usable:
-        raise ValueError("no usable pair: every pair misses a quality score or an embedding")
+        raise UserError("no usable pair: every pair misses a quality score or an embedding")
     rows = np.array(usable)
     emb_a = np.stack([embeddings[pairs_a[k]] for k in rows[:, 0]])
     emb_b = np.stack([embeddings[pairs_b[k]] for k in rows[:, 0]])
@@ -123,20 +125,18 @@ def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: M
 
 
 def model_config_of(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The model config recorded in a fiqa OUTPUT's `_run.json`, if INPUT is one."""
-    import json
-
+    """The model config recorded in a fiqa OUTPUT's run record, if INPUT is one."""
     fs, path = url_to_fs(url, **dict(storage_options or {}))
-    run = path.rstrip("/") + "/_run.json"
+    run = path.rstrip("/") + "/" + RUN_FILE
     if not fs.isdir(path) or not fs.exists(run):
         return None
-    return json.loads(fs.cat_file(run))["config"]["model_config"]
+    return RunRecord.from_json(fs.cat_file(run)).model_config_dict
 
 
 def add_advice(result: dict[str, Any], *, operating_point: str, tolerance: float = 0.05,
                model_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Attach the exit-depth advisor's recommendation for one operating point (an FMR label)."""
-    from workers.config import ViTFIQAConfig
+    from fiqa_curator.workers.config import ViTFIQAConfig
 
     pauc = {name: points[operating_point]["pauc"] for name, points in result["methods"].items()
             if operating_point in points}
@@ -172,7 +172,7 @@ def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[flo
             }
         return result
     if protocol != "iso":
-        raise ValueError(f"protocol must be erc or iso, got {protocol!r}")
+        raise UserError(f"protocol must be erc or iso, got {protocol!r}")
     genuine_similarity = data.similarity[data.genuine]
     impostor_similarity = data.similarity[~data.genuine]
     if threshold is not None or starting_error is not None or not len(impostor_similarity):
@@ -196,11 +196,11 @@ def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[flo
 def add_fusion_fit(result: dict[str, Any], ids: Sequence[str], methods: Mapping[str, np.ndarray],
                    data: EvaluationInput, *, protocol: str, fmr: float, discard_limit: float) -> dict[str, Any]:
     """Attach fitted fusion weights (fit on one half of the images, reported on the other)."""
-    from evaluation.fitting import fit_fusion
+    from fiqa_curator.evaluation.fitting import fit_fusion
 
     exits = sorted((int(name.split("_")[1]), name) for name in methods if name.startswith("exit_"))
     if not exits:
-        raise ValueError("--fit-fusion needs a fiqa quality table (per-exit scores)")
+        raise UserError("--fit-fusion needs a fiqa quality table (per-exit scores)")
     grid = np.stack([methods[name] for _, name in exits], axis=1)
     fitted = fit_fusion(list(ids), grid, data.index_a, data.index_b, data.similarity, data.genuine,
                         protocol=protocol, fmr=fmr, discard_limit=discard_limit)

@@ -11,6 +11,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fiqa_curator.flows.options import add_score_arguments, add_serve_arguments, parse_storage_options
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.status import Status
+
 console = Console(highlight=False)
 
 SCORE_DESCRIPTION = """\
@@ -21,8 +25,9 @@ A rerun with the same INPUT listing and configuration resumes: committed shards 
 with another configuration refuses to mix results unless --overwrite. s3:// works with the standard AWS
 variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).
 
-exit status: 0 the job completed (even with bad inputs); 2 it could not run (bad checkpoint or config,
-unreadable INPUT, unwritable OUTPUT, conflicting plan).
+exit status: 0 the job completed (even with bad inputs); 2 it could not run, with one line saying why (bad
+checkpoint or config, unreadable INPUT, unwritable OUTPUT, conflicting plan); 1 the run stalled
+(--stall-timeout: the same command resumes it) or a bug (its traceback is shown).
 
 example:
   fiqa score s3://bucket/faces/ s3://bucket/quality/2026-11-29/ --checkpoint s3://models/vitfiqa_token.pt \\
@@ -52,7 +57,7 @@ def _print_summary(summary) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from flows.demo import HEAVY, NOTICE, run_demo
+    from fiqa_curator.flows.demo import HEAVY, NOTICE, run_demo
 
     console.print(f"[bold]{NOTICE}[/]")
     with _progress() as progress:
@@ -67,12 +72,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     table.add_column("degradation")
     for severity in severities:
         table.add_column(str(severity), justify="right")
-    clean = [row["quality"] for row in result.rows if row["severity"] == 0 and row["status"] == "ok"]
+    clean = [row["quality"] for row in result.rows if row["severity"] == 0 and row["status"] == Status.OK]
     for kind in sorted({row["degradation"] for row in result.rows} - {"clean"}):
         cells = []
         for severity in severities:
             values = clean if severity == 0 else [row["quality"] for row in result.rows if row["degradation"] == kind
-                                                  and row["severity"] == severity and row["status"] == "ok"]
+                                                  and row["severity"] == severity and row["status"] == Status.OK]
             cells.append(f"{np.median(values):+.3f}" if values else "-")
         table.add_row(kind, *cells)
     console.print(table)
@@ -93,7 +98,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for column in ("image_id", "status", "faces", "face_confidence", "quality"):
             raw.add_column(column)
         for row in result.raw_rows:
-            raw.add_row(row["image_id"], row["status"] if row["status"] == "ok" else f"[red]{row['status']}[/]",
+            raw.add_row(row["image_id"], row["status"] if row["status"] == Status.OK else f"[red]{row['status']}[/]",
                         "-" if row["faces"] is None else str(row["faces"]),
                         "-" if row["face_confidence"] is None else f"{row['face_confidence']:.2f}",
                         "-" if row["quality"] is None else f"{row['quality']:+.3f}")
@@ -107,7 +112,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from demo_kit.build import build_sample_set
+    from fiqa_curator.demo_kit.build import build_sample_set
 
     severities = tuple(int(v) for v in args.severities.split(","))
     manifest = build_sample_set(Path(args.output), split=args.split, severities=severities, max_faces=args.faces,
@@ -117,14 +122,14 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from flows.evaluate import run_evaluation
+    from fiqa_curator.flows.evaluate import run_evaluation
 
     result, written, output_url = run_evaluation(
         args.quality, args.pairs, embeddings=args.embeddings, protocol=args.protocol,
         fmrs=[float(v) for v in args.fmr.split(",")], discard_limit=args.discard_limit, threshold=args.threshold,
         starting_error=args.starting_error, methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
         tolerance=args.tolerance, advise_fmr=args.advise_fmr, fit_fusion=args.fit_fusion, output=args.output,
-        storage_options=_storage_options(args.storage_options))
+        storage_options=parse_storage_options(args.storage_options))
     if written and not args.json:
         console.print(f"wrote {', '.join(written)} to {output_url}")
     if args.json:
@@ -158,16 +163,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Serve the nightly deployment: registers it with the Prefect server and runs its scheduled runs."""
     import prefect
 
-    from flows.nightly import nightly_deployment
-    from flows.prefect_server import ensure_prefect_api
+    from fiqa_curator.flows.nightly import nightly_deployment
+    from fiqa_curator.flows.options import serve_parameters
+    from fiqa_curator.flows.prefect_server import ensure_prefect_api
 
-    parameters = {key: value for key, value in {
-        "checkpoint": args.checkpoint, "arch": args.arch, "architecture_file": args.model_config,
-        "exit_depth": args.exit_depth, "fusion": args.fusion, "shard_size": args.shard_size,
-        "align": "all" if args.all_faces else ("largest" if args.align else None),
-        "incremental": not args.no_incremental, "device": args.device, "workers": args.workers,
-        "gpus_per_worker": args.gpus_per_worker, "precision": args.precision, "decode": args.decode,
-        "batch_size": args.batch_size}.items() if value is not None}
+    parameters: dict = {"incremental": not args.no_incremental}
+    scoring = serve_parameters(args)
+    if scoring:
+        parameters["scoring"] = scoring
     deployment = nightly_deployment(args.input, args.output_root, cron=args.cron, timezone=args.timezone,
                                     name=args.name, collision=args.collision, parameters=parameters)
     configured = prefect.settings.PREFECT_API_URL.value()
@@ -181,18 +184,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import write_report
+    from fiqa_curator.flows.report import write_report
 
-    url, summary = write_report(args.output, _storage_options(args.storage_options))
+    url, summary = write_report(args.output, parse_storage_options(args.storage_options))
     console.print(f"report: {url} ({summary['rows']} images)")
     return 0
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from flows.curation import select
+    from fiqa_curator.flows.curation import select
 
     selection = select(args.output, drop_fraction=args.drop_fraction, min_quality=args.min_quality, by=args.by,
-                       storage_options=_storage_options(args.storage_options))
+                       storage_options=parse_storage_options(args.storage_options))
     threshold = "none (nothing dropped)" if selection.threshold is None else f"{selection.threshold:.6g}"
     console.print(f"{selection.rule}; threshold {threshold}")
     console.print(f"keep {selection.kept}, drop {selection.dropped_low_quality} for quality and "
@@ -202,9 +205,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from flows.query import run_query, write_result
+    from fiqa_curator.flows.query import run_query, write_result
 
-    storage = _storage_options(args.storage_options)
+    storage = parse_storage_options(args.storage_options)
     table = run_query(args.output, args.sql, storage)
     if args.out:
         write_result(table, args.out, storage)
@@ -220,10 +223,10 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from workers import load_model
+    from fiqa_curator.workers import load_model
 
     loaded = load_model(args.checkpoint, args.model_config or args.arch,
-                        storage_options=_storage_options(args.storage_options))
+                        storage_options=parse_storage_options(args.storage_options))
     config = loaded.config
     info = {**loaded.describe(), "ignored_keys": list(loaded.ignored_keys),
             "gflops_per_image": {str(e): round(config.flops_at_exit(e) / 1e9, 4) for e in range(1, config.depth + 1)}}
@@ -235,7 +238,7 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
     """Compare this installation against official reference outputs (a fixture folder or a parent)."""
     import numpy as np
 
-    from workers import QualityScorer, load_model
+    from fiqa_curator.workers import QualityScorer, load_model
 
     root = Path(args.folder)
     folders = [root] if (root / "model.pt").is_file() else sorted(p.parent for p in root.glob("*/model.pt"))
@@ -263,18 +266,10 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import logging
 
-    from flows.score import ScoreOptions, score_flow
+    from fiqa_curator.flows.options import options_from_args
+    from fiqa_curator.flows.score import score_flow
 
-    options = ScoreOptions(
-        input=args.input, output=args.output, checkpoint=args.checkpoint, model_config=args.model_config,
-        arch=args.arch, mode=args.mode, exit_depth=args.exit_depth, fusion=args.fusion,
-        batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers, device=args.device,
-        overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
-        ray_address=args.ray_address, max_pixels=args.max_pixels, embeddings=args.embeddings,
-        report=not args.no_report, align="all" if args.all_faces else ("largest" if args.align else None),
-        since=args.since, stall_timeout=args.stall_timeout or None, gpus_per_worker=args.gpus_per_worker,
-        precision=args.precision, decode=args.decode,
-    )
+    options = options_from_args(args)
     if options.checkpoint is None:
         console.print("[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
                       "faces; a demonstration, not for production: workers/assets/demo/MODEL_CARD.md).[/]")
@@ -284,18 +279,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
         summary = score_flow(options, on_rows=lambda n: progress.update(bar, advance=n))
     _print_summary(summary)
     return 0
-
-
-def _storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise ValueError(f"--storage-options is not JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise ValueError("--storage-options must be a JSON object")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,50 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=SCORE_DESCRIPTION,
     )
-    score.add_argument("input", metavar="INPUT", help="folder/prefix, .csv/.parquet manifest, or .tar shard (any fsspec URL)")
-    score.add_argument("output", metavar="OUTPUT", help="output folder (any fsspec URL)")
-    model = score.add_argument_group("model")
-    model.add_argument("--checkpoint", help="model.pt, local path or URL (default: the bundled model)")
-    arch = model.add_mutually_exclusive_group()
-    arch.add_argument("--model-config", help="JSON architecture config (keys of the official fixture config.json)")
-    arch.add_argument("--arch", choices=["vit_s_qs", "vit_b_qs"], help="architecture preset")
-    model.add_argument("--mode", choices=["token", "crfiqa", "full"], help="with --arch: the expected mode")
-    model.add_argument("--exit-depth", type=int, help="run blocks 1..L only (default: the model depth)")
-    model.add_argument("--fusion", default="fw", help="fw (default) | f | final | w1,...,wL: the `quality` column")
-    model.add_argument("--embeddings", action="store_true",
-                       help="also store the model's face embedding (full depth only), for `fiqa evaluate`")
-    faces = score.add_argument_group("raw photos (default: INPUT holds aligned 112x112 face crops)")
-    faces.add_argument("--align", action="store_true",
-                       help="detect faces (dlib) and warp the largest to the ArcFace template; no face: status no_face")
-    faces.add_argument("--all-faces", action="store_true",
-                       help="with --align: one row per face (image ids ID#face0, ID#face1, ...; largest first)")
-    run = score.add_argument_group("execution")
-    run.add_argument("--batch-size", type=int,
-                     help="images per model batch (default: 64 on CPU; on GPU the largest that fits the free memory, "
-                          "measured by each actor, at most 2048, in Ray blocks of 1024)")
-    run.add_argument("--shard-size", type=int, default=1000, help="images per output file (default: %(default)s)")
-    run.add_argument("--workers", type=int, help="scoring actors (default: one per GPU, else 1)")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--gpus-per-worker", type=float, default=1.0,
-                     help="GPUs per scoring actor; 0.5 puts two actors on each GPU (default: %(default)s)")
-    run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                     help="model arithmetic: auto = bf16 autocast on GPU, fp32 on CPU (default: %(default)s); part "
-                          "of the configuration, so a run resumes and --since carries over only the same precision")
-    run.add_argument("--decode", choices=["cpu", "device"], default="cpu",
-                     help="where plain JPEG crops are decoded: cpu (reading tasks, Pillow) or device (the scoring "
-                          "actor: nvJPEG on GPU, batched; other images stay on the CPU) (default: %(default)s)")
-    run.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (default: %(default)s)")
-    run.add_argument("--overwrite", action="store_true", help="replace results of a different plan in OUTPUT")
-    run.add_argument("--stall-timeout", type=float, default=1800.0, metavar="SECONDS",
-                     help="fail the run when no batch is scored for this long, instead of waiting forever on a "
-                          "cluster that lost resources (default: %(default)s; 0: wait)")
-    run.add_argument("--since", metavar="PREVIOUS_OUTPUT",
-                     help="incremental: copy the rows of images unchanged since PREVIOUS_OUTPUT (same id, URI, size, "
-                          "ETag/mtime; same configuration) and score only new or changed ones")
-    run.add_argument("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": false}\'')
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report/index.html at the end")
+    add_score_arguments(score)
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(handler=_cmd_score)
 
     serve = commands.add_parser(
@@ -386,23 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="nightly", help="deployment name (default: %(default)s)")
     serve.add_argument("--collision", choices=["enqueue", "cancel-new"], default="enqueue",
                        help="a run triggered while one runs: wait for it, or be cancelled (default: %(default)s)")
-    serve.add_argument("--checkpoint")
-    serve_arch = serve.add_mutually_exclusive_group()
-    serve_arch.add_argument("--model-config")
-    serve_arch.add_argument("--arch", choices=["vit_s_qs", "vit_b_qs"])
-    serve.add_argument("--exit-depth", type=int)
-    serve.add_argument("--fusion")
-    serve.add_argument("--shard-size", type=int)
-    serve.add_argument("--align", action="store_true")
-    serve.add_argument("--all-faces", action="store_true")
     serve.add_argument("--no-incremental", action="store_true", help="score everything every night")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--workers", type=int, help="scoring actors; on a cluster that autoscales GPU nodes from zero, "
-                       "with --device cuda")
-    serve.add_argument("--gpus-per-worker", type=float)
-    serve.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    serve.add_argument("--decode", choices=["cpu", "device"])
-    serve.add_argument("--batch-size", type=int)
+    add_serve_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
 
     evaluate = commands.add_parser(
@@ -475,23 +401,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.log_json:  # Prefect reads its logging settings when it is first imported: set them before
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"] = "json"
-        os.environ["FIQA_LOG_FORMAT"] = "json"  # flows.score.init_ray: Ray's logs as JSON too
-    from flows.plan import PlanConflict
-    from flows.prefect_server import PrefectServerError
-    from flows.score import StallError
-    from flows.sources import InputError
-    from flows.storage import OutputError
-    from workers import CheckpointError
+        os.environ["FIQA_LOG_FORMAT"] = "json"  # flows.cluster.init_ray: Ray's logs as JSON too
+    from fiqa_curator.flows.execution import StallError
 
     try:
         return args.handler(args)
-    except (CheckpointError, InputError, OutputError, PlanConflict, PrefectServerError, ValueError,
-            FileNotFoundError) as error:
+    except (UserError, FileNotFoundError) as error:  # the user can fix it: one line, no traceback
         console.print(f"[red]error:[/] {error}", soft_wrap=True)  # whole lines: greppable, copyable
         return 2
     except StallError as error:  # the run started and stopped making progress: rerunning resumes it
         console.print(f"[red]failed:[/] {error}", soft_wrap=True)
         return 1
+    # anything else is a bug: its traceback shows (exit status 1), so that a report carries what fixes it
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.storage import Output
-from schemas import SCORE_COLUMNS, exit_score_matrix
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import CURATION, SCORES
+from fiqa_curator.schemas.quality_table import SCORE_COLUMNS, exit_score_matrix
+from fiqa_curator.schemas.status import Status
 
 _EXIT = re.compile(r"^exit_(\d+)$")
 LIST_SCHEMA = pa.schema([("image_id", pa.string()), ("source", pa.string()), ("quality", pa.float32()),
@@ -47,9 +50,9 @@ def _score_column(table: pa.Table, by: str) -> np.ndarray:
         exits = exit_score_matrix(table)
         exit_index = int(match.group(1))
         if not 1 <= exit_index <= exits.shape[1]:
-            raise ValueError(f"--by {by}: the table has exits 1..{exits.shape[1]}")
+            raise UserError(f"--by {by}: the table has exits 1..{exits.shape[1]}")
         return exits[:, exit_index - 1]
-    raise ValueError(f"--by must be one of {', '.join(SCORE_COLUMNS)} or exit_<k>, got {by!r}")
+    raise UserError(f"--by must be one of {', '.join(SCORE_COLUMNS)} or exit_<k>, got {by!r}")
 
 
 def select(
@@ -57,20 +60,16 @@ def select(
     storage_options: Mapping[str, Any] | None = None,
 ) -> Selection:
     if (drop_fraction is None) == (min_quality is None):
-        raise ValueError("give exactly one of --drop-fraction or --min-quality")
+        raise UserError("give exactly one of --drop-fraction or --min-quality")
     if drop_fraction is not None and not 0 <= drop_fraction <= 1:
-        raise ValueError(f"--drop-fraction must be in [0, 1], got {drop_fraction}")
+        raise UserError(f"--drop-fraction must be in [0, 1], got {drop_fraction}")
     output = Output(output_url, storage_options)
-    if not output.list("scores"):
-        raise ValueError(f"no quality table in {output_url} (expected scores/*.parquet)")
-    if output.read_bytes("_SUCCESS") is None:
-        raise ValueError(f"{output_url} has no _SUCCESS: the run is incomplete, so lists would miss images; "
-                         f"rerun the same `fiqa score` command to finish it first")
+    output.require_table(finished=True)
     columns = ["image_id", "source", "status", "error", "exit_depth", "exit_scores", *SCORE_COLUMNS]
-    table = pq.read_table(output.path("scores"), columns=columns, filesystem=output.fs)
+    table = pq.read_table(output.path(SCORES), columns=columns, filesystem=output.fs)
     scores = _score_column(table, by)
     rows = table.select(["image_id", "source", "status", "error"]).to_pylist()
-    scored = sorted((i for i, row in enumerate(rows) if row["status"] == "ok" and math.isfinite(scores[i])),
+    scored = sorted((i for i, row in enumerate(rows) if row["status"] == Status.OK and math.isfinite(scores[i])),
                     key=lambda i: (scores[i], rows[i]["image_id"]))
     if drop_fraction is not None:
         cut = math.floor(drop_fraction * len(scored) + 1e-9)
@@ -86,7 +85,7 @@ def select(
     for i, row in enumerate(rows):
         quality = float(scores[i]) if math.isfinite(scores[i]) else None
         record = {"image_id": row["image_id"], "source": row["source"], "quality": quality}
-        if row["status"] != "ok":
+        if row["status"] != Status.OK:
             drop.append({**record, "reason": f"{row['status']}: {row['error'] or ''}".rstrip(": ")})
         elif quality is None:
             drop.append({**record, "reason": f"no finite {by} score"})
@@ -98,8 +97,8 @@ def select(
         records.sort(key=lambda r: r["image_id"])
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(records, schema=LIST_SCHEMA), buffer)
-        output.commit_bytes(f"curation/{name}.parquet", buffer.getvalue())
+        output.commit_bytes(f"{CURATION}/{name}.parquet", buffer.getvalue())
     selection = Selection(by=by, rule=rule, threshold=threshold, kept=len(keep), dropped_low_quality=len(low),
-                          dropped_unscored=len(drop) - len(low), output=output.full_url("curation"))
-    output.commit_bytes("curation/selection.json", json.dumps(asdict(selection), indent=1).encode())
+                          dropped_unscored=len(drop) - len(low), output=output.full_url(CURATION))
+    output.commit_bytes(f"{CURATION}/selection.json", json.dumps(asdict(selection), indent=1).encode())
     return selection

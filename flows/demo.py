@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from flows.score import RunSummary, ScoreOptions, score_flow
+from fiqa_curator.flows.options import ScoreOptions
+from fiqa_curator.flows.score import RunSummary, score_flow
+from fiqa_curator.schemas.layout import EVALUATION, SCORES
+from fiqa_curator.schemas.status import Status
 
 NOTICE = ("fiqa demo: sample faces from installed packages (held out from the demo model's training), degraded at "
           "5 severities, scored by the bundled DEMO model (trained here on CPU in minutes: a demonstration, not "
@@ -47,7 +50,7 @@ def separation(rows: list[dict[str, Any]], column: str = "quality") -> dict[str,
     """How well `column` separates clean from heavily degraded images, and its agreement with the utility."""
     from scipy.stats import spearmanr
 
-    ok = [row for row in rows if row["status"] == "ok"]
+    ok = [row for row in rows if row["status"] == Status.OK]
     clean = np.array([row[column] for row in ok if row["severity"] == 0])
     heavy = np.array([row[column] for row in ok if row["severity"] == HEAVY])
     by_severity = {}
@@ -78,8 +81,8 @@ def run_demo(
 
     A rerun finds the same listing and configuration and resumes (nothing to recompute); a rerun with
     other options replaces the previous results."""
-    from demo_kit.build import MANIFEST, build_sample_set
-    from flows.prefect_server import start_prefect_api_in_background
+    from fiqa_curator.demo_kit.build import MANIFEST, build_sample_set
+    from fiqa_curator.flows.prefect_server import start_prefect_api_in_background
 
     prefect_api = start_prefect_api_in_background()  # its first start (a new database) overlaps the data build
     data = output / "data"
@@ -92,23 +95,23 @@ def run_demo(
     summary = score_flow(options, on_rows=on_rows)
     known = _manifest(manifest)
     rows = []
-    for row in pq.read_table(output / "quality" / "scores").to_pylist():
+    for row in pq.read_table(output / "quality" / SCORES).to_pylist():
         meta = known[row["image_id"]]
         rows.append({**row, "degradation": meta["degradation"], "severity": int(meta["severity"]),
                      "utility": float(meta["utility"]), "face": meta["face"]})
     result = DemoResult(output=output, rows=rows, summary=summary, separation=separation(rows))
     if evaluate:
-        from flows.evaluate import EVALUATION_FOLDER, run_evaluation
-        from flows.report import write_report
+        from fiqa_curator.flows.evaluate import run_evaluation
+        from fiqa_curator.flows.report import write_report
 
         quality = str(output / "quality")
         result.evaluation, _, _ = run_evaluation(
             quality, str(data / "pairs.parquet"), embeddings=str(data / "fr_embeddings.parquet"), protocol="erc",
-            output=str(output / "quality" / EVALUATION_FOLDER))
+            output=str(output / "quality" / EVALUATION))
         write_report(quality)  # again, now with the evaluation section
     if raw and (data / "raw").is_dir():
         raw_options = ScoreOptions(input=str(data / "raw"), output=str(output / "raw-quality"), exit_depth=exit_depth,
                                    fusion=fusion, align="all", overwrite=True)
         result.raw_summary = score_flow(raw_options, on_rows=on_rows)
-        result.raw_rows = pq.read_table(output / "raw-quality" / "scores").to_pylist()
+        result.raw_rows = pq.read_table(output / "raw-quality" / SCORES).to_pylist()
     return result

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from evaluation.edc import DEFAULT_FMRS
-from evaluation.run import (
+from fiqa_curator.evaluation.edc import DEFAULT_FMRS
+from fiqa_curator.evaluation.run import (
     add_advice,
     add_fusion_fit,
     evaluate,
@@ -20,10 +20,12 @@ from evaluation.run import (
     model_config_of,
     prepare,
 )
-from flows.storage import Output
-from workers.config import ViTFIQAConfig
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import EVALUATION
+from fiqa_curator.workers.config import ViTFIQAConfig
 
-EVALUATION_FOLDER = "evaluation"  # QUALITY/evaluation: where `fiqa report` looks for an evaluation
+EVALUATION_FOLDER = EVALUATION  # QUALITY/evaluation: where `fiqa report` looks for an evaluation
 
 
 def run_evaluation(
@@ -41,7 +43,7 @@ def run_evaluation(
     if methods:
         missing = [m for m in methods if m not in found]
         if missing:
-            raise ValueError(f"unknown methods {missing}; available: {', '.join(found)}")
+            raise UserError(f"unknown methods {missing}; available: {', '.join(found)}")
         found = {m: found[m] for m in methods}
     data = prepare(ids, found, load_embeddings(embeddings or quality, storage_options),
                    *load_pairs(pairs, storage_options))
@@ -56,7 +58,7 @@ def run_evaluation(
         add_fusion_fit(result, ids, found, data, protocol=protocol, fmr=advise_fmr, discard_limit=discard_limit)
     if not output:
         return result, [], None
-    from evaluation.outputs import write_evaluation
+    from fiqa_curator.evaluation.outputs import write_evaluation
 
     target = Output(output, storage_options)
     target.ensure_writable()

@@ -15,7 +15,8 @@ has no row for (it was interrupted).
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,15 +24,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.plan import LISTING_FILE, Plan, load_plan
-from flows.storage import Output
-from schemas import SCORE_COLUMNS, exit_score_matrix
+from fiqa_curator.flows.plan import Plan, load_plan
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.batch import FACE_ID_PATTERN, batch_from_table
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import LISTING_FILE, SCORES, shard_file
+from fiqa_curator.schemas.status import Status
 
 _ITEM_KEY = ("url", "offset", "length", "size", "version")
-_FACE_SUFFIX = r"#face\d+$"
 
 
-class IncrementalError(ValueError):
+class IncrementalError(UserError):
     """PREVIOUS cannot be used for --since."""
 
 
@@ -61,64 +64,33 @@ def unchanged_items(previous: Output, plan: Plan, items: Iterable[Any]) -> set[s
                                                                item.version)}
 
 
-def _filled(column: pa.ChunkedArray, value: Any) -> np.ndarray:
-    return pc.fill_null(column, value).to_numpy(zero_copy_only=False)
-
-
 def carried_batches(
-    previous: Output, item_ids: set[str], shard_of_item: Mapping[str, str], *, align: str | None,
-) -> list[dict[str, np.ndarray]]:
-    """PREVIOUS's rows of the given items, as writer batches (the columns a scoring batch has, with
-    the same null sentinels), one batch per committed file of PREVIOUS."""
-    batches = []
-    for name in sorted(previous.list("scores")):
+    previous: Output, item_ids: set[str], shard_of_item: Mapping[str, str], *, config: Mapping[str, Any],
+) -> Iterator[dict[str, np.ndarray]]:
+    """PREVIOUS's rows of the given items, as writer batches (the columns and placeholders a scoring batch
+    has; schemas.batch), one batch per committed file of PREVIOUS."""
+    widths = {"exit_scores": int(config["exit_depth"]), "embedding": int(config["model_config"]["embed_dim"])}
+    wanted = pa.array(sorted(item_ids), pa.string())
+    for name in sorted(previous.list(SCORES)):
         if not name.endswith(".parquet"):
             continue
-        table = pq.read_table(io.BytesIO(previous.read_bytes(f"scores/{name}")))
+        table = pq.read_table(io.BytesIO(previous.read_bytes(shard_file(name.removesuffix(".parquet")))))
         ids = table.column("image_id")
-        owner = pc.replace_substring_regex(ids, _FACE_SUFFIX, "") if align == "all" else ids
-        table = table.append_column("item_id", owner).filter(pc.is_in(owner, pa.array(sorted(item_ids), pa.string())))
+        owner = pc.replace_substring_regex(ids, FACE_ID_PATTERN, "") if config["align"] == "all" else ids
+        table = table.append_column("item_id", owner).filter(pc.is_in(owner, wanted))
         if not table.num_rows:
             continue
         # a read error may have been transient (a store that was down): such images are scored again
-        retry = pc.equal(table.column("status"), "read_error")
+        retry = pc.equal(table.column("status"), Status.READ_ERROR.value)
         if pc.any(retry).as_py():
             failed = pc.unique(table.filter(retry).column("item_id"))
             table = table.filter(pc.invert(pc.is_in(table.column("item_id"), failed)))
             if not table.num_rows:
                 continue
         owners = table.column("item_id").to_pylist()
-        counts: dict[str, int] = {}
-        for owner_id in owners:
-            counts[owner_id] = counts.get(owner_id, 0) + 1
-        box = table.column("face_box").combine_chunks()
-        face_box = pc.list_flatten(pc.fill_null(box, pa.scalar([np.nan] * 4, box.type))).to_numpy(
-            zero_copy_only=False).reshape(-1, 4)
-        batch = {
-            "image_id": np.array(table.column("image_id").to_pylist(), dtype=object),
-            "source": np.array(table.column("source").to_pylist(), dtype=object),
-            "identity": np.array(table.column("identity").to_pylist(), dtype=object),
-            "status": np.array(table.column("status").to_pylist(), dtype=object),
-            "error": np.array([e or "" for e in table.column("error").to_pylist()], dtype=object),
-            "byte_size": _filled(table.column("byte_size"), -1).astype(np.int64),
-            "width": _filled(table.column("width"), -1).astype(np.int64),
-            "height": _filled(table.column("height"), -1).astype(np.int64),
-            "resized": _filled(table.column("resized"), False).astype(bool),
-            "face_index": _filled(table.column("face_index"), -1).astype(np.int64),
-            "faces": _filled(table.column("faces"), -1).astype(np.int64),
-            "face_box": face_box.astype(np.float32),
-            "face_confidence": _filled(table.column("face_confidence"), np.nan).astype(np.float32),
-            "exit_scores": exit_score_matrix(table).astype(np.float32),
-            **{column: _filled(table.column(column), np.nan).astype(np.float32) for column in SCORE_COLUMNS},
-            "run_id": np.array(table.column("run_id").to_pylist(), dtype=object),
-            "shard": np.array([shard_of_item[o] for o in owners], dtype=object),
-            "item_id": np.array(owners, dtype=object),
-            "item_rows": np.array([counts[o] for o in owners], dtype=np.int64),
-        }
-        if "embedding" in table.column_names:
-            embedding = table.column("embedding").combine_chunks()
-            width = int(pc.max(pc.list_value_length(embedding)).as_py() or 0)
-            filled = pc.fill_null(embedding, pa.scalar([np.nan] * width, embedding.type))
-            batch["embedding"] = pc.list_flatten(filled).to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
-        batches.append(batch)
-    return batches
+        counts = Counter(owners)
+        batch = batch_from_table(table, widths)
+        batch["item_id"] = np.array(owners, dtype=object)
+        batch["item_rows"] = np.array([counts[o] for o in owners], dtype=np.int64)
+        batch["shard"] = np.array([shard_of_item[o] for o in owners], dtype=object)
+        yield batch

@@ -9,6 +9,9 @@ repository root declares the same deployment for a work pool. When the latest ea
 with another configuration (a new model, exit depth, precision, ...), its rows cannot be carried over:
 the night scores everything, with a warning, instead of failing every night until someone comes.
 
+The scoring options a deployment sets are one parameter, `scoring` (`flows.options.NightlyScoring`:
+ScoreOptions' fields that `fiqa serve` has, with the same defaults and help texts).
+
 Credentials are never parameters (Prefect stores parameters): object stores are reached with the
 standard environment variables of the process that runs the flow (AWS_* for s3://).
 """
@@ -16,16 +19,18 @@ standard environment variables of the process that runs the flow (AWS_* for s3:/
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger
 
-from flows.incremental import IncrementalError
-from flows.score import SUCCESS_FILE, ScoreOptions, score_flow
-from flows.storage import Output
+from fiqa_curator.flows.incremental import IncrementalError
+from fiqa_curator.flows.options import NightlyScoring, ScoreOptions
+from fiqa_curator.flows.score import score_flow
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import SUCCESS_FILE
 
 DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 2 * * *"
@@ -53,15 +58,12 @@ def previous_output(output_root: str, today: date) -> str | None:
 
 @flow(name="fiqa-nightly", retries=2, retry_delay_seconds=600, log_prints=False)
 def nightly_score(
-    input: str, output_root: str, checkpoint: str | None = None, arch: str | None = None,
-    architecture_file: str | None = None, exit_depth: int | None = None, fusion: str = "fw", align: str | None = None,
-    incremental: bool = True, timezone: str = "UTC", shard_size: int = 1000, batch_size: int | None = None,
-    run_for: str | None = None, device: str = "auto", workers: int | None = None, gpus_per_worker: float = 1.0,
-    precision: str = "auto", decode: str = "cpu",
+    input: str, output_root: str, scoring: NightlyScoring | None = None, incremental: bool = True,
+    timezone: str = "UTC", run_for: str | None = None,
 ) -> dict[str, Any]:
-    """Score INPUT into OUTPUT_ROOT/<date>/ (incrementally from the latest finished earlier date).
-    `architecture_file` is `fiqa score --model-config` (pydantic reserves the name `model_config`);
-    `run_for` (YYYY-MM-DD) overrides the date, for a manual catch-up run."""
+    """Score INPUT into OUTPUT_ROOT/<date>/ (incrementally from the latest finished earlier date), with the
+    `scoring` options (`fiqa score`'s; `architecture_file` is its --model-config). `run_for` (YYYY-MM-DD)
+    overrides the date, for a manual catch-up run."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
@@ -70,16 +72,13 @@ def nightly_score(
     output = Output(output_root).full_url(today.isoformat())
     since = previous_output(output_root, today) if incremental else None
     logger.info("nightly run for %s: %s -> %s%s", today, input, output, f" (since {since})" if since else "")
-    options = ScoreOptions(
-        input=input, output=output, checkpoint=checkpoint, arch=arch, model_config=architecture_file,
-        exit_depth=exit_depth, fusion=fusion, align=align, since=since, shard_size=shard_size,
-        batch_size=batch_size, device=device, workers=workers, gpus_per_worker=gpus_per_worker, precision=precision,
-        decode=decode, progress=False)
+    chosen = NightlyScoring.model_validate(scoring or {})
+    options = ScoreOptions.make(input=input, output=output, since=since, **chosen.model_dump(exclude_unset=True))
     try:
         summary = score_flow(options)
     except IncrementalError as error:  # raised after planning, before any scoring: nothing to undo
         logger.warning("%s; scoring every image tonight instead", error)
-        summary = score_flow(replace(options, since=None))
+        summary = score_flow(options.model_copy(update={"since": None}))
     return {"output": summary.output, "report": summary.report, "rows": summary.total_rows,
             "scored_now": summary.scored_now, "carried_over": summary.carried_over, "counts": summary.counts}
 
@@ -95,7 +94,7 @@ def nightly_deployment(
     ZoneInfo(timezone)  # an unknown time zone fails here, not at 2 a.m.
     strategy = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE, "cancel-new": ConcurrencyLimitStrategy.CANCEL_NEW}
     if collision not in strategy:
-        raise ValueError(f"collision must be one of {', '.join(strategy)}, got {collision!r}")
+        raise UserError(f"collision must be one of {', '.join(strategy)}, got {collision!r}")
     return nightly_score.to_deployment(
         name=name, schedules=[Cron(cron, timezone=timezone)],
         parameters={"input": input, "output_root": output_root, "timezone": timezone, **(parameters or {})},

@@ -1,12 +1,6 @@
-"""The scoring plan: a deterministic, sorted listing cut into shards, saved in OUTPUT with fingerprints
-of the listing and of the scoring configuration, and the rules for resuming against it.
-
-OUTPUT layout:
-  _plan.json               plan: fingerprints, shard boundaries, configuration
-  _plan/listing.parquet    the exact listing the shards refer to
-  scores/shard-00000.parquet ...   committed shards (each appears only when complete)
-  _staging/                partial writes; never read, cleaned on the next run
-  _run.json, _SUCCESS      run record, then the success marker, written last
+"""The scoring plan: a deterministic, sorted listing cut into shards, saved in OUTPUT (`_plan.json`,
+`_plan/listing.parquet`; schemas.layout) with fingerprints of the listing and of the scoring
+configuration, and the rules for resuming against it.
 """
 
 from __future__ import annotations
@@ -21,20 +15,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from flows.sources import InputItem, items_to_table
-from flows.storage import Output
+from fiqa_curator.flows.sources import InputItem, items_to_table
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import LISTING_FILE, PLAN_FILE, SCORES, shard_name
 
 PLAN_VERSION = 1
-PLAN_FILE = "_plan.json"
-LISTING_FILE = "_plan/listing.parquet"
 
 
-class PlanConflict(RuntimeError):
+class PlanConflict(UserError):
     """OUTPUT holds results of another listing or configuration; mixing them needs --overwrite."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 def listing_fingerprint(items: list[InputItem]) -> str:
@@ -79,7 +69,7 @@ def make_plan(
     input_url: str, input_kind: str, items: list[InputItem], shard_size: int, scoring_config: Mapping[str, Any]
 ) -> Plan:
     if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+        raise UserError(f"shard size must be >= 1, got {shard_size}")
     ordered = sorted(items, key=lambda item: item.image_id)
     return Plan(
         input_url=input_url, input_kind=input_kind, item_count=len(ordered), shard_size=shard_size,
@@ -131,4 +121,4 @@ def reconcile(existing: Plan | None, new: Plan, *, overwrite: bool, has_results:
 
 
 def committed_shards(output: Output) -> set[str]:
-    return {posixpath.splitext(name)[0] for name in output.list("scores") if name.endswith(".parquet")}
+    return {posixpath.splitext(name)[0] for name in output.list(SCORES) if name.endswith(".parquet")}

@@ -32,13 +32,15 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from fiqa_curator.schemas.errors import UserError
+
 STARTUP_TIMEOUT_S = 300  # ~6x the slowest fresh start measured on a 2-core machine (52 s, docs/benchmarks.md)
 TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 _PORT_IN_USE = 3  # the server's exit status when its port was taken; Prefect then retries on another port
 _LOCK = threading.Lock()
 
 
-class PrefectServerError(RuntimeError):
+class PrefectServerError(UserError):
     """No Prefect API to run flows against: the temporary server did not start, or none is allowed."""
 
 

@@ -15,15 +15,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from flows.storage import Output
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import SCORES
 
 
 def run_query(output_url: str, sql: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
     output = Output(output_url, storage_options)
-    if not output.list("scores"):
-        raise ValueError(f"no quality table in {output_url} (expected scores/*.parquet)")
+    output.require_table()
     connection = duckdb.connect()
-    pattern = output.full_url("scores") + "/*.parquet"
+    pattern = output.full_url(SCORES) + "/*.parquet"
     if "://" in pattern and not pattern.startswith("file://"):
         connection.register_filesystem(output.fs)
     else:
@@ -32,14 +33,14 @@ def run_query(output_url: str, sql: str, storage_options: Mapping[str, Any] | No
     try:
         return connection.sql(sql).to_arrow_table()
     except duckdb.Error as error:
-        raise ValueError(f"query failed: {error}") from error
+        raise UserError(f"query failed: {error}") from error
     finally:
         connection.close()
 
 
 def write_result(table: pa.Table, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """CSV or Parquet by extension, to a local path or any fsspec URL."""
-    from workers.io import filesystem
+    from fiqa_curator.workers.io import filesystem
 
     fs, path = filesystem(url, storage_options)
     with fs.open(path, "wb") as handle:
@@ -48,4 +49,4 @@ def write_result(table: pa.Table, url: str, storage_options: Mapping[str, Any] |
         elif url.endswith(".csv"):
             pacsv.write_csv(table, handle)
         else:
-            raise ValueError(f"--out must end in .csv or .parquet, got {url}")
+            raise UserError(f"--out must end in .csv or .parquet, got {url}")

@@ -25,7 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.io import filesystem, with_retries
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.workers.io import filesystem, with_retries
 
 # Formats we decode, plus image formats people keep next to them: those get an `unsupported_format`
 # row instead of vanishing from the table.
@@ -36,7 +37,7 @@ IDENTITY_EXTENSIONS = ("cls", "id", "identity")
 MAX_IDENTITY_BYTES = 1024
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """INPUT cannot be listed or read as a dataset: the job cannot run."""
 
 

@@ -1,7 +1,9 @@
-"""OUTPUT as an fsspec folder: atomic commits, listing, reading, with retries.
+"""OUTPUT as an fsspec folder: atomic commits, listing, reading, with retries, and the questions every
+command asks of it (is there a quality table here, is it finished, what did the run record).
 
 A file becomes visible under its final name only when complete: it is written under `_staging/` and then
-moved (a rename on local disks; a server-side copy on object stores, whose target appears whole).
+moved (a rename on local disks; a server-side copy on object stores, whose target appears whole). The
+names of OUTPUT's files are declared in `schemas.layout`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from workers.io import filesystem, with_retries
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.layout import RUN_FILE, SCORES, STAGING, SUCCESS_FILE, RunRecord
+from fiqa_curator.workers.io import filesystem, with_retries
 
-STAGING = "_staging"
 
-
-class OutputError(RuntimeError):
-    """OUTPUT cannot be created or written."""
+class OutputError(UserError):
+    """OUTPUT cannot be created or written, or holds no quality table where one is needed."""
 
 
 class Output:
@@ -98,3 +100,25 @@ class Output:
         """Drop leftovers of interrupted writes: they were never visible, so nothing refers to them."""
         for name in self.list(STAGING):
             with_retries(lambda name=name: self.fs.rm(self.path(f"{STAGING}/{name}"), recursive=True))
+
+    # ---- the quality table and its run ------------------------------------------------------------------
+    def has_table(self) -> bool:
+        """Whether OUTPUT holds quality-table files (finished or not)."""
+        return bool(self.list(SCORES))
+
+    def require_table(self, *, finished: bool = False) -> None:
+        """OutputError unless OUTPUT holds a quality table (and, with `finished`, a complete one)."""
+        if not self.has_table():
+            raise OutputError(f"no quality table in {self.url} (expected {SCORES}/*.parquet)")
+        if finished and self.read_bytes(SUCCESS_FILE) is None:
+            raise OutputError(f"{self.url} has no {SUCCESS_FILE}: the run is incomplete, so lists would miss "
+                              f"images; rerun the same `fiqa score` command to finish it first")
+
+    def read_run_record(self) -> RunRecord | None:
+        raw = self.read_bytes(RUN_FILE)
+        return RunRecord.from_json(raw) if raw else None
+
+    def write_run_record(self, record: RunRecord) -> None:
+        """The run record, then the success marker: a finished table is one with _SUCCESS."""
+        self.commit_bytes(RUN_FILE, record.to_json())
+        self.commit_bytes(SUCCESS_FILE, b"")

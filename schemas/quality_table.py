@@ -42,8 +42,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fiqa_curator.schemas.status import STATUS_VALUES, Status
+
 SCHEMA_VERSION = "2"  # 2: face_index, faces, face_box, face_confidence (`--align`), status no_face
-STATUS_VALUES = ("ok", "decode_error", "unsupported_format", "too_large", "read_error", "no_face")
 
 _FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -111,7 +112,7 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
     unknown = set(status.tolist()) - set(STATUS_VALUES)
     if unknown:
         raise ValueError(f"unknown status values: {sorted(unknown)}")
-    ok = status == "ok"
+    ok = status == Status.OK
     count = len(status)
     exit_scores = np.asarray(columns["exit_scores"], dtype=np.float32).reshape(count, -1)
     depth = exit_scores.shape[1]

@@ -100,7 +100,7 @@ def prefect_harness():
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.prefect_server import STARTUP_TIMEOUT_S
+    from fiqa_curator.flows.prefect_server import STARTUP_TIMEOUT_S
 
     with prefect_test_harness(server_startup_timeout=STARTUP_TIMEOUT_S):
         yield
@@ -130,10 +130,11 @@ def ray_cluster():
 @pytest.fixture
 def run_score(prefect_harness, ray_cluster):
     """Run the real `fiqa-score` flow in-process on the test cluster; returns (summary, rows by image_id)."""
-    from flows.score import ScoreOptions, score_flow
+    from fiqa_curator.flows.options import ScoreOptions
+    from fiqa_curator.flows.score import score_flow
 
     def run(input: str, output: str, **options):
-        summary = score_flow(ScoreOptions(input=str(input), output=str(output), progress=False, **options))
+        summary = score_flow(ScoreOptions(input=str(input), output=str(output), **options))
         return summary, read_quality_table(str(output), options.get("storage_options"))
 
     return run
@@ -143,7 +144,7 @@ def run_score(prefect_harness, ray_cluster):
 def run_cli(prefect_harness, ray_cluster, capsys):
     """`fiqa ARGS...` through the real command-line entry point, in-process on the test cluster;
     returns (exit status, printed output)."""
-    from flows.cli import main
+    from fiqa_curator.flows.cli import main
 
     def run(*args: str) -> tuple[int, str]:
         code = main([str(arg) for arg in args])

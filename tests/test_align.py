@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo_kit.faces import _astronaut, _grace_hopper, lfw_non_faces
-from workers.align import (
+from fiqa_curator.demo_kit.faces import _astronaut, _grace_hopper, lfw_non_faces
+from fiqa_curator.workers.align import (
     ARCFACE_TEMPLATE,
     align_faces,
     detect_faces,
     similarity_transform,
     warp_to_template,
 )
-from workers.reading import read_and_decode
+from fiqa_curator.workers.reading import read_and_decode
 
 PHOTOS = {"astronaut": _astronaut, "grace_hopper": _grace_hopper}
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from fiqa_curator.workers import CheckpointError, QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
+from fiqa_curator.workers.checkpoint import save_checkpoint
 from tests.conftest import TOLERANCE, ReferenceFixture
-from workers import CheckpointError, QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
-from workers.checkpoint import save_checkpoint
 
 SMALL = ViTFIQAConfig(mode="token", embed_dim=32, depth=2, num_heads=4)
 
@@ -80,7 +80,7 @@ def test_missing_unexpected_and_mismatched_keys_are_all_named(tmp_path: Path) ->
 def test_pickled_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pt"
     torch.save({"model": ViTFIQA(SMALL)}, path)  # a whole module needs pickled classes to load
-    with pytest.raises(CheckpointError, match=r"refused: this file needs pickled Python code to load \(workers.model.ViTFIQA\).*weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"refused: this file needs pickled Python code to load \(fiqa_curator.workers.model.ViTFIQA\).*weights_only=True"):
         load_model(path, {"num_heads": 4})
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fiqa_curator.workers import QualityScorer, decode_face, load_model
+from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 from tests.conftest import read_quality_table
-from workers import QualityScorer, decode_face, load_model
-from workers.assets import BUNDLED_CHECKPOINT
 
 FIQA = str(Path(sys.executable).parent / "fiqa")
 

@@ -20,8 +20,8 @@ import s3fs
 import torch
 from PIL import Image
 
+from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
 from tests.conftest import TOLERANCE, read_quality_table
-from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
 
 pytestmark = pytest.mark.slow
 FIQA = str(Path(sys.executable).parent / "fiqa")

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from flows.cli import main
-from schemas import build_quality_table
+from fiqa_curator.flows.cli import main
+from fiqa_curator.schemas import build_quality_table
 
 
 def quality_table(count: int = 20, seed: int = 0):

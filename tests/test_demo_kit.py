@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from demo_kit.build import build_sample_set, degraded_set, split_faces, utility_of
-from demo_kit.degrade import DEGRADATIONS, SEVERITIES, degrade
-from demo_kit.faces import source_faces
-from demo_kit.utility import fr_embeddings, references, utility
-from workers import QualityScorer, load_model
-from workers.assets import BUNDLED_CHECKPOINT, BUNDLED_DIR
+from fiqa_curator.demo_kit.build import build_sample_set, degraded_set, split_faces, utility_of
+from fiqa_curator.demo_kit.degrade import DEGRADATIONS, SEVERITIES, degrade
+from fiqa_curator.demo_kit.faces import source_faces
+from fiqa_curator.demo_kit.utility import fr_embeddings, references, utility
+from fiqa_curator.workers import QualityScorer, load_model
+from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT, BUNDLED_DIR
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_sample_set_builder_writes_a_deterministic_scorable_dataset(tmp_path: Pa
 
 
 def test_training_is_deterministic_given_the_seed(faces) -> None:
-    from demo_kit.train import TrainSettings, train_model
+    from fiqa_curator.demo_kit.train import TrainSettings, train_model
 
     sample = degraded_set(faces[2:6], kinds=("noise",), severities=(1, 5), seed=0)
     targets = np.linspace(-0.1, 0.4, len(sample.images)).astype(np.float32)
@@ -128,7 +128,7 @@ def torch_equal(a, b) -> bool:
 
 def test_demo_model_is_committed_with_its_card() -> None:
     card = (BUNDLED_DIR / "MODEL_CARD.md").read_text()
-    assert "not for production" in card and "python -m demo_kit.train" in card
+    assert "not for production" in card and "python -m fiqa_curator.demo_kit.train" in card
     record = json.loads((BUNDLED_DIR / "training.json").read_text())
     loaded = load_model(BUNDLED_CHECKPOINT)
     assert loaded.sha256 == record["sha256"] and loaded.config.mode == "token"

@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.plan import PlanConflict
-from flows.score import ScoreOptions, actor_placement, scoring_config, scoring_device
+from fiqa_curator.flows.cluster import actor_placement, scoring_device
+from fiqa_curator.flows.configuration import scoring_config
+from fiqa_curator.flows.options import ScoreOptions
+from fiqa_curator.flows.plan import PlanConflict
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.workers import QualityScorer, load_model
+from fiqa_curator.workers.device_decode import decode_jpegs
+from fiqa_curator.workers.preprocess import decode_face, plain_jpeg
+from fiqa_curator.workers.reading import read_and_decode
+from fiqa_curator.workers.scoring import AUTO_BATCH_CAP, CPU_BATCH_SIZE, batch_size_for_memory
+from fiqa_curator.workers.stages import ScoreActor
 from tests.conftest import TOLERANCE, ReferenceFixture
-from workers import QualityScorer, load_model
-from workers.device_decode import decode_jpegs
-from workers.preprocess import decode_face, plain_jpeg
-from workers.reading import read_and_decode
-from workers.scoring import AUTO_BATCH_CAP, CPU_BATCH_SIZE, batch_size_for_memory
-from workers.stages import ScoreActor
 
 
 def _jpeg(image: np.ndarray, **save: object) -> bytes:
@@ -111,10 +114,11 @@ def test_actor_decoding_gives_the_cpu_paths_rows(reference: ReferenceFixture, tm
     assert set(np.asarray(got["image_id"])[got["device_decoded"]]) == left_encoded
 
     # A device decoder that refuses a good JPEG (nvJPEG has limits libjpeg has not): the CPU decodes it.
-    import workers.device_decode
 
-    real = workers.device_decode.decode_jpegs
-    monkeypatch.setattr(workers.device_decode, "decode_jpegs",
+    import fiqa_curator.workers.device_decode
+
+    real = fiqa_curator.workers.device_decode.decode_jpegs
+    monkeypatch.setattr(fiqa_curator.workers.device_decode, "decode_jpegs",
                         lambda blobs, device: [None if i == 0 else image for i, image in enumerate(real(blobs, device))])
     refused = actor(deferred)
     np.testing.assert_array_equal(refused["exit_scores"], expected["exit_scores"])
@@ -172,7 +176,7 @@ def test_autoscaling_gpu_cluster_placement() -> None:
     --workers the actors ask for GPUs anyway (the autoscaler adds nodes); without --workers it says so."""
     placement = actor_placement({"CPU": 4.0}, device="cuda", workers=4, gpus_per_worker=0.5)
     assert placement.gpu and placement.workers == 4 and placement.gpus_per_worker == 0.5
-    with pytest.raises(RuntimeError, match="--workers"):
+    with pytest.raises(UserError, match="--workers"):
         actor_placement({"CPU": 4.0}, device="cuda")
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evaluation.edc import (
+from fiqa_curator.evaluation.edc import (
     ERC_GRID,
     angular_distance,
     area_under_theoretical_best,

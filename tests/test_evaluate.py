@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.edc import (
+from fiqa_curator.evaluation.edc import (
     ErcCurves,
     angular_distance,
     cosine_similarity,
@@ -18,9 +18,9 @@ from evaluation.edc import (
     iso_threshold,
     pair_quality,
 )
-from flows.cli import main
-from schemas import build_quality_table
-from workers import ViTFIQAConfig
+from fiqa_curator.flows.cli import main
+from fiqa_curator.schemas import build_quality_table
+from fiqa_curator.workers import ViTFIQAConfig
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_human_table_and_errors(dataset: dict, capsys) -> None:
 
 
 def test_advisor_picks_the_shallowest_depth_within_tolerance() -> None:
-    from evaluation.advisor import advise, depth_fusions
+    from fiqa_curator.evaluation.advisor import advise, depth_fusions
 
     pauc = {"exit_1": 0.30, "exit_2": 0.20, "f@2": 0.104, "fw@2": 0.12, "exit_3": 0.11, "fw@3": 0.10,
             "exit_4": 0.101, "quality": 0.05}  # `quality` is not a per-depth option: ignored
@@ -207,7 +207,7 @@ def test_output_folder_holds_json_tables_and_plots(dataset: dict, capsys, tmp_pa
 
 
 def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(dataset: dict, capsys, tmp_path: Path) -> None:
-    from workers import parse_fusion
+    from fiqa_curator.workers import parse_fusion
 
     _fake_fiqa_output(dataset, tmp_path)
     path = dataset["path"]
@@ -236,9 +236,9 @@ def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(dataset
 def test_end_to_end_on_the_demo_dataset_with_dlib_and_own_embeddings(tmp_path: Path, run_score, capsys) -> None:
     """Sample faces -> the demo model through the pipeline (with its own embeddings) -> EDC against dlib's
     recogniser and against the model's embeddings -> curves and the advisor in the report."""
-    from demo_kit.build import build_sample_set
-    from flows.evaluate import run_evaluation
-    from flows.report import build_report
+    from fiqa_curator.demo_kit.build import build_sample_set
+    from fiqa_curator.flows.evaluate import run_evaluation
+    from fiqa_curator.flows.report import build_report
 
     manifest = build_sample_set(tmp_path / "data", max_faces=4, severities=(1, 3, 5), log=lambda _: None)
     quality = tmp_path / "quality"

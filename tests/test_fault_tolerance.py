@@ -17,8 +17,8 @@ import psutil
 import pytest
 import torch
 
+from fiqa_curator.workers import ViTFIQA, ViTFIQAConfig
 from tests.conftest import read_quality_table
-from workers import ViTFIQA, ViTFIQAConfig
 
 pytestmark = pytest.mark.slow
 FIQA = str(Path(sys.executable).parent / "fiqa")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.prefect_server import TIMEOUT_SETTING
+from fiqa_curator.flows.prefect_server import TIMEOUT_SETTING
 
 pytestmark = pytest.mark.slow
 FIQA = str(Path(sys.executable).parent / "fiqa")
@@ -101,7 +101,7 @@ def test_a_configured_prefect_api_is_used_as_it_is(prefect_harness) -> None:
     import prefect
     from prefect.server.api.server import SubprocessASGIServer
 
-    from flows.prefect_server import ensure_prefect_api
+    from fiqa_curator.flows.prefect_server import ensure_prefect_api
 
     servers = dict(SubprocessASGIServer._instances)
     assert ensure_prefect_api() == prefect.settings.PREFECT_API_URL.value()  # the harness's server

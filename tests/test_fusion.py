@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fiqa_curator.workers import Fusion, QualityScorer, load_model, parse_fusion
 from tests.conftest import ReferenceFixture
-from workers import Fusion, QualityScorer, load_model, parse_fusion
 
 
 def test_builtin_weights() -> None:

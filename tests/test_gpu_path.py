@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.score import actor_placement
+from fiqa_curator.flows.cluster import actor_placement
+from fiqa_curator.schemas.errors import UserError
 from tests.conftest import REPO_ROOT
 
 
@@ -28,10 +29,10 @@ def test_cpu_placement_and_refusals() -> None:
     cpu = actor_placement({"CPU": 16.0, "GPU": 4.0}, device="cpu", workers=4)
     assert not cpu.gpu and cpu.workers == 4 and cpu.threads == 4 and cpu.gpus_per_worker == 0
     assert actor_placement({"CPU": 2.0}).threads == 2
-    with pytest.raises(RuntimeError, match="no GPU"):
+    with pytest.raises(UserError, match="no GPU"):
         actor_placement({"CPU": 2.0}, device="cuda")
     for bad in (0, -1, 1.5):
-        with pytest.raises(ValueError, match="gpus-per-worker"):
+        with pytest.raises(UserError, match="gpus-per-worker"):
             actor_placement({"CPU": 2.0, "GPU": 1.0}, gpus_per_worker=bad)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.incremental import IncrementalError
-from workers import QualityScorer, load_model
-from workers.assets import BUNDLED_CHECKPOINT
+from fiqa_curator.flows.incremental import IncrementalError
+from fiqa_curator.workers import QualityScorer, load_model
+from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_nightly_run_after_a_configuration_change_scores_everything(tmp_path: Pa
                                                                     ray_cluster) -> None:
     """A new model, exit depth or precision between two nights: the previous night's rows cannot be carried,
     so the night scores every image (with a warning) rather than failing every night until someone comes."""
-    from flows.nightly import nightly_score
+    from fiqa_curator.flows.nightly import nightly_score
 
     nightly_score = nightly_score.with_options(retries=0)  # a failure fails the test now, not after 2 x 10 min
     folder = tmp_path / "in"
@@ -80,10 +80,10 @@ def test_nightly_run_after_a_configuration_change_scores_everything(tmp_path: Pa
     for index, image in enumerate(_faces(6, 2)):
         Image.fromarray(image).save(folder / f"img_{index}.png")
     root = tmp_path / "nightly"
-    first = nightly_score(str(folder), str(root), run_for="2026-11-28", shard_size=4)
-    same = nightly_score(str(folder), str(root), run_for="2026-11-29", shard_size=4)
+    first = nightly_score(str(folder), str(root), run_for="2026-11-28", scoring={"shard_size": 4})
+    same = nightly_score(str(folder), str(root), run_for="2026-11-29", scoring={"shard_size": 4})
     assert first["scored_now"] == 6 and same["scored_now"] == 0 and same["carried_over"] == 6
-    changed = nightly_score(str(folder), str(root), run_for="2026-11-30", shard_size=4, exit_depth=6)
+    changed = nightly_score(str(folder), str(root), run_for="2026-11-30", scoring={"shard_size": 4, "exit_depth": 6})
     assert changed["scored_now"] == 6 and changed["carried_over"] == 0 and changed["rows"] == 6
     import pyarrow.parquet as pq
 

@@ -47,8 +47,8 @@ def test_image_installs_the_project_with_the_same_pins_and_python() -> None:
     assert "pip install -c constraints.txt ." in dockerfile
     copied = set(re.findall(r"^COPY (\S+)", dockerfile, re.M))
     assert {"pyproject.toml", "flows/", "workers/", "schemas/", "evaluation/", "demo_kit/"} <= copied
-    packages = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    assert {p.rstrip("*") + "/" for p in packages["include"]} <= copied  # every package the wheel needs
+    folders = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {folder + "/" for folder in folders.values()} <= copied  # every folder the wheel installs
 
 
 def test_raycluster_manifest_structure() -> None:
@@ -82,7 +82,7 @@ def test_raycluster_manifest_structure() -> None:
 
 
 def test_prefect_yaml_deployment_matches_the_flow() -> None:
-    from flows.nightly import nightly_score
+    from fiqa_curator.flows.nightly import nightly_score
 
     config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     deployment = next(d for d in config["deployments"] if d["name"] == "nightly")
@@ -90,6 +90,9 @@ def test_prefect_yaml_deployment_matches_the_flow() -> None:
     assert (REPO_ROOT / path).is_file() and name == nightly_score.fn.__name__
     accepted = set(inspect.signature(nightly_score.fn).parameters)
     assert set(deployment["parameters"]) <= accepted
+    from fiqa_curator.flows.options import NightlyScoring
+
+    NightlyScoring.model_validate(deployment["parameters"]["scoring"])  # every option known, every value valid
     assert deployment["concurrency_limit"]["limit"] == 1
     from zoneinfo import ZoneInfo
 

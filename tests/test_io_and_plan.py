@@ -9,10 +9,11 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from flows.plan import PlanConflict, make_plan, reconcile, shard_name
-from flows.sources import InputError, InputItem, discover
-from flows.storage import Output
-from workers.io import read_range, with_retries
+from fiqa_curator.flows.plan import PlanConflict, make_plan, reconcile
+from fiqa_curator.flows.sources import InputError, InputItem, discover
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.layout import shard_name
+from fiqa_curator.workers.io import read_range, with_retries
 
 
 def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
@@ -143,7 +144,7 @@ def test_manifest_uris_are_normalised_and_ids_kept(tmp_path: Path) -> None:
 
 
 def test_output_urls_with_glob_characters_are_refused() -> None:
-    from flows.storage import OutputError
+    from fiqa_curator.flows.storage import OutputError
 
     with pytest.raises(OutputError, match="must not contain"):
         Output("memory://runs/o[1]")
@@ -159,7 +160,7 @@ def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from workers.reading import read_and_decode
+    from fiqa_curator.workers.reading import read_and_decode
 
     Image.new("RGB", (112, 112), (10, 20, 30)).save(tmp_path / "a.png")
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -183,11 +184,11 @@ def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
 def test_watched_batches_fail_on_a_stall_and_pass_everything_else() -> None:
     import threading
 
-    from flows.score import StallError, _watched
+    from fiqa_curator.flows.execution import StallError, watched
 
     # timeouts far above what an unstalled item needs, so a pause of a busy machine is not a stall
-    assert list(_watched(iter(range(5)), 10.0)) == [0, 1, 2, 3, 4]
-    assert list(_watched(iter(range(3)), None)) == [0, 1, 2]
+    assert list(watched(iter(range(5)), 10.0)) == [0, 1, 2, 3, 4]
+    assert list(watched(iter(range(3)), None)) == [0, 1, 2]
 
     released = threading.Event()
 
@@ -199,7 +200,7 @@ def test_watched_batches_fail_on_a_stall_and_pass_everything_else() -> None:
     seen = []
     try:
         with pytest.raises(StallError, match=r"no scored batch for 2 s"):
-            for item in _watched(stalls(), 2.0):
+            for item in watched(stalls(), 2.0):
                 seen.append(item)
     finally:
         released.set()
@@ -210,7 +211,7 @@ def test_watched_batches_fail_on_a_stall_and_pass_everything_else() -> None:
         raise OSError("lost")
 
     with pytest.raises(OSError, match="lost"):
-        list(_watched(breaks(), 5.0))
+        list(watched(breaks(), 5.0))
 
 
 def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -> None:
@@ -221,9 +222,9 @@ def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -
     import numpy as np
     from PIL import Image
 
-    import workers.reading
-    from workers.preprocess import decode_face
-    from workers.reading import read_and_decode
+    import fiqa_curator.workers.reading
+    from fiqa_curator.workers.preprocess import decode_face
+    from fiqa_curator.workers.reading import read_and_decode
 
     members: dict[str, bytes] = {}
     for index in range(10):
@@ -245,8 +246,8 @@ def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -
              "offset": np.array([i[2] for i in items]), "length": np.array([i[3] for i in items])}
 
     calls: list[tuple] = []
-    real = workers.reading.read_range
-    monkeypatch.setattr(workers.reading, "read_range", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = fiqa_curator.workers.reading.read_range
+    monkeypatch.setattr(fiqa_curator.workers.reading, "read_range", lambda *a, **k: calls.append(a) or real(*a, **k))
 
     def rows() -> dict[str, tuple]:
         out = read_and_decode(dict(batch))
@@ -260,11 +261,11 @@ def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -
     assert spanned["alone"][0] == "ok" and spanned["lost"][0] == "read_error"
 
     calls.clear()
-    monkeypatch.setattr(workers.reading, "MAX_GAP", 0)  # tar headers (512 bytes) now separate every member
+    monkeypatch.setattr(fiqa_curator.workers.reading, "MAX_GAP", 0)  # tar headers (512 bytes) now separate every member
     assert rows() == spanned and len(calls) == 12
     calls.clear()
-    monkeypatch.setattr(workers.reading, "MAX_GAP", 1 << 20)
+    monkeypatch.setattr(fiqa_curator.workers.reading, "MAX_GAP", 1 << 20)
     step = ranges["01.png"][0] - ranges["00.png"][0]  # header + member + padding
     assert all(size < step for _, size in ranges.values())
-    monkeypatch.setattr(workers.reading, "MAX_SPAN", step + max(size for _, size in ranges.values()))
+    monkeypatch.setattr(fiqa_curator.workers.reading, "MAX_SPAN", step + max(size for _, size in ranges.values()))
     assert rows() == spanned and len(calls) == 5 + 2  # two members per span

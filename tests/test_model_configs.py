@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
 from tests.reference_vitfiqa import randomize_state_dict, reference_forward
-from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
 
 TOLERANCE = {"atol": 2e-5, "rtol": 1e-3}
 

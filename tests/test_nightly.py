@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.nightly import nightly_deployment, previous_output, run_date
+from fiqa_curator.flows.nightly import nightly_deployment, previous_output, run_date
 
 FIQA = str(Path(sys.executable).parent / "fiqa")
 
@@ -40,11 +40,11 @@ def test_previous_output_is_the_latest_finished_earlier_day(tmp_path: Path) -> N
 
 def test_deployment_declares_schedule_parameters_and_one_run_at_a_time() -> None:
     deployment = nightly_deployment("s3://b/faces", "s3://b/quality", cron="30 1 * * *", timezone="Europe/Berlin",
-                                    parameters={"exit_depth": 6})
+                                    parameters={"scoring": {"exit_depth": 6}})
     schedule = deployment.schedules[0].schedule
     assert schedule.cron == "30 1 * * *" and schedule.timezone == "Europe/Berlin"
     assert deployment.parameters == {"input": "s3://b/faces", "output_root": "s3://b/quality",
-                                     "timezone": "Europe/Berlin", "exit_depth": 6}
+                                     "timezone": "Europe/Berlin", "scoring": {"exit_depth": 6}}
     assert deployment.concurrency_limit == 1
     assert str(deployment.concurrency_options.collision_strategy.value) == "ENQUEUE"
     with pytest.raises(Exception, match=r"Nowhere|time zone"):

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.plan import PlanConflict
-from flows.sources import InputError
-from schemas import SCHEMA_VERSION
+from fiqa_curator.flows.plan import PlanConflict
+from fiqa_curator.flows.sources import InputError
+from fiqa_curator.schemas import SCHEMA_VERSION
+from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
 from tests.conftest import TOLERANCE, ReferenceFixture, read_quality_table
 from tests.reference_vitfiqa import randomize_state_dict, reference_forward
-from workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -300,7 +300,7 @@ def test_actors_on_two_nodes_match_one_node(tmp_path: Path, run_score, ray_clust
 def test_cpu_actors_are_spread_strictly_while_there_are_nodes_enough(ray_cluster) -> None:
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
-    from flows.score import ActorPlacement, spread_cpu_actors
+    from fiqa_curator.flows.cluster import ActorPlacement, spread_cpu_actors
 
     assert spread_cpu_actors(ActorPlacement(False, 1, 0.0, 4), nodes_with_cpu=2) is None  # one actor: Ray places it
     assert spread_cpu_actors(ActorPlacement(True, 2, 1.0, None), nodes_with_cpu=2) is None  # GPUs place GPU actors
@@ -389,7 +389,7 @@ def test_s3_input_and_output_with_storage_options(tmp_path: Path, run_score, s3_
 
 
 def test_embeddings_are_stored_and_evaluated(reference: ReferenceFixture, tmp_path: Path, run_score, capsys) -> None:
-    from flows.cli import main
+    from fiqa_curator.flows.cli import main
 
     names = write_pngs(reference.images, tmp_path / "in")
     with pytest.raises(ValueError, match="--embeddings needs the full depth"):
@@ -411,8 +411,8 @@ def test_embeddings_are_stored_and_evaluated(reference: ReferenceFixture, tmp_pa
 def test_raw_photos_with_align_through_the_pipeline(reference: ReferenceFixture, tmp_path: Path, run_score) -> None:
     """`--align all`: one row per face (ids ID#faceK), no_face and decode errors kept, scores equal the API's
     on the library's own aligned crops, and a rerun resumes."""
-    from demo_kit.faces import _astronaut, _grace_hopper, lfw_non_faces
-    from workers.align import align_faces
+    from fiqa_curator.demo_kit.faces import _astronaut, _grace_hopper, lfw_non_faces
+    from fiqa_curator.workers.align import align_faces
 
     grace, astronaut = _grace_hopper()[0], _astronaut()[0]
     collage = np.zeros((620, 1100, 3), np.uint8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workers import DecodeStatus, decode_face, normalize
+from fiqa_curator.workers import DecodeStatus, decode_face, normalize
 
 RNG = np.random.default_rng(7)
 FACE = RNG.integers(0, 256, size=(112, 112, 3), dtype=np.uint8)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fiqa_curator.workers import QualityScorer, decode_face, load_model, normalize
 from tests.conftest import TOLERANCE, ReferenceFixture
-from workers import QualityScorer, decode_face, load_model, normalize
 
 
 def test_every_exit_depth_matches_the_official_block_scores(reference: ReferenceFixture) -> None:

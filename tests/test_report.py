@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.cli import main
-from schemas import build_quality_table
+from fiqa_curator.flows.cli import main
+from fiqa_curator.schemas import build_quality_table
 
 XSS_NAME = "<script>alert(1)</script>.jpg"
 

@@ -14,21 +14,21 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "PRESETS": "workers.config",
-    "ViTFIQAConfig": "workers.config",
-    "CheckpointError": "workers.checkpoint",
-    "LoadedModel": "workers.checkpoint",
-    "load_model": "workers.checkpoint",
-    "Fusion": "workers.fusion",
-    "parse_fusion": "workers.fusion",
-    "ExitOutput": "workers.model",
-    "ViTFIQA": "workers.model",
-    "DecodeStatus": "workers.preprocess",
-    "DecodedImage": "workers.preprocess",
-    "decode_face": "workers.preprocess",
-    "normalize": "workers.preprocess",
-    "QualityScorer": "workers.scoring",
-    "ScoreResult": "workers.scoring",
+    "PRESETS": "fiqa_curator.workers.config",
+    "ViTFIQAConfig": "fiqa_curator.workers.config",
+    "CheckpointError": "fiqa_curator.workers.checkpoint",
+    "LoadedModel": "fiqa_curator.workers.checkpoint",
+    "load_model": "fiqa_curator.workers.checkpoint",
+    "Fusion": "fiqa_curator.workers.fusion",
+    "parse_fusion": "fiqa_curator.workers.fusion",
+    "ExitOutput": "fiqa_curator.workers.model",
+    "ViTFIQA": "fiqa_curator.workers.model",
+    "DecodeStatus": "fiqa_curator.workers.preprocess",
+    "DecodedImage": "fiqa_curator.workers.preprocess",
+    "decode_face": "fiqa_curator.workers.preprocess",
+    "normalize": "fiqa_curator.workers.preprocess",
+    "QualityScorer": "fiqa_curator.workers.scoring",
+    "ScoreResult": "fiqa_curator.workers.scoring",
 }
 
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS
@@ -45,9 +45,9 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from workers.checkpoint import CheckpointError, LoadedModel, load_model
-    from workers.config import PRESETS, ViTFIQAConfig
-    from workers.fusion import Fusion, parse_fusion
-    from workers.model import ExitOutput, ViTFIQA
-    from workers.preprocess import DecodedImage, DecodeStatus, decode_face, normalize
-    from workers.scoring import QualityScorer, ScoreResult
+    from fiqa_curator.workers.checkpoint import CheckpointError, LoadedModel, load_model
+    from fiqa_curator.workers.config import PRESETS, ViTFIQAConfig
+    from fiqa_curator.workers.fusion import Fusion, parse_fusion
+    from fiqa_curator.workers.model import ExitOutput, ViTFIQA
+    from fiqa_curator.workers.preprocess import DecodedImage, DecodeStatus, decode_face, normalize
+    from fiqa_curator.workers.scoring import QualityScorer, ScoreResult

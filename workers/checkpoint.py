@@ -20,8 +20,9 @@ from typing import Any
 import fsspec
 import torch
 
-from workers.config import PRESETS, Mode, ViTFIQAConfig
-from workers.model import ViTFIQA
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.workers.config import PRESETS, Mode, ViTFIQAConfig
+from fiqa_curator.workers.model import ViTFIQA
 
 WRAPPER_PREFIX = "module."
 TRAINING_ONLY_KEYS = frozenset({"mask_token"})
@@ -29,7 +30,7 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read, is not a ViT-FIQA state dict, or does not fit the architecture."""
 
 

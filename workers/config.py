@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any, Literal
 
+from fiqa_curator.schemas.errors import UserError
+
 Mode = Literal["token", "crfiqa", "full"]
 MODES: tuple[str, ...] = ("token", "crfiqa", "full")
 CONFIG_KEYS: tuple[str, ...] = ("mode", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -30,17 +32,17 @@ class ViTFIQAConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise UserError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise UserError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.patch_size > self.img_size:
-            raise ValueError(f"patch_size {self.patch_size} is larger than img_size {self.img_size}")
+            raise UserError(f"patch_size {self.patch_size} is larger than img_size {self.img_size}")
         if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+            raise UserError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
 
     @property
     def grid_size(self) -> int:
@@ -77,7 +79,7 @@ class ViTFIQAConfig:
     @classmethod
     def preset(cls, name: str, mode: Mode = "token") -> ViTFIQAConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+            raise UserError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], "mode": mode})
 
     # ---- compute cost ------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class ViTFIQAConfig:
 
 def _load_presets() -> dict[str, dict[str, Any]]:
     presets: dict[str, dict[str, Any]] = {}
-    for entry in resources.files("workers.presets").iterdir():
+    for entry in resources.files("fiqa_curator.workers.presets").iterdir():
         if entry.name.endswith(".json"):
             presets[entry.name.removesuffix(".json")] = json.loads(entry.read_text(encoding="utf-8"))
     return presets

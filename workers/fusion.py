@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fiqa_curator.schemas.errors import UserError
+
 BUILTIN = ("f", "fw", "final")
 
 
@@ -28,13 +30,13 @@ class Fusion:
 
     def __post_init__(self) -> None:
         if self.scheme not in (*BUILTIN, "w"):
-            raise ValueError(f"unknown fusion {self.scheme!r}: use f, fw, final or w1,...,wL")
+            raise UserError(f"unknown fusion {self.scheme!r}: use f, fw, final or w1,...,wL")
         if (self.scheme == "w") != (self.user_weights is not None):
-            raise ValueError("user weights go with scheme 'w' and only with it")
+            raise UserError("user weights go with scheme 'w' and only with it")
         if self.user_weights is not None:
             weights = self.user_weights
             if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"fusion weights must be finite, non-negative and not all zero: {weights}")
+                raise UserError(f"fusion weights must be finite, non-negative and not all zero: {weights}")
 
     @property
     def name(self) -> str:
@@ -55,7 +57,7 @@ class Fusion:
         else:
             assert self.user_weights is not None
             if len(self.user_weights) != exit_depth:
-                raise ValueError(
+                raise UserError(
                     f"{len(self.user_weights)} fusion weights given for {exit_depth} exits: give one per exit 1..L"
                 )
             weights = np.asarray(self.user_weights, dtype=np.float64)
@@ -86,5 +88,5 @@ def parse_fusion(spec: str | Fusion | Sequence[float]) -> Fusion:
     try:
         weights = tuple(float(part) for part in text.split(","))
     except ValueError as error:
-        raise ValueError(f"unknown fusion {spec!r}: use f, fw, final or comma-separated weights w1,...,wL") from error
+        raise UserError(f"unknown fusion {spec!r}: use f, fw, final or comma-separated weights w1,...,wL") from error
     return Fusion("w", weights)

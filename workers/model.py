@@ -21,7 +21,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from workers.config import ViTFIQAConfig
+from fiqa_curator.workers.config import ViTFIQAConfig
 
 LAYER_NORM_EPS = 1e-5  # official code uses nn.LayerNorm defaults; timm's ViT default would be 1e-6
 BATCH_NORM_EPS = 2e-5

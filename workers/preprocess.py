@@ -10,11 +10,12 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fiqa_curator.schemas.status import Status
 
 if TYPE_CHECKING:  # decoding runs in light Ray tasks that never import torch
     import torch
@@ -26,11 +27,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 EXIF_ORIENTATION = 0x0112
 
 
-class DecodeStatus(StrEnum):
-    OK = "ok"
-    DECODE_ERROR = "decode_error"
-    UNSUPPORTED_FORMAT = "unsupported_format"
-    TOO_LARGE = "too_large"
+# Decoding's outcomes are table statuses (ok, decode_error, unsupported_format, too_large): one enum, declared
+# with the table; the name stays for the Python API.
+DecodeStatus = Status
 
 
 @dataclass
@@ -146,7 +145,7 @@ def plain_jpeg(data: bytes, *, size: int = DEFAULT_SIZE) -> bool:
             return (image.size == (size, size) and image.mode in ("RGB", "L")
                     and not image.info.get("progressive") and not image.info.get("progression")
                     and image.getexif().get(EXIF_ORIENTATION, 1) == 1)
-    except Exception:
+    except Exception:  # untrusted bytes: whatever Pillow raises on them, the CPU path decides (with a reason)
         return False
 
 
@@ -161,7 +160,7 @@ def _unidentified(data: bytes) -> DecodedImage:
             error=f"{other.format} images are not supported (supported: {', '.join(SUPPORTED_FORMATS)})",
             format=other.format,
         )
-    except Exception:
+    except Exception:  # untrusted bytes that no opener recognises: Pillow raises many kinds on them
         return DecodedImage(DecodeStatus.DECODE_ERROR, error="not a recognised image file")
 
 

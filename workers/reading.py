@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from workers.io import protocol_of, read_range
-from workers.preprocess import DEFAULT_MAX_PIXELS, DecodeStatus, decode_face, decode_image, plain_jpeg
+from fiqa_curator.schemas.batch import ENCODED, JPEG, PIXELS, READ_COLUMNS, READ_LOCATION, face_image_id
+from fiqa_curator.schemas.status import Status
+from fiqa_curator.workers.io import protocol_of, read_range
+from fiqa_curator.workers.preprocess import DEFAULT_MAX_PIXELS, decode_face, decode_image, plain_jpeg
 
 READ_THREADS = 16  # object stores reward many requests in flight; local disks do not mind
 # Members of one tar shard in a batch are read with one request per span instead of one per member: a
@@ -36,24 +38,25 @@ READ_THREADS = 16  # object stores reward many requests in flight; local disks d
 MAX_GAP = 1 << 20
 MAX_SPAN = 64 << 20
 ALIGN_MODES = ("largest", "all")
-NO_FACE = "no_face"
+_NULL = {name: column.null for name, column in READ_COLUMNS.items()}  # the batch contract's placeholders
 
 
 @dataclass
-class _Row:
-    """One output row of an item (several for an item with several faces)."""
+class FaceRow:
+    """One output row of an item (several for an item with several faces): what the model is given
+    (`pixels`, or `encoded` for the scoring device) and the decode and face columns; unset fields are null."""
 
     status: str
-    error: str = ""
+    error: str = _NULL["error"]
     pixels: np.ndarray | None = None
-    width: int = -1
-    height: int = -1
-    resized: bool = False
-    face_index: int = -1
-    faces: int = -1
-    face_box: tuple[float, ...] = field(default=(np.nan,) * 4)
-    face_confidence: float = np.nan
-    encoded: bytes = b""  # left for the scoring device to decode
+    width: int = _NULL["width"]
+    height: int = _NULL["height"]
+    resized: bool = _NULL["resized"]
+    face_index: int = _NULL["face_index"]
+    faces: int = _NULL["faces"]
+    face_box: tuple[float, ...] = field(default=(_NULL["face_box"],) * READ_COLUMNS["face_box"].width)
+    face_confidence: float = _NULL["face_confidence"]
+    encoded: bytes = ENCODED.null  # left for the scoring device to decode
 
 
 def _read_span(url: str, ranges: list[tuple[int, int]], storage_options: Mapping[str, Any] | None,
@@ -96,28 +99,32 @@ def _spans(urls: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> list[l
     return spans
 
 
-def _decode_rows(data: bytes, img_size: int, max_pixels: int, align: str | None, defer_jpeg: bool) -> list[_Row]:
+def decode_rows(data: bytes, img_size: int = 112, max_pixels: int = DEFAULT_MAX_PIXELS, align: str | None = None,
+                defer_jpeg: bool = False) -> list[FaceRow]:
+    """An item's bytes -> its rows: the face crop(s) the model scores, or why there are none. The one place
+    that turns bytes into model input; the report's thumbnails come from it too (with the run's settings),
+    so they show exactly what was scored."""
     if align is None and defer_jpeg and plain_jpeg(data, size=img_size):
-        return [_Row("ok", "", None, img_size, img_size, encoded=data)]
+        return [FaceRow(Status.OK, pixels=None, width=img_size, height=img_size, encoded=data)]
     if align is None:
         decoded = decode_face(data, size=img_size, max_pixels=max_pixels)
-        return [_Row(str(decoded.status), decoded.error or "", decoded.image, decoded.width or -1,
-                     decoded.height or -1, decoded.resized)]
-    from workers.align import detect_faces, warp_to_template
+        return [FaceRow(decoded.status, decoded.error or _NULL["error"], decoded.image, decoded.width or _NULL["width"],
+                     decoded.height or _NULL["height"], decoded.resized)]
+    from fiqa_curator.workers.align import detect_faces, warp_to_template
 
     decoded = decode_image(data, max_pixels=max_pixels)
-    size = (decoded.width or -1, decoded.height or -1)
-    if decoded.status is not DecodeStatus.OK:
-        return [_Row(str(decoded.status), decoded.error or "", None, *size)]
+    size = (decoded.width or _NULL["width"], decoded.height or _NULL["height"])
+    if not decoded.ok:
+        return [FaceRow(decoded.status, decoded.error or _NULL["error"], None, *size)]
     try:
         faces = detect_faces(decoded.image)
         chosen = faces if align == "all" else faces[:1]
         crops = [warp_to_template(decoded.image, face.landmarks, img_size) for face in chosen]
     except Exception as error:  # a detector failure on one image is that image's row, not the job's end
-        return [_Row("decode_error", f"face alignment failed: {type(error).__name__}: {error}", None, *size)]
+        return [FaceRow(Status.DECODE_ERROR, f"face alignment failed: {type(error).__name__}: {error}", None, *size)]
     if not faces:
-        return [_Row(NO_FACE, "no face found by the detector", None, *size, faces=0)]
-    return [_Row("ok", "", crop, *size, resized=True, face_index=index, faces=len(faces),
+        return [FaceRow(Status.NO_FACE, "no face found by the detector", None, *size, faces=0)]
+    return [FaceRow(Status.OK, _NULL["error"], crop, *size, resized=True, face_index=index, faces=len(faces),
                  face_box=tuple(float(v) for v in face.box), face_confidence=face.confidence)
             for index, (face, crop) in enumerate(zip(chosen, crops, strict=True))]
 
@@ -153,41 +160,35 @@ def read_and_decode(
         for span, results in zip(spans, pool.map(read, spans), strict=True):
             for index, result in zip(span, results, strict=True):
                 reads[index] = result
-    passthrough = [key for key in batch if key not in ("url", "offset", "length")]
-    rows: list[tuple[int, _Row]] = []
+    passthrough = [key for key in batch if key not in READ_LOCATION]
+    rows: list[tuple[int, FaceRow]] = []
     byte_sizes: list[int] = []
     for index, (data, read_error) in enumerate(reads):
-        item_rows = ([_Row("read_error", read_error)] if data is None
-                     else _decode_rows(data, img_size, max_pixels, align, defer_jpeg))
+        item_rows = ([FaceRow(Status.READ_ERROR, read_error)] if data is None
+                     else decode_rows(data, img_size, max_pixels, align, defer_jpeg))
         rows.extend((index, row) for row in item_rows)
-        byte_sizes.append(-1 if data is None else len(data))
+        byte_sizes.append(_NULL["byte_size"] if data is None else len(data))
     total = len(rows)
     owner = np.array([i for i, _ in rows], dtype=np.int64)  # the item each row comes from
     out: dict[str, np.ndarray] = {key: np.asarray(batch[key])[owner] for key in passthrough}
     out["item_id"] = np.asarray(batch["image_id"])[owner]
-    out["item_rows"] = np.bincount(owner, minlength=count)[owner].astype(np.int64)
+    out["item_rows"] = np.bincount(owner, minlength=count)[owner].astype(READ_COLUMNS["item_rows"].dtype)
     if align == "all":  # one row per face: each needs its own id; items without a face keep theirs
-        out["image_id"] = np.array([f"{batch['image_id'][i]}#face{row.face_index}" if row.face_index >= 0
+        out["image_id"] = np.array([face_image_id(batch["image_id"][i], row.face_index) if row.face_index >= 0
                                     else str(batch["image_id"][i]) for i, row in rows], dtype=object)
     if defer_jpeg:
-        out["encoded"] = np.array([row.encoded or (b"" if row.pixels is None else row.pixels.tobytes())
-                                   for _, row in rows], dtype=object)
-        out["jpeg"] = np.array([bool(row.encoded) for _, row in rows], dtype=bool)
+        out[ENCODED.name] = np.array([row.encoded or (ENCODED.null if row.pixels is None else row.pixels.tobytes())
+                                      for _, row in rows], dtype=ENCODED.dtype)
+        out[JPEG.name] = np.array([bool(row.encoded) for _, row in rows], dtype=JPEG.dtype)
     else:
-        out["pixels"] = np.zeros((total, img_size, img_size, 3), dtype=np.uint8)
+        out[PIXELS] = np.zeros((total, img_size, img_size, 3), dtype=np.uint8)
         for position, (_, row) in enumerate(rows):
             if row.pixels is not None:
-                out["pixels"][position] = row.pixels
-    out.update(
-        status=np.array([row.status for _, row in rows], dtype=object),
-        error=np.array([row.error for _, row in rows], dtype=object),
-        width=np.array([row.width for _, row in rows], dtype=np.int64),
-        height=np.array([row.height for _, row in rows], dtype=np.int64),
-        byte_size=np.array(byte_sizes, dtype=np.int64)[owner],
-        resized=np.array([row.resized for _, row in rows], dtype=bool),
-        face_index=np.array([row.face_index for _, row in rows], dtype=np.int64),
-        faces=np.array([row.faces for _, row in rows], dtype=np.int64),
-        face_box=np.array([row.face_box for _, row in rows], dtype=np.float32).reshape(total, 4),
-        face_confidence=np.array([row.face_confidence for _, row in rows], dtype=np.float32),
-    )
+                out[PIXELS][position] = row.pixels
+    for name in ("status", "error", "width", "height", "resized", "face_index", "faces", "face_confidence"):
+        out[name] = np.array([getattr(row, name) for _, row in rows], dtype=READ_COLUMNS[name].dtype)
+    out["status"] = np.array([str(status) for status in out["status"]], dtype=object)  # plain strings in batches
+    box = READ_COLUMNS["face_box"]
+    out["face_box"] = np.array([row.face_box for _, row in rows], dtype=box.dtype).reshape(total, box.width)
+    out["byte_size"] = np.array(byte_sizes, dtype=READ_COLUMNS["byte_size"].dtype)[owner]
     return out

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from workers.checkpoint import LoadedModel
-from workers.fusion import Fusion, parse_fusion
-from workers.model import ExitOutput
-from workers.preprocess import normalize
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.workers.checkpoint import LoadedModel
+from fiqa_curator.workers.fusion import Fusion, parse_fusion
+from fiqa_curator.workers.model import ExitOutput
+from fiqa_curator.workers.preprocess import normalize
 
 DEFAULT_FUSIONS = ("f", "fw", "final")
 CPU_BATCH_SIZE = 64  # CPU throughput is flat above a few dozen images; larger batches only cost memory
@@ -44,7 +45,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available on this machine")
+        raise UserError("device 'cuda' was asked for but CUDA is not available on this machine")
     return resolved
 
 

@@ -15,24 +15,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers import device_decode
-from workers.checkpoint import load_model
-from workers.config import ViTFIQAConfig
-from workers.preprocess import DEFAULT_MAX_PIXELS, decode_face
-from workers.scoring import QualityScorer
-
-SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
-DROPPED = ("pixels", "encoded", "jpeg")  # inputs of this stage, not carried on
+from fiqa_curator.schemas.batch import (
+    DEVICE_DECODED,
+    EMBEDDING,
+    ENCODED,
+    JPEG,
+    PIXELS,
+    SCORED_COLUMNS,
+    SCORED_ON,
+    STAGE_INPUTS,
+)
+from fiqa_curator.schemas.status import Status
+from fiqa_curator.workers import device_decode
+from fiqa_curator.workers.checkpoint import load_model
+from fiqa_curator.workers.config import ViTFIQAConfig
+from fiqa_curator.workers.preprocess import DEFAULT_MAX_PIXELS, decode_face
+from fiqa_curator.workers.scoring import QualityScorer
 
 
 def _ray_node_id() -> str:
     """The Ray node this actor runs on ("local" outside Ray), for the run record's per-node counts."""
     try:
         import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    except Exception:
+    except ImportError:  # the stage called directly, without Ray installed
         return "local"
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 class ScoreActor:
@@ -75,16 +82,15 @@ class ScoreActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["status"])
-        out = {key: value for key, value in batch.items() if key not in DROPPED}
-        out["scored_on"] = np.full(count, self.node_id, dtype=object)  # observability; not a table column
-        out["device_decoded"] = np.zeros(count, dtype=bool)  # observability; not a table column
+        out = {key: value for key, value in batch.items() if key not in STAGE_INPUTS}
+        out[SCORED_ON.name] = np.full(count, self.node_id, dtype=SCORED_ON.dtype)  # for the run record
+        out[DEVICE_DECODED.name] = DEVICE_DECODED.empty(count)  # for the run record
         out["status"] = np.array(batch["status"], dtype=object)  # copies: device decoding may turn rows into errors
         out["error"] = np.array(batch["error"], dtype=object)
-        out["exit_scores"] = np.full((count, self.exit_depth), np.nan, dtype=np.float32)
-        for name in SCORE_COLUMNS:
-            out[name] = np.full(count, np.nan, dtype=np.float32)
+        for name, column in SCORED_COLUMNS.items():  # null until scored
+            out[name] = column.empty(count, self.exit_depth)
         if self.embeddings:
-            out["embedding"] = np.full((count, self.scorer.loaded.config.embed_dim), np.nan, dtype=np.float32)
+            out[EMBEDDING.name] = EMBEDDING.empty(count, self.scorer.loaded.config.embed_dim)
         images, ok = self._images(batch, out)
         if ok.any():
             result = self.scorer.score(images, exit_depth=self.exit_depth, fusion=self.fusion, embeddings=self.embeddings)
@@ -102,16 +108,16 @@ class ScoreActor:
         there) and the mask of those rows. Batches of `--decode device` carry every row as bytes (see
         `reading`): JPEGs are decoded on the device, in one call; one the device decoder refuses is decoded
         on the CPU, and one that fails there too gets the CPU path's status and reason."""
-        ok = out["status"] == "ok"
-        if "encoded" not in batch:
-            return np.asarray(batch["pixels"])[ok], ok
-        encoded, jpeg = batch["encoded"], np.asarray(batch["jpeg"], dtype=bool)
+        ok = out["status"] == Status.OK
+        if ENCODED.name not in batch:
+            return np.asarray(batch[PIXELS])[ok], ok
+        encoded, jpeg = batch[ENCODED.name], np.asarray(batch[JPEG.name], dtype=bool)
         device, size = self.scorer.device, self.scorer.loaded.config.img_size
         host: dict[int, np.ndarray] = {  # row -> pixels decoded on a CPU (by the reading stage, or below)
             i: np.frombuffer(encoded[i], dtype=np.uint8).reshape(size, size, 3) for i in np.flatnonzero(ok & ~jpeg)}
         deferred = np.flatnonzero(ok & jpeg)
         decoded = device_decode.decode_jpegs([encoded[i] for i in deferred], device)
-        on_device = out["device_decoded"]
+        on_device = out[DEVICE_DECODED.name]
         for index, image in zip(deferred, decoded, strict=True):
             if image is not None and tuple(image.shape) == (size, size, 3):
                 on_device[index] = True
@@ -121,7 +127,7 @@ class ScoreActor:
                 host[index] = fallback.image
             else:
                 out["status"][index], out["error"][index] = str(fallback.status), fallback.error or ""
-        ok = out["status"] == "ok"
+        ok = out["status"] == Status.OK
         rows = sorted(host)  # = the ok rows not decoded on the device
         pixels = np.stack([host[i] for i in rows]) if rows else np.zeros((0, size, size, 3), np.uint8)
         if not on_device.any():

@@ -1,0 +1,139 @@
+"""Ray, as the scoring job uses it: joining a cluster or starting a private one on loopback, where the
+scoring actors go (how many, on which devices and nodes), and Ray's logs in the format `fiqa` was asked for.
+
+Nothing here knows about images or the quality table; `flows.execution` builds the pipeline on top.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fiqa_curator.schemas.errors import UserError
+
+LOG_FORMAT_ENV = "FIQA_LOG_FORMAT"  # "json": set by `fiqa --log-json`
+
+
+def scoring_device(device: str, address: str | None) -> tuple[str, bool]:
+    """("cpu" | "cuda", whether Ray was started): where the actors will score. Decided before planning
+    because "auto" precision, which is part of the configuration, depends on it. A cluster named by
+    address is asked for its GPUs (joining it now); a local run looks at this machine. An autoscaling
+    cluster with no GPU node up yet reads as CPU: pass --device cuda there."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device != "auto":
+        return device, False
+    if address or os.environ.get("RAY_ADDRESS"):
+        started = init_ray(address)
+        import ray
+
+        return ("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"), started
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu"), False
+
+
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a local Ray bound to loopback.
+    Returns True when this call started Ray (the caller then shuts it down)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+        # Every Ray socket on 127.0.0.1 (ENVIRONMENT notes), and for a cluster on loopback the driver looks
+        # for its raylet there. Ray reads this when it is imported: set it first.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    log_options: dict[str, Any] = {"logging_level": "WARNING"}
+    if os.environ.get(LOG_FORMAT_ENV) == "json":  # fiqa --log-json: Ray's driver and worker logs as JSON too
+        log_options = {"logging_config": ray.LoggingConfig(encoding="JSON", log_level="WARNING")}
+    if address:
+        ray.init(address=address, log_to_driver=False, **log_options)
+    else:
+        # address="local": always a private cluster; a bare ray.init() would join any Ray already running
+        # on this machine (`ray start`, another job), and hang if that one goes away.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **log_options)
+    return True
+
+
+def json_console_logs() -> None:
+    """With `fiqa --log-json`, Ray's and Ray Data's console lines on this driver in Prefect's JSON format
+    (Ray Data installs its own text handler when imported). Ray's C++ core still writes its rare error
+    lines in its own (glog) format: it does not go through Python logging."""
+    if os.environ.get(LOG_FORMAT_ENV) != "json":
+        return
+    import logging
+
+    from prefect.logging.formatters import JsonFormatter
+
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setFormatter(JsonFormatter("default", None, None))
+
+
+@dataclass(frozen=True)
+class ActorPlacement:
+    """How many scoring actors, and what each takes."""
+
+    gpu: bool
+    workers: int
+    gpus_per_worker: float
+    threads: int | None  # torch threads per CPU actor
+
+
+def actor_placement(resources: Mapping[str, float], *, device: str = "auto", workers: int | None = None,
+                    gpus_per_worker: float = 1.0) -> ActorPlacement:
+    """How many scoring actors, on what: one per GPU by default, or several sharing a GPU with a
+    fractional `gpus_per_worker` (a small model leaves a large GPU idle between batches); on CPUs one
+    actor using the cluster's CPUs as torch threads."""
+    if not 0 < gpus_per_worker <= 1 and not (gpus_per_worker > 1 and float(gpus_per_worker).is_integer()):
+        raise UserError(f"--gpus-per-worker must be in (0, 1] or a whole number, got {gpus_per_worker}")
+    gpu_count = float(resources.get("GPU", 0))
+    gpu = device in ("auto", "cuda") and gpu_count > 0
+    if device == "cuda" and not gpu:
+        if not workers:
+            raise UserError("--device cuda: the Ray cluster has no GPU now; on a cluster that adds GPU nodes on "
+                            "demand (autoscaling from zero), say how many scoring actors to ask for: --workers N")
+        # Ray queues the actors' GPU requests and the autoscaler adds nodes for them; --stall-timeout fails
+        # the run if none ever comes.
+        return ActorPlacement(True, workers, gpus_per_worker, None)
+    if gpu:
+        count = workers or max(1, int(gpu_count // gpus_per_worker))
+        return ActorPlacement(True, count, gpus_per_worker, None)
+    count = workers or 1
+    return ActorPlacement(False, count, 0.0, max(1, int(resources.get("CPU", 1)) // count))
+
+
+def spread_cpu_actors(placement: ActorPlacement, nodes_with_cpu: int) -> Any | None:
+    """A placement group that puts CPU scoring actors on distinct nodes (STRICT_SPREAD: one per node while
+    there are nodes enough; SPREAD beyond), or None when placement needs no help (one actor; GPU actors,
+    which their GPU requests place). Without it Ray's default spreading is best effort: two actors may
+    share one node, each running the threads meant for a node of its own (`ActorPlacement.threads`) while
+    another node idles. Each bundle holds one actor's CPU; the caller removes the group after the run."""
+    if placement.gpu or placement.workers < 2:
+        return None
+    from ray.util.placement_group import placement_group
+
+    strategy = "STRICT_SPREAD" if placement.workers <= nodes_with_cpu else "SPREAD"
+    return placement_group([{"CPU": 1}] * placement.workers, strategy=strategy, name=f"fiqa-{uuid.uuid4().hex[:8]}")
+
+
+def placement_nodes(group: Any) -> list[str]:
+    """The nodes that hold the placement group's bundles now (where its actors are; a bundle of a node that
+    died and is not placed again has none)."""
+    from ray.util.placement_group import placement_group_table
+
+    return sorted({node for node in placement_group_table(group)["bundles_to_node_id"].values() if node})
+
+
+def cpu_node_count() -> int:
+    """Alive nodes of the connected cluster with at least one CPU."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)

@@ -1,0 +1,237 @@
+"""Scoring a plan's pending shards on Ray: the Ray Data pipeline, the stall watchdog, and the rows carried
+over from a previous run (`--since`).
+
+    plan's pending items -> Arrow blocks -> read_and_decode (light CPU tasks) -> ScoreActor pool
+        -> batches back on the driver -> ShardWriter (each shard committed when its last row arrives)
+
+`execute` returns what happened as an `ExecutionStats`; the flow (`flows.score`) turns it into the run
+record.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from fiqa_curator.flows.cluster import (
+    ActorPlacement,
+    actor_placement,
+    cpu_node_count,
+    json_console_logs,
+    placement_nodes,
+    spread_cpu_actors,
+)
+from fiqa_curator.flows.options import ScoreOptions
+from fiqa_curator.flows.plan import Plan
+from fiqa_curator.flows.shard_writer import ShardWriter
+from fiqa_curator.flows.sources import items_to_table
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.layout import shard_name
+from fiqa_curator.workers.io import protocol_of
+from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
+
+GPU_BLOCK_ROWS = 1024  # rows per Ray Data block on GPU with an automatic batch size; the actor splits by memory
+
+
+class StallError(RuntimeError):
+    """No scored batch arrived for longer than the stall timeout: the run is failed, not left hanging."""
+
+
+@dataclass
+class ExecutionStats:
+    """What scoring the pending shards did (all zeros when nothing was pending)."""
+
+    scored: int = 0  # rows scored now
+    carried: int = 0  # items carried over from --since
+    shards: list[str] = field(default_factory=list)  # shards committed by this run
+    seconds: float = 0.0
+    first_batch_seconds: float = 0.0  # start-up: actors spawned, model loaded, first batch through
+    steady_images_per_second: float = 0.0  # the rate once running
+    write_seconds: float = 0.0
+    workers: int | None = None
+    device: str | None = None
+    rows_by_node: dict[str, int] = field(default_factory=dict)
+    actor_nodes: list[str] = field(default_factory=list)
+    block_rows: int | None = None
+    device_decoded: int = 0
+
+
+def watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any]:
+    """Yield from `batches` (consumed on a helper thread) but raise StallError when none arrives for
+    `stall_timeout` seconds. A cluster that lost nodes can be left unable to schedule work (Ray waits for
+    resources forever); at 3 a.m. a failed run that the next attempt resumes beats a hung one."""
+    if not stall_timeout:
+        yield from batches
+        return
+    inbox: queue.Queue = queue.Queue(maxsize=4)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                inbox.put(batch)
+            inbox.put(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            inbox.put(error)
+
+    threading.Thread(target=pump, name="fiqa-batches", daemon=True).start()
+    while True:
+        try:
+            item = inbox.get(timeout=stall_timeout)
+        except queue.Empty:
+            raise StallError(f"no scored batch for {stall_timeout:g} s (--stall-timeout): the cluster may have "
+                             "lost the resources it needs; committed shards are kept, rerun to resume") from None
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def item_blocks(plan: Plan, pending: list[int], block_rows: int, exclude: set[str] = frozenset()) -> list[pa.Table]:
+    """Pending items (but `exclude`) as Arrow tables of `block_rows` rows: each becomes one Ray Data block."""
+    items, shards = [], []
+    for index in pending:
+        shard_items = [item for item in plan.shard_items(index) if item.image_id not in exclude]
+        items.extend(shard_items)
+        shards.extend([shard_name(index)] * len(shard_items))
+    table = items_to_table(items).append_column("shard", pa.array(shards, type=pa.string()))
+    table = table.drop_columns(["size", "version"])
+    return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
+
+
+def carry_over(options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any],
+               writer: ShardWriter) -> set[str]:
+    """--since: hand the writer PREVIOUS's rows of unchanged images; returns the image ids carried."""
+    from fiqa_curator.flows.incremental import carried_batches, unchanged_items
+
+    assert options.since is not None
+    previous = Output(options.since, options.storage_options)
+    shard_of = {item.image_id: shard_name(i) for i in pending for item in plan.shard_items(i)}
+    unchanged = unchanged_items(previous, plan, (item for i in pending for item in plan.shard_items(i)))
+    carried: set[str] = set()
+    for batch in carried_batches(previous, unchanged, shard_of, config=config):
+        writer.add(batch)
+        carried.update(str(item) for item in batch["item_id"])
+    return carried
+
+
+def execute(
+    options: ScoreOptions, plan: Plan, pending: list[int], config: dict[str, Any], checkpoint: str, run_id: str,
+    *, logger: logging.Logger | logging.LoggerAdapter, on_rows: Callable[[int], None] | None = None,
+) -> ExecutionStats:
+    """Score the pending shards (after carrying over what `--since` allows) and commit each as it completes."""
+    import ray
+    from ray.data import DataContext
+
+    json_console_logs()  # Ray Data installed its console handler when imported
+    started = time.perf_counter()
+    if not pending:
+        return ExecutionStats()
+    writer = ShardWriter(Output(options.output, options.storage_options), plan, pending, run_id=run_id,
+                         config=config)
+    carried = carry_over(options, plan, pending, config, writer) if options.since else set()
+    if carried:
+        logger.info("carried over %d unchanged images from %s", len(carried), options.since)
+    if not writer.missing():  # everything was carried over: nothing for Ray to do
+        return ExecutionStats(carried=len(carried), shards=list(writer.committed),
+                              seconds=time.perf_counter() - started, write_seconds=writer.write_seconds)
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    placement = actor_placement(ray.cluster_resources(), device=options.device, workers=options.workers,
+                                gpus_per_worker=options.gpus_per_worker)
+    group = spread_cpu_actors(placement, cpu_node_count())
+    try:
+        stats = _score_on_ray(options, plan, pending, config, checkpoint, placement, group, writer, carried, logger,
+                              on_rows)
+    finally:
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+    stats.seconds = time.perf_counter() - started
+    stats.first_batch_seconds -= started
+    return stats
+
+
+def _score_on_ray(
+    options: ScoreOptions, plan: Plan, pending: list[int], config: dict[str, Any], checkpoint: str,
+    placement: ActorPlacement, group: Any | None, writer: ShardWriter, carried: set[str],
+    logger: logging.Logger | logging.LoggerAdapter, on_rows: Callable[[int], None] | None,
+) -> ExecutionStats:
+    """The Ray Data pipeline, consumed on this driver. `first_batch_seconds` comes back as a clock reading
+    (perf_counter), which the caller makes relative to its start."""
+    import ray
+    from ray.data import ActorPoolStrategy
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from fiqa_curator.workers.reading import read_and_decode
+    from fiqa_curator.workers.stages import ScoreActor
+
+    gpus, workers, threads = placement.gpu, placement.workers, placement.threads
+    actor_options = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)} if group is not None else {}
+    block_rows = options.batch_size or (GPU_BLOCK_ROWS if gpus else CPU_BATCH_SIZE)
+    dataset = ray.data.from_arrow(item_blocks(plan, pending, block_rows, exclude=carried))
+    dataset = dataset.map_batches(
+        # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
+        # keeps Ray from fusing the two stages, so decoding overlaps with the model instead of preceding it.
+        # With --align, reading also detects and warps faces: real CPU work, so it reserves a whole CPU.
+        read_and_decode, batch_size=block_rows, batch_format="numpy", num_cpus=1 if config["align"] else 0.25,
+        fn_kwargs={"storage_options": options.storage_options, "options_protocol": protocol_of(options.input),
+                   "max_pixels": options.max_pixels, "align": config["align"],
+                   "img_size": config["model_config"]["img_size"], "defer_jpeg": config["decode"] == "device"},
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing `scheduling_strategy` to map_batches (to be removed in 2.64; the pinned
+        # Ray is 2.60) and offers no named parameter for it yet; the two-node test fails when that changes.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        dataset = dataset.map_batches(
+            ScoreActor, batch_size=block_rows, batch_format="numpy",
+            compute=ActorPoolStrategy(size=workers),
+            num_gpus=placement.gpus_per_worker, num_cpus=0 if gpus else 1, **actor_options,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint, "config": config["model_config"],
+                "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",
+                "exit_depth": config["exit_depth"], "fusion": config["fusion"],
+                "batch_size": options.batch_size or ("auto" if gpus else CPU_BATCH_SIZE),
+                "threads": threads, "expected_sha256": config["model_sha256"], "embeddings": config["embeddings"],
+                "precision": config["precision"],
+                "memory_share": min(1.0, placement.gpus_per_worker) if gpus else 1.0,
+                "max_pixels": options.max_pixels,
+            },
+        )
+    logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers,
+                "GPU" if gpus else "CPU")
+    scored, first_count = 0, 0
+    first_batch_at: float | None = None
+    for batch in watched(dataset.iter_batches(batch_format="numpy", batch_size=None), options.stall_timeout):
+        writer.add(batch)
+        count = len(batch["image_id"])
+        scored += count
+        if first_batch_at is None:
+            first_batch_at, first_count = time.perf_counter(), count
+        if on_rows:
+            on_rows(count)
+    missing = writer.missing()
+    if missing:
+        raise RuntimeError(f"rows missing after scoring, shards not committed: {missing}")
+    finished = time.perf_counter()
+    steady = ((scored - first_count) / (finished - first_batch_at)
+              if first_batch_at and finished > first_batch_at else 0.0)
+    return ExecutionStats(
+        scored=scored, carried=len(carried), shards=list(writer.committed),
+        first_batch_seconds=first_batch_at or finished, steady_images_per_second=steady,
+        write_seconds=writer.write_seconds, workers=workers, device="cuda" if gpus else "cpu",
+        rows_by_node=dict(writer.rows_by_node), block_rows=block_rows,
+        actor_nodes=placement_nodes(group) if group is not None else sorted(writer.rows_by_node),
+        device_decoded=writer.device_decoded)
