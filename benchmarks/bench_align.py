@@ -49,7 +49,9 @@ def _align(data: list[bytes]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--photos", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -63,21 +65,27 @@ def main() -> None:
     scorer.score(crops)
     rounds = {"decode + resize": [], "decode + align (all faces)": [], "demo model, 64 crops": []}
     for _ in range(args.repeats):
-        for name, job, count in (("decode + resize", lambda: _resize_only(data), len(data)),
-                                 ("decode + align (all faces)", lambda: _align(data), len(data)),
-                                 ("demo model, 64 crops", lambda: scorer.score(crops), len(crops))):
+        for name, job, count in (
+            ("decode + resize", lambda: _resize_only(data), len(data)),
+            ("decode + align (all faces)", lambda: _align(data), len(data)),
+            ("demo model, 64 crops", lambda: scorer.score(crops), len(crops)),
+        ):
             started = time.perf_counter()
             job()
             rounds[name].append(count / (time.perf_counter() - started))
     import torch
 
-    print(f"{args.photos} photos (512x512, 512x600, 1100x620 JPEG); python {platform.python_version()}, "
-          f"torch {torch.__version__} {torch.get_num_threads()} threads; median of {args.repeats}")
+    print(
+        f"{args.photos} photos (512x512, 512x600, 1100x620 JPEG); python {platform.python_version()}, "
+        f"torch {torch.__version__} {torch.get_num_threads()} threads; median of {args.repeats}"
+    )
     base = statistics.median(rounds["decode + resize"])
     for name, values in rounds.items():
         rate = statistics.median(values)
-        print(f"{name:28s} {rate:8.1f} images/s" + (f"   ({rate / base:.3f}x decode + resize)"
-                                                      if "model" not in name else ""))
+        print(
+            f"{name:28s} {rate:8.1f} images/s"
+            + (f"   ({rate / base:.3f}x decode + resize)" if "model" not in name else "")
+        )
 
 
 if __name__ == "__main__":

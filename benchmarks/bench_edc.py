@@ -1,6 +1,6 @@
 """EDC evaluation cost: N comparison pairs, M quality methods, three FMRs, both protocols, in one run.
 
-    python benchmarks/bench_edc.py [--pairs 1000000] [--methods 15]
+python benchmarks/bench_edc.py [--pairs 1000000] [--methods 15]
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from fiqa_curator.evaluation.edc import ErcCurves, angular_distance, iso_curve, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=1_000_000)
     parser.add_argument("--methods", type=int, default=15)
     args = parser.parse_args()
@@ -33,9 +35,11 @@ def main() -> None:
     thresholds = [iso_threshold(similarity[genuine], impostors, fmr=fmr) for fmr in (1e-2, 1e-3, 1e-4)]
     iso = [iso_curve(similarity[genuine], q[genuine], t) for q in qualities for t in thresholds]
     iso_seconds = time.perf_counter() - start
-    print(f"{args.pairs} pairs ({genuine.sum()} genuine), {args.methods} methods, 3 FMRs: "
-          f"erc {erc_seconds:.1f} s (20 grid points each), iso {iso_seconds:.1f} s; "
-          f"example pAUC erc {erc[0].pauc(1e-3):.4f}, iso {iso[0].pauc(0.3):.4f}")
+    print(
+        f"{args.pairs} pairs ({genuine.sum()} genuine), {args.methods} methods, 3 FMRs: "
+        f"erc {erc_seconds:.1f} s (20 grid points each), iso {iso_seconds:.1f} s; "
+        f"example pAUC erc {erc[0].pauc(1e-3):.4f}, iso {iso[0].pauc(0.3):.4f}"
+    )
 
 
 if __name__ == "__main__":

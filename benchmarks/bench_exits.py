@@ -30,7 +30,9 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", default="token", choices=["token", "crfiqa", "full"])
@@ -68,27 +70,51 @@ def main() -> None:
     median = {key: statistics.median(values) for key, values in samples.items()}
 
     full_rate = args.batch / median[f"exit_{depth}"]
-    print(f"ViT-FIQA {args.mode}, dim {config.embed_dim}, depth {depth}, heads {config.num_heads}; batch {args.batch}; "
-          f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}")
+    print(
+        f"ViT-FIQA {args.mode}, dim {config.embed_dim}, depth {depth}, heads {config.num_heads}; "
+        f"batch {args.batch}; device {device}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median of {args.repeats}"
+    )
     print(f"{'exit L':>6} {'GFLOPs/img':>10} {'images/s':>9} {'ideal (12/L)x':>14} {'measured/ideal':>15}")
     rows = []
     for exit_depth in range(1, depth + 1):
         rate = args.batch / median[f"exit_{exit_depth}"]
         ideal = full_rate * depth / exit_depth
         gflops = config.flops_at_exit(exit_depth) / 1e9
-        rows.append({"exit_depth": exit_depth, "gflops": gflops, "images_per_s": rate, "ideal": ideal,
-                     "ratio": rate / ideal})
+        rows.append(
+            {
+                "exit_depth": exit_depth,
+                "gflops": gflops,
+                "images_per_s": rate,
+                "ideal": ideal,
+                "ratio": rate / ideal,
+            }
+        )
         print(f"{exit_depth:>6} {gflops:>10.2f} {rate:>9.2f} {ideal:>14.2f} {rate / ideal:>15.2f}")
     speedup = median["separate"] / median[f"exit_{depth}"]
-    print(f"one {depth}-exit pass: {median[f'exit_{depth}']:.2f} s; {depth} separate single-exit passes: "
-          f"{median['separate']:.2f} s; speed-up {speedup:.2f}x")
+    print(
+        f"one {depth}-exit pass: {median[f'exit_{depth}']:.2f} s; {depth} separate single-exit passes: "
+        f"{median['separate']:.2f} s; speed-up {speedup:.2f}x"
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"config": config.to_dict(), "batch": args.batch, "repeats": args.repeats,
-                       "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "machine": platform.machine(), "exits": rows,
-                       "one_pass_s": median[f"exit_{depth}"], "separate_passes_s": median["separate"],
-                       "speedup": speedup}, handle, indent=1)
+            json.dump(
+                {
+                    "config": config.to_dict(),
+                    "batch": args.batch,
+                    "repeats": args.repeats,
+                    "device": str(device),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "machine": platform.machine(),
+                    "exits": rows,
+                    "one_pass_s": median[f"exit_{depth}"],
+                    "separate_passes_s": median["separate"],
+                    "speedup": speedup,
+                },
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

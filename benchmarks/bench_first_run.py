@@ -56,8 +56,12 @@ def first_start(busy: int) -> dict[str, float]:
     try:
         with tempfile.TemporaryDirectory() as home:
             env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-            env.update(HOME=home, PREFECT_HOME=os.path.join(home, ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                       PREFECT_LOGGING_LEVEL="WARNING")
+            env.update(
+                HOME=home,
+                PREFECT_HOME=os.path.join(home, ".prefect"),
+                PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_LOGGING_LEVEL="WARNING",
+            )
             return {**_probe(PROBE, env), **_probe(RAY_PROBE, env)}
     finally:
         for burner in burners:
@@ -66,7 +70,9 @@ def first_start(busy: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", default="0,2,4", help="CPU-bound processes beside the start, per condition")
     args = parser.parse_args()
@@ -75,17 +81,24 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits every condition alike
         for busy in conditions:
             results[busy].append(first_start(busy))
-    print(f"first start on a new PREFECT_HOME; {os.cpu_count()} cores; median and max of {args.repeats}; limits: "
-          "Prefect's default 20 s (fiqa: 300 s), Ray's 30 s")
-    print(f"{'busy processes':>15} {'prefect import s':>17} {'server answers s':>17} {'max':>6} {'x idle':>7} "
-          f"{'ray.init s':>11} {'max':>6} {'x idle':>7}")
+    print(
+        f"first start on a new PREFECT_HOME; {os.cpu_count()} cores; median and max of {args.repeats}; "
+        "limits: Prefect's default 20 s (fiqa: 300 s), Ray's 30 s"
+    )
+    print(
+        f"{'busy processes':>15} {'prefect import s':>17} {'server answers s':>17} {'max':>6} {'x idle':>7} "
+        f"{'ray.init s':>11} {'max':>6} {'x idle':>7}"
+    )
     idle = {key: statistics.median(r[key] for r in results[conditions[0]]) for key in ("answer_s", "ray_s")}
     for busy in conditions:
         answer, ray_start = [r["answer_s"] for r in results[busy]], [r["ray_s"] for r in results[busy]]
-        print(f"{busy:>15} {statistics.median(r['import_s'] for r in results[busy]):>17.1f} "
-              f"{statistics.median(answer):>17.1f} {max(answer):>6.1f} {statistics.median(answer) / idle['answer_s']:>7.2f} "
-              f"{statistics.median(ray_start):>11.1f} {max(ray_start):>6.1f} "
-              f"{statistics.median(ray_start) / idle['ray_s']:>7.2f}")
+        print(
+            f"{busy:>15} {statistics.median(r['import_s'] for r in results[busy]):>17.1f} "
+            f"{statistics.median(answer):>17.1f} {max(answer):>6.1f} "
+            f"{statistics.median(answer) / idle['answer_s']:>7.2f} "
+            f"{statistics.median(ray_start):>11.1f} {max(ray_start):>6.1f} "
+            f"{statistics.median(ray_start) / idle['ray_s']:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ then for each exit depth (default 12 and 4):
             size, same torch thread count as the scoring actor;
   pipeline  `fiqa score` in its own process (Prefect + local Ray + Parquet): images/s of the execute stage
             (read, decode, score, write, overlapped; start-up of the Ray workers and the model included),
-            the steady rate once the first batch is out, the time to that first batch, the whole command, and the peak memory: PSS
-            summed over the command's process tree (driver, Ray workers, Prefect server), so pages shared
-            between processes (Ray's object store) count once.
+            the steady rate once the first batch is out, the time to that first batch, the whole command,
+            and the peak memory: PSS summed over the command's process tree (driver, Ray workers, Prefect
+            server), so pages shared between processes (Ray's object store) count once.
 
     python benchmarks/bench_pipeline.py [--images 3000] [--batch 64] [--depths 12 4] [--json out.json]
 """
@@ -67,8 +67,12 @@ def tree_pss(process: psutil.Process) -> int:
 def run_pipeline(args: list[str]) -> tuple[float, int]:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     start = time.perf_counter()
-    process = subprocess.Popen([str(Path(sys.executable).parent / "fiqa"), *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "fiqa"), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     watched = psutil.Process(process.pid)
     peak = 0
     done = threading.Event()
@@ -90,7 +94,9 @@ def run_pipeline(args: list[str]) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--depths", type=int, nargs="+", default=[12, 4])
@@ -106,32 +112,74 @@ def main() -> None:
     loaded = load_model(work / "model.pt", "vit_s_qs")
     scorer = QualityScorer(loaded, device="cpu", batch_size=args.batch)
     threads = torch.get_num_threads()
-    decoded = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((work / "images").iterdir())
-                        [: args.batch * args.bare_batches]])
+    decoded = np.stack(
+        [
+            np.asarray(Image.open(p).convert("RGB"))
+            for p in sorted((work / "images").iterdir())[: args.batch * args.bare_batches]
+        ]
+    )
 
-    print(f"{args.images} JPEGs 112x112; ViT-S token (dim 512, depth 12); batch {args.batch}; "
-          f"{threads} torch threads; {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print(f"{'exit':>4} {'bare img/s':>10} {'pipeline img/s':>15} {'ratio':>6} {'steady img/s':>13} {'ratio':>6} "
-          f"{'first batch':>12} {'wall img/s':>11} {'peak PSS':>9}")
+    print(
+        f"{args.images} JPEGs 112x112; ViT-S token (dim 512, depth 12); batch {args.batch}; "
+        f"{threads} torch threads; {os.cpu_count()} CPUs; torch {torch.__version__}"
+    )
+    print(
+        f"{'exit':>4} {'bare img/s':>10} {'pipeline img/s':>15} {'ratio':>6} {'steady img/s':>13} "
+        f"{'ratio':>6} {'first batch':>12} {'wall img/s':>11} {'peak PSS':>9}"
+    )
     results = []
     for depth in args.depths:
         bare = bare_rate(scorer, decoded, depth, args.bare_batches)
         out = work / f"out-{depth}"
-        wall, peak = run_pipeline(["score", str(work / "images"), str(out), "--checkpoint", str(work / "model.pt"),
-                                   "--arch", "vit_s_qs", "--exit-depth", str(depth), "--batch-size", str(args.batch),
-                                   "--shard-size", "500", "--no-progress", "--device", "cpu"])
+        wall, peak = run_pipeline(
+            [
+                "score",
+                str(work / "images"),
+                str(out),
+                "--checkpoint",
+                str(work / "model.pt"),
+                "--arch",
+                "vit_s_qs",
+                "--exit-depth",
+                str(depth),
+                "--batch-size",
+                str(args.batch),
+                "--shard-size",
+                "500",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
         record = json.loads((out / "_run.json").read_text())
         pipeline = record["images_per_second"]
         steady = record["stages"]["steady_images_per_second"]
-        results.append({"exit_depth": depth, "bare_images_per_s": bare, "pipeline_images_per_s": pipeline,
-                        "ratio": pipeline / bare, "steady_images_per_s": steady, "steady_ratio": steady / bare,
-                        "first_batch_s": record["stages"]["first_batch_seconds"], "wall_s": wall, "wall_images_per_s": args.images / wall,
-                        "peak_pss_bytes": peak, "total_rows": record["total_rows"]})
-        print(f"{depth:>4} {bare:>10.2f} {pipeline:>15.2f} {pipeline / bare:>6.2f} {steady:>13.2f} {steady / bare:>6.2f} "
-              f"{record['stages']['first_batch_seconds']:>10.1f} s {args.images / wall:>11.2f} {peak / 2**30:>7.2f} G")
+        results.append(
+            {
+                "exit_depth": depth,
+                "bare_images_per_s": bare,
+                "pipeline_images_per_s": pipeline,
+                "ratio": pipeline / bare,
+                "steady_images_per_s": steady,
+                "steady_ratio": steady / bare,
+                "first_batch_s": record["stages"]["first_batch_seconds"],
+                "wall_s": wall,
+                "wall_images_per_s": args.images / wall,
+                "peak_pss_bytes": peak,
+                "total_rows": record["total_rows"],
+            }
+        )
+        print(
+            f"{depth:>4} {bare:>10.2f} {pipeline:>15.2f} {pipeline / bare:>6.2f} {steady:>13.2f} "
+            f"{steady / bare:>6.2f} {record['stages']['first_batch_seconds']:>10.1f} s "
+            f"{args.images / wall:>11.2f} {peak / 2**30:>7.2f} G"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"images": args.images, "batch": args.batch, "threads": threads,
-                                               "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"images": args.images, "batch": args.batch, "threads": threads, "results": results}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -49,10 +49,13 @@ def _loaded(seed: int = 0) -> LoadedModel:
 
 
 def synthetic_faces(count: int, seed: int = 0) -> np.ndarray:
-    """Smooth 112x112 RGB images (14x14 noise upsampled): not faces, but JPEG-compressible like aligned crops."""
+    """Smooth 112x112 RGB images (14x14 noise upsampled): not faces, but JPEG-compressible like aligned
+    crops."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (count, 14, 14, 3), dtype=np.uint8)  # smooth-ish images, not pure noise
-    return np.stack([np.asarray(Image.fromarray(b).resize((112, 112), Image.Resampling.BILINEAR)) for b in base])
+    return np.stack(
+        [np.asarray(Image.fromarray(b).resize((112, 112), Image.Resampling.BILINEAR)) for b in base]
+    )
 
 
 def parity(device: str, images: np.ndarray) -> dict:
@@ -60,14 +63,21 @@ def parity(device: str, images: np.ndarray) -> dict:
 
     reference = QualityScorer(_loaded(), device="cpu", precision="fp32").score(images).exit_scores
     fp32 = QualityScorer(_loaded(), device=device, precision="fp32").score(images).exit_scores
-    out = {"fp32_max_abs_diff": float(np.abs(fp32 - reference).max()), "fp32_ok": bool(np.allclose(fp32, reference, atol=1e-4))}
+    out = {
+        "fp32_max_abs_diff": float(np.abs(fp32 - reference).max()),
+        "fp32_ok": bool(np.allclose(fp32, reference, atol=1e-4)),
+    }
     if device.startswith("cuda"):
         bf16 = QualityScorer(_loaded(), device=device, precision="bf16").score(images).exit_scores
         spread = float(reference.std())
         rho = min(float(spearmanr(bf16[:, e], reference[:, e]).statistic) for e in range(reference.shape[1]))
         diff = float(np.abs(bf16 - reference).max())
-        out.update(bf16_max_abs_diff=diff, score_spread=spread, bf16_min_spearman=rho,
-                   bf16_ok=bool(diff < 0.05 * spread and rho >= 0.99))
+        out.update(
+            bf16_max_abs_diff=diff,
+            score_spread=spread,
+            bf16_min_spearman=rho,
+            bf16_ok=bool(diff < 0.05 * spread and rho >= 0.99),
+        )
     return out
 
 
@@ -97,8 +107,12 @@ def throughput(device: str, images: np.ndarray, exits: list[int], batches: list[
                 rates.append(len(chunk) / (time.perf_counter() - started))
             per_batch[batch] = float(np.median(rates))
             best = max(best, per_batch[batch])
-        results[exit_depth] = {"images_per_second": best, "by_batch": per_batch, "auto_batch_size": auto,
-                               "gflops_per_image": CONFIG.flops_at_exit(exit_depth) / 1e9}
+        results[exit_depth] = {
+            "images_per_second": best,
+            "by_batch": per_batch,
+            "auto_batch_size": auto,
+            "gflops_per_image": CONFIG.flops_at_exit(exit_depth) / 1e9,
+        }
     return results
 
 
@@ -125,17 +139,27 @@ def decoding(device: str, images: np.ndarray, repeats: int) -> dict:
         _sync(device)
         rates.append(len(blobs) / (time.perf_counter() - started))
     refused = sum(image is None for image in on_device)
-    device_pixels = np.stack([(image.cpu().numpy() if image is not None else cpu) for image, cpu
-                              in zip(on_device, on_cpu, strict=True)])
+    device_pixels = np.stack(
+        [
+            (image.cpu().numpy() if image is not None else cpu)
+            for image, cpu in zip(on_device, on_cpu, strict=True)
+        ]
+    )
     pixel_diff = np.abs(device_pixels.astype(np.int16) - on_cpu.astype(np.int16))
     scorer = QualityScorer(_loaded(), device=device, precision="fp32")
     count = min(len(images), 2048)
     from_cpu = scorer.score(on_cpu[:count]).exit_scores
     from_device = scorer.score(device_pixels[:count]).exit_scores
-    return {"images": len(blobs), "cpu_images_per_second_one_core": cpu_rate,
-            "device_images_per_second": float(np.median(rates)), "device_refused": refused,
-            "pixel_max_abs_diff": int(pixel_diff.max()), "pixel_mean_abs_diff": float(pixel_diff.mean()),
-            "score_max_abs_diff": float(np.abs(from_device - from_cpu).max()), "score_spread": float(from_cpu.std())}
+    return {
+        "images": len(blobs),
+        "cpu_images_per_second_one_core": cpu_rate,
+        "device_images_per_second": float(np.median(rates)),
+        "device_refused": refused,
+        "pixel_max_abs_diff": int(pixel_diff.max()),
+        "pixel_mean_abs_diff": float(pixel_diff.mean()),
+        "score_max_abs_diff": float(np.abs(from_device - from_cpu).max()),
+        "score_spread": float(from_cpu.std()),
+    }
 
 
 def _shards(folder: Path, images: np.ndarray, per_shard: int) -> Path:
@@ -162,23 +186,49 @@ def end_to_end(device: str, images: np.ndarray, workdir: Path, decode: str) -> d
     fiqa = str(Path(sys.executable).parent / "fiqa")
     out = workdir / f"out-{decode}"
     started = time.perf_counter()
-    run = subprocess.run([fiqa, "score", str(shards), str(out), "--checkpoint", str(model_dir / "model.pt"),
-                          "--model-config", str(model_dir / "config.json"), "--device", device.split(":")[0],
-                          "--decode", decode, "--shard-size", "5000", "--no-progress", "--no-report"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            fiqa,
+            "score",
+            str(shards),
+            str(out),
+            "--checkpoint",
+            str(model_dir / "model.pt"),
+            "--model-config",
+            str(model_dir / "config.json"),
+            "--device",
+            device.split(":")[0],
+            "--decode",
+            decode,
+            "--shard-size",
+            "5000",
+            "--no-progress",
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     if run.returncode != 0:
         return {"error": run.stdout[-2000:] + run.stderr[-2000:]}
     record = json.loads((out / "_run.json").read_text())
-    return {"images": len(images), "wall_seconds": seconds, "images_per_second": record["images_per_second"],
-            "steady_images_per_second": record["stages"]["steady_images_per_second"],
-            "first_batch_seconds": record["stages"]["first_batch_seconds"], "device": record["device"],
-            "decoded_on_device": record["stages"]["decoded_on_device"], "precision": record["config"]["precision"],
-            "counts": record["counts"]}
+    return {
+        "images": len(images),
+        "wall_seconds": seconds,
+        "images_per_second": record["images_per_second"],
+        "steady_images_per_second": record["stages"]["steady_images_per_second"],
+        "first_batch_seconds": record["stages"]["first_batch_seconds"],
+        "device": record["device"],
+        "decoded_on_device": record["stages"]["decoded_on_device"],
+        "precision": record["config"]["precision"],
+        "counts": record["counts"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=20000, help="images for the throughput runs")
     parser.add_argument("--batches", default="256,512,1024,2048")
@@ -191,17 +241,28 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.batches, args.repeats = "16", 1
     images = synthetic_faces(args.images)
-    report: dict = {"device": args.device, "torch": torch.__version__,
-                    "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    report: dict = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    }
     report["parity"] = parity(args.device, images[:64])
-    report["model_stage"] = throughput(args.device, images, [int(e) for e in args.exits.split(",")],
-                                       [int(b) for b in args.batches.split(",")], args.repeats)
+    report["model_stage"] = throughput(
+        args.device,
+        images,
+        [int(e) for e in args.exits.split(",")],
+        [int(b) for b in args.batches.split(",")],
+        args.repeats,
+    )
     report["decode"] = decoding(args.device, images[: min(len(images), 8192)], args.repeats)
     full = report["model_stage"][CONFIG.depth]
-    report["bf16_peak_share_at_full_depth"] = full["images_per_second"] * full["gflops_per_image"] / (args.peak_tflops * 1e3)
+    report["bf16_peak_share_at_full_depth"] = (
+        full["images_per_second"] * full["gflops_per_image"] / (args.peak_tflops * 1e3)
+    )
     with tempfile.TemporaryDirectory() as workdir:
-        report["end_to_end"] = {decode: end_to_end(args.device, images, Path(workdir), decode)
-                                for decode in ("cpu", "device")}
+        report["end_to_end"] = {
+            decode: end_to_end(args.device, images, Path(workdir), decode) for decode in ("cpu", "device")
+        }
     for run in report["end_to_end"].values():
         if "images_per_second" in run:
             run["ratio_to_model_stage"] = run["images_per_second"] / full["images_per_second"]

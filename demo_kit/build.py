@@ -43,8 +43,9 @@ def split_faces(faces: Sequence[SourceFace], seed: int = SPLIT_SEED) -> dict[str
     order = np.random.default_rng(seed).permutation(len(lfw))
     test = {lfw[i] for i in order[:HELD_OUT_LFW]}
     split = {face.face_id: ("test" if face.face_id in test else "train") for face in faces}
-    split.update({name: value for name, value in (("astronaut", "train"), ("grace_hopper", "test"))
-                  if name in split})
+    split.update(
+        {name: value for name, value in (("astronaut", "train"), ("grace_hopper", "test")) if name in split}
+    )
     return split
 
 
@@ -61,8 +62,12 @@ class Sample:
 
 
 def degraded_set(
-    faces: Sequence[SourceFace], *, kinds: Sequence[str] = tuple(DEGRADATIONS), severities: Sequence[int] = SEVERITIES,
-    seed: int = 0, variants: int = 1,
+    faces: Sequence[SourceFace],
+    *,
+    kinds: Sequence[str] = tuple(DEGRADATIONS),
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
+    variants: int = 1,
 ) -> Sample:
     """The clean image of every face plus every (kind, severity) degradation, `variants` times each."""
     images, ids, owner, kind_of, severity_of = [], [], [], [], []
@@ -82,7 +87,9 @@ def degraded_set(
     return Sample(np.stack(images), ids, np.array(owner), kind_of, np.array(severity_of), list(faces))
 
 
-def utility_of(sample: Sample, refs: np.ndarray, face_columns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def utility_of(
+    sample: Sample, refs: np.ndarray, face_columns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(utility, genuine distance, embeddings) of every image of `sample`; `refs` are the references of
     the gallery faces, `face_columns` maps each of the sample's faces to its column in `refs`."""
     embeddings = fr_embeddings(sample.images)
@@ -106,13 +113,20 @@ def _write_raw(folder: Path) -> None:
     collage[40:552, 570:1082] = astronaut
     Image.fromarray(collage).save(folder / "two_faces.jpg", quality=92)
     for index, crop in enumerate(lfw_non_faces(3)):
-        Image.fromarray(crop).resize((200, 200), Image.Resampling.BICUBIC).save(folder / f"no_face_{index}.png")
+        Image.fromarray(crop).resize((200, 200), Image.Resampling.BICUBIC).save(
+            folder / f"no_face_{index}.png"
+        )
     (folder / "broken_truncated.jpg").write_bytes((folder / "two_faces.jpg").read_bytes()[:300])
 
 
 def build_sample_set(
-    out: Path | str, *, split: str = "test", severities: Sequence[int] = SEVERITIES,
-    kinds: Sequence[str] = tuple(DEGRADATIONS), max_faces: int | None = None, seed: int = 0,
+    out: Path | str,
+    *,
+    split: str = "test",
+    severities: Sequence[int] = SEVERITIES,
+    kinds: Sequence[str] = tuple(DEGRADATIONS),
+    max_faces: int | None = None,
+    seed: int = 0,
     log=print,
 ) -> Path:
     """Write the sample dataset for the faces of `split` ("test": held out from the demo model's training,
@@ -123,7 +137,10 @@ def build_sample_set(
     chosen = [face for face in all_faces if split == "all" or splits[face.face_id] == split][:max_faces]
     if not chosen:
         raise ValueError(f"no faces in split {split!r}")
-    log(f"[demo-data] {len(chosen)} source faces ({split}), {len(kinds)} degradations x {len(severities)} severities")
+    log(
+        f"[demo-data] {len(chosen)} source faces ({split}), "
+        f"{len(kinds)} degradations x {len(severities)} severities"
+    )
     sample = degraded_set(chosen, kinds=kinds, severities=severities, seed=seed)
     # Impostors are always all 102 source faces: an image's utility does not depend on which subset is built.
     refs = references(np.stack([face.aligned for face in all_faces]))
@@ -139,11 +156,22 @@ def build_sample_set(
     rows = []
     for i, image_id in enumerate(sample.image_ids):
         face = chosen[sample.face_index[i]]
-        rows.append({"uri": f"images/{image_id}", "image_id": image_id, "identity": face.face_id,
-                     "face": face.face_id, "split": splits[face.face_id], "degradation": sample.degradation[i],
-                     "severity": int(sample.severity[i]), "utility": f"{margin[i]:.6f}",
-                     "fr_genuine_distance": f"{genuine[i]:.6f}", "alignment": face.alignment,
-                     "provenance": face.provenance, "licence": face.licence})
+        rows.append(
+            {
+                "uri": f"images/{image_id}",
+                "image_id": image_id,
+                "identity": face.face_id,
+                "face": face.face_id,
+                "split": splits[face.face_id],
+                "degradation": sample.degradation[i],
+                "severity": int(sample.severity[i]),
+                "utility": f"{margin[i]:.6f}",
+                "fr_genuine_distance": f"{genuine[i]:.6f}",
+                "alignment": face.alignment,
+                "provenance": face.provenance,
+                "licence": face.licence,
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     with open(out / MANIFEST, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -157,18 +185,46 @@ def build_sample_set(
                 pairs_a.append(image_id)
                 pairs_b.append(sample.image_ids[j])
                 genuine_flag.append(bool(sample.face_index[i] == sample.face_index[j]))
-    pq.write_table(pa.table({"image_id_a": pairs_a, "image_id_b": pairs_b, "genuine": genuine_flag}),
-                   out / "pairs.parquet")
-    pq.write_table(pa.table({"image_id": sample.image_ids,
-                             "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32()))}),
-                   out / "fr_embeddings.parquet")
+    pq.write_table(
+        pa.table({"image_id_a": pairs_a, "image_id_b": pairs_b, "genuine": genuine_flag}),
+        out / "pairs.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": sample.image_ids,
+                "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32())),
+            }
+        ),
+        out / "fr_embeddings.parquet",
+    )
     _write_raw(out / "raw")
-    sources = ["# Source faces", "", "| face | split | alignment | provenance | licence |", "|---|---|---|---|---|"]
-    sources += [f"| {f.face_id} | {splits[f.face_id]} | {f.alignment} | {f.provenance} | {f.licence} |" for f in chosen]
+    sources = [
+        "# Source faces",
+        "",
+        "| face | split | alignment | provenance | licence |",
+        "|---|---|---|---|---|",
+    ]
+    sources += [
+        f"| {f.face_id} | {splits[f.face_id]} | {f.alignment} | {f.provenance} | {f.licence} |"
+        for f in chosen
+    ]
     (out / "SOURCES.md").write_text("\n".join(sources) + "\n")
-    (out / "dataset.json").write_text(json.dumps({
-        "split": split, "faces": len(chosen), "images": len(sample.image_ids), "kinds": list(kinds),
-        "severities": list(severities), "seed": seed, "pairs": len(pairs_a), "genuine_pairs": int(sum(genuine_flag)),
-        "utility": "identification margin in dlib's metric (demo_kit/utility.py)"}, indent=1))
+    (out / "dataset.json").write_text(
+        json.dumps(
+            {
+                "split": split,
+                "faces": len(chosen),
+                "images": len(sample.image_ids),
+                "kinds": list(kinds),
+                "severities": list(severities),
+                "seed": seed,
+                "pairs": len(pairs_a),
+                "genuine_pairs": int(sum(genuine_flag)),
+                "utility": "identification margin in dlib's metric (demo_kit/utility.py)",
+            },
+            indent=1,
+        )
+    )
     log(f"[demo-data] wrote {len(rows)} images, {len(pairs_a)} pairs, manifest {out / MANIFEST}")
     return out / MANIFEST

@@ -52,7 +52,9 @@ def motion_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> n
     ImageDraw.Draw(kernel_image).line((centre - dx, centre - dy, centre + dx, centre + dy), fill=1.0, width=1)
     kernel = np.asarray(kernel_image, dtype=np.float64)
     kernel /= kernel.sum()
-    blurred = np.stack([convolve(image[..., c].astype(np.float64), kernel, mode="reflect") for c in range(3)], -1)
+    blurred = np.stack(
+        [convolve(image[..., c].astype(np.float64), kernel, mode="reflect") for c in range(3)], -1
+    )
     return _to_uint8(blurred)
 
 
@@ -92,7 +94,7 @@ def occlusion(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.
     top = int(np.clip(centre_y - box_h / 2, 0, height - box_h))
     left = int(np.clip(centre_x - box_w / 2, 0, width - box_w))
     out = image.copy()
-    out[top:top + box_h, left:left + box_w] = rng.integers(0, 256, 3)
+    out[top : top + box_h, left : left + box_w] = rng.integers(0, 256, 3)
     return out
 
 
@@ -114,8 +116,9 @@ def pose(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarr
         quad = (-s, -s / 2, -s, size + s / 2, size, size, size, 0)
     else:
         quad = (0, 0, 0, size, size + s, size + s / 2, size + s, -s / 2)
-    warped = _pil(image).transform((size, size), Image.Transform.QUAD, quad, Image.Resampling.BILINEAR,
-                                   fillcolor=(0, 0, 0))
+    warped = _pil(image).transform(
+        (size, size), Image.Transform.QUAD, quad, Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
+    )
     return np.asarray(warped)
 
 
@@ -151,4 +154,6 @@ def degrade(image: np.ndarray, kind: str, severity: int, rng: np.random.Generato
         return np.array(image, dtype=np.uint8, copy=True)
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be 0..{SEVERITIES[-1]}, got {severity}")
-    return np.ascontiguousarray(DEGRADATIONS[kind](np.asarray(image, dtype=np.uint8), severity, rng), dtype=np.uint8)
+    return np.ascontiguousarray(
+        DEGRADATIONS[kind](np.asarray(image, dtype=np.uint8), severity, rng), dtype=np.uint8
+    )

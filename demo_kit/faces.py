@@ -31,8 +31,11 @@ class SourceFace:
 def _astronaut() -> tuple[np.ndarray, str, str]:
     from skimage import data
 
-    return (data.astronaut(), "scikit-image skimage.data.astronaut(): NASA portrait of astronaut Eileen Collins",
-            "public domain (NASA); redistributed by scikit-image (BSD-3-Clause)")
+    return (
+        data.astronaut(),
+        "scikit-image skimage.data.astronaut(): NASA portrait of astronaut Eileen Collins",
+        "public domain (NASA); redistributed by scikit-image (BSD-3-Clause)",
+    )
 
 
 def _grace_hopper() -> tuple[np.ndarray, str, str]:
@@ -40,8 +43,11 @@ def _grace_hopper() -> tuple[np.ndarray, str, str]:
 
     with cbook.get_sample_data("grace_hopper.jpg") as handle:
         image = np.asarray(Image.open(handle).convert("RGB"))
-    return (image, "matplotlib sample data grace_hopper.jpg: US Navy portrait of Rear Admiral Grace Hopper",
-            "public domain (US Navy); redistributed by matplotlib (PSF-style licence)")
+    return (
+        image,
+        "matplotlib sample data grace_hopper.jpg: US Navy portrait of Rear Admiral Grace Hopper",
+        "public domain (US Navy); redistributed by matplotlib (PSF-style licence)",
+    )
 
 
 def _align_photo(face_id: str, loader) -> SourceFace:
@@ -49,8 +55,14 @@ def _align_photo(face_id: str, loader) -> SourceFace:
     faces = detect_faces(image, upsample=1)  # fixed: the demo model was trained on these crops
     if not faces:  # pragma: no cover - these package photos are known to contain a detectable face
         raise RuntimeError(f"no face detected in {face_id}")
-    return SourceFace(face_id, warp_to_template(image, faces[0].landmarks), provenance, licence, "detected",
-                      (image.shape[1], image.shape[0]))
+    return SourceFace(
+        face_id,
+        warp_to_template(image, faces[0].landmarks),
+        provenance,
+        licence,
+        "detected",
+        (image.shape[1], image.shape[0]),
+    )
 
 
 def lfw_faces(count: int = 100) -> list[SourceFace]:
@@ -69,11 +81,18 @@ def lfw_faces(count: int = 100) -> list[SourceFace]:
         else:
             side = LFW_PAD + LFW_UPSCALE
             landmarks, how = landmarks_in_box(padded, (LFW_PAD, LFW_PAD, side, side)), "box"
-        faces.append(SourceFace(
-            f"lfw{index:03d}", warp_to_template(padded, landmarks), f"scikit-image skimage.data.lfw_subset() face "
-            f"#{index} (Labeled Faces in the Wild, Huang et al. 2007; 25x25 grey crop)",
-            "LFW images are news photographs collected for research; redistributed by scikit-image (BSD-3-Clause)",
-            how, (25, 25)))
+        faces.append(
+            SourceFace(
+                f"lfw{index:03d}",
+                warp_to_template(padded, landmarks),
+                f"scikit-image skimage.data.lfw_subset() face "
+                f"#{index} (Labeled Faces in the Wild, Huang et al. 2007; 25x25 grey crop)",
+                "LFW images are news photographs collected for research; "
+                "redistributed by scikit-image (BSD-3-Clause)",
+                how,
+                (25, 25),
+            )
+        )
     return faces
 
 
@@ -81,7 +100,9 @@ def lfw_non_faces(count: int = 100) -> list[np.ndarray]:
     """Background crops of `lfw_subset()` (no face): inputs that must come out as `no_face`."""
     from skimage import data
 
-    return [np.clip(np.rint(crop * 255), 0, 255).astype(np.uint8) for crop in data.lfw_subset()[100:100 + count]]
+    return [
+        np.clip(np.rint(crop * 255), 0, 255).astype(np.uint8) for crop in data.lfw_subset()[100 : 100 + count]
+    ]
 
 
 def source_faces() -> list[SourceFace]:

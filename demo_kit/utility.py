@@ -48,7 +48,9 @@ def _chip_details():
     import dlib
 
     half = CHIP_SIDE / 2
-    rect = dlib.drectangle(CHIP_CENTRE[0] - half, CHIP_CENTRE[1] - half, CHIP_CENTRE[0] + half, CHIP_CENTRE[1] + half)
+    rect = dlib.drectangle(
+        CHIP_CENTRE[0] - half, CHIP_CENTRE[1] - half, CHIP_CENTRE[0] + half, CHIP_CENTRE[1] + half
+    )
     return dlib.chip_details(rect, dlib.chip_dims(CHIP_SIZE, CHIP_SIZE), 0.0)
 
 
@@ -57,8 +59,10 @@ def fr_chips(images: np.ndarray) -> list[np.ndarray]:
     import dlib
 
     details = _chip_details()
-    return [np.asarray(dlib.extract_image_chip(np.ascontiguousarray(image, dtype=np.uint8), details))
-            for image in images]
+    return [
+        np.asarray(dlib.extract_image_chip(np.ascontiguousarray(image, dtype=np.uint8), details))
+        for image in images
+    ]
 
 
 def _embed_serial(images: np.ndarray) -> np.ndarray:
@@ -76,7 +80,7 @@ def fr_embeddings(images: np.ndarray, *, processes: int | None = None, chunk: in
     processes = processes if processes is not None else min(os.cpu_count() or 1, 4)
     if processes <= 1 or len(images) <= chunk:
         return _embed_serial(images)
-    chunks = [images[start:start + chunk] for start in range(0, len(images), chunk)]
+    chunks = [images[start : start + chunk] for start in range(0, len(images), chunk)]
     # spawn, not fork: the caller may hold threads (torch, Ray) that a forked child would inherit half-dead
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         return np.concatenate(list(pool.map(_embed_serial, chunks)))

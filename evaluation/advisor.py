@@ -45,7 +45,9 @@ def advise(
     gflops_at: Callable[[int], float] | None = None,
 ) -> dict[str, Any]:
     """pAUC per option name (`exit_l`, `f@l`, `fw@l`; others ignored) -> the recommendation."""
-    options = {name: (_option(name), value) for name, value in pauc.items() if _option(name) and np.isfinite(value)}
+    options = {
+        name: (_option(name), value) for name, value in pauc.items() if _option(name) and np.isfinite(value)
+    }
     if not options:
         raise UserError("no exit or per-depth fusion options to advise on")
     best_name, ((best_depth, _), best_value) = min(options.items(), key=lambda kv: (kv[1][1], kv[1][0][0]))
@@ -60,11 +62,20 @@ def advise(
     advice: dict[str, Any] = {
         "tolerance": tolerance,
         "best": {"option": best_name, "exit_depth": best_depth, "pauc": best_value},
-        "recommended": {"option": chosen_name, "exit_depth": chosen_depth, "scheme": _option(chosen_name)[1],
-                        "pauc": chosen_value, "within": chosen_value / best_value - 1 if best_value else 0.0},
-        "per_depth": {str(depth): {"option": name, "pauc": value} for depth, (name, value) in sorted(by_depth.items())},
+        "recommended": {
+            "option": chosen_name,
+            "exit_depth": chosen_depth,
+            "scheme": _option(chosen_name)[1],
+            "pauc": chosen_value,
+            "within": chosen_value / best_value - 1 if best_value else 0.0,
+        },
+        "per_depth": {
+            str(depth): {"option": name, "pauc": value} for depth, (name, value) in sorted(by_depth.items())
+        },
     }
     if gflops_at is not None:
         chosen, full = gflops_at(chosen_depth), gflops_at(full_depth)
-        advice["recommended"].update(gflops_per_image=chosen, gflops_full_depth=full, compute_saved=1 - chosen / full)
+        advice["recommended"].update(
+            gflops_per_image=chosen, gflops_full_depth=full, compute_saved=1 - chosen / full
+        )
     return advice

@@ -76,8 +76,9 @@ class ErcCurves:
         self._distances = distances[self._by_distance]
         self._genuine = genuine[self._by_distance]
 
-    def evaluate(self, pair_qualities: np.ndarray, fmrs: tuple[float, ...] = DEFAULT_FMRS,
-                 grid: np.ndarray = ERC_GRID) -> ErcResult:
+    def evaluate(
+        self, pair_qualities: np.ndarray, fmrs: tuple[float, ...] = DEFAULT_FMRS, grid: np.ndarray = ERC_GRID
+    ) -> ErcResult:
         pair_qualities = np.asarray(pair_qualities, dtype=np.float64)
         if pair_qualities.shape != (self.count,):
             raise ValueError(f"expected {self.count} pair qualities, got {pair_qualities.shape}")
@@ -93,7 +94,11 @@ class ErcCurves:
             genuine = self._genuine[keep]
             impostor_distances = distances[~genuine]
             genuine_distances = distances[genuine]
-            candidates = distances[np.concatenate(([True], distances[1:] != distances[:-1]))] if len(distances) else distances
+            candidates = (
+                distances[np.concatenate(([True], distances[1:] != distances[:-1]))]
+                if len(distances)
+                else distances
+            )
             false_matches = np.searchsorted(impostor_distances, candidates, side="right")
             for fmr in fmrs:
                 threshold = _erc_threshold(candidates, false_matches, len(impostor_distances), fmr)
@@ -103,21 +108,29 @@ class ErcCurves:
                 else:  # same expression as the reference, for the same floats
                     matched = np.searchsorted(genuine_distances, threshold, side="left")
                     fnmr[fmr][step] = 1 - matched / len(genuine_distances)
-        return ErcResult(discard_fractions=np.asarray(grid, dtype=np.float64), fnmr=fnmr, thresholds=thresholds)
+        return ErcResult(
+            discard_fractions=np.asarray(grid, dtype=np.float64), fnmr=fnmr, thresholds=thresholds
+        )
 
 
 def _erc_threshold(candidates: np.ndarray, false_matches: np.ndarray, impostors: int, target: float) -> float:
     if len(candidates) == 0:
         return np.nan
     if impostors == 0:
-        return float(candidates[-1])  # FMR undefined: the reference's argmin over NaN picks the largest distance
+        return float(
+            candidates[-1]
+        )  # FMR undefined: the reference's argmin over NaN picks the largest distance
     nearness = np.abs(false_matches / impostors - target)
     # candidates ascend; the reference scans them descending and keeps the first minimum: the largest distance
     return float(candidates[len(candidates) - 1 - int(np.argmin(nearness[::-1]))])
 
 
-def erc_curves(distances: np.ndarray, genuine: np.ndarray, pair_qualities: np.ndarray,
-               fmrs: tuple[float, ...] = DEFAULT_FMRS) -> ErcResult:
+def erc_curves(
+    distances: np.ndarray,
+    genuine: np.ndarray,
+    pair_qualities: np.ndarray,
+    fmrs: tuple[float, ...] = DEFAULT_FMRS,
+) -> ErcResult:
     return ErcCurves(distances, genuine).evaluate(pair_qualities, fmrs)
 
 
@@ -169,7 +182,9 @@ def iso_threshold(
     return float(np.quantile(np.asarray(genuine_similarities, dtype=np.float64), quantile))
 
 
-def iso_curve(genuine_similarities: np.ndarray, genuine_pair_qualities: np.ndarray, threshold: float) -> IsoCurve:
+def iso_curve(
+    genuine_similarities: np.ndarray, genuine_pair_qualities: np.ndarray, threshold: float
+) -> IsoCurve:
     """FNM-EDC over genuine comparisons only, threshold fixed; equal pair qualities are discarded together."""
     similarities = np.asarray(genuine_similarities, dtype=np.float64)
     qualities = np.asarray(genuine_pair_qualities, dtype=np.float64)

@@ -40,8 +40,15 @@ class FusionFit:
 
 
 def make_objective(
-    exit_grid: np.ndarray, index_a: np.ndarray, index_b: np.ndarray, similarity: np.ndarray, genuine: np.ndarray,
-    *, protocol: str, fmr: float, discard_limit: float,
+    exit_grid: np.ndarray,
+    index_a: np.ndarray,
+    index_b: np.ndarray,
+    similarity: np.ndarray,
+    genuine: np.ndarray,
+    *,
+    protocol: str,
+    fmr: float,
+    discard_limit: float,
 ) -> Callable[[np.ndarray], float]:
     """weights -> pAUC of the fused per-image quality over the given pairs (lower is better)."""
     if protocol == "erc":
@@ -49,12 +56,15 @@ def make_objective(
 
         def erc_objective(weights: np.ndarray) -> float:
             fused = exit_grid @ weights
-            return curves.evaluate(np.minimum(fused[index_a], fused[index_b]), (fmr,)).pauc(fmr, discard_limit)
+            return curves.evaluate(np.minimum(fused[index_a], fused[index_b]), (fmr,)).pauc(
+                fmr, discard_limit
+            )
 
         return erc_objective
     impostors = similarity[~genuine]
-    threshold = iso_threshold(similarity[genuine], impostors if len(impostors) else None,
-                              fmr=fmr if len(impostors) else None)
+    threshold = iso_threshold(
+        similarity[genuine], impostors if len(impostors) else None, fmr=fmr if len(impostors) else None
+    )
 
     def iso_objective(weights: np.ndarray) -> float:
         fused = exit_grid @ weights
@@ -64,8 +74,9 @@ def make_objective(
     return iso_objective
 
 
-def search_weights(objective: Callable[[np.ndarray], float], depth: int, *, seed: int = 0, samples: int = 96,
-                   rounds: int = 6) -> tuple[np.ndarray, float, int]:
+def search_weights(
+    objective: Callable[[np.ndarray], float], depth: int, *, seed: int = 0, samples: int = 96, rounds: int = 6
+) -> tuple[np.ndarray, float, int]:
     rng = np.random.default_rng(seed)
     ramp = np.arange(1, depth + 1, dtype=np.float64)
     starts = [np.full(depth, 1 / depth), ramp / ramp.sum(), *np.eye(depth)]
@@ -93,9 +104,17 @@ def search_weights(objective: Callable[[np.ndarray], float], depth: int, *, seed
 
 
 def fit_fusion(
-    image_ids: list[str], exit_grid: np.ndarray, index_a: np.ndarray, index_b: np.ndarray,
-    similarity: np.ndarray, genuine: np.ndarray, *, protocol: str = "erc", fmr: float = 1e-3,
-    discard_limit: float = 0.3, seed: int = 0,
+    image_ids: list[str],
+    exit_grid: np.ndarray,
+    index_a: np.ndarray,
+    index_b: np.ndarray,
+    similarity: np.ndarray,
+    genuine: np.ndarray,
+    *,
+    protocol: str = "erc",
+    fmr: float = 1e-3,
+    discard_limit: float = 0.3,
+    seed: int = 0,
 ) -> FusionFit:
     halves = np.array([image_half(i) for i in image_ids])
     half_a, half_b = halves[index_a], halves[index_b]
@@ -104,8 +123,16 @@ def fit_fusion(
         raise UserError("too few pairs to fit fusion weights: each half needs genuine pairs")
 
     def objective_on(mask: np.ndarray) -> Callable[[np.ndarray], float]:
-        return make_objective(exit_grid, index_a[mask], index_b[mask], similarity[mask], genuine[mask],
-                              protocol=protocol, fmr=fmr, discard_limit=discard_limit)
+        return make_objective(
+            exit_grid,
+            index_a[mask],
+            index_b[mask],
+            similarity[mask],
+            genuine[mask],
+            protocol=protocol,
+            fmr=fmr,
+            discard_limit=discard_limit,
+        )
 
     depth = exit_grid.shape[1]
     fit_objective = objective_on(fit)
@@ -116,6 +143,11 @@ def fit_fusion(
     return FusionFit(
         weights=weights,
         fit_pauc={"fitted": fit_value, **{name: fit_objective(w) for name, w in baselines.items()}},
-        heldout_pauc={"fitted": heldout_objective(weights), **{name: heldout_objective(w) for name, w in baselines.items()}},
-        fit_pairs=int(fit.sum()), heldout_pairs=int(heldout.sum()), evaluations=evaluations,
+        heldout_pauc={
+            "fitted": heldout_objective(weights),
+            **{name: heldout_objective(w) for name, w in baselines.items()},
+        },
+        fit_pairs=int(fit.sum()),
+        heldout_pairs=int(heldout.sum()),
+        evaluations=evaluations,
     )

@@ -19,10 +19,18 @@ def _tables(result: Mapping[str, Any]) -> tuple[pa.Table, pa.Table]:
     curve_rows, summary_rows = [], []
     for method, points in result["methods"].items():
         for point, data in points.items():
-            summary_rows.append({"method": method, "operating_point": point, "pauc": data["pauc"],
-                                 **{k: v for k, v in data.items() if k.startswith("pauc")}})
+            summary_rows.append(
+                {
+                    "method": method,
+                    "operating_point": point,
+                    "pauc": data["pauc"],
+                    **{k: v for k, v in data.items() if k.startswith("pauc")},
+                }
+            )
             for x, y in zip(data["discard_fractions"], data["fnmr"], strict=True):
-                curve_rows.append({"method": method, "operating_point": point, "discard_fraction": x, "fnmr": y})
+                curve_rows.append(
+                    {"method": method, "operating_point": point, "discard_fraction": x, "fnmr": y}
+                )
     return pa.Table.from_pylist(curve_rows), pa.Table.from_pylist(summary_rows)
 
 
@@ -44,8 +52,12 @@ def _plots(result: Mapping[str, Any], gflops_at: Callable[[int], float] | None) 
             else:
                 axis.plot(x, y, label=f"{method} ({data[point]['pauc']:.4f})")
         axis.axvline(result["discard_limit"], color="grey", linestyle=":", linewidth=1)
-        axis.set(title=f"{result['protocol']} EDC, {point}", xlabel="discarded fraction", ylabel="FNMR",
-                 xlim=(0, 1 if result["protocol"] == "iso" else 0.95))
+        axis.set(
+            title=f"{result['protocol']} EDC, {point}",
+            xlabel="discarded fraction",
+            ylabel="FNMR",
+            xlim=(0, 1 if result["protocol"] == "iso" else 0.95),
+        )
         axis.legend(fontsize=7)
     figure.tight_layout()
     out = {"edc.png": _png(figure, plt)}
@@ -53,9 +65,15 @@ def _plots(result: Mapping[str, Any], gflops_at: Callable[[int], float] | None) 
     if exits and gflops_at is not None:
         figure, axis = plt.subplots(figsize=(5, 4))
         for point in points:
-            axis.plot([gflops_at(d) for d, _ in exits], [result["methods"][m][point]["pauc"] for _, m in exits],
-                      marker="o", label=point)
-        axis.set(title="pAUC per exit against compute", xlabel="GFLOPs per image", ylabel="pAUC (lower is better)")
+            axis.plot(
+                [gflops_at(d) for d, _ in exits],
+                [result["methods"][m][point]["pauc"] for _, m in exits],
+                marker="o",
+                label=point,
+            )
+        axis.set(
+            title="pAUC per exit against compute", xlabel="GFLOPs per image", ylabel="pAUC (lower is better)"
+        )
         axis.legend(fontsize=8)
         figure.tight_layout()
         out["pauc_vs_gflops.png"] = _png(figure, plt)
@@ -69,8 +87,11 @@ def _png(figure: Any, plt: Any) -> bytes:
     return buffer.getvalue()
 
 
-def write_evaluation(result: Mapping[str, Any], write: Callable[[str, bytes], None],
-                     gflops_at: Callable[[int], float] | None = None) -> list[str]:
+def write_evaluation(
+    result: Mapping[str, Any],
+    write: Callable[[str, bytes], None],
+    gflops_at: Callable[[int], float] | None = None,
+) -> list[str]:
     """Write every output through `write(name, bytes)` (an OUTPUT commit, or a plain file); returns names."""
     curves, summary = _tables(result)
     files = {"result.json": json.dumps(result, indent=1).encode()}

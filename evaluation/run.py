@@ -47,7 +47,9 @@ def _read_table(url: str, storage_options: Mapping[str, Any] | None) -> pa.Table
     return pq.read_table(path, filesystem=fs)
 
 
-def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+def load_methods(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[str], dict[str, np.ndarray]]:
     """(image ids, method -> quality per image); NaN where an image has no score."""
     table = _read_table(url, storage_options)
     if "image_id" not in table.column_names:
@@ -63,8 +65,10 @@ def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> 
         methods.update(depth_fusions(grid))  # f@l, fw@l: what a run stopped at l would have fused
     else:
         for name in table.column_names:
-            if name != "image_id" and (pa.types.is_floating(table.schema.field(name).type)
-                                       or pa.types.is_integer(table.schema.field(name).type)):
+            if name != "image_id" and (
+                pa.types.is_floating(table.schema.field(name).type)
+                or pa.types.is_integer(table.schema.field(name).type)
+            ):
                 methods[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     if not methods:
         raise UserError(f"{url}: no numeric quality columns")
@@ -74,19 +78,32 @@ def load_methods(url: str, storage_options: Mapping[str, Any] | None = None) -> 
 def load_embeddings(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     table = _read_table(url, storage_options)
     if not {"image_id", "embedding"} <= set(table.column_names):
-        raise UserError(f"{url}: no embeddings (`image_id` + `embedding` columns): pass --embeddings, or score "
-                         f"with `fiqa score --embeddings`")
+        raise UserError(
+            f"{url}: no embeddings (`image_id` + `embedding` columns): pass --embeddings, or score "
+            f"with `fiqa score --embeddings`"
+        )
     vectors = table.column("embedding").to_pylist()
-    return {i: np.asarray(v, dtype=np.float64) for i, v in zip(table.column("image_id").to_pylist(), vectors,
-                                                               strict=True) if v is not None}
+    return {
+        i: np.asarray(v, dtype=np.float64)
+        for i, v in zip(table.column("image_id").to_pylist(), vectors, strict=True)
+        if v is not None
+    }
 
 
-def load_pairs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+def load_pairs(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[str], list[str], np.ndarray]:
     table = _read_table(url, storage_options)
     if not {"image_id_a", "image_id_b", "genuine"} <= set(table.column_names):
         raise UserError(f"{url}: pairs need `image_id_a`, `image_id_b`, `genuine` columns")
-    genuine = np.asarray([bool(int(g)) if not isinstance(g, bool) else g for g in table.column("genuine").to_pylist()])
-    return [str(x) for x in table.column("image_id_a").to_pylist()], [str(x) for x in table.column("image_id_b").to_pylist()], genuine
+    genuine = np.asarray(
+        [bool(int(g)) if not isinstance(g, bool) else g for g in table.column("genuine").to_pylist()]
+    )
+    return (
+        [str(x) for x in table.column("image_id_a").to_pylist()],
+        [str(x) for x in table.column("image_id_b").to_pylist()],
+        genuine,
+    )
 
 
 @dataclass
@@ -100,8 +117,14 @@ class EvaluationInput:
     index_b: np.ndarray
 
 
-def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: Mapping[str, np.ndarray],
-            pairs_a: Sequence[str], pairs_b: Sequence[str], genuine: np.ndarray) -> EvaluationInput:
+def prepare(
+    ids: Sequence[str],
+    methods: Mapping[str, np.ndarray],
+    embeddings: Mapping[str, np.ndarray],
+    pairs_a: Sequence[str],
+    pairs_b: Sequence[str],
+    genuine: np.ndarray,
+) -> EvaluationInput:
     index = {image_id: i for i, image_id in enumerate(ids)}
     usable = []
     for k, (a, b) in enumerate(zip(pairs_a, pairs_b, strict=True)):
@@ -117,10 +140,15 @@ def prepare(ids: Sequence[str], methods: Mapping[str, np.ndarray], embeddings: M
     emb_a = np.stack([embeddings[pairs_a[k]] for k in rows[:, 0]])
     emb_b = np.stack([embeddings[pairs_b[k]] for k in rows[:, 0]])
     return EvaluationInput(
-        similarity=cosine_similarity(emb_a, emb_b), genuine=np.asarray(genuine)[rows[:, 0]],
-        pair_qualities={name: pair_quality(values[rows[:, 1]], values[rows[:, 2]]) for name, values in methods.items()},
-        pairs_total=len(pairs_a), pairs_dropped=len(pairs_a) - len(usable),
-        index_a=rows[:, 1], index_b=rows[:, 2],
+        similarity=cosine_similarity(emb_a, emb_b),
+        genuine=np.asarray(genuine)[rows[:, 0]],
+        pair_qualities={
+            name: pair_quality(values[rows[:, 1]], values[rows[:, 2]]) for name, values in methods.items()
+        },
+        pairs_total=len(pairs_a),
+        pairs_dropped=len(pairs_a) - len(usable),
+        index_a=rows[:, 1],
+        index_b=rows[:, 2],
     )
 
 
@@ -133,13 +161,21 @@ def model_config_of(url: str, storage_options: Mapping[str, Any] | None = None) 
     return RunRecord.from_json(fs.cat_file(run)).model_config_dict
 
 
-def add_advice(result: dict[str, Any], *, operating_point: str, tolerance: float = 0.05,
-               model_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def add_advice(
+    result: dict[str, Any],
+    *,
+    operating_point: str,
+    tolerance: float = 0.05,
+    model_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Attach the exit-depth advisor's recommendation for one operating point (an FMR label)."""
     from fiqa_curator.workers.config import ViTFIQAConfig
 
-    pauc = {name: points[operating_point]["pauc"] for name, points in result["methods"].items()
-            if operating_point in points}
+    pauc = {
+        name: points[operating_point]["pauc"]
+        for name, points in result["methods"].items()
+        if operating_point in points
+    }
     config = ViTFIQAConfig.from_dict(model_config) if model_config is not None else None
 
     def gflops(depth: int) -> float:
@@ -151,23 +187,37 @@ def add_advice(result: dict[str, Any], *, operating_point: str, tolerance: float
     return result
 
 
-def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[float] = DEFAULT_FMRS,
-             discard_limit: float = 0.3, threshold: float | None = None,
-             starting_error: float | None = None) -> dict[str, Any]:
+def evaluate(
+    data: EvaluationInput,
+    protocol: str = "erc",
+    *,
+    fmrs: Sequence[float] = DEFAULT_FMRS,
+    discard_limit: float = 0.3,
+    threshold: float | None = None,
+    starting_error: float | None = None,
+) -> dict[str, Any]:
     """Machine-readable result: per method and operating point, the pAUC values and the curve."""
     limits = sorted({discard_limit, *REPORTED_LIMITS})
-    result: dict[str, Any] = {"protocol": protocol, "discard_limit": discard_limit, "pairs": data.pairs_total,
-                              "pairs_used": data.pairs_total - data.pairs_dropped,
-                              "pairs_dropped": data.pairs_dropped, "methods": {}}
+    result: dict[str, Any] = {
+        "protocol": protocol,
+        "discard_limit": discard_limit,
+        "pairs": data.pairs_total,
+        "pairs_used": data.pairs_total - data.pairs_dropped,
+        "pairs_dropped": data.pairs_dropped,
+        "methods": {},
+    }
     if protocol == "erc":
         curves = ErcCurves(angular_distance(data.similarity), data.genuine)
         for name, qualities in data.pair_qualities.items():
             erc = curves.evaluate(qualities, tuple(fmrs))
             result["methods"][name] = {
-                f"{fmr:g}": {"pauc": erc.pauc(fmr, discard_limit),
-                             **{f"pauc@{limit:g}": erc.pauc(fmr, limit) for limit in limits},
-                             "discard_fractions": erc.discard_fractions.round(12).tolist(),
-                             "fnmr": erc.fnmr[fmr].tolist(), "thresholds": erc.thresholds[fmr].tolist()}
+                f"{fmr:g}": {
+                    "pauc": erc.pauc(fmr, discard_limit),
+                    **{f"pauc@{limit:g}": erc.pauc(fmr, limit) for limit in limits},
+                    "discard_fractions": erc.discard_fractions.round(12).tolist(),
+                    "fnmr": erc.fnmr[fmr].tolist(),
+                    "thresholds": erc.thresholds[fmr].tolist(),
+                }
                 for fmr in fmrs
             }
         return result
@@ -176,8 +226,11 @@ def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[flo
     genuine_similarity = data.similarity[data.genuine]
     impostor_similarity = data.similarity[~data.genuine]
     if threshold is not None or starting_error is not None or not len(impostor_similarity):
-        points = {"fixed" if threshold is not None else f"starting_error={starting_error or 0.05:g}":
-                  iso_threshold(genuine_similarity, threshold=threshold, starting_error=starting_error)}
+        points = {
+            "fixed" if threshold is not None else f"starting_error={starting_error or 0.05:g}": iso_threshold(
+                genuine_similarity, threshold=threshold, starting_error=starting_error
+            )
+        }
     else:
         points = {f"{fmr:g}": iso_threshold(genuine_similarity, impostor_similarity, fmr=fmr) for fmr in fmrs}
     for name, qualities in data.pair_qualities.items():
@@ -185,16 +238,26 @@ def evaluate(data: EvaluationInput, protocol: str = "erc", *, fmrs: Sequence[flo
         for label, value in points.items():
             curve = iso_curve(genuine_similarity, qualities[data.genuine], value)
             result["methods"][name][label] = {
-                "threshold": value, "pauc": curve.pauc(discard_limit),
+                "threshold": value,
+                "pauc": curve.pauc(discard_limit),
                 **{f"pauc@{limit:g}": curve.pauc(limit) for limit in limits},
                 "pauc_minus_best": curve.pauc(discard_limit, minus_theoretical_best=True),
-                "discard_fractions": curve.discard_fractions.tolist(), "fnmr": curve.error_fractions.tolist(),
+                "discard_fractions": curve.discard_fractions.tolist(),
+                "fnmr": curve.error_fractions.tolist(),
             }
     return result
 
 
-def add_fusion_fit(result: dict[str, Any], ids: Sequence[str], methods: Mapping[str, np.ndarray],
-                   data: EvaluationInput, *, protocol: str, fmr: float, discard_limit: float) -> dict[str, Any]:
+def add_fusion_fit(
+    result: dict[str, Any],
+    ids: Sequence[str],
+    methods: Mapping[str, np.ndarray],
+    data: EvaluationInput,
+    *,
+    protocol: str,
+    fmr: float,
+    discard_limit: float,
+) -> dict[str, Any]:
     """Attach fitted fusion weights (fit on one half of the images, reported on the other)."""
     from fiqa_curator.evaluation.fitting import fit_fusion
 
@@ -202,10 +265,25 @@ def add_fusion_fit(result: dict[str, Any], ids: Sequence[str], methods: Mapping[
     if not exits:
         raise UserError("--fit-fusion needs a fiqa quality table (per-exit scores)")
     grid = np.stack([methods[name] for _, name in exits], axis=1)
-    fitted = fit_fusion(list(ids), grid, data.index_a, data.index_b, data.similarity, data.genuine,
-                        protocol=protocol, fmr=fmr, discard_limit=discard_limit)
-    result["fusion_fit"] = {"weights": fitted.weights.tolist(), "fusion": fitted.spec, "fmr": fmr,
-                            "fit_pauc": fitted.fit_pauc, "heldout_pauc": fitted.heldout_pauc,
-                            "fit_pairs": fitted.fit_pairs, "heldout_pairs": fitted.heldout_pairs,
-                            "evaluations": fitted.evaluations}
+    fitted = fit_fusion(
+        list(ids),
+        grid,
+        data.index_a,
+        data.index_b,
+        data.similarity,
+        data.genuine,
+        protocol=protocol,
+        fmr=fmr,
+        discard_limit=discard_limit,
+    )
+    result["fusion_fit"] = {
+        "weights": fitted.weights.tolist(),
+        "fusion": fitted.spec,
+        "fmr": fmr,
+        "fit_pauc": fitted.fit_pauc,
+        "heldout_pauc": fitted.heldout_pauc,
+        "fit_pairs": fitted.fit_pairs,
+        "heldout_pairs": fitted.heldout_pairs,
+        "evaluations": fitted.evaluations,
+    }
     return result

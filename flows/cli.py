@@ -38,76 +38,101 @@ example:
 def _progress(disable: bool = False):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=disable)
+    return Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=disable,
+    )
 
 
 def _print_summary(summary) -> None:
     counts = ", ".join(f"{status} {n}" for status, n in summary.counts.items())
     console.print(f"[bold]done[/]: {summary.total_rows} images ({counts})")
     carried = f"carried over {summary.carried_over} unchanged image(s); " if summary.carried_over else ""
-    console.print(f"{carried}scored now: {summary.scored_now} in {summary.shards_written} shard(s), "
-                  f"{summary.shards_skipped} shard(s) already committed; "
-                  f"{summary.images_per_second} images/s; exit depth {summary.exit_depth}, fusion {summary.fusion}")
+    console.print(
+        f"{carried}scored now: {summary.scored_now} in {summary.shards_written} shard(s), "
+        f"{summary.shards_skipped} shard(s) already committed; "
+        f"{summary.images_per_second} images/s; exit depth {summary.exit_depth}, fusion {summary.fusion}"
+    )
     console.print(f"quality table: {summary.output}/scores/   run record: {summary.output}/_run.json")
     if summary.report:
         console.print(f"report: {summary.report}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from fiqa_curator.flows.demo import HEAVY, NOTICE, run_demo
+    from fiqa_curator.flows.demo import HEAVY, NOTICE, median_by_degradation, run_demo
 
     console.print(f"[bold]{NOTICE}[/]")
     with _progress() as progress:
         bar = progress.add_task("scoring", total=None)
-        result = run_demo(Path(args.output), exit_depth=args.exit_depth, fusion=args.fusion, faces=args.faces,
-                          raw=not args.no_raw, evaluate=not args.no_evaluate, on_rows=lambda n: progress.update(bar, advance=n),
-                          log=lambda line: console.print(line))
+        result = run_demo(
+            Path(args.output),
+            exit_depth=args.exit_depth,
+            fusion=args.fusion,
+            faces=args.faces,
+            raw=not args.no_raw,
+            evaluate=not args.no_evaluate,
+            on_rows=lambda n: progress.update(bar, advance=n),
+            log=lambda line: console.print(line),
+        )
     _print_summary(result.summary)
-    table = Table(title=f"median `quality` ({result.summary.fusion}, exit depth {result.summary.exit_depth}) "
-                        "by degradation and severity (0 = clean)")
-    severities = sorted({row["severity"] for row in result.rows})
+    table = Table(
+        title=f"median `quality` ({result.summary.fusion}, exit depth {result.summary.exit_depth}) "
+        "by degradation and severity (0 = clean)"
+    )
+    severities, medians = median_by_degradation(result.rows)
     table.add_column("degradation")
     for severity in severities:
         table.add_column(str(severity), justify="right")
-    clean = [row["quality"] for row in result.rows if row["severity"] == 0 and row["status"] == Status.OK]
-    for kind in sorted({row["degradation"] for row in result.rows} - {"clean"}):
-        cells = []
-        for severity in severities:
-            values = clean if severity == 0 else [row["quality"] for row in result.rows if row["degradation"] == kind
-                                                  and row["severity"] == severity and row["status"] == Status.OK]
-            cells.append(f"{np.median(values):+.3f}" if values else "-")
-        table.add_row(kind, *cells)
+    for kind, values in medians.items():
+        table.add_row(kind, *("-" if value is None else f"{value:+.3f}" for value in values))
     console.print(table)
     sep = result.separation
-    console.print(f"[bold]clean vs heavily degraded (severity {HEAVY})[/]: median quality {sep['clean_median']:+.3f} vs "
-                  f"{sep['heavy_median']:+.3f}; a clean face outscores a heavily degraded one in "
-                  f"{100 * sep['clean_above_heavy']:.1f}% of pairs; Spearman with the FR utility "
-                  f"{sep['spearman_utility']:.3f} ({sep['images']} images)")
+    console.print(
+        f"[bold]clean vs heavily degraded (severity {HEAVY})[/]: "
+        f"median quality {sep['clean_median']:+.3f} vs {sep['heavy_median']:+.3f}; "
+        "a clean face outscores a heavily degraded one in "
+        f"{100 * sep['clean_above_heavy']:.1f}% of pairs; Spearman with the FR utility "
+        f"{sep['spearman_utility']:.3f} ({sep['images']} images)"
+    )
     if result.evaluation and "advisor" in result.evaluation:
         advisor = result.evaluation["advisor"]
         chosen, best = advisor["recommended"], advisor["best"]
         saved = f", saving {chosen['compute_saved']:.0%} of the compute" if "compute_saved" in chosen else ""
-        console.print(f"[bold]evaluation[/] (EDC against dlib's face recogniser, FMR {advisor['operating_point']}, "
-                      f"pAUC lower is better): best {best['option']} {best['pauc']:.4f}; advisor: exit depth "
-                      f"{chosen['exit_depth']} with {chosen['option']} ({chosen['pauc']:.4f}){saved}")
+        console.print(
+            f"[bold]evaluation[/] (EDC against dlib's face recogniser, FMR {advisor['operating_point']}, "
+            f"pAUC lower is better): best {best['option']} {best['pauc']:.4f}; advisor: exit depth "
+            f"{chosen['exit_depth']} with {chosen['option']} ({chosen['pauc']:.4f}){saved}"
+        )
     if result.raw_summary is not None:
-        raw = Table(title="raw photographs scored with --align --all-faces (one row per face; nothing dropped)")
+        raw = Table(
+            title="raw photographs scored with --align --all-faces (one row per face; nothing dropped)"
+        )
         for column in ("image_id", "status", "faces", "face_confidence", "quality"):
             raw.add_column(column)
         for row in result.raw_rows:
-            raw.add_row(row["image_id"], row["status"] if row["status"] == Status.OK else f"[red]{row['status']}[/]",
-                        "-" if row["faces"] is None else str(row["faces"]),
-                        "-" if row["face_confidence"] is None else f"{row['face_confidence']:.2f}",
-                        "-" if row["quality"] is None else f"{row['quality']:+.3f}")
+            raw.add_row(
+                row["image_id"],
+                row["status"] if row["status"] == Status.OK else f"[red]{row['status']}[/]",
+                "-" if row["faces"] is None else str(row["faces"]),
+                "-" if row["face_confidence"] is None else f"{row['face_confidence']:.2f}",
+                "-" if row["quality"] is None else f"{row['quality']:+.3f}",
+            )
         console.print(raw)
     out = result.output
-    console.print(f"look at: report {out / 'quality' / 'report' / 'index.html'}   table {out / 'quality' / 'scores'}/   "
-                  f"data {out / 'data'} (manifest.csv: degradation, severity, utility)")
-    console.print("next: fiqa query " + str(out / "quality") + " \"select status, count(*) from scores group by 1\"   "
-                  "|  fiqa score --help")
+    console.print(
+        f"look at: report {out / 'quality' / 'report' / 'index.html'}   "
+        f"table {out / 'quality' / 'scores'}/   "
+        f"data {out / 'data'} (manifest.csv: degradation, severity, utility)"
+    )
+    console.print(
+        "next: fiqa query " + str(out / "quality") + ' "select status, count(*) from scores group by 1"   '
+        "|  fiqa score --help"
+    )
     return 0
 
 
@@ -115,8 +140,14 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     from fiqa_curator.demo_kit.build import build_sample_set
 
     severities = tuple(int(v) for v in args.severities.split(","))
-    manifest = build_sample_set(Path(args.output), split=args.split, severities=severities, max_faces=args.faces,
-                                seed=args.seed, log=lambda line: console.print(line))
+    manifest = build_sample_set(
+        Path(args.output),
+        split=args.split,
+        severities=severities,
+        max_faces=args.faces,
+        seed=args.seed,
+        log=lambda line: console.print(line),
+    )
     console.print(f"score it: fiqa score {manifest} OUTPUT")
     return 0
 
@@ -125,18 +156,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fiqa_curator.flows.evaluate import run_evaluation
 
     result, written, output_url = run_evaluation(
-        args.quality, args.pairs, embeddings=args.embeddings, protocol=args.protocol,
-        fmrs=[float(v) for v in args.fmr.split(",")], discard_limit=args.discard_limit, threshold=args.threshold,
-        starting_error=args.starting_error, methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
-        tolerance=args.tolerance, advise_fmr=args.advise_fmr, fit_fusion=args.fit_fusion, output=args.output,
-        storage_options=parse_storage_options(args.storage_options))
+        args.quality,
+        args.pairs,
+        embeddings=args.embeddings,
+        protocol=args.protocol,
+        fmrs=[float(v) for v in args.fmr.split(",")],
+        discard_limit=args.discard_limit,
+        threshold=args.threshold,
+        starting_error=args.starting_error,
+        methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+        tolerance=args.tolerance,
+        advise_fmr=args.advise_fmr,
+        fit_fusion=args.fit_fusion,
+        output=args.output,
+        storage_options=parse_storage_options(args.storage_options),
+    )
     if written and not args.json:
         console.print(f"wrote {', '.join(written)} to {output_url}")
     if args.json:
         print(json.dumps(result))
         return 0
-    console.print(f"{args.protocol}: {result['pairs_used']} of {result['pairs']} pairs used "
-                  f"({result['pairs_dropped']} without a quality score or an embedding)")
+    console.print(
+        f"{args.protocol}: {result['pairs_used']} of {result['pairs']} pairs used "
+        f"({result['pairs_dropped']} without a quality score or an embedding)"
+    )
     points = list(next(iter(result["methods"].values())))
     table = Table(title=f"pAUC up to {args.discard_limit:g} discarded (lower is better)")
     table.add_column("method")
@@ -148,14 +191,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if "fusion_fit" in result:
         fit = result["fusion_fit"]
         held = fit["heldout_pauc"]
-        console.print(f"fitted fusion (held-out pAUC {held['fitted']:.4f}; F {held['f']:.4f}, FW {held['fw']:.4f}): "
-                      f"--fusion {fit['fusion']}")
+        console.print(
+            f"fitted fusion (held-out pAUC {held['fitted']:.4f}; F {held['f']:.4f}, FW {held['fw']:.4f}): "
+            f"--fusion {fit['fusion']}"
+        )
     if "advisor" in result:
         advice = result["advisor"]["recommended"]
         saved = f", saves {advice['compute_saved']:.0%} of the compute" if "compute_saved" in advice else ""
-        console.print(f"advisor ({result['advisor']['operating_point']}): exit depth {advice['exit_depth']} with "
-                      f"{advice['option']} (pAUC {advice['pauc']:.4f}, within {args.tolerance:.0%} of the best, "
-                      f"{result['advisor']['best']['option']}){saved}")
+        console.print(
+            f"advisor ({result['advisor']['operating_point']}): exit depth {advice['exit_depth']} with "
+            f"{advice['option']} (pAUC {advice['pauc']:.4f}, within {args.tolerance:.0%} of the best, "
+            f"{result['advisor']['best']['option']}){saved}"
+        )
     return 0
 
 
@@ -171,14 +218,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     scoring = serve_parameters(args)
     if scoring:
         parameters["scoring"] = scoring
-    deployment = nightly_deployment(args.input, args.output_root, cron=args.cron, timezone=args.timezone,
-                                    name=args.name, collision=args.collision, parameters=parameters)
+    deployment = nightly_deployment(
+        args.input,
+        args.output_root,
+        cron=args.cron,
+        timezone=args.timezone,
+        name=args.name,
+        collision=args.collision,
+        parameters=parameters,
+    )
     configured = prefect.settings.PREFECT_API_URL.value()
     api = ensure_prefect_api()  # before serving: a slow temporary server must not fail the runner
-    console.print(f"serving deployment fiqa-nightly/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a "
-                  f"time ({args.collision} when busy), {args.input} -> {args.output_root}/<date>/", soft_wrap=True)
-    console.print(f"Prefect server: {api}{'' if configured else ' (temporary: schedules end with this process)'}; "
-                  "trigger a run now: prefect deployment run fiqa-nightly/" + args.name, soft_wrap=True)
+    console.print(
+        f"serving deployment fiqa-nightly/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a "
+        f"time ({args.collision} when busy), {args.input} -> {args.output_root}/<date>/",
+        soft_wrap=True,
+    )
+    console.print(
+        f"Prefect server: {api}{'' if configured else ' (temporary: schedules end with this process)'}; "
+        "trigger a run now: prefect deployment run fiqa-nightly/" + args.name,
+        soft_wrap=True,
+    )
     prefect.serve(deployment, print_starting_message=False)
     return 0
 
@@ -194,13 +254,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_select(args: argparse.Namespace) -> int:
     from fiqa_curator.flows.curation import select
 
-    selection = select(args.output, drop_fraction=args.drop_fraction, min_quality=args.min_quality, by=args.by,
-                       storage_options=parse_storage_options(args.storage_options))
+    selection = select(
+        args.output,
+        drop_fraction=args.drop_fraction,
+        min_quality=args.min_quality,
+        by=args.by,
+        storage_options=parse_storage_options(args.storage_options),
+    )
     threshold = "none (nothing dropped)" if selection.threshold is None else f"{selection.threshold:.6g}"
     console.print(f"{selection.rule}; threshold {threshold}")
-    console.print(f"keep {selection.kept}, drop {selection.dropped_low_quality} for quality and "
-                  f"{selection.dropped_unscored} that could not be scored -> {selection.output}/keep.parquet, "
-                  f"drop.parquet, selection.json")
+    console.print(
+        f"keep {selection.kept}, drop {selection.dropped_low_quality} for quality and "
+        f"{selection.dropped_unscored} that could not be scored -> {selection.output}/keep.parquet, "
+        f"drop.parquet, selection.json"
+    )
     return 0
 
 
@@ -213,11 +280,15 @@ def _cmd_query(args: argparse.Namespace) -> int:
         write_result(table, args.out, storage)
         console.print(f"{table.num_rows} rows -> {args.out}")
         return 0
-    shown = Table(title=f"{table.num_rows} rows" + (f" (first {args.limit})" if table.num_rows > args.limit else ""))
+    shown = Table(
+        title=f"{table.num_rows} rows" + (f" (first {args.limit})" if table.num_rows > args.limit else "")
+    )
     for name in table.column_names:
         shown.add_column(name)
     for row in table.slice(0, args.limit).to_pylist():
-        shown.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()))
+        shown.add_row(
+            *("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values())
+        )
     console.print(shown)
     return 0
 
@@ -225,11 +296,19 @@ def _cmd_query(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from fiqa_curator.workers import load_model
 
-    loaded = load_model(args.checkpoint, args.model_config or args.arch,
-                        storage_options=parse_storage_options(args.storage_options))
+    loaded = load_model(
+        args.checkpoint,
+        args.model_config or args.arch,
+        storage_options=parse_storage_options(args.storage_options),
+    )
     config = loaded.config
-    info = {**loaded.describe(), "ignored_keys": list(loaded.ignored_keys),
-            "gflops_per_image": {str(e): round(config.flops_at_exit(e) / 1e9, 4) for e in range(1, config.depth + 1)}}
+    info = {
+        **loaded.describe(),
+        "ignored_keys": list(loaded.ignored_keys),
+        "gflops_per_image": {
+            str(e): round(config.flops_at_exit(e) / 1e9, 4) for e in range(1, config.depth + 1)
+        },
+    }
     console.print_json(json.dumps(info))
     return 0
 
@@ -259,7 +338,9 @@ def _cmd_check_reference(args: argparse.Namespace) -> int:
             ok = bool(np.allclose(ours, expected, atol=2e-5, rtol=1e-3))
             failed |= not ok
             verdict = "[green]match[/]" if ok else "[red]MISMATCH[/]"
-            console.print(f"{folder.name:>16} {name:>14}: max |diff| {np.abs(ours - expected).max():.2e}  {verdict}")
+            console.print(
+                f"{folder.name:>16} {name:>14}: max |diff| {np.abs(ours - expected).max():.2e}  {verdict}"
+            )
     return 1 if failed else 0
 
 
@@ -271,8 +352,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     if options.checkpoint is None:
-        console.print("[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
-                      "faces; a demonstration, not for production: workers/assets/demo/MODEL_CARD.md).[/]")
+        console.print(
+            "[bold yellow]No --checkpoint: using the bundled DEMO model (small, trained on CPU on package "
+            "faces; a demonstration, not for production: workers/assets/demo/MODEL_CARD.md).[/]"
+        )
     logging.getLogger("ray").setLevel(logging.WARNING)
     with _progress(disable=args.no_progress) as progress:
         bar = progress.add_task("scoring", total=None)
@@ -286,31 +369,49 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fiqa",
         description="Score and curate face datasets with ViT-FIQA and EX-FIQA early exits.",
     )
-    parser.add_argument("--log-json", action="store_true",
-                        help="logs (stderr) as one JSON object per line, for log collectors; default: plain text")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="logs (stderr) as one JSON object per line, for log collectors; default: plain text",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the embedded default job (offline, no arguments needed)")
     demo.add_argument("--output", default="fiqa-output/demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--faces", type=int, default=None, help="use only this many held-out faces (default: all 15)")
+    demo.add_argument(
+        "--faces", type=int, default=None, help="use only this many held-out faces (default: all 15)"
+    )
     demo.add_argument("--exit-depth", type=int, default=None, help="exit depth L (default: model depth)")
     demo.add_argument("--fusion", default="fw", help="fw | f | final | w1,...,wL (default: %(default)s)")
     demo.add_argument("--no-raw", action="store_true", help="skip scoring the raw photographs with --align")
-    demo.add_argument("--no-evaluate", action="store_true", help="skip the EDC evaluation against dlib's recogniser")
+    demo.add_argument(
+        "--no-evaluate", action="store_true", help="skip the EDC evaluation against dlib's recogniser"
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     demo_data = commands.add_parser(
-        "demo-data", help="build the sample dataset: package faces, aligned, degraded, with an FR utility target")
-    demo_data.add_argument("output", metavar="OUT", help="folder to write (images/, manifest.csv, pairs.parquet, ...)")
-    demo_data.add_argument("--split", choices=["test", "train", "all"], default="test",
-                           help="test: the 15 faces held out from the demo model's training (default)")
+        "demo-data",
+        help="build the sample dataset: package faces, aligned, degraded, with an FR utility target",
+    )
+    demo_data.add_argument(
+        "output", metavar="OUT", help="folder to write (images/, manifest.csv, pairs.parquet, ...)"
+    )
+    demo_data.add_argument(
+        "--split",
+        choices=["test", "train", "all"],
+        default="test",
+        help="test: the 15 faces held out from the demo model's training (default)",
+    )
     demo_data.add_argument("--faces", type=int, help="at most this many faces")
-    demo_data.add_argument("--severities", default="1,2,3,4,5", help="severities to write (default: %(default)s)")
+    demo_data.add_argument(
+        "--severities", default="1,2,3,4,5", help="severities to write (default: %(default)s)"
+    )
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(handler=_cmd_demo_data)
 
     score = commands.add_parser(
-        "score", help="score every image of INPUT into a Parquet quality table in OUTPUT",
+        "score",
+        help="score every image of INPUT into a Parquet quality table in OUTPUT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=SCORE_DESCRIPTION,
     )
@@ -319,43 +420,78 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=_cmd_score)
 
     serve = commands.add_parser(
-        "serve", help="run the nightly scoring deployment on a schedule (Prefect), until stopped")
+        "serve", help="run the nightly scoring deployment on a schedule (Prefect), until stopped"
+    )
     serve.add_argument("input", metavar="INPUT", help="what to score every night (any fsspec URL)")
     serve.add_argument("output_root", metavar="OUTPUT_ROOT", help="each run writes OUTPUT_ROOT/<YYYY-MM-DD>/")
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: %(default)s)")
-    serve.add_argument("--timezone", default="UTC", help="time zone of the schedule and the dates (default: UTC)")
+    serve.add_argument(
+        "--timezone", default="UTC", help="time zone of the schedule and the dates (default: UTC)"
+    )
     serve.add_argument("--name", default="nightly", help="deployment name (default: %(default)s)")
-    serve.add_argument("--collision", choices=["enqueue", "cancel-new"], default="enqueue",
-                       help="a run triggered while one runs: wait for it, or be cancelled (default: %(default)s)")
+    serve.add_argument(
+        "--collision",
+        choices=["enqueue", "cancel-new"],
+        default="enqueue",
+        help="a run triggered while one runs: wait for it, or be cancelled (default: %(default)s)",
+    )
     serve.add_argument("--no-incremental", action="store_true", help="score everything every night")
     add_serve_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
 
     evaluate = commands.add_parser(
-        "evaluate", help="EDC curves and pAUC of quality scores against face-recognition comparisons")
-    evaluate.add_argument("--quality", required=True,
-                          help="a fiqa OUTPUT folder (every exit + fusions) or a Parquet/CSV with image_id + methods")
+        "evaluate", help="EDC curves and pAUC of quality scores against face-recognition comparisons"
+    )
+    evaluate.add_argument(
+        "--quality",
+        required=True,
+        help="a fiqa OUTPUT folder (every exit + fusions) or a Parquet/CSV with image_id + methods",
+    )
     evaluate.add_argument("--pairs", required=True, help="Parquet/CSV with image_id_a, image_id_b, genuine")
-    evaluate.add_argument("--embeddings", help="Parquet with image_id, embedding (any FR model; cosine similarity); "
-                          "default: the quality table's own `embedding` column (fiqa score --embeddings)")
-    evaluate.add_argument("--protocol", choices=["erc", "iso"], default="erc",
-                          help="erc: CR-FIQA/EX-FIQA papers; iso: Schlett et al. FNM-EDC (default: %(default)s)")
+    evaluate.add_argument(
+        "--embeddings",
+        help="Parquet with image_id, embedding (any FR model; cosine similarity); "
+        "default: the quality table's own `embedding` column (fiqa score --embeddings)",
+    )
+    evaluate.add_argument(
+        "--protocol",
+        choices=["erc", "iso"],
+        default="erc",
+        help="erc: CR-FIQA/EX-FIQA papers; iso: Schlett et al. FNM-EDC (default: %(default)s)",
+    )
     evaluate.add_argument("--fmr", default="1e-2,1e-3,1e-4", help="operating points (default: %(default)s)")
-    evaluate.add_argument("--discard-limit", type=float, default=0.3, help="pAUC limit (default: %(default)s)")
+    evaluate.add_argument(
+        "--discard-limit", type=float, default=0.3, help="pAUC limit (default: %(default)s)"
+    )
     evaluate.add_argument("--threshold", type=float, help="iso: fixed similarity threshold")
-    evaluate.add_argument("--starting-error", type=float, help="iso: threshold as this quantile of genuine scores")
+    evaluate.add_argument(
+        "--starting-error", type=float, help="iso: threshold as this quantile of genuine scores"
+    )
     evaluate.add_argument("--methods", help="comma-separated subset of the quality columns")
-    evaluate.add_argument("--tolerance", type=float, default=0.05,
-                          help="advisor: pAUC within this fraction of the best option (default: %(default)s)")
-    evaluate.add_argument("--advise-fmr", type=float, default=1e-3,
-                          help="advisor: the operating point it decides on (default: %(default)s)")
+    evaluate.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="advisor: pAUC within this fraction of the best option (default: %(default)s)",
+    )
+    evaluate.add_argument(
+        "--advise-fmr",
+        type=float,
+        default=1e-3,
+        help="advisor: the operating point it decides on (default: %(default)s)",
+    )
     evaluate.add_argument("--storage-options", help="fsspec options as JSON")
     evaluate.add_argument("--json", action="store_true", help="print the machine-readable result")
-    evaluate.add_argument("--fit-fusion", action="store_true",
-                          help="fit non-negative exit weights on half of the images' pairs, report them on the other "
-                               "half against F and FW, and print the --fusion value that uses them")
-    evaluate.add_argument("--output", help="folder (any fsspec URL) for result.json, curves.parquet, "
-                          "summary.parquet and the plots")
+    evaluate.add_argument(
+        "--fit-fusion",
+        action="store_true",
+        help="fit non-negative exit weights on half of the images' pairs, report them on the other "
+        "half against F and FW, and print the --fusion value that uses them",
+    )
+    evaluate.add_argument(
+        "--output",
+        help="folder (any fsspec URL) for result.json, curves.parquet, summary.parquet and the plots",
+    )
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     report = commands.add_parser("report", help="write OUTPUT/report/index.html, a self-contained page")
@@ -366,16 +502,22 @@ def build_parser() -> argparse.ArgumentParser:
     select = commands.add_parser("select", help="keep/drop lists from a quality table")
     select.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
     rule = select.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--drop-fraction", type=float, help="drop this fraction of the scored images, lowest first")
+    rule.add_argument(
+        "--drop-fraction", type=float, help="drop this fraction of the scored images, lowest first"
+    )
     rule.add_argument("--min-quality", type=float, help="drop scored images below this quality")
-    select.add_argument("--by", default="quality", help="quality | quality_fw | quality_f | quality_final | exit_<k>")
+    select.add_argument(
+        "--by", default="quality", help="quality | quality_fw | quality_f | quality_final | exit_<k>"
+    )
     select.add_argument("--storage-options", help="fsspec options as JSON")
     select.set_defaults(handler=_cmd_select)
 
     query = commands.add_parser("query", help="SQL (DuckDB) over a quality table, as the view `scores`")
     query.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
     query.add_argument("sql", help='e.g. "SELECT status, count(*) FROM scores GROUP BY status"')
-    query.add_argument("--out", help="write the result to this .csv or .parquet (local or URL) instead of printing")
+    query.add_argument(
+        "--out", help="write the result to this .csv or .parquet (local or URL) instead of printing"
+    )
     query.add_argument("--limit", type=int, default=50, help="rows to print (default: %(default)s)")
     query.add_argument("--storage-options", help="fsspec options as JSON")
     query.set_defaults(handler=_cmd_query)
@@ -389,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_cmd_inspect)
 
     check = commands.add_parser("check-reference", help="compare against official ViT-FIQA reference outputs")
-    check.add_argument("folder", help="a reference folder (model.pt, images_rgb_uint8.npy, expected_*.npy) or parent")
+    check.add_argument(
+        "folder", help="a reference folder (model.pt, images_rgb_uint8.npy, expected_*.npy) or parent"
+    )
     check.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: %(default)s)")
     check.set_defaults(handler=_cmd_check_reference)
     return parser

@@ -87,8 +87,13 @@ class ActorPlacement:
     threads: int | None  # torch threads per CPU actor
 
 
-def actor_placement(resources: Mapping[str, float], *, device: str = "auto", workers: int | None = None,
-                    gpus_per_worker: float = 1.0) -> ActorPlacement:
+def actor_placement(
+    resources: Mapping[str, float],
+    *,
+    device: str = "auto",
+    workers: int | None = None,
+    gpus_per_worker: float = 1.0,
+) -> ActorPlacement:
     """How many scoring actors, on what: one per GPU by default, or several sharing a GPU with a
     fractional `gpus_per_worker` (a small model leaves a large GPU idle between batches); on CPUs one
     actor using the cluster's CPUs as torch threads."""
@@ -98,8 +103,10 @@ def actor_placement(resources: Mapping[str, float], *, device: str = "auto", wor
     gpu = device in ("auto", "cuda") and gpu_count > 0
     if device == "cuda" and not gpu:
         if not workers:
-            raise UserError("--device cuda: the Ray cluster has no GPU now; on a cluster that adds GPU nodes on "
-                            "demand (autoscaling from zero), say how many scoring actors to ask for: --workers N")
+            raise UserError(
+                "--device cuda: the Ray cluster has no GPU now; on a cluster that adds GPU nodes on "
+                "demand (autoscaling from zero), say how many scoring actors to ask for: --workers N"
+            )
         # Ray queues the actors' GPU requests and the autoscaler adds nodes for them; --stall-timeout fails
         # the run if none ever comes.
         return ActorPlacement(True, workers, gpus_per_worker, None)
@@ -121,7 +128,9 @@ def spread_cpu_actors(placement: ActorPlacement, nodes_with_cpu: int) -> Any | N
     from ray.util.placement_group import placement_group
 
     strategy = "STRICT_SPREAD" if placement.workers <= nodes_with_cpu else "SPREAD"
-    return placement_group([{"CPU": 1}] * placement.workers, strategy=strategy, name=f"fiqa-{uuid.uuid4().hex[:8]}")
+    return placement_group(
+        [{"CPU": 1}] * placement.workers, strategy=strategy, name=f"fiqa-{uuid.uuid4().hex[:8]}"
+    )
 
 
 def placement_nodes(group: Any) -> list[str]:

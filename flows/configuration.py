@@ -38,13 +38,21 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
     if not 1 <= exit_depth <= loaded.config.depth:
         raise UserError(f"--exit-depth must be in 1..{loaded.config.depth}, got {exit_depth}")
     if options.embeddings and exit_depth != loaded.config.depth:
-        raise UserError(f"--embeddings needs the full depth ({loaded.config.depth}): the embedding is the output "
-                        f"of the whole model, and exit depth {exit_depth} stops before it")
+        raise UserError(
+            f"--embeddings needs the full depth ({loaded.config.depth}): the embedding is the output "
+            f"of the whole model, and exit depth {exit_depth} stops before it"
+        )
     if options.decode == "device" and options.align:
-        raise UserError("--decode device is for aligned crops; with --align photos are decoded where faces are found")
+        raise UserError(
+            "--decode device is for aligned crops; with --align photos are decoded where faces are found"
+        )
     if options.precision == "auto" and options.device not in ("cpu", "cuda"):
-        raise ValueError("resolve the device (scoring_device) before the configuration: auto precision depends on it")
-    precision = ("bf16" if options.device == "cuda" else "fp32") if options.precision == "auto" else options.precision
+        raise ValueError(
+            "resolve the device (scoring_device) before the configuration: auto precision depends on it"
+        )
+    precision = (
+        ("bf16" if options.device == "cuda" else "fp32") if options.precision == "auto" else options.precision
+    )
     fusion = parse_fusion(options.fusion)
     weights = fusion.weights(exit_depth)  # rejects a wrong number of user weights now
     return {

@@ -27,8 +27,9 @@ from fiqa_curator.schemas.quality_table import SCORE_COLUMNS, exit_score_matrix
 from fiqa_curator.schemas.status import Status
 
 _EXIT = re.compile(r"^exit_(\d+)$")
-LIST_SCHEMA = pa.schema([("image_id", pa.string()), ("source", pa.string()), ("quality", pa.float32()),
-                         ("reason", pa.string())])
+LIST_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("source", pa.string()), ("quality", pa.float32()), ("reason", pa.string())]
+)
 
 
 @dataclass
@@ -56,7 +57,11 @@ def _score_column(table: pa.Table, by: str) -> np.ndarray:
 
 
 def select(
-    output_url: str, *, drop_fraction: float | None = None, min_quality: float | None = None, by: str = "quality",
+    output_url: str,
+    *,
+    drop_fraction: float | None = None,
+    min_quality: float | None = None,
+    by: str = "quality",
     storage_options: Mapping[str, Any] | None = None,
 ) -> Selection:
     if (drop_fraction is None) == (min_quality is None):
@@ -69,8 +74,10 @@ def select(
     table = pq.read_table(output.path(SCORES), columns=columns, filesystem=output.fs)
     scores = _score_column(table, by)
     rows = table.select(["image_id", "source", "status", "error"]).to_pylist()
-    scored = sorted((i for i, row in enumerate(rows) if row["status"] == Status.OK and math.isfinite(scores[i])),
-                    key=lambda i: (scores[i], rows[i]["image_id"]))
+    scored = sorted(
+        (i for i, row in enumerate(rows) if row["status"] == Status.OK and math.isfinite(scores[i])),
+        key=lambda i: (scores[i], rows[i]["image_id"]),
+    )
     if drop_fraction is not None:
         cut = math.floor(drop_fraction * len(scored) + 1e-9)
         low, threshold = scored[:cut], (float(scores[scored[cut - 1]]) if cut else None)
@@ -98,7 +105,14 @@ def select(
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(records, schema=LIST_SCHEMA), buffer)
         output.commit_bytes(f"{CURATION}/{name}.parquet", buffer.getvalue())
-    selection = Selection(by=by, rule=rule, threshold=threshold, kept=len(keep), dropped_low_quality=len(low),
-                          dropped_unscored=len(drop) - len(low), output=output.full_url(CURATION))
+    selection = Selection(
+        by=by,
+        rule=rule,
+        threshold=threshold,
+        kept=len(keep),
+        dropped_low_quality=len(low),
+        dropped_unscored=len(drop) - len(low),
+        output=output.full_url(CURATION),
+    )
     output.commit_bytes(f"{CURATION}/selection.json", json.dumps(asdict(selection), indent=1).encode())
     return selection

@@ -29,9 +29,11 @@ from fiqa_curator.flows.score import RunSummary, score_flow
 from fiqa_curator.schemas.layout import EVALUATION, SCORES
 from fiqa_curator.schemas.status import Status
 
-NOTICE = ("fiqa demo: sample faces from installed packages (held out from the demo model's training), degraded at "
-          "5 severities, scored by the bundled DEMO model (trained here on CPU in minutes: a demonstration, not "
-          "for production; workers/assets/demo/MODEL_CARD.md).")
+NOTICE = (
+    "fiqa demo: sample faces from installed packages (held out from the demo model's training), degraded at "
+    "5 severities, scored by the bundled DEMO model (trained here on CPU in minutes: a demonstration, not "
+    "for production; workers/assets/demo/MODEL_CARD.md)."
+)
 HEAVY = 5  # the highest severity
 
 
@@ -57,15 +59,41 @@ def separation(rows: list[dict[str, Any]], column: str = "quality") -> dict[str,
     for severity in sorted({row["severity"] for row in ok}):
         by_severity[severity] = float(np.median([row[column] for row in ok if row["severity"] == severity]))
     # probability that a clean image outscores a heavily degraded one (ties count half): the ROC AUC
-    above = (clean[:, None] > heavy[None, :]).mean() + 0.5 * (clean[:, None] == heavy[None, :]).mean() \
-        if len(clean) and len(heavy) else float("nan")
+    above = (
+        (clean[:, None] > heavy[None, :]).mean() + 0.5 * (clean[:, None] == heavy[None, :]).mean()
+        if len(clean) and len(heavy)
+        else float("nan")
+    )
     return {
         "clean_median": float(np.median(clean)) if len(clean) else float("nan"),
         "heavy_median": float(np.median(heavy)) if len(heavy) else float("nan"),
-        "clean_above_heavy": float(above), "median_by_severity": by_severity,
+        "clean_above_heavy": float(above),
+        "median_by_severity": by_severity,
         "spearman_utility": float(spearmanr([r[column] for r in ok], [r["utility"] for r in ok]).statistic),
         "images": len(ok),
     }
+
+
+def median_by_degradation(rows: list[dict[str, Any]]) -> tuple[list[int], dict[str, list[float | None]]]:
+    """(severities, degradation -> median quality of its scored images at each severity; None where it has
+    none). Severity 0 is the clean images, the same for every degradation."""
+    ok = [row for row in rows if row["status"] == Status.OK]
+    severities = sorted({row["severity"] for row in rows})
+    clean = [row["quality"] for row in ok if row["severity"] == 0]
+    medians: dict[str, list[float | None]] = {}
+    for kind in sorted({row["degradation"] for row in rows} - {"clean"}):
+        cells: list[float | None] = []
+        for severity in severities:
+            values = (
+                clean
+                if severity == 0
+                else [
+                    row["quality"] for row in ok if row["degradation"] == kind and row["severity"] == severity
+                ]
+            )
+            cells.append(float(np.median(values)) if values else None)
+        medians[kind] = cells
+    return severities, medians
 
 
 def _manifest(path: Path) -> dict[str, dict[str, Any]]:
@@ -74,8 +102,15 @@ def _manifest(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_demo(
-    output: Path, *, exit_depth: int | None = None, fusion: str = "fw", faces: int | None = None,
-    raw: bool = True, evaluate: bool = True, on_rows: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+    output: Path,
+    *,
+    exit_depth: int | None = None,
+    fusion: str = "fw",
+    faces: int | None = None,
+    raw: bool = True,
+    evaluate: bool = True,
+    on_rows: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Build the sample data if missing, then score it (and the raw photographs) through the real pipeline.
 
@@ -84,21 +119,36 @@ def run_demo(
     from fiqa_curator.demo_kit.build import MANIFEST, build_sample_set
     from fiqa_curator.flows.prefect_server import start_prefect_api_in_background
 
-    prefect_api = start_prefect_api_in_background()  # its first start (a new database) overlaps the data build
+    prefect_api = (
+        start_prefect_api_in_background()
+    )  # its first start (a new database) overlaps the data build
     data = output / "data"
     manifest = data / MANIFEST
     if not manifest.is_file():
         build_sample_set(data, split="test", max_faces=faces, log=log)
     prefect_api.result()  # a server that could not start fails here, with its one-line reason
-    options = ScoreOptions(input=str(manifest), output=str(output / "quality"), exit_depth=exit_depth,
-                           fusion=fusion, shard_size=250, overwrite=True)
+    options = ScoreOptions(
+        input=str(manifest),
+        output=str(output / "quality"),
+        exit_depth=exit_depth,
+        fusion=fusion,
+        shard_size=250,
+        overwrite=True,
+    )
     summary = score_flow(options, on_rows=on_rows)
     known = _manifest(manifest)
     rows = []
     for row in pq.read_table(output / "quality" / SCORES).to_pylist():
         meta = known[row["image_id"]]
-        rows.append({**row, "degradation": meta["degradation"], "severity": int(meta["severity"]),
-                     "utility": float(meta["utility"]), "face": meta["face"]})
+        rows.append(
+            {
+                **row,
+                "degradation": meta["degradation"],
+                "severity": int(meta["severity"]),
+                "utility": float(meta["utility"]),
+                "face": meta["face"],
+            }
+        )
     result = DemoResult(output=output, rows=rows, summary=summary, separation=separation(rows))
     if evaluate:
         from fiqa_curator.flows.evaluate import run_evaluation
@@ -106,12 +156,22 @@ def run_demo(
 
         quality = str(output / "quality")
         result.evaluation, _, _ = run_evaluation(
-            quality, str(data / "pairs.parquet"), embeddings=str(data / "fr_embeddings.parquet"), protocol="erc",
-            output=str(output / "quality" / EVALUATION))
+            quality,
+            str(data / "pairs.parquet"),
+            embeddings=str(data / "fr_embeddings.parquet"),
+            protocol="erc",
+            output=str(output / "quality" / EVALUATION),
+        )
         write_report(quality)  # again, now with the evaluation section
     if raw and (data / "raw").is_dir():
-        raw_options = ScoreOptions(input=str(data / "raw"), output=str(output / "raw-quality"), exit_depth=exit_depth,
-                                   fusion=fusion, align="all", overwrite=True)
+        raw_options = ScoreOptions(
+            input=str(data / "raw"),
+            output=str(output / "raw-quality"),
+            exit_depth=exit_depth,
+            fusion=fusion,
+            align="all",
+            overwrite=True,
+        )
         result.raw_summary = score_flow(raw_options, on_rows=on_rows)
         result.raw_rows = pq.read_table(output / "raw-quality" / SCORES).to_pylist()
     return result

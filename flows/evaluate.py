@@ -29,10 +29,20 @@ EVALUATION_FOLDER = EVALUATION  # QUALITY/evaluation: where `fiqa report` looks 
 
 
 def run_evaluation(
-    quality: str, pairs: str, *, embeddings: str | None = None, protocol: str = "erc",
-    fmrs: Sequence[float] = DEFAULT_FMRS, discard_limit: float = 0.3, threshold: float | None = None,
-    starting_error: float | None = None, methods: Sequence[str] | None = None, tolerance: float = 0.05,
-    advise_fmr: float = 1e-3, fit_fusion: bool = False, output: str | None = None,
+    quality: str,
+    pairs: str,
+    *,
+    embeddings: str | None = None,
+    protocol: str = "erc",
+    fmrs: Sequence[float] = DEFAULT_FMRS,
+    discard_limit: float = 0.3,
+    threshold: float | None = None,
+    starting_error: float | None = None,
+    methods: Sequence[str] | None = None,
+    tolerance: float = 0.05,
+    advise_fmr: float = 1e-3,
+    fit_fusion: bool = False,
+    output: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str], str | None]:
     """`fiqa evaluate` as a function: (result, files written, output URL). With a fiqa quality table the
@@ -45,17 +55,29 @@ def run_evaluation(
         if missing:
             raise UserError(f"unknown methods {missing}; available: {', '.join(found)}")
         found = {m: found[m] for m in methods}
-    data = prepare(ids, found, load_embeddings(embeddings or quality, storage_options),
-                   *load_pairs(pairs, storage_options))
-    result = evaluate(data, protocol, fmrs=fmrs, discard_limit=discard_limit, threshold=threshold,
-                      starting_error=starting_error)
+    data = prepare(
+        ids,
+        found,
+        load_embeddings(embeddings or quality, storage_options),
+        *load_pairs(pairs, storage_options),
+    )
+    result = evaluate(
+        data,
+        protocol,
+        fmrs=fmrs,
+        discard_limit=discard_limit,
+        threshold=threshold,
+        starting_error=starting_error,
+    )
     model_config = model_config_of(quality, storage_options)
     if any(name.startswith("fw@") for name in result["methods"]):  # a fiqa table: exits and per-depth fusions
         points = list(next(iter(result["methods"].values())))
         point = f"{advise_fmr:g}" if f"{advise_fmr:g}" in points else points[0]
         add_advice(result, operating_point=point, tolerance=tolerance, model_config=model_config)
     if fit_fusion:
-        add_fusion_fit(result, ids, found, data, protocol=protocol, fmr=advise_fmr, discard_limit=discard_limit)
+        add_fusion_fit(
+            result, ids, found, data, protocol=protocol, fmr=advise_fmr, discard_limit=discard_limit
+        )
     if not output:
         return result, [], None
     from fiqa_curator.evaluation.outputs import write_evaluation
@@ -63,6 +85,7 @@ def run_evaluation(
     target = Output(output, storage_options)
     target.ensure_writable()
     config = ViTFIQAConfig.from_dict(model_config) if model_config else None
-    written = write_evaluation(result, target.commit_bytes,
-                               (lambda depth: config.flops_at_exit(depth) / 1e9) if config else None)
+    written = write_evaluation(
+        result, target.commit_bytes, (lambda depth: config.flops_at_exit(depth) / 1e9) if config else None
+    )
     return result, written, target.full_url()

@@ -38,7 +38,9 @@ from fiqa_curator.schemas.layout import shard_name
 from fiqa_curator.workers.io import protocol_of
 from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
 
-GPU_BLOCK_ROWS = 1024  # rows per Ray Data block on GPU with an automatic batch size; the actor splits by memory
+GPU_BLOCK_ROWS = (
+    1024  # rows per Ray Data block on GPU with an automatic batch size; the actor splits by memory
+)
 
 
 class StallError(RuntimeError):
@@ -87,8 +89,10 @@ def watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any
         try:
             item = inbox.get(timeout=stall_timeout)
         except queue.Empty:
-            raise StallError(f"no scored batch for {stall_timeout:g} s (--stall-timeout): the cluster may have "
-                             "lost the resources it needs; committed shards are kept, rerun to resume") from None
+            raise StallError(
+                f"no scored batch for {stall_timeout:g} s (--stall-timeout): the cluster may have "
+                "lost the resources it needs; committed shards are kept, rerun to resume"
+            ) from None
         if item is done:
             return
         if isinstance(item, BaseException):
@@ -96,7 +100,9 @@ def watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any
         yield item
 
 
-def item_blocks(plan: Plan, pending: list[int], block_rows: int, exclude: set[str] = frozenset()) -> list[pa.Table]:
+def item_blocks(
+    plan: Plan, pending: list[int], block_rows: int, exclude: set[str] = frozenset()
+) -> list[pa.Table]:
     """Pending items (but `exclude`) as Arrow tables of `block_rows` rows: each becomes one Ray Data block."""
     items, shards = [], []
     for index in pending:
@@ -108,8 +114,9 @@ def item_blocks(plan: Plan, pending: list[int], block_rows: int, exclude: set[st
     return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
 
 
-def carry_over(options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any],
-               writer: ShardWriter) -> set[str]:
+def carry_over(
+    options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any], writer: ShardWriter
+) -> set[str]:
     """--since: hand the writer PREVIOUS's rows of unchanged images; returns the image ids carried."""
     from fiqa_curator.flows.incremental import carried_batches, unchanged_items
 
@@ -125,10 +132,18 @@ def carry_over(options: ScoreOptions, plan: Plan, pending: list[int], config: Ma
 
 
 def execute(
-    options: ScoreOptions, plan: Plan, pending: list[int], config: dict[str, Any], checkpoint: str, run_id: str,
-    *, logger: logging.Logger | logging.LoggerAdapter, on_rows: Callable[[int], None] | None = None,
+    options: ScoreOptions,
+    plan: Plan,
+    pending: list[int],
+    config: dict[str, Any],
+    checkpoint: str,
+    run_id: str,
+    *,
+    logger: logging.Logger | logging.LoggerAdapter,
+    on_rows: Callable[[int], None] | None = None,
 ) -> ExecutionStats:
-    """Score the pending shards (after carrying over what `--since` allows) and commit each as it completes."""
+    """Score the pending shards (after carrying over what `--since` allows) and commit each as it
+    completes."""
     import ray
     from ray.data import DataContext
 
@@ -136,24 +151,34 @@ def execute(
     started = time.perf_counter()
     if not pending:
         return ExecutionStats()
-    writer = ShardWriter(Output(options.output, options.storage_options), plan, pending, run_id=run_id,
-                         config=config)
+    writer = ShardWriter(
+        Output(options.output, options.storage_options), plan, pending, run_id=run_id, config=config
+    )
     carried = carry_over(options, plan, pending, config, writer) if options.since else set()
     if carried:
         logger.info("carried over %d unchanged images from %s", len(carried), options.since)
     if not writer.missing():  # everything was carried over: nothing for Ray to do
-        return ExecutionStats(carried=len(carried), shards=list(writer.committed),
-                              seconds=time.perf_counter() - started, write_seconds=writer.write_seconds)
+        return ExecutionStats(
+            carried=len(carried),
+            shards=list(writer.committed),
+            seconds=time.perf_counter() - started,
+            write_seconds=writer.write_seconds,
+        )
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    placement = actor_placement(ray.cluster_resources(), device=options.device, workers=options.workers,
-                                gpus_per_worker=options.gpus_per_worker)
+    placement = actor_placement(
+        ray.cluster_resources(),
+        device=options.device,
+        workers=options.workers,
+        gpus_per_worker=options.gpus_per_worker,
+    )
     group = spread_cpu_actors(placement, cpu_node_count())
     try:
-        stats = _score_on_ray(options, plan, pending, config, checkpoint, placement, group, writer, carried, logger,
-                              on_rows)
+        stats = _score_on_ray(
+            options, plan, pending, config, checkpoint, placement, group, writer, carried, logger, on_rows
+        )
     finally:
         if group is not None:
             from ray.util.placement_group import remove_placement_group
@@ -164,13 +189,16 @@ def execute(
     return stats
 
 
-def _score_on_ray(
-    options: ScoreOptions, plan: Plan, pending: list[int], config: dict[str, Any], checkpoint: str,
-    placement: ActorPlacement, group: Any | None, writer: ShardWriter, carried: set[str],
-    logger: logging.Logger | logging.LoggerAdapter, on_rows: Callable[[int], None] | None,
-) -> ExecutionStats:
-    """The Ray Data pipeline, consumed on this driver. `first_batch_seconds` comes back as a clock reading
-    (perf_counter), which the caller makes relative to its start."""
+def _pipeline(
+    options: ScoreOptions,
+    blocks: list[pa.Table],
+    config: dict[str, Any],
+    checkpoint: str,
+    placement: ActorPlacement,
+    group: Any | None,
+    block_rows: int,
+) -> Any:
+    """The Ray Data dataset: items -> read_and_decode (light CPU tasks) -> ScoreActor pool."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -178,40 +206,84 @@ def _score_on_ray(
     from fiqa_curator.workers.reading import read_and_decode
     from fiqa_curator.workers.stages import ScoreActor
 
-    gpus, workers, threads = placement.gpu, placement.workers, placement.threads
-    actor_options = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)} if group is not None else {}
-    block_rows = options.batch_size or (GPU_BLOCK_ROWS if gpus else CPU_BATCH_SIZE)
-    dataset = ray.data.from_arrow(item_blocks(plan, pending, block_rows, exclude=carried))
-    dataset = dataset.map_batches(
+    gpus = placement.gpu
+    dataset = ray.data.from_arrow(blocks).map_batches(
         # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
         # keeps Ray from fusing the two stages, so decoding overlaps with the model instead of preceding it.
         # With --align, reading also detects and warps faces: real CPU work, so it reserves a whole CPU.
-        read_and_decode, batch_size=block_rows, batch_format="numpy", num_cpus=1 if config["align"] else 0.25,
-        fn_kwargs={"storage_options": options.storage_options, "options_protocol": protocol_of(options.input),
-                   "max_pixels": options.max_pixels, "align": config["align"],
-                   "img_size": config["model_config"]["img_size"], "defer_jpeg": config["decode"] == "device"},
+        read_and_decode,
+        batch_size=block_rows,
+        batch_format="numpy",
+        num_cpus=1 if config["align"] else 0.25,
+        fn_kwargs={
+            "storage_options": options.storage_options,
+            "options_protocol": protocol_of(options.input),
+            "max_pixels": options.max_pixels,
+            "align": config["align"],
+            "img_size": config["model_config"]["img_size"],
+            "defer_jpeg": config["decode"] == "device",
+        },
+    )
+    actor_options = (
+        {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)} if group is not None else {}
     )
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing `scheduling_strategy` to map_batches (to be removed in 2.64; the pinned
         # Ray is 2.60) and offers no named parameter for it yet; the two-node test fails when that changes.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-        dataset = dataset.map_batches(
-            ScoreActor, batch_size=block_rows, batch_format="numpy",
-            compute=ActorPoolStrategy(size=workers),
-            num_gpus=placement.gpus_per_worker, num_cpus=0 if gpus else 1, **actor_options,
+        warnings.filterwarnings(
+            "ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning
+        )
+        return dataset.map_batches(
+            ScoreActor,
+            batch_size=block_rows,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=placement.workers),
+            num_gpus=placement.gpus_per_worker,
+            num_cpus=0 if gpus else 1,
+            **actor_options,
             fn_constructor_kwargs={
-                "checkpoint": checkpoint, "config": config["model_config"],
-                "storage_options": options.storage_options, "device": "cuda" if gpus else "cpu",
-                "exit_depth": config["exit_depth"], "fusion": config["fusion"],
+                "checkpoint": checkpoint,
+                "config": config["model_config"],
+                "storage_options": options.storage_options,
+                "device": "cuda" if gpus else "cpu",
+                "exit_depth": config["exit_depth"],
+                "fusion": config["fusion"],
                 "batch_size": options.batch_size or ("auto" if gpus else CPU_BATCH_SIZE),
-                "threads": threads, "expected_sha256": config["model_sha256"], "embeddings": config["embeddings"],
+                "threads": placement.threads,
+                "expected_sha256": config["model_sha256"],
+                "embeddings": config["embeddings"],
                 "precision": config["precision"],
                 "memory_share": min(1.0, placement.gpus_per_worker) if gpus else 1.0,
                 "max_pixels": options.max_pixels,
             },
         )
-    logger.info("scoring %d images on %d %s actor(s)", sum(writer.expected.values()), workers,
-                "GPU" if gpus else "CPU")
+
+
+def _score_on_ray(
+    options: ScoreOptions,
+    plan: Plan,
+    pending: list[int],
+    config: dict[str, Any],
+    checkpoint: str,
+    placement: ActorPlacement,
+    group: Any | None,
+    writer: ShardWriter,
+    carried: set[str],
+    logger: logging.Logger | logging.LoggerAdapter,
+    on_rows: Callable[[int], None] | None,
+) -> ExecutionStats:
+    """Run the pipeline and hand every batch to the writer as it arrives. `first_batch_seconds` comes back
+    as a clock reading (perf_counter), which the caller makes relative to its start."""
+    device = "cuda" if placement.gpu else "cpu"
+    block_rows = options.batch_size or (GPU_BLOCK_ROWS if placement.gpu else CPU_BATCH_SIZE)
+    blocks = item_blocks(plan, pending, block_rows, exclude=carried)
+    dataset = _pipeline(options, blocks, config, checkpoint, placement, group, block_rows)
+    logger.info(
+        "scoring %d images on %d %s actor(s)",
+        sum(writer.expected.values()),
+        placement.workers,
+        "GPU" if placement.gpu else "CPU",
+    )
     scored, first_count = 0, 0
     first_batch_at: float | None = None
     for batch in watched(dataset.iter_batches(batch_format="numpy", batch_size=None), options.stall_timeout):
@@ -226,12 +298,18 @@ def _score_on_ray(
     if missing:
         raise RuntimeError(f"rows missing after scoring, shards not committed: {missing}")
     finished = time.perf_counter()
-    steady = ((scored - first_count) / (finished - first_batch_at)
-              if first_batch_at and finished > first_batch_at else 0.0)
+    running = finished - first_batch_at if first_batch_at else 0.0
     return ExecutionStats(
-        scored=scored, carried=len(carried), shards=list(writer.committed),
-        first_batch_seconds=first_batch_at or finished, steady_images_per_second=steady,
-        write_seconds=writer.write_seconds, workers=workers, device="cuda" if gpus else "cpu",
-        rows_by_node=dict(writer.rows_by_node), block_rows=block_rows,
+        scored=scored,
+        carried=len(carried),
+        shards=list(writer.committed),
+        first_batch_seconds=first_batch_at or finished,
+        steady_images_per_second=(scored - first_count) / running if running > 0 else 0.0,
+        write_seconds=writer.write_seconds,
+        workers=placement.workers,
+        device=device,
+        rows_by_node=dict(writer.rows_by_node),
+        block_rows=block_rows,
         actor_nodes=placement_nodes(group) if group is not None else sorted(writer.rows_by_node),
-        device_decoded=writer.device_decoded)
+        device_decoded=writer.device_decoded,
+    )

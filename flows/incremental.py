@@ -44,10 +44,15 @@ def check_previous(previous: Output, plan: Plan) -> Plan:
     if earlier is None:
         raise IncrementalError(f"--since {previous.full_url()}: not a fiqa OUTPUT (no _plan.json)")
     if earlier.config_fingerprint != plan.config_fingerprint:
-        changed = sorted(k for k in set(earlier.scoring_config) | set(plan.scoring_config)
-                         if earlier.scoring_config.get(k) != plan.scoring_config.get(k))
-        raise IncrementalError(f"--since {previous.full_url()} was scored with another configuration "
-                               f"({', '.join(changed)}): its scores cannot be carried over into this table")
+        changed = sorted(
+            k
+            for k in set(earlier.scoring_config) | set(plan.scoring_config)
+            if earlier.scoring_config.get(k) != plan.scoring_config.get(k)
+        )
+        raise IncrementalError(
+            f"--since {previous.full_url()} was scored with another configuration "
+            f"({', '.join(changed)}): its scores cannot be carried over into this table"
+        )
     return earlier
 
 
@@ -59,13 +64,20 @@ def unchanged_items(previous: Output, plan: Plan, items: Iterable[Any]) -> set[s
         raise IncrementalError(f"--since {previous.full_url()}: its listing ({LISTING_FILE}) is missing")
     listing = pq.read_table(io.BytesIO(raw), columns=["image_id", *_ITEM_KEY]).to_pylist()
     before = {row["image_id"]: tuple(row[k] for k in _ITEM_KEY) for row in listing}
-    return {item.image_id for item in items
-            if item.version and before.get(item.image_id) == (item.url, item.offset, item.length, item.size,
-                                                               item.version)}
+    return {
+        item.image_id
+        for item in items
+        if item.version
+        and before.get(item.image_id) == (item.url, item.offset, item.length, item.size, item.version)
+    }
 
 
 def carried_batches(
-    previous: Output, item_ids: set[str], shard_of_item: Mapping[str, str], *, config: Mapping[str, Any],
+    previous: Output,
+    item_ids: set[str],
+    shard_of_item: Mapping[str, str],
+    *,
+    config: Mapping[str, Any],
 ) -> Iterator[dict[str, np.ndarray]]:
     """PREVIOUS's rows of the given items, as writer batches (the columns and placeholders a scoring batch
     has; schemas.batch), one batch per committed file of PREVIOUS."""

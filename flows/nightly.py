@@ -48,8 +48,9 @@ def run_date(timezone: str, scheduled: datetime | None = None) -> date:
 def previous_output(output_root: str, today: date) -> str | None:
     """The latest dated folder before `today` under OUTPUT_ROOT that finished (has _SUCCESS)."""
     root = Output(output_root)
-    earlier = sorted((name for name in root.list_dirs() if _DATED.match(name) and name < today.isoformat()),
-                     reverse=True)
+    earlier = sorted(
+        (name for name in root.list_dirs() if _DATED.match(name) and name < today.isoformat()), reverse=True
+    )
     for name in earlier:
         if root.read_bytes(f"{name}/{SUCCESS_FILE}") is not None:
             return root.full_url(name)
@@ -58,8 +59,12 @@ def previous_output(output_root: str, today: date) -> str | None:
 
 @flow(name="fiqa-nightly", retries=2, retry_delay_seconds=600, log_prints=False)
 def nightly_score(
-    input: str, output_root: str, scoring: NightlyScoring | None = None, incremental: bool = True,
-    timezone: str = "UTC", run_for: str | None = None,
+    input: str,
+    output_root: str,
+    scoring: NightlyScoring | None = None,
+    incremental: bool = True,
+    timezone: str = "UTC",
+    run_for: str | None = None,
 ) -> dict[str, Any]:
     """Score INPUT into OUTPUT_ROOT/<date>/ (incrementally from the latest finished earlier date), with the
     `scoring` options (`fiqa score`'s; `architecture_file` is its --model-config). `run_for` (YYYY-MM-DD)
@@ -73,31 +78,50 @@ def nightly_score(
     since = previous_output(output_root, today) if incremental else None
     logger.info("nightly run for %s: %s -> %s%s", today, input, output, f" (since {since})" if since else "")
     chosen = NightlyScoring.model_validate(scoring or {})
-    options = ScoreOptions.make(input=input, output=output, since=since, **chosen.model_dump(exclude_unset=True))
+    options = ScoreOptions.make(
+        input=input, output=output, since=since, **chosen.model_dump(exclude_unset=True)
+    )
     try:
         summary = score_flow(options)
     except IncrementalError as error:  # raised after planning, before any scoring: nothing to undo
         logger.warning("%s; scoring every image tonight instead", error)
         summary = score_flow(options.model_copy(update={"since": None}))
-    return {"output": summary.output, "report": summary.report, "rows": summary.total_rows,
-            "scored_now": summary.scored_now, "carried_over": summary.carried_over, "counts": summary.counts}
+    return {
+        "output": summary.output,
+        "report": summary.report,
+        "rows": summary.total_rows,
+        "scored_now": summary.scored_now,
+        "carried_over": summary.carried_over,
+        "counts": summary.counts,
+    }
 
 
 def nightly_deployment(
-    input: str, output_root: str, *, cron: str = DEFAULT_CRON, timezone: str = "UTC", name: str = DEPLOYMENT_NAME,
-    collision: str = "enqueue", parameters: dict[str, Any] | None = None,
+    input: str,
+    output_root: str,
+    *,
+    cron: str = DEFAULT_CRON,
+    timezone: str = "UTC",
+    name: str = DEPLOYMENT_NAME,
+    collision: str = "enqueue",
+    parameters: dict[str, Any] | None = None,
 ) -> Any:
     """The deployment object (`RunnerDeployment`): schedule, parameters, one run at a time."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
     ZoneInfo(timezone)  # an unknown time zone fails here, not at 2 a.m.
-    strategy = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE, "cancel-new": ConcurrencyLimitStrategy.CANCEL_NEW}
+    strategy = {
+        "enqueue": ConcurrencyLimitStrategy.ENQUEUE,
+        "cancel-new": ConcurrencyLimitStrategy.CANCEL_NEW,
+    }
     if collision not in strategy:
         raise UserError(f"collision must be one of {', '.join(strategy)}, got {collision!r}")
     return nightly_score.to_deployment(
-        name=name, schedules=[Cron(cron, timezone=timezone)],
+        name=name,
+        schedules=[Cron(cron, timezone=timezone)],
         parameters={"input": input, "output_root": output_root, "timezone": timezone, **(parameters or {})},
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy[collision]),
-        tags=["fiqa"], description=f"fiqa-curator nightly scoring of {input} into {output_root}/<date>/",
+        tags=["fiqa"],
+        description=f"fiqa-curator nightly scoring of {input} into {output_root}/<date>/",
     )

@@ -44,69 +44,136 @@ def _flag(group: str, **kwargs: Any) -> dict[str, Any]:
 class ScoreOptions(BaseModel):
     """What `fiqa score` can be told; `flows.score.score_flow(options)` runs it."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=(),
-                              validate_assignment=False)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, protected_namespaces=(), validate_assignment=False
+    )
 
     input: str = Field(description="folder/prefix, .csv/.parquet manifest, or .tar shard (any fsspec URL)")
     output: str = Field(description="output folder (any fsspec URL)")
     # model
-    checkpoint: str | None = Field(None, description="model.pt, local path or URL (default: the bundled model)",
-                                   json_schema_extra=_flag("model", serve=True))
+    checkpoint: str | None = Field(
+        None,
+        description="model.pt, local path or URL (default: the bundled model)",
+        json_schema_extra=_flag("model", serve=True),
+    )
     architecture_file: str | None = Field(
-        None, alias="model_config", description="JSON architecture config (keys of the official fixture config.json)",
-        json_schema_extra=_flag("model", serve=True, flag="--model-config", metavar="FILE", exclusive="architecture"))
+        None,
+        alias="model_config",
+        description="JSON architecture config (keys of the official fixture config.json)",
+        json_schema_extra=_flag(
+            "model", serve=True, flag="--model-config", metavar="FILE", exclusive="architecture"
+        ),
+    )
     arch: Literal["vit_s_qs", "vit_b_qs"] | None = Field(
-        None, description="architecture preset", json_schema_extra=_flag("model", serve=True, exclusive="architecture"))
+        None,
+        description="architecture preset",
+        json_schema_extra=_flag("model", serve=True, exclusive="architecture"),
+    )
     mode: Literal["token", "crfiqa", "full"] | None = Field(
-        None, description="with --arch: the expected mode", json_schema_extra=_flag("model"))
-    exit_depth: int | None = Field(None, ge=1, description="run blocks 1..L only (default: the model depth)",
-                                   json_schema_extra=_flag("model", serve=True))
-    fusion: str = Field("fw", description="fw | f | final | w1,...,wL: the fusion in the `quality` column",
-                        json_schema_extra=_flag("model", serve=True))
-    embeddings: bool = Field(False, description="also store the model's face embedding (full depth only), for "
-                             "`fiqa evaluate`", json_schema_extra=_flag("model"))
+        None, description="with --arch: the expected mode", json_schema_extra=_flag("model")
+    )
+    exit_depth: int | None = Field(
+        None,
+        ge=1,
+        description="run blocks 1..L only (default: the model depth)",
+        json_schema_extra=_flag("model", serve=True),
+    )
+    fusion: str = Field(
+        "fw",
+        description="fw | f | final | w1,...,wL: the fusion in the `quality` column",
+        json_schema_extra=_flag("model", serve=True),
+    )
+    embeddings: bool = Field(
+        False,
+        description="also store the model's face embedding (full depth only), for `fiqa evaluate`",
+        json_schema_extra=_flag("model"),
+    )
     # raw photos
     align: Literal["largest", "all"] | None = Field(
-        None, description="raw photographs: detect faces (dlib) and warp the largest (largest) or every one (all) "
-        "to the ArcFace template; no face: status no_face", json_schema_extra=_flag("raw photos", serve=True))
+        None,
+        description="raw photographs: detect faces (dlib) and warp the largest (largest) or every one (all) "
+        "to the ArcFace template; no face: status no_face",
+        json_schema_extra=_flag("raw photos", serve=True),
+    )
     # execution
     batch_size: int | None = Field(
-        None, ge=1, description="images per model batch (default: 64 on CPU; on GPU the largest that fits the free "
+        None,
+        ge=1,
+        description="images per model batch (default: 64 on CPU; on GPU the largest that fits the free "
         "memory, measured by each actor, at most 2048, in Ray blocks of 1024)",
-        json_schema_extra=_flag("execution", serve=True))
-    shard_size: int = Field(DEFAULT_SHARD_SIZE, ge=1, description="images per output file",
-                            json_schema_extra=_flag("execution", serve=True))
-    workers: int | None = Field(None, ge=1, description="scoring actors (default: one per GPU, else 1); on a cluster "
-                                "that adds GPU nodes on demand, with --device cuda",
-                                json_schema_extra=_flag("execution", serve=True))
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the actors score",
-                                                   json_schema_extra=_flag("execution", serve=True))
-    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per scoring actor; 0.5 puts two actors on each GPU",
-                                   json_schema_extra=_flag("execution", serve=True))
+        json_schema_extra=_flag("execution", serve=True),
+    )
+    shard_size: int = Field(
+        DEFAULT_SHARD_SIZE,
+        ge=1,
+        description="images per output file",
+        json_schema_extra=_flag("execution", serve=True),
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="scoring actors (default: one per GPU, else 1); on a cluster "
+        "that adds GPU nodes on demand, with --device cuda",
+        json_schema_extra=_flag("execution", serve=True),
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the actors score", json_schema_extra=_flag("execution", serve=True)
+    )
+    gpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        description="GPUs per scoring actor; 0.5 puts two actors on each GPU",
+        json_schema_extra=_flag("execution", serve=True),
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="model arithmetic: auto = bf16 autocast on GPU, fp32 on CPU; part of the configuration, "
+        "auto",
+        description="model arithmetic: auto = bf16 autocast on GPU, fp32 on CPU; part of the configuration, "
         "so a run resumes and --since carries over only the same precision",
-        json_schema_extra=_flag("execution", serve=True))
+        json_schema_extra=_flag("execution", serve=True),
+    )
     decode: Literal["cpu", "device"] = Field(
-        "cpu", description="where plain JPEG crops are decoded: cpu (reading tasks, Pillow) or device (the scoring "
-        "actor: nvJPEG on GPU, batched; other images stay on the CPU)", json_schema_extra=_flag("execution", serve=True))
-    ray_address: str | None = Field(None, description="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)",
-                                    json_schema_extra=_flag("execution"))
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="refuse larger images",
-                            json_schema_extra=_flag("execution"))
-    overwrite: bool = Field(False, description="replace results of a different plan in OUTPUT",
-                            json_schema_extra=_flag("execution"))
+        "cpu",
+        description="where plain JPEG crops are decoded: cpu (reading tasks, Pillow) or device (the scoring "
+        "actor: nvJPEG on GPU, batched; other images stay on the CPU)",
+        json_schema_extra=_flag("execution", serve=True),
+    )
+    ray_address: str | None = Field(
+        None,
+        description="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)",
+        json_schema_extra=_flag("execution"),
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="refuse larger images", json_schema_extra=_flag("execution")
+    )
+    overwrite: bool = Field(
+        False,
+        description="replace results of a different plan in OUTPUT",
+        json_schema_extra=_flag("execution"),
+    )
     stall_timeout: float | None = Field(
-        DEFAULT_STALL_TIMEOUT_S, ge=0, description="fail the run when no batch is scored for this long, instead of "
+        DEFAULT_STALL_TIMEOUT_S,
+        ge=0,
+        description="fail the run when no batch is scored for this long, instead of "
         "waiting forever on a cluster that lost resources (0: wait)",
-        json_schema_extra=_flag("execution", metavar="SECONDS"))
-    since: str | None = Field(None, description="incremental: copy the rows of images unchanged since "
-                              "PREVIOUS_OUTPUT (same id, URI, size, ETag/mtime; same configuration) and score only new "
-                              "or changed ones", json_schema_extra=_flag("execution", metavar="PREVIOUS_OUTPUT"))
-    storage_options: dict[str, Any] = Field(default_factory=dict, description='fsspec options as JSON, e.g. '
-                                            '\'{"anon": false}\'', json_schema_extra=_flag("execution"))
-    report: bool = Field(True, description="write OUTPUT/report/index.html at the end",
-                         json_schema_extra=_flag("execution", flag="--no-report"))
+        json_schema_extra=_flag("execution", metavar="SECONDS"),
+    )
+    since: str | None = Field(
+        None,
+        description="incremental: copy the rows of images unchanged since "
+        "PREVIOUS_OUTPUT (same id, URI, size, ETag/mtime; same configuration) and score only new "
+        "or changed ones",
+        json_schema_extra=_flag("execution", metavar="PREVIOUS_OUTPUT"),
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options as JSON, e.g. '{\"anon\": false}'",
+        json_schema_extra=_flag("execution"),
+    )
+    report: bool = Field(
+        True,
+        description="write OUTPUT/report/index.html at the end",
+        json_schema_extra=_flag("execution", flag="--no-report"),
+    )
 
     @field_validator("stall_timeout")
     @classmethod
@@ -134,7 +201,8 @@ class ScoreOptions(BaseModel):
 def flag_of(name: str) -> str:
     """The command-line flag of field `name` (the field name itself for the positional arguments)."""
     field = ScoreOptions.model_fields.get(name) or next(
-        (f for f in ScoreOptions.model_fields.values() if f.alias == name), None)
+        (f for f in ScoreOptions.model_fields.values() if f.alias == name), None
+    )
     flag = _meta(field) if field is not None else None
     if flag is None:
         return name.upper() if name in ("input", "output") else name
@@ -165,8 +233,11 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 
 def _choices(annotation: Any) -> list[str] | None:
     """The values of a Literal (optionally `| None`) annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(
-        annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
+    args = (
+        [a for a in typing.get_args(annotation) if a is not type(None)]
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+        else [annotation]
+    )
     if len(args) == 1 and typing.get_origin(args[0]) is Literal:
         return [str(v) for v in typing.get_args(args[0])]
     return None
@@ -177,29 +248,41 @@ def _scalar_type(annotation: Any) -> type:
     return args[0] if args[0] in (int, float) else str
 
 
-def _add(parser: argparse.ArgumentParser, groups: dict[str, Any], name: str, field: Any, *, serve: bool) -> None:
+def _add(
+    parser: argparse.ArgumentParser, groups: dict[str, Any], name: str, field: Any, *, serve: bool
+) -> None:
     meta = _meta(field)
     assert meta is not None
     group_key = (meta.group, meta.exclusive)
     if group_key not in groups:
-        container = groups.get((meta.group, None)) or groups.setdefault((meta.group, None), parser.add_argument_group(
-            meta.group) if not serve else parser)
+        container = groups.get((meta.group, None)) or groups.setdefault(
+            (meta.group, None), parser.add_argument_group(meta.group) if not serve else parser
+        )
         groups[group_key] = container.add_mutually_exclusive_group() if meta.exclusive else container
     target = groups[group_key]
     help_text = field.description
     if name == "align":  # one field, two flags: --align (the largest face), --all-faces (every face)
         default = argparse.SUPPRESS if serve else False
-        target.add_argument("--align", action="store_true", default=default,
-                            help="detect faces (dlib) and warp the largest to the ArcFace template; no face: "
-                                 "status no_face")
-        target.add_argument("--all-faces", action="store_true", default=default,
-                            help="with --align: one row per face (image ids ID#face0, ID#face1, ...; largest first)")
+        target.add_argument(
+            "--align",
+            action="store_true",
+            default=default,
+            help="detect faces (dlib) and warp the largest to the ArcFace template; no face: status no_face",
+        )
+        target.add_argument(
+            "--all-faces",
+            action="store_true",
+            default=default,
+            help="with --align: one row per face (image ids ID#face0, ID#face1, ...; largest first)",
+        )
         return
     flag = meta.flag or "--" + name.replace("_", "-")
     default = argparse.SUPPRESS if serve else field.default
     if field.annotation is bool:
         if flag.startswith("--no-"):
-            target.add_argument(flag, dest=name, action="store_false", default=default, help=f"do not {help_text}")
+            target.add_argument(
+                flag, dest=name, action="store_false", default=default, help=f"do not {help_text}"
+            )
         else:
             target.add_argument(flag, dest=name, action="store_true", default=default, help=help_text)
         return
@@ -208,8 +291,15 @@ def _add(parser: argparse.ArgumentParser, groups: dict[str, Any], name: str, fie
         target.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
         return
     shown = f" (default: {field.default})" if field.default is not None else ""
-    target.add_argument(flag, dest=name, type=None if choices else _scalar_type(field.annotation), choices=choices,
-                        default=default, metavar=meta.metavar, help=(help_text or "") + shown)
+    target.add_argument(
+        flag,
+        dest=name,
+        type=None if choices else _scalar_type(field.annotation),
+        choices=choices,
+        default=default,
+        metavar=meta.metavar,
+        help=(help_text or "") + shown,
+    )
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,8 +324,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _given(args: argparse.Namespace, names: Any) -> dict[str, Any]:
     values = {name: getattr(args, name) for name in names if name != "align" and hasattr(args, name)}
     if hasattr(args, "align") or hasattr(args, "all_faces"):
-        values["align"] = ("all" if getattr(args, "all_faces", False)
-                           else "largest" if getattr(args, "align", False) else None)
+        values["align"] = (
+            "all"
+            if getattr(args, "all_faces", False)
+            else "largest"
+            if getattr(args, "align", False)
+            else None
+        )
     return values
 
 
@@ -254,8 +349,12 @@ def _serve_fields() -> dict[str, Any]:
     for name, field in ScoreOptions.model_fields.items():
         meta = _meta(field)
         if meta is not None and meta.serve:
-            fields[name] = (field.annotation, Field(field.default, description=field.description,
-                                                    **{k: v for k, v in _bounds(field).items()}))
+            fields[name] = (
+                field.annotation,
+                Field(
+                    field.default, description=field.description, **{k: v for k, v in _bounds(field).items()}
+                ),
+            )
     return fields
 
 
@@ -271,4 +370,5 @@ def _bounds(field: Any) -> dict[str, Any]:
 # The nightly flow's `scoring` parameter: the options a deployment sets, with ScoreOptions' types, defaults,
 # bounds and help texts (Prefect shows them in its UI).
 NightlyScoring = create_model(
-    "NightlyScoring", __config__=ConfigDict(extra="forbid", protected_namespaces=()), **_serve_fields())
+    "NightlyScoring", __config__=ConfigDict(extra="forbid", protected_namespaces=()), **_serve_fields()
+)

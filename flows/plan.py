@@ -30,8 +30,11 @@ class PlanConflict(UserError):
 def listing_fingerprint(items: list[InputItem]) -> str:
     digest = hashlib.sha256()
     for item in items:
-        digest.update(json.dumps([item.image_id, item.source, item.offset, item.length, item.size,
-                                  item.version, item.identity]).encode())
+        digest.update(
+            json.dumps(
+                [item.image_id, item.source, item.offset, item.length, item.size, item.version, item.identity]
+            ).encode()
+        )
         digest.update(b"\n")
     return digest.hexdigest()
 
@@ -66,15 +69,24 @@ class Plan:
 
 
 def make_plan(
-    input_url: str, input_kind: str, items: list[InputItem], shard_size: int, scoring_config: Mapping[str, Any]
+    input_url: str,
+    input_kind: str,
+    items: list[InputItem],
+    shard_size: int,
+    scoring_config: Mapping[str, Any],
 ) -> Plan:
     if shard_size < 1:
         raise UserError(f"shard size must be >= 1, got {shard_size}")
     ordered = sorted(items, key=lambda item: item.image_id)
     return Plan(
-        input_url=input_url, input_kind=input_kind, item_count=len(ordered), shard_size=shard_size,
-        listing_fingerprint=listing_fingerprint(ordered), config_fingerprint=config_fingerprint(scoring_config),
-        scoring_config=dict(scoring_config), items=ordered,
+        input_url=input_url,
+        input_kind=input_kind,
+        item_count=len(ordered),
+        shard_size=shard_size,
+        listing_fingerprint=listing_fingerprint(ordered),
+        config_fingerprint=config_fingerprint(scoring_config),
+        scoring_config=dict(scoring_config),
+        items=ordered,
     )
 
 
@@ -98,15 +110,22 @@ def reconcile(existing: Plan | None, new: Plan, *, overwrite: bool, has_results:
     """Decide how a run proceeds: 'fresh', 'resume', or raise PlanConflict."""
     if existing is None:
         if has_results and not overwrite:
-            raise PlanConflict("OUTPUT already holds score files but no plan; use --overwrite to replace them")
+            raise PlanConflict(
+                "OUTPUT already holds score files but no plan; use --overwrite to replace them"
+            )
         return "fresh"
     differences = []
     if existing.listing_fingerprint != new.listing_fingerprint:
-        differences.append(f"the input listing changed ({existing.item_count} -> {new.item_count} items, "
-                           f"or their ids, sizes or versions)")
+        differences.append(
+            f"the input listing changed ({existing.item_count} -> {new.item_count} items, "
+            f"or their ids, sizes or versions)"
+        )
     if existing.config_fingerprint != new.config_fingerprint:
-        changed = sorted(k for k in set(existing.scoring_config) | set(new.scoring_config)
-                         if existing.scoring_config.get(k) != new.scoring_config.get(k))
+        changed = sorted(
+            k
+            for k in set(existing.scoring_config) | set(new.scoring_config)
+            if existing.scoring_config.get(k) != new.scoring_config.get(k)
+        )
         differences.append(f"the scoring configuration changed ({', '.join(changed)})")
     if existing.shard_size != new.shard_size:
         differences.append(f"the shard size changed ({existing.shard_size} -> {new.shard_size})")
@@ -115,7 +134,8 @@ def reconcile(existing: Plan | None, new: Plan, *, overwrite: bool, has_results:
     if overwrite:
         return "fresh"
     raise PlanConflict(
-        "OUTPUT holds results of a different plan: " + "; ".join(differences)
+        "OUTPUT holds results of a different plan: "
+        + "; ".join(differences)
         + ". Refusing to mix them: use another OUTPUT, or --overwrite to replace the old results."
     )
 

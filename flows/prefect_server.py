@@ -45,9 +45,11 @@ class PrefectServerError(UserError):
 
 
 def _remedy(timeout: int) -> str:
-    return (f"raise {TIMEOUT_SETTING} (now {timeout}; for example `export {TIMEOUT_SETTING}={4 * timeout}`), "
-            "or start a server (`prefect server start`) and point PREFECT_API_URL at it "
-            "(`export PREFECT_API_URL=http://127.0.0.1:4200/api`)")
+    return (
+        f"raise {TIMEOUT_SETTING} (now {timeout}; for example `export {TIMEOUT_SETTING}={4 * timeout}`), "
+        "or start a server (`prefect server start`) and point PREFECT_API_URL at it "
+        "(`export PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+    )
 
 
 def startup_timeout() -> int:
@@ -69,8 +71,10 @@ def ensure_prefect_api() -> str:
     if settings.api.url:
         return str(settings.api.url)  # the user's server (or the test harness's): nothing to start
     if not settings.server.ephemeral.enabled:
-        raise PrefectServerError("no Prefect API: PREFECT_API_URL is not set and the temporary server is disabled "
-                                 "(PREFECT_SERVER_EPHEMERAL_ENABLED); point PREFECT_API_URL at a running server")
+        raise PrefectServerError(
+            "no Prefect API: PREFECT_API_URL is not set and the temporary server is disabled "
+            "(PREFECT_SERVER_EPHEMERAL_ENABLED); point PREFECT_API_URL at a running server"
+        )
     return _start_temporary_server(startup_timeout())
 
 
@@ -121,16 +125,20 @@ def _start_temporary_server(timeout: int) -> str:
             except Exception as error:
                 server.stop()
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                raise PrefectServerError(f"Prefect's temporary server did not start ({reason[:200]}): "
-                                         f"{_remedy(timeout)}") from None
+                raise PrefectServerError(
+                    f"Prefect's temporary server did not start ({reason[:200]}): {_remedy(timeout)}"
+                ) from None
             process = server.server_process
             code = process.poll() if process is not None else None
             if code is not None and code != _PORT_IN_USE:
                 server.stop()
-                raise PrefectServerError(f"Prefect's temporary server exited with status {code} while starting "
-                                         f"(its output is above; its database is under PREFECT_HOME): "
-                                         f"{_remedy(timeout)}")
+                raise PrefectServerError(
+                    f"Prefect's temporary server exited with status {code} while starting "
+                    f"(its output is above; its database is under PREFECT_HOME): "
+                    f"{_remedy(timeout)}"
+                )
             if time.monotonic() > deadline:
                 server.stop()
-                raise PrefectServerError(f"Prefect's temporary server did not answer within {timeout} s: "
-                                         f"{_remedy(timeout)}")
+                raise PrefectServerError(
+                    f"Prefect's temporary server did not answer within {timeout} s: {_remedy(timeout)}"
+                )

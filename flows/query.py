@@ -29,7 +29,9 @@ def run_query(output_url: str, sql: str, storage_options: Mapping[str, Any] | No
         connection.register_filesystem(output.fs)
     else:
         pattern = pattern.removeprefix("file://")
-    connection.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet('{pattern.replace(chr(39), chr(39) * 2)}')")
+    connection.execute(
+        f"CREATE VIEW scores AS SELECT * FROM read_parquet('{pattern.replace(chr(39), chr(39) * 2)}')"
+    )
     try:
         return connection.sql(sql).to_arrow_table()
     except duckdb.Error as error:

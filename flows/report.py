@@ -55,7 +55,9 @@ def _fmt(value: Any) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -70,18 +72,26 @@ def _thumbnail(face: np.ndarray) -> str:
 # ---- sections: each (data, faces) -> HTML, or None when it has nothing to show -----------------------------
 def run_section(data: ReportData, faces: Faces) -> str:
     run, config = data.run, data.run.config
-    rows = [("model sha256", config.get("model_sha256", "-")), ("exit depth", config.get("exit_depth", "-")),
-            ("fusion", config.get("fusion", "-")), ("run id", run.run_id or "-"),
-            ("finished", run.finished_at or "-"), ("input", run.input or "-"),
-            *[(f"version {k}", v) for k, v in run.versions.items()],
-            *[(f"seconds {k}", v) for k, v in run.seconds.items()],
-            ("images/s", run.images_per_second if run.run_id else "-")]
+    rows = [
+        ("model sha256", config.get("model_sha256", "-")),
+        ("exit depth", config.get("exit_depth", "-")),
+        ("fusion", config.get("fusion", "-")),
+        ("run id", run.run_id or "-"),
+        ("finished", run.finished_at or "-"),
+        ("input", run.input or "-"),
+        *[(f"version {k}", v) for k, v in run.versions.items()],
+        *[(f"seconds {k}", v) for k, v in run.seconds.items()],
+        ("images/s", run.images_per_second if run.run_id else "-"),
+    ]
     return _table(["", ""], rows, "run-table")
 
 
 def status_section(data: ReportData, faces: Faces) -> str:
-    return (_table(["status", "images"], list(data.counts.items()), "status-table")
-            + "<h3>Examples of failures</h3>" + _table(["status", "file", "reason"], data.failures, "failure-table"))
+    return (
+        _table(["status", "images"], list(data.counts.items()), "status-table")
+        + "<h3>Examples of failures</h3>"
+        + _table(["status", "file", "reason"], data.failures, "failure-table")
+    )
 
 
 def distribution_section(data: ReportData, faces: Faces) -> str | None:
@@ -123,8 +133,10 @@ def agreement_section(data: ReportData, faces: Faces) -> str | None:
     axis.set_yticks(range(depth + 1), labels, fontsize=7)
     figure.colorbar(image)
     return _img(_png(figure), "Spearman correlation of exits") + _table(
-        ["exit", "Spearman vs fused", f"overlap of bottom 10% ({agreement.bottom})"], agreement.overlap,
-        "overlap-table")
+        ["exit", "Spearman vs fused", f"overlap of bottom 10% ({agreement.bottom})"],
+        agreement.overlap,
+        "overlap-table",
+    )
 
 
 def size_section(data: ReportData, faces: Faces) -> str | None:
@@ -138,19 +150,31 @@ def size_section(data: ReportData, faces: Faces) -> str | None:
     axis.scatter(data.pixels[resized], quality[resized], s=6, label="resized")
     axis.set(xscale="log", xlabel="decoded pixels", ylabel="quality")
     axis.legend(fontsize=7)
-    rows = [("resized", int(resized.sum()), float(np.mean(quality[resized])) if resized.any() else np.nan),
-            ("not resized", int((~resized).sum()), float(np.mean(quality[~resized])) if (~resized).any() else np.nan)]
-    return _img(_png(figure), "quality versus image size") + _table(["", "images", "mean quality"], rows,
-                                                                     "size-table")
+    rows = [
+        ("resized", int(resized.sum()), float(np.mean(quality[resized])) if resized.any() else np.nan),
+        (
+            "not resized",
+            int((~resized).sum()),
+            float(np.mean(quality[~resized])) if (~resized).any() else np.nan,
+        ),
+    ]
+    return _img(_png(figure), "quality versus image size") + _table(
+        ["", "images", "mean quality"], rows, "size-table"
+    )
 
 
 def thresholds_section(data: ReportData, faces: Faces) -> str | None:
     if not data.thresholds:
         return None
     rows = [(q, value, dropped, f"{dropped / data.scored:.1%}") for q, value, dropped in data.thresholds]
-    return (_table(["quantile", "threshold", "images dropped (quality < threshold)", "share of scored"], rows,
-                   "threshold-table")
-            + f"<p>Failed images ({data.rows - data.scored}) are dropped in any case.</p>")
+    return (
+        _table(
+            ["quantile", "threshold", "images dropped (quality < threshold)", "share of scored"],
+            rows,
+            "threshold-table",
+        )
+        + f"<p>Failed images ({data.rows - data.scored}) are dropped in any case.</p>"
+    )
 
 
 def galleries_section(data: ReportData, faces: Faces) -> str | None:
@@ -162,9 +186,15 @@ def galleries_section(data: ReportData, faces: Faces) -> str | None:
         for index in indices:
             image_id = str(data.ok_ids[index])
             face = faces.get(image_id)
-            picture = _img(_thumbnail(face), image_id) if face is not None else '<div class="missing">no preview</div>'
-            cards.append(f"<figure>{picture}<figcaption>{html.escape(image_id)}<br>"
-                         f"{data.quality[index]:.4f}</figcaption></figure>")
+            picture = (
+                _img(_thumbnail(face), image_id)
+                if face is not None
+                else '<div class="missing">no preview</div>'
+            )
+            cards.append(
+                f"<figure>{picture}<figcaption>{html.escape(image_id)}<br>"
+                f"{data.quality[index]:.4f}</figcaption></figure>"
+            )
         parts.append(f'<h3>{html.escape(title)}</h3><div class="gallery">{"".join(cards)}</div>')
     return "".join(parts)
 
@@ -177,13 +207,17 @@ def attention_section(data: ReportData, faces: Faces) -> str | None:
     from matplotlib import pyplot as plt
 
     depth = grid.maps.shape[1]
-    figure, axes = plt.subplots(len(grid.shown), depth, figsize=(1.1 * depth, 1.2 * len(grid.shown)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(grid.shown), depth, figsize=(1.1 * depth, 1.2 * len(grid.shown)), squeeze=False
+    )
     for row, (image_id, _) in enumerate(grid.shown):
         face = faces[image_id]
         for column in range(depth):
             axis = axes[row][column]
             axis.imshow(face[: grid.seen, : grid.seen])
-            axis.imshow(grid.maps[row, column], cmap="inferno", alpha=0.55, extent=(0, grid.seen, grid.seen, 0))
+            axis.imshow(
+                grid.maps[row, column], cmap="inferno", alpha=0.55, extent=(0, grid.seen, grid.seen, 0)
+            )
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
@@ -198,12 +232,19 @@ def identities_section(data: ReportData, faces: Faces) -> str | None:
     identities = data.identities
     if identities is None:
         return None
-    body = _table(["identities", "images per identity (median)", "max"],
-                  [(identities.count, identities.median_images, identities.max_images)], "identity-summary")
+    body = _table(
+        ["identities", "images per identity (median)", "max"],
+        [(identities.count, identities.median_images, identities.max_images)],
+        "identity-summary",
+    )
     body += f"<h3>Identities mostly below the threshold ({len(identities.mostly_below)})</h3>" + _table(
-        ["identity", "images", "below"], identities.mostly_below, "identity-below")
-    body += (f"<h3>Identities left with fewer than {MIN_IMAGES_PER_IDENTITY} images ({len(identities.too_few)})</h3>"
-             + _table(["identity", "images", "kept"], identities.too_few, "identity-few"))
+        ["identity", "images", "below"], identities.mostly_below, "identity-below"
+    )
+    body += (
+        f"<h3>Identities left with fewer than {MIN_IMAGES_PER_IDENTITY} images "
+        f"({len(identities.too_few)})</h3>"
+        + _table(["identity", "images", "kept"], identities.too_few, "identity-few")
+    )
     return body
 
 
@@ -214,22 +255,31 @@ def evaluation_section(data: ReportData, faces: Faces) -> str | None:
         return None
     methods = result["methods"]
     points = list(next(iter(methods.values())))
-    parts = [f"<p>protocol <b>{html.escape(str(result.get('protocol')))}</b>, {result.get('pairs_used', '-')} of "
-             f"{result.get('pairs', '-')} pairs, pAUC up to {html.escape(str(result.get('discard_limit')))} "
-             f"discarded (lower is better)</p>"]
+    parts = [
+        f"<p>protocol <b>{html.escape(str(result.get('protocol')))}</b>, {result.get('pairs_used', '-')} of "
+        f"{result.get('pairs', '-')} pairs, pAUC up to {html.escape(str(result.get('discard_limit')))} "
+        f"discarded (lower is better)</p>"
+    ]
     advisor = result.get("advisor")
     if advisor:
         chosen = advisor["recommended"]
         saved = f", saving {chosen['compute_saved']:.0%} of the compute" if "compute_saved" in chosen else ""
-        parts.append(f"<p id=\"advisor\">Advisor ({html.escape(str(advisor['operating_point']))}): exit depth "
-                     f"<b>{chosen['exit_depth']}</b> with <b>{html.escape(str(chosen['option']))}</b> (pAUC "
-                     f"{chosen['pauc']:.4f}; best {html.escape(str(advisor['best']['option']))} "
-                     f"{advisor['best']['pauc']:.4f}){saved}</p>")
+        parts.append(
+            f'<p id="advisor">Advisor ({html.escape(str(advisor["operating_point"]))}): exit depth '
+            f"<b>{chosen['exit_depth']}</b> with <b>{html.escape(str(chosen['option']))}</b> (pAUC "
+            f"{chosen['pauc']:.4f}; best {html.escape(str(advisor['best']['option']))} "
+            f"{advisor['best']['pauc']:.4f}){saved}</p>"
+        )
     for name, image in data.evaluation_images.items():
         parts.append(_img("data:image/png;base64," + base64.b64encode(image).decode(), name))
     ranked = sorted(methods.items(), key=lambda kv: kv[1][points[0]]["pauc"])
-    parts.append(_table(["method", *points], [(name, *(values[p]["pauc"] for p in points)) for name, values in ranked],
-                        "evaluation-table"))
+    parts.append(
+        _table(
+            ["method", *points],
+            [(name, *(values[p]["pauc"] for p in points)) for name, values in ranked],
+            "evaluation-table",
+        )
+    )
     return "".join(parts)
 
 
@@ -248,8 +298,10 @@ SECTIONS: list[tuple[str, str, Callable[[ReportData, Faces], str | None]]] = [
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:1200px} nav a{margin-right:1rem}
-table{border-collapse:collapse;margin:.5rem 0} td,th{border:1px solid #ccc;padding:.2rem .5rem;font-size:.85rem}
-.gallery{display:flex;flex-wrap:wrap;gap:.5rem} figure{margin:0;width:120px;font-size:.7rem;word-break:break-all}
+table{border-collapse:collapse;margin:.5rem 0} \
+td,th{border:1px solid #ccc;padding:.2rem .5rem;font-size:.85rem}
+.gallery{display:flex;flex-wrap:wrap;gap:.5rem} \
+figure{margin:0;width:120px;font-size:.7rem;word-break:break-all}
 figure img{width:112px;height:112px} .missing{width:112px;height:112px;background:#eee}
 """
 
@@ -259,21 +311,26 @@ def render(data: ReportData, faces: Faces) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    sections = [(section_id, title, body) for section_id, title, draw in SECTIONS if (body := draw(data, faces))]
+    sections = [
+        (section_id, title, body) for section_id, title, draw in SECTIONS if (body := draw(data, faces))
+    ]
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
-    content = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'
-                      for sid, title, body in sections)
+    content = "".join(
+        f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>' for sid, title, body in sections
+    )
     counts = html.escape(", ".join(f"{k} {v}" for k, v in data.counts.items()))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fiqa-curator report</title>
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; \
+style-src 'unsafe-inline'">
 <style>{STYLE}</style></head><body><h1>fiqa-curator quality report</h1>
 <p>{data.rows} images: {counts}</p><nav>{nav}</nav>
 {content}</body></html>"""
 
 
-def build_report(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-                 threshold_quantile: float = 0.1) -> tuple[str, dict[str, Any]]:
+def build_report(
+    output_url: str, storage_options: Mapping[str, Any] | None = None, *, threshold_quantile: float = 0.1
+) -> tuple[str, dict[str, Any]]:
     """(HTML, summary) for the quality table in OUTPUT."""
     output = Output(output_url, storage_options)
     data = collect(output, threshold_quantile=threshold_quantile)
@@ -282,7 +339,9 @@ def build_report(output_url: str, storage_options: Mapping[str, Any] | None = No
     return render(data, faces), data.summary()
 
 
-def write_report(output_url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+def write_report(
+    output_url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
     page, summary = build_report(output_url, storage_options)
     output = Output(output_url, storage_options)
     output.commit_bytes(REPORT_PAGE, page.encode("utf-8"))

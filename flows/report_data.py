@@ -22,8 +22,18 @@ from fiqa_curator.schemas.layout import EVALUATION, LISTING_FILE, SCORES, RunRec
 from fiqa_curator.schemas.quality_table import exit_score_matrix
 from fiqa_curator.schemas.status import Status
 
-COLUMNS = ["image_id", "identity", "status", "error", "width", "height", "resized", "exit_depth", "exit_scores",
-           "quality"]
+COLUMNS = [
+    "image_id",
+    "identity",
+    "status",
+    "error",
+    "width",
+    "height",
+    "resized",
+    "exit_depth",
+    "exit_scores",
+    "quality",
+]
 QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3)
 FAILURE_EXAMPLES = 5
 GALLERY = 8
@@ -74,7 +84,9 @@ class ReportData:
     thresholds: list[tuple[str, float, int]] = field(default_factory=list)  # (quantile, threshold, dropped)
     threshold_quantile: float = 0.1
     threshold: float | None = None  # the galleries' and identities' threshold
-    galleries: list[tuple[str, list[int]]] = field(default_factory=list)  # (title, indices into the scored rows)
+    galleries: list[tuple[str, list[int]]] = field(
+        default_factory=list
+    )  # (title, indices into the scored rows)
     attention: list[int] = field(default_factory=list)  # indices of the scored rows the attention grid shows
     identities: Identities | None = None
     evaluation: dict[str, Any] | None = None  # OUTPUT/evaluation/result.json
@@ -91,11 +103,15 @@ class ReportData:
         if self.agreement is not None:
             summary["bottom_overlap"] = {name: share for name, _, share in self.agreement.overlap}
         if self.thresholds:
-            summary["thresholds"] = {q: {"threshold": value, "dropped": dropped} for q, value, dropped in self.thresholds}
+            summary["thresholds"] = {
+                q: {"threshold": value, "dropped": dropped} for q, value, dropped in self.thresholds
+            }
         if self.identities is not None:
-            summary["identities"] = {"count": self.identities.count,
-                                     "mostly_below": [row[0] for row in self.identities.mostly_below],
-                                     "too_few_after_curation": [row[0] for row in self.identities.too_few]}
+            summary["identities"] = {
+                "count": self.identities.count,
+                "mostly_below": [row[0] for row in self.identities.mostly_below],
+                "too_few_after_curation": [row[0] for row in self.identities.too_few],
+            }
         if self.evaluation:
             advisor = self.evaluation.get("advisor")
             if advisor:
@@ -103,8 +119,10 @@ class ReportData:
                 summary["advisor"] = {"exit_depth": chosen["exit_depth"], "option": chosen["option"]}
             methods = self.evaluation["methods"]
             first = next(iter(next(iter(methods.values()))))
-            summary["evaluation"] = {"protocol": self.evaluation.get("protocol"),
-                                     "best": min(methods, key=lambda name: methods[name][first]["pauc"])}
+            summary["evaluation"] = {
+                "protocol": self.evaluation.get("protocol"),
+                "best": min(methods, key=lambda name: methods[name][first]["pauc"]),
+            }
         return summary
 
 
@@ -130,9 +148,14 @@ def _agreement(exits: np.ndarray, quality: np.ndarray) -> Agreement:
     spearman = ranks.corr().to_numpy()
     bottom = max(1, round(BOTTOM_SHARE * len(quality)))
     fused_bottom = set(np.argsort(quality, kind="stable")[:bottom])
-    overlap = [(f"exit {k + 1}", float(spearman[k, depth]),
-                len(fused_bottom & set(np.argsort(exits[:, k], kind="stable")[:bottom])) / bottom)
-               for k in range(depth)]
+    overlap = [
+        (
+            f"exit {k + 1}",
+            float(spearman[k, depth]),
+            len(fused_bottom & set(np.argsort(exits[:, k], kind="stable")[:bottom])) / bottom,
+        )
+        for k in range(depth)
+    ]
     return Agreement(spearman, bottom, overlap)
 
 
@@ -145,9 +168,13 @@ def _identities(ok: pd.DataFrame, quality: np.ndarray, threshold: float) -> Iden
     per["kept"] = per["images"] - per["below"]
     mostly_below = per[per["below"] > per["images"] / 2].sort_index()
     too_few = per[per["kept"] < MIN_IMAGES_PER_IDENTITY].sort_index()
-    return Identities(len(per), float(per["images"].median()), int(per["images"].max()),
-                      [(str(i), int(n), int(b)) for i, n, b in mostly_below[["images", "below"]].itertuples()],
-                      [(str(i), int(n), int(k)) for i, n, k in too_few[["images", "kept"]].itertuples()])
+    return Identities(
+        len(per),
+        float(per["images"].median()),
+        int(per["images"].max()),
+        [(str(i), int(n), int(b)) for i, n, b in mostly_below[["images", "below"]].itertuples()],
+        [(str(i), int(n), int(k)) for i, n, k in too_few[["images", "kept"]].itertuples()],
+    )
 
 
 def _evaluation(output: Output) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
@@ -156,8 +183,11 @@ def _evaluation(output: Output) -> tuple[dict[str, Any] | None, dict[str, bytes]
     result = json.loads(raw) if raw else None
     if not result or not result.get("methods"):
         return None, {}
-    images = {name: image for name in ("edc.png", "pauc_vs_gflops.png")
-              if (image := output.read_bytes(f"{EVALUATION}/{name}"))}
+    images = {
+        name: image
+        for name in ("edc.png", "pauc_vs_gflops.png")
+        if (image := output.read_bytes(f"{EVALUATION}/{name}"))
+    }
     return result, images
 
 
@@ -167,18 +197,29 @@ def collect(output: Output, *, threshold_quantile: float = 0.1) -> ReportData:
     frame, all_exits = load_table(output)
     run = output.read_run_record() or RunRecord()
     counts = frame["status"].value_counts().sort_index()
-    failures = [(str(status), str(row["image_id"]), row["error"])
-                for status, group in frame[frame["status"] != Status.OK].groupby("status")
-                for _, row in group.head(FAILURE_EXAMPLES).iterrows()]
+    failures = [
+        (str(status), str(row["image_id"]), row["error"])
+        for status, group in frame[frame["status"] != Status.OK].groupby("status")
+        for _, row in group.head(FAILURE_EXAMPLES).iterrows()
+    ]
     # scored rows with a finite score (a NaN from a broken checkpoint must not break every plot)
-    ok_mask = (frame["status"] == Status.OK).to_numpy() & np.isfinite(frame["quality"].to_numpy(dtype=np.float64))
+    ok_mask = (frame["status"] == Status.OK).to_numpy() & np.isfinite(
+        frame["quality"].to_numpy(dtype=np.float64)
+    )
     ok = frame[ok_mask]
     quality = ok["quality"].to_numpy(dtype=np.float64)
     data = ReportData(
-        rows=len(frame), counts={str(k): int(v) for k, v in counts.items()}, failures=failures, run=run,
-        ok_ids=ok["image_id"].to_numpy(dtype=object), quality=quality, exits=all_exits[ok_mask],
+        rows=len(frame),
+        counts={str(k): int(v) for k, v in counts.items()},
+        failures=failures,
+        run=run,
+        ok_ids=ok["image_id"].to_numpy(dtype=object),
+        quality=quality,
+        exits=all_exits[ok_mask],
         pixels=(ok["width"].astype(float) * ok["height"].astype(float)).to_numpy(),
-        resized=ok["resized"].fillna(False).to_numpy(dtype=bool), threshold_quantile=threshold_quantile)
+        resized=ok["resized"].fillna(False).to_numpy(dtype=bool),
+        threshold_quantile=threshold_quantile,
+    )
     data.evaluation, data.evaluation_images = _evaluation(output)
     if not len(ok):
         return data
@@ -189,8 +230,11 @@ def collect(output: Output, *, threshold_quantile: float = 0.1) -> ReportData:
     data.threshold = float(np.quantile(quality, threshold_quantile))
     order = np.lexsort((data.ok_ids, quality))  # by quality, ties by image_id: the same pages every run
     near = np.argsort(np.abs(quality - data.threshold), kind="stable")[:GALLERY]
-    data.galleries = [("Lowest quality", list(order[:GALLERY])), ("Highest quality", list(order[::-1][:GALLERY])),
-                      (f"Around the {threshold_quantile:g} quantile threshold ({data.threshold:.4f})", list(near))]
+    data.galleries = [
+        ("Lowest quality", list(order[:GALLERY])),
+        ("Highest quality", list(order[::-1][:GALLERY])),
+        (f"Around the {threshold_quantile:g} quantile threshold ({data.threshold:.4f})", list(near)),
+    ]
     data.attention = [*order[: ATTENTION_IMAGES // 2], *order[::-1][: ATTENTION_IMAGES // 2]]
     data.identities = _identities(ok, quality, data.threshold)
     return data
@@ -205,8 +249,9 @@ def shown_ids(data: ReportData) -> list[str]:
     return list(seen)
 
 
-def faces_of(output: Output, image_ids: list[str], run: RunRecord,
-             storage_options: Mapping[str, Any] | None) -> dict[str, np.ndarray | None]:
+def faces_of(
+    output: Output, image_ids: list[str], run: RunRecord, storage_options: Mapping[str, Any] | None
+) -> dict[str, np.ndarray | None]:
     """The face each image's row was scored on, read again from its source and cropped the way the run
     did (`workers.reading.decode_rows`, with the run's input size, pixel limit and alignment); None for an
     image that can no longer be read (moved or deleted since) or no longer gives that face."""
@@ -236,8 +281,9 @@ def faces_of(output: Output, image_ids: list[str], run: RunRecord,
     return faces
 
 
-def attention_grid(data: ReportData, faces: Mapping[str, np.ndarray | None],
-                   storage_options: Mapping[str, Any] | None) -> AttentionGrid | None:
+def attention_grid(
+    data: ReportData, faces: Mapping[str, np.ndarray | None], storage_options: Mapping[str, Any] | None
+) -> AttentionGrid | None:
     """The attention maps of the lowest and highest images at every exit (token and full models only);
     None when the model has no quality token or its checkpoint cannot be read from here any more."""
     from fiqa_curator.workers.checkpoint import CheckpointError, load_model

@@ -73,7 +73,9 @@ def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
     logger = get_run_logger()
     kind, items = discover(options.input, options.storage_options)  # an unreadable INPUT creates nothing
     if not items:
-        raise InputError(f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(
+            f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
     output = Output(options.output, options.storage_options)
     output.ensure_writable()
     plan = make_plan(options.input, kind, items, options.shard_size, config)
@@ -89,18 +91,36 @@ def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
     pending = [i for i in range(plan.shard_count) if shard_name(i) not in committed]
     if pending:
         output.remove(SUCCESS_FILE)
-    logger.info("%s input, %d items, %d shards (%d already committed, %d to score)",
-                kind, plan.item_count, plan.shard_count, plan.shard_count - len(pending), len(pending))
+    logger.info(
+        "%s input, %d items, %d shards (%d already committed, %d to score)",
+        kind,
+        plan.item_count,
+        plan.shard_count,
+        plan.shard_count - len(pending),
+        len(pending),
+    )
     return PlannedRun(plan, pending)
 
 
 @task(name="execute", cache_policy=NONE)
 def execute_task(
-    options: ScoreOptions, planned: PlannedRun, config: dict[str, Any], checkpoint: str, run_id: str,
+    options: ScoreOptions,
+    planned: PlannedRun,
+    config: dict[str, Any],
+    checkpoint: str,
+    run_id: str,
     on_rows: Callable[[int], None] | None = None,
 ) -> ExecutionStats:
-    return execute(options, planned.plan, planned.pending, config, checkpoint, run_id, logger=get_run_logger(),
-                   on_rows=on_rows)
+    return execute(
+        options,
+        planned.plan,
+        planned.pending,
+        config,
+        checkpoint,
+        run_id,
+        logger=get_run_logger(),
+        on_rows=on_rows,
+    )
 
 
 def _table_totals(output: Output) -> tuple[Counter[str], int]:
@@ -126,13 +146,23 @@ def _versions() -> dict[str, str]:
         ours = version("fiqa-curator")
     except PackageNotFoundError:
         ours = "unknown"
-    return {"fiqa_curator": ours, "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "prefect": prefect.__version__, "pyarrow": pa.__version__}
+    return {
+        "fiqa_curator": ours,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "prefect": prefect.__version__,
+        "pyarrow": pa.__version__,
+    }
 
 
 @task(name="finalize", cache_policy=NONE)
 def finalize_task(
-    options: ScoreOptions, planned: PlannedRun, config: dict[str, Any], run_id: str, stats: ExecutionStats,
+    options: ScoreOptions,
+    planned: PlannedRun,
+    config: dict[str, Any],
+    run_id: str,
+    stats: ExecutionStats,
     timings: dict[str, float],
 ) -> RunSummary:
     output = Output(options.output, options.storage_options)
@@ -142,23 +172,46 @@ def finalize_task(
         raise RuntimeError(f"OUTPUT holds rows for {items} items, {plan.item_count} were planned")
     execute_seconds = timings.get("execute", 0.0)
     summary = RunSummary(
-        output=output.full_url(), run_id=run_id, counts=dict(sorted(statuses.items())),
-        total_rows=sum(statuses.values()), scored_now=stats.scored, shards_written=len(stats.shards),
-        shards_skipped=plan.shard_count - len(planned.pending), seconds={k: round(v, 3) for k, v in timings.items()},
+        output=output.full_url(),
+        run_id=run_id,
+        counts=dict(sorted(statuses.items())),
+        total_rows=sum(statuses.values()),
+        scored_now=stats.scored,
+        shards_written=len(stats.shards),
+        shards_skipped=plan.shard_count - len(planned.pending),
+        seconds={k: round(v, 3) for k, v in timings.items()},
         images_per_second=round(stats.scored / execute_seconds, 2) if execute_seconds > 0 else 0.0,
-        model_sha256=config["model_sha256"], exit_depth=config["exit_depth"], fusion=config["fusion"],
-        uses_demo_model=options.checkpoint is None, carried_over=stats.carried,
+        model_sha256=config["model_sha256"],
+        exit_depth=config["exit_depth"],
+        fusion=config["fusion"],
+        uses_demo_model=options.checkpoint is None,
+        carried_over=stats.carried,
     )
-    output.write_run_record(RunRecord(
-        **asdict(summary), finished_at=datetime.now(UTC).isoformat(), input=options.input,
-        input_kind=plan.input_kind, shard_size=plan.shard_size, shard_count=plan.shard_count, config=config,
-        workers=stats.workers, device=stats.device, checkpoint=options.checkpoint or str(BUNDLED_CHECKPOINT),
-        since=options.since,
-        stages=StageFigures(
-            write_seconds=round(stats.write_seconds, 3), first_batch_seconds=round(stats.first_batch_seconds, 3),
-            steady_images_per_second=round(stats.steady_images_per_second, 2), rows_by_node=stats.rows_by_node,
-            actor_nodes=stats.actor_nodes, block_rows=stats.block_rows, decoded_on_device=stats.device_decoded),
-        versions=_versions()))
+    output.write_run_record(
+        RunRecord(
+            **asdict(summary),
+            finished_at=datetime.now(UTC).isoformat(),
+            input=options.input,
+            input_kind=plan.input_kind,
+            shard_size=plan.shard_size,
+            shard_count=plan.shard_count,
+            config=config,
+            workers=stats.workers,
+            device=stats.device,
+            checkpoint=options.checkpoint or str(BUNDLED_CHECKPOINT),
+            since=options.since,
+            stages=StageFigures(
+                write_seconds=round(stats.write_seconds, 3),
+                first_batch_seconds=round(stats.first_batch_seconds, 3),
+                steady_images_per_second=round(stats.steady_images_per_second, 2),
+                rows_by_node=stats.rows_by_node,
+                actor_nodes=stats.actor_nodes,
+                block_rows=stats.block_rows,
+                decoded_on_device=stats.device_decoded,
+            ),
+            versions=_versions(),
+        )
+    )
     return summary
 
 
@@ -172,29 +225,44 @@ def report_task(options: ScoreOptions, summary: RunSummary) -> str:
 
     url, report = write_report(options.output, options.storage_options)
     thresholds = report.get("thresholds", {})
-    lines = [f"# fiqa-curator: {summary.total_rows} images", "",
-             f"- output: `{summary.output}`", f"- report: [{url}]({url})",
-             f"- model sha256: `{summary.model_sha256}`, exit depth {summary.exit_depth}, fusion `{summary.fusion}`",
-             "", "| status | images |", "|---|---|",
-             *[f"| {status} | {count} |" for status, count in summary.counts.items()],
-             "", "| quantile | threshold | images dropped |", "|---|---|---|",
-             *[f"| {q} | {v['threshold']:.4f} | {v['dropped']} |" for q, v in thresholds.items()]]
+    lines = [
+        f"# fiqa-curator: {summary.total_rows} images",
+        "",
+        f"- output: `{summary.output}`",
+        f"- report: [{url}]({url})",
+        f"- model sha256: `{summary.model_sha256}`, exit depth {summary.exit_depth}, "
+        f"fusion `{summary.fusion}`",
+        "",
+        "| status | images |",
+        "|---|---|",
+        *[f"| {status} | {count} |" for status, count in summary.counts.items()],
+        "",
+        "| quantile | threshold | images dropped |",
+        "|---|---|---|",
+        *[f"| {q} | {v['threshold']:.4f} | {v['dropped']} |" for q, v in thresholds.items()],
+    ]
     create_markdown_artifact(key="fiqa-report", markdown="\n".join(lines), description="fiqa score summary")
-    create_table_artifact(key="fiqa-status-counts", description="images by status",
-                          table=[{"status": s, "images": n} for s, n in summary.counts.items()])
+    create_table_artifact(
+        key="fiqa-status-counts",
+        description="images by status",
+        table=[{"status": s, "images": n} for s, n in summary.counts.items()],
+    )
     return url
 
 
 @flow(name="fiqa-score", log_prints=False, validate_parameters=False)
 def score_flow_run(
-    options: ScoreOptions, storage_options_ref: str | None = None,
+    options: ScoreOptions,
+    storage_options_ref: str | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> RunSummary:
     """The flow itself. Prefect records flow parameters (in its database, on a real server), and
     credentials must never end up there: storage options stay in this process and the flow receives
     only an opaque reference to them."""
     if storage_options_ref is not None:
-        options = options.model_copy(update={"storage_options": _PRIVATE_STORAGE_OPTIONS[storage_options_ref]})
+        options = options.model_copy(
+            update={"storage_options": _PRIVATE_STORAGE_OPTIONS[storage_options_ref]}
+        )
     timings: dict[str, float] = {}
     started = time.perf_counter()
     loaded, checkpoint = resolve_model(options)
@@ -228,9 +296,12 @@ def score_flow_run(
     if options.report:
         try:
             summary.report = report_task(options, summary)
-        except Exception as error:  # the scores are committed and _SUCCESS written: a report bug must not fail them
-            get_run_logger().warning("report not written: %s: %s (rerun with `fiqa report`)",
-                                     type(error).__name__, error)
+        except (
+            Exception
+        ) as error:  # the scores are committed and _SUCCESS written: a report bug must not fail them
+            get_run_logger().warning(
+                "report not written: %s: %s (rerun with `fiqa report`)", type(error).__name__, error
+            )
     return summary
 
 

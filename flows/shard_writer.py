@@ -30,7 +30,9 @@ class ShardWriter:
     face with `--align all`). Rows are keyed by image_id, so a row delivered twice (a retried Ray task) is
     written once."""
 
-    def __init__(self, output: Output, plan: Plan, pending: list[int], *, run_id: str, config: Mapping[str, Any]):
+    def __init__(
+        self, output: Output, plan: Plan, pending: list[int], *, run_id: str, config: Mapping[str, Any]
+    ):
         self.output = output
         self.config_fingerprint = plan.config_fingerprint
         self.run_id = run_id
@@ -75,15 +77,21 @@ class ShardWriter:
         rows = [by_id[key] for key in sorted(by_id)]
         columns = {name: [row[name] for row in rows] for name in rows[0]}
         depth = int(self.config["exit_depth"])
-        columns["exit_scores"] = np.stack(columns["exit_scores"]) if rows else np.zeros((0, depth), np.float32)
+        columns["exit_scores"] = (
+            np.stack(columns["exit_scores"]) if rows else np.zeros((0, depth), np.float32)
+        )
         for name in (EMBEDDING.name, "face_box"):
             if name in columns:
                 columns[name] = np.stack(columns[name])
         columns.update(model_sha256=self.config["model_sha256"], shard=shard)
-        table = build_quality_table(columns, metadata={
-            "fusion": self.config["fusion"], "fusion_weights": self.config["fusion_weights"],
-            "config_fingerprint": self.config_fingerprint,
-        })
+        table = build_quality_table(
+            columns,
+            metadata={
+                "fusion": self.config["fusion"],
+                "fusion_weights": self.config["fusion_weights"],
+                "config_fingerprint": self.config_fingerprint,
+            },
+        )
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         self.output.commit_bytes(shard_file(shard), buffer.getvalue())
@@ -94,5 +102,8 @@ class ShardWriter:
 
     def missing(self) -> dict[str, int]:
         """Shard -> items still without all their rows, over the shards not committed yet."""
-        return {shard: n - self.complete_items[shard] for shard, n in self.expected.items()
-                if shard not in self.committed}
+        return {
+            shard: n - self.complete_items[shard]
+            for shard, n in self.expected.items()
+            if shard not in self.committed
+        }

@@ -31,7 +31,19 @@ from fiqa_curator.workers.io import filesystem, with_retries
 # Formats we decode, plus image formats people keep next to them: those get an `unsupported_format`
 # row instead of vanishing from the table.
 DECODABLE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-OTHER_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jp2", ".jxl", ".ico", ".ppm", ".pgm", ".pbm", ".tga", ".svg")
+OTHER_IMAGE_EXTENSIONS = (
+    ".heic",
+    ".heif",
+    ".avif",
+    ".jp2",
+    ".jxl",
+    ".ico",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".tga",
+    ".svg",
+)
 IMAGE_EXTENSIONS = DECODABLE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
 IDENTITY_EXTENSIONS = ("cls", "id", "identity")
 MAX_IDENTITY_BYTES = 1024
@@ -58,15 +70,22 @@ class InputItem:
         return asdict(self)
 
 
-ITEM_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("source", pa.string()), ("url", pa.string()), ("offset", pa.int64()),
-    ("length", pa.int64()), ("identity", pa.string()), ("size", pa.int64()), ("version", pa.string()),
-])
+ITEM_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("url", pa.string()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("identity", pa.string()),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+    ]
+)
 
 
 def items_to_table(items: list[InputItem]) -> pa.Table:
     return pa.Table.from_pylist([item.as_dict() for item in items], schema=ITEM_SCHEMA)
-
 
 
 def _is_hidden(relative: str) -> bool:
@@ -132,7 +151,9 @@ def _list_folder(fs: Any, root: str) -> list[InputItem]:
         extension = _extension(relative)
         if extension in IMAGE_EXTENSIONS:
             full = _full_url(fs, path)
-            items.append(InputItem(relative, full, full, size=int(info.get("size") or -1), version=_version(info)))
+            items.append(
+                InputItem(relative, full, full, size=int(info.get("size") or -1), version=_version(info))
+            )
         elif extension == ".tar":
             items.extend(_list_tar(fs, path, relative))
     return items
@@ -164,10 +185,17 @@ def _list_tar(fs: Any, path: str, tar_id: str) -> list[InputItem]:
     items = []
     for key, extension, member in images:
         suffix = key if per_key[key] == 1 else f"{key}.{extension}"
-        items.append(InputItem(
-            image_id=f"{tar_id}/{suffix}", source=f"{full}#{member.name}", url=full,
-            offset=member.offset_data, length=member.size, identity=identities.get(key), size=member.size,
-        ))
+        items.append(
+            InputItem(
+                image_id=f"{tar_id}/{suffix}",
+                source=f"{full}#{member.name}",
+                url=full,
+                offset=member.offset_data,
+                length=member.size,
+                identity=identities.get(key),
+                size=member.size,
+            )
+        )
     return items
 
 
@@ -205,7 +233,14 @@ def _read_manifest(fs: Any, path: str) -> list[InputItem]:
             size = int(size) if size not in (None, "") else -1
         except ValueError as error:
             raise InputError(f"manifest {path}, row {number}: `size` is not an integer: {size!r}") from error
-        items.append(InputItem(image_id, uri, uri, identity=None if identity in (None, "") else str(identity),
-                               size=size,
-                               version="" if version in (None, "") else str(version)))
+        items.append(
+            InputItem(
+                image_id,
+                uri,
+                uri,
+                identity=None if identity in (None, "") else str(identity),
+                size=size,
+                version="" if version in (None, "") else str(version),
+            )
+        )
     return items

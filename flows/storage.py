@@ -46,7 +46,9 @@ class Output:
             with_retries(lambda: self.fs.pipe_file(self.path(probe), b"ok"))
             with_retries(lambda: self.fs.rm_file(self.path(probe)))
         except Exception as error:
-            raise OutputError(f"OUTPUT is not writable: {self.url}: {type(error).__name__}: {error}") from error
+            raise OutputError(
+                f"OUTPUT is not writable: {self.url}: {type(error).__name__}: {error}"
+            ) from error
 
     def commit_bytes(self, relative: str, data: bytes) -> None:
         """Write `data` so that `relative` appears only once it is complete."""
@@ -88,8 +90,11 @@ class Output:
             entries = with_retries(lambda: self.fs.ls(folder, detail=True))
         except FileNotFoundError:
             return []
-        return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in entries
-                      if entry.get("type") == "directory" and entry["name"].rstrip("/") != folder)
+        return sorted(
+            posixpath.basename(entry["name"].rstrip("/"))
+            for entry in entries
+            if entry.get("type") == "directory" and entry["name"].rstrip("/") != folder
+        )
 
     def remove(self, relative: str) -> None:
         target = self.path(relative)
@@ -111,8 +116,10 @@ class Output:
         if not self.has_table():
             raise OutputError(f"no quality table in {self.url} (expected {SCORES}/*.parquet)")
         if finished and self.read_bytes(SUCCESS_FILE) is None:
-            raise OutputError(f"{self.url} has no {SUCCESS_FILE}: the run is incomplete, so lists would miss "
-                              f"images; rerun the same `fiqa score` command to finish it first")
+            raise OutputError(
+                f"{self.url} has no {SUCCESS_FILE}: the run is incomplete, so lists would miss "
+                f"images; rerun the same `fiqa score` command to finish it first"
+            )
 
     def read_run_record(self) -> RunRecord | None:
         raw = self.read_bytes(RUN_FILE)

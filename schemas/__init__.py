@@ -24,8 +24,15 @@ _EXPORTS = {
     "UserError": "fiqa_curator.schemas.errors",
 }
 __all__ = [
-    "QUALITY_TABLE_SCHEMA", "SCHEMA_VERSION", "SCORE_COLUMNS", "STATUS_VALUES", "RunRecord", "Status", "UserError",
-    "build_quality_table", "exit_score_matrix",
+    "QUALITY_TABLE_SCHEMA",
+    "SCHEMA_VERSION",
+    "SCORE_COLUMNS",
+    "STATUS_VALUES",
+    "RunRecord",
+    "Status",
+    "UserError",
+    "build_quality_table",
+    "exit_score_matrix",
 ]
 
 

@@ -114,10 +114,19 @@ def item_of(image_id: str, align: str | None) -> tuple[str, int]:
             return item_id, int(index)
     return image_id, 0
 
+
 # The quality-table columns a batch brings back (`batch_from_table`), with their placeholders.
-_FROM_TABLE = {name: column for name, column in {**ITEM_COLUMNS, **READ_COLUMNS, **SCORED_COLUMNS,
-                                                  "embedding": EMBEDDING, "run_id": RUN_ID}.items()
-               if name not in (*READ_LOCATION, "shard", "item_id", "item_rows")}
+_FROM_TABLE = {
+    name: column
+    for name, column in {
+        **ITEM_COLUMNS,
+        **READ_COLUMNS,
+        **SCORED_COLUMNS,
+        "embedding": EMBEDDING,
+        "run_id": RUN_ID,
+    }.items()
+    if name not in (*READ_LOCATION, "shard", "item_id", "item_rows")
+}
 
 
 def _matrix(column: pa.ChunkedArray, null: Any, dtype: Any, width: int) -> np.ndarray:
@@ -142,7 +151,11 @@ def batch_from_table(table: pa.Table, widths: dict[str, int]) -> dict[str, np.nd
         if column.width is not None:
             batch[name] = _matrix(values, column.null, column.dtype, column.width or widths[name])
         elif column.dtype is object:
-            batch[name] = np.array([column.null if v is None else v for v in values.to_pylist()], dtype=object)
+            batch[name] = np.array(
+                [column.null if v is None else v for v in values.to_pylist()], dtype=object
+            )
         else:
-            batch[name] = pc.fill_null(values, column.null).to_numpy(zero_copy_only=False).astype(column.dtype)
+            batch[name] = (
+                pc.fill_null(values, column.null).to_numpy(zero_copy_only=False).astype(column.dtype)
+            )
     return batch

@@ -67,7 +67,9 @@ class RunRecord(BaseModel):
 
     output: str = ""
     run_id: str = ""
-    counts: dict[str, int] = Field(default_factory=dict)  # rows by status over the whole table (all runs' shards)
+    counts: dict[str, int] = Field(
+        default_factory=dict
+    )  # rows by status over the whole table (all runs' shards)
     total_rows: int = 0
     scored_now: int = 0
     shards_written: int = 0
@@ -85,7 +87,9 @@ class RunRecord(BaseModel):
     input_kind: str | None = None
     shard_size: int | None = None
     shard_count: int | None = None
-    config: dict[str, Any] = Field(default_factory=dict)  # the scoring configuration (its fingerprint is the plan's)
+    config: dict[str, Any] = Field(
+        default_factory=dict
+    )  # the scoring configuration (its fingerprint is the plan's)
     workers: int | None = None
     device: str | None = None
     checkpoint: str | None = None

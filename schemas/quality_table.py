@@ -2,31 +2,31 @@
 
 Columns (README "Quality table" documents them for analysts):
 
-| column          | type               | meaning                                                              |
-|-----------------|--------------------|----------------------------------------------------------------------|
-| image_id        | string             | stable id: path relative to INPUT, manifest id, or tar + member key |
-| source          | string             | the URI that was read (`tar_url#member` inside WebDataset shards)    |
-| identity        | string, nullable   | subject identity when the manifest / shard provides one              |
-| status          | string             | `ok` or the reason: decode_error, unsupported_format, too_large,    |
-|                 |                    | read_error, no_face (`--align` found no face)                        |
-| error           | string, nullable   | human-readable reason when status is not ok                          |
-| byte_size       | int64, nullable    | size of the bytes read                                               |
-| width, height   | int32, nullable    | decoded size (after EXIF orientation), before resizing               |
-| resized         | bool, nullable     | whether the image was resampled to the model's input size            |
-| face_index      | int16, nullable    | `--align`: which face of the photo (0 = largest); null otherwise     |
-| faces           | int16, nullable    | `--align`: faces the detector found in the photo (0 with `no_face`)  |
-| face_box        | list<float32>      | `--align`: detected box x0, y0, x1, y1 in the photo's pixels         |
-| face_confidence | float32, nullable  | `--align`: detector score (dlib HOG SVM margin; > 0 = detected)      |
-| exit_depth      | int16              | L: blocks 1..L were run                                              |
-| exit_scores     | list<float32>      | EX-FIQA score of exits 1..L (exit 1 first); null when not ok        |
-| quality_final   | float32, nullable  | score of exit L (the ViT-FIQA score when L is the model depth)       |
-| quality_f       | float32, nullable  | EX-FIQA-F: uniform fusion of exits 1..L                              |
-| quality_fw      | float32, nullable  | EX-FIQA-FW: depth-weighted fusion of exits 1..L                      |
-| quality         | float32, nullable  | the configured fusion (`fusion` in the file metadata)               |
-| model_sha256    | string             | sha256 of the checkpoint bytes                                       |
-| run_id          | string             | the run that wrote the row                                           |
-| shard           | string             | shard name (`shard-00000`)                                           |
-| embedding       | list<float32>      | optional (`--embeddings`): the model's face embedding, full depth   |
+| column          | type              | meaning                                                             |
+|-----------------|-------------------|---------------------------------------------------------------------|
+| image_id        | string            | stable id: path relative to INPUT, manifest id, or tar + member key |
+| source          | string            | the URI that was read (`tar_url#member` inside WebDataset shards)   |
+| identity        | string, nullable  | subject identity when the manifest / shard provides one             |
+| status          | string            | `ok` or the reason: decode_error, unsupported_format, too_large,    |
+|                 |                   | read_error, no_face (`--align` found no face)                       |
+| error           | string, nullable  | human-readable reason when status is not ok                         |
+| byte_size       | int64, nullable   | size of the bytes read                                              |
+| width, height   | int32, nullable   | decoded size (after EXIF orientation), before resizing              |
+| resized         | bool, nullable    | whether the image was resampled to the model's input size           |
+| face_index      | int16, nullable   | `--align`: which face of the photo (0 = largest); null otherwise    |
+| faces           | int16, nullable   | `--align`: faces the detector found in the photo (0 with `no_face`) |
+| face_box        | list<float32>     | `--align`: detected box x0, y0, x1, y1 in the photo's pixels        |
+| face_confidence | float32, nullable | `--align`: detector score (dlib HOG SVM margin; > 0 = detected)     |
+| exit_depth      | int16             | L: blocks 1..L were run                                             |
+| exit_scores     | list<float32>     | EX-FIQA score of exits 1..L (exit 1 first); null when not ok        |
+| quality_final   | float32, nullable | score of exit L (the ViT-FIQA score when L is the model depth)      |
+| quality_f       | float32, nullable | EX-FIQA-F: uniform fusion of exits 1..L                             |
+| quality_fw      | float32, nullable | EX-FIQA-FW: depth-weighted fusion of exits 1..L                     |
+| quality         | float32, nullable | the configured fusion (`fusion` in the file metadata)               |
+| model_sha256    | string            | sha256 of the checkpoint bytes                                      |
+| run_id          | string            | the run that wrote the row                                          |
+| shard           | string            | shard name (`shard-00000`)                                          |
+| embedding       | list<float32>     | optional (`--embeddings`): the model's face embedding, full depth   |
 
 Higher quality = more useful for face recognition. File metadata: `fiqa.schema_version`, `fiqa.fusion`,
 `fiqa.fusion_weights` (JSON), `fiqa.config_fingerprint`.
@@ -87,8 +87,13 @@ def _nullable_numbers(values: Sequence[Any] | np.ndarray, arrow_type: pa.DataTyp
 
 def _nullable_strings(values: Sequence[Any] | np.ndarray) -> pa.Array:
     """Strings where None, NaN (what an all-null column becomes in a numpy batch) and "" mean null."""
+
     def clean(value: Any) -> str | None:
-        if value is None or (isinstance(value, float | np.floating) and not np.isfinite(value)) or value == "":
+        if (
+            value is None
+            or (isinstance(value, float | np.floating) and not np.isfinite(value))
+            or value == ""
+        ):
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -99,7 +104,9 @@ def _list_column(rows: np.ndarray, null: np.ndarray) -> pa.Array:
     """(N, K) float32 -> list<float32>, null where `null`."""
     count, width = rows.shape
     offsets = pa.array(np.arange(0, (count + 1) * width, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=pa.float32()), mask=pa.array(null))
+    return pa.ListArray.from_arrays(
+        offsets, pa.array(rows.reshape(-1), type=pa.float32()), mask=pa.array(null)
+    )
 
 
 def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, Any]) -> pa.Table:
@@ -116,7 +123,9 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
     count = len(status)
     exit_scores = np.asarray(columns["exit_scores"], dtype=np.float32).reshape(count, -1)
     depth = exit_scores.shape[1]
-    face_box = np.asarray(columns.get("face_box", np.full((count, 4), np.nan)), dtype=np.float32).reshape(count, 4)
+    face_box = np.asarray(columns.get("face_box", np.full((count, 4), np.nan)), dtype=np.float32).reshape(
+        count, 4
+    )
     arrays = {
         "image_id": pa.array(columns["image_id"], type=pa.string()),
         "source": pa.array(columns["source"], type=pa.string()),
@@ -130,24 +139,37 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
         "face_index": _nullable_numbers(columns.get("face_index", np.full(count, -1)), pa.int16()),
         "faces": _nullable_numbers(columns.get("faces", np.full(count, -1)), pa.int16()),
         "face_box": _list_column(face_box, ~np.isfinite(face_box).all(axis=1)),
-        "face_confidence": _nullable_numbers(columns.get("face_confidence", np.full(count, np.nan)), pa.float32()),
+        "face_confidence": _nullable_numbers(
+            columns.get("face_confidence", np.full(count, np.nan)), pa.float32()
+        ),
         "exit_depth": pa.array(np.full(count, depth, dtype=np.int16), type=pa.int16()),
         "exit_scores": _list_column(exit_scores, ~ok),
-        **{name: _nullable_numbers(np.where(ok, columns[name], np.nan), pa.float32()) for name in SCORE_COLUMNS},
+        **{
+            name: _nullable_numbers(np.where(ok, columns[name], np.nan), pa.float32())
+            for name in SCORE_COLUMNS
+        },
         "model_sha256": pa.array([columns["model_sha256"]] * count, type=pa.string()),
         # one run id for the shard, or one per row (rows carried over by `--since` keep their run's id)
-        "run_id": pa.array([columns["run_id"]] * count if isinstance(columns["run_id"], str)
-                           else [str(r) for r in columns["run_id"]], type=pa.string()),
+        "run_id": pa.array(
+            [columns["run_id"]] * count
+            if isinstance(columns["run_id"], str)
+            else [str(r) for r in columns["run_id"]],
+            type=pa.string(),
+        ),
         "shard": pa.array([columns["shard"]] * count, type=pa.string()),
     }
     schema_metadata = {
         **QUALITY_TABLE_SCHEMA.metadata,
-        **{f"fiqa.{key}".encode(): (value if isinstance(value, str) else json.dumps(value)).encode()
-           for key, value in metadata.items()},
+        **{
+            f"fiqa.{key}".encode(): (value if isinstance(value, str) else json.dumps(value)).encode()
+            for key, value in metadata.items()
+        },
     }
     fields = list(_FIELDS)
     if columns.get("embedding") is not None:  # only when scored with --embeddings
-        arrays["embedding"] = _list_column(np.asarray(columns["embedding"], dtype=np.float32).reshape(count, -1), ~ok)
+        arrays["embedding"] = _list_column(
+            np.asarray(columns["embedding"], dtype=np.float32).reshape(count, -1), ~ok
+        )
         fields.append(EMBEDDING_FIELD)
     schema = pa.schema(fields, metadata=schema_metadata)
     table = pa.Table.from_arrays([arrays[f.name] for f in fields], schema=schema)
@@ -161,7 +183,7 @@ def exit_score_matrix(table: pa.Table) -> np.ndarray:
     depth = int(pc.max(table.column("exit_depth")).as_py() or 0) if table.num_rows else 0
     if depth == 0:
         return np.zeros((table.num_rows, 0))
-    filled = pc.fill_null(table.column("exit_scores").combine_chunks(),
-                          pa.scalar([np.nan] * depth, pa.list_(pa.float32())))
+    filled = pc.fill_null(
+        table.column("exit_scores").combine_chunks(), pa.scalar([np.nan] * depth, pa.list_(pa.float32()))
+    )
     return pc.list_flatten(filled).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, depth)
-

@@ -17,9 +17,19 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "--window-size=1280,2000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+    "--window-size=1280,2000",
+]
 
 
 def chromium_binary() -> str:
@@ -40,8 +50,11 @@ class PageLoad:
 
 def load_page(url: str, settle_seconds: float = 1.0, timeout: float = 60.0) -> PageLoad:
     profile = Path(tempfile.mkdtemp(prefix="fiqa-chromium-"))
-    process = subprocess.Popen([chromium_binary(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [chromium_binary(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
@@ -53,7 +66,9 @@ def load_page(url: str, settle_seconds: float = 1.0, timeout: float = 60.0) -> P
         # DevTools may answer before the first tab exists (a slow start): wait for the page target
         socket_url = None
         while socket_url is None:
-            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout).read())
+            targets = json.loads(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout).read()
+            )
             socket_url = next((t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"), None)
             if socket_url is None:
                 if time.monotonic() > deadline or process.poll() is not None:

@@ -56,7 +56,9 @@ def reference_root() -> Path:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "reference" in metafunc.fixturenames:
         dirs = reference_fixture_dirs()
-        metafunc.parametrize("reference", dirs or [None], ids=[d.name for d in dirs] or ["missing"], indirect=True)
+        metafunc.parametrize(
+            "reference", dirs or [None], ids=[d.name for d in dirs] or ["missing"], indirect=True
+        )
 
 
 @pytest.fixture

@@ -61,8 +61,11 @@ class S3Server:
 
     @property
     def storage_options(self) -> dict:
-        return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": self.endpoint_url,
-                                                                           "region_name": "us-east-1"}}
+        return {
+            "key": ACCESS_KEY,
+            "secret": SECRET_KEY,
+            "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"},
+        }
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -74,29 +77,54 @@ class S3Server:
                 self.process.wait()
 
 
-def start_s3_server(workdir: Path, timeout: float = 120.0, ports: tuple[int, int, int, int] | None = None) -> S3Server:
+def start_s3_server(
+    workdir: Path, timeout: float = 120.0, ports: tuple[int, int, int, int] | None = None
+) -> S3Server:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "identities.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "fiqa-test",
-        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "fiqa-test",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
     s3_port, master_port, volume_port, filer_port = ports or _free_ports(4)
     data_dir = workdir / "data"
     data_dir.mkdir(exist_ok=True)
     log_path = workdir / f"weed-{int(time.time() * 1000)}.log"
     command = [
-        weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-        f"-s3.port={s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-master.port={master_port}", f"-volume.port={volume_port}", f"-filer.port={filer_port}",
+        weed_binary(),
+        "mini",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-s3.port={s3_port}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-master.port={master_port}",
+        f"-volume.port={volume_port}",
+        f"-filer.port={filer_port}",
         f"-s3.config={config}",
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - the server outlives this function
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3_port}", process, log_path, workdir,
-                      (s3_port, master_port, volume_port, filer_port))
+    server = S3Server(
+        f"http://127.0.0.1:{s3_port}",
+        process,
+        log_path,
+        workdir,
+        (s3_port, master_port, volume_port, filer_port),
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

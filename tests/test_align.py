@@ -34,8 +34,11 @@ def test_similarity_transform_equals_skimage_umeyama() -> None:
     # an exact similarity is recovered exactly
     angle, scale, shift = 0.3, 0.4, np.array([12.0, -7.0])
     rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    np.testing.assert_allclose(similarity_transform(ARCFACE_TEMPLATE, ARCFACE_TEMPLATE @ rotation.T + shift),
-                               np.hstack([rotation, shift[:, None]]), atol=1e-9)
+    np.testing.assert_allclose(
+        similarity_transform(ARCFACE_TEMPLATE, ARCFACE_TEMPLATE @ rotation.T + shift),
+        np.hstack([rotation, shift[:, None]]),
+        atol=1e-9,
+    )
 
 
 def test_warp_moves_known_points_onto_the_template() -> None:
@@ -113,14 +116,22 @@ def test_reading_stage_with_align_gives_rows_per_face_and_no_face(tmp_path) -> N
     collage = np.zeros((620, 1100, 3), np.uint8)
     collage[10:610, 10:522] = grace
     collage[40:552, 570:1082] = astronaut
-    files = {"collage.png": _png(collage), "texture.png": _png(np.stack([lfw_non_faces(1)[0]] * 3, -1)),
-             "broken.png": _png(grace)[:100], "grace.png": _png(grace)}
+    files = {
+        "collage.png": _png(collage),
+        "texture.png": _png(np.stack([lfw_non_faces(1)[0]] * 3, -1)),
+        "broken.png": _png(grace)[:100],
+        "grace.png": _png(grace),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     names = sorted(files)
-    batch = {"image_id": np.array(names, dtype=object), "url": np.array([str(tmp_path / n) for n in names], dtype=object),
-             "offset": np.zeros(len(names), np.int64), "length": np.full(len(names), -1, np.int64),
-             "shard": np.array(["shard-00000"] * len(names), dtype=object)}
+    batch = {
+        "image_id": np.array(names, dtype=object),
+        "url": np.array([str(tmp_path / n) for n in names], dtype=object),
+        "offset": np.zeros(len(names), np.int64),
+        "length": np.full(len(names), -1, np.int64),
+        "shard": np.array(["shard-00000"] * len(names), dtype=object),
+    }
     for mode in ("all", "largest"):
         out = read_and_decode(dict(batch), align=mode)
         rows = {image_id: i for i, image_id in enumerate(out["image_id"])}

@@ -43,7 +43,9 @@ def test_imports_point_downward_only(package: str) -> None:
     for path in files:
         for module in _imports(path):
             parts = module.split(".")
-            bare = parts[0] in ALLOWED  # a bare top-level name: not installed, works only from the repository root
+            bare = (
+                parts[0] in ALLOWED
+            )  # a bare top-level name: not installed, works only from the repository root
             upward = parts[0] == "fiqa_curator" and len(parts) > 1 and parts[1] not in ALLOWED[package]
             if bare or upward or parts[0] in FORBIDDEN_THIRD_PARTY.get(package, ()):
                 wrong.append(f"{path.relative_to(REPO_ROOT)}: {module}")

@@ -51,7 +51,9 @@ def test_from_s3_on_a_real_server(reference: ReferenceFixture, s3_server, s3_buc
     result = QualityScorer(loaded, device="cpu").score(reference.images)
     np.testing.assert_allclose(result.exit_scores, reference.block_quality, **TOLERANCE)
     with pytest.raises(CheckpointError, match="not found"):
-        load_model(f"s3://{s3_bucket}/models/absent.pt", "vit_s_qs", storage_options=s3_server.storage_options)
+        load_model(
+            f"s3://{s3_bucket}/models/absent.pt", "vit_s_qs", storage_options=s3_server.storage_options
+        )
 
 
 def test_module_prefix_and_mask_token(tmp_path: Path) -> None:
@@ -80,7 +82,11 @@ def test_missing_unexpected_and_mismatched_keys_are_all_named(tmp_path: Path) ->
 def test_pickled_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pt"
     torch.save({"model": ViTFIQA(SMALL)}, path)  # a whole module needs pickled classes to load
-    with pytest.raises(CheckpointError, match=r"refused: this file needs pickled Python code to load \(fiqa_curator.workers.model.ViTFIQA\).*weights_only=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"refused: this file needs pickled Python code to load "
+        r"\(fiqa_curator.workers.model.ViTFIQA\).*weights_only=True",
+    ):
         load_model(path, {"num_heads": 4})
 
 
@@ -135,7 +141,9 @@ def test_config_disagreements_are_errors(tmp_path: Path) -> None:
 def test_json_config_ignores_unknown_keys(tmp_path: Path) -> None:
     path = _save(ViTFIQA(SMALL).state_dict(), tmp_path / "m.pt")
     config = tmp_path / "arch.json"
-    config.write_text(json.dumps({**SMALL.to_dict(), "n_images": 8, "state_dict_key_prefix": "", "extra": [1]}))
+    config.write_text(
+        json.dumps({**SMALL.to_dict(), "n_images": 8, "state_dict_key_prefix": "", "extra": [1]})
+    )
     assert load_model(path, config).config == SMALL
     config.write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="expected a JSON object"):

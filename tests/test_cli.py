@@ -20,7 +20,9 @@ FIQA = str(Path(sys.executable).parent / "fiqa")
 
 def run(*args: str) -> subprocess.CompletedProcess:
     # the timeout is a hang guard only (the demo takes ~90 s on an idle 2-core machine)
-    return subprocess.run([FIQA, *args], capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [FIQA, *args], capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"}
+    )
 
 
 def test_help_lists_commands() -> None:
@@ -29,8 +31,21 @@ def test_help_lists_commands() -> None:
     for command in ("demo", "score", "inspect", "check-reference"):
         assert command in result.stdout
     score_help = run("score", "--help").stdout
-    for flag in ("--checkpoint", "--model-config", "--arch", "--mode", "--exit-depth", "--fusion", "--batch-size",
-                 "--shard-size", "--workers", "--device", "--overwrite", "--storage-options", "AWS_ENDPOINT_URL"):
+    for flag in (
+        "--checkpoint",
+        "--model-config",
+        "--arch",
+        "--mode",
+        "--exit-depth",
+        "--fusion",
+        "--batch-size",
+        "--shard-size",
+        "--workers",
+        "--device",
+        "--overwrite",
+        "--storage-options",
+        "AWS_ENDPOINT_URL",
+    ):
         assert flag in score_help
 
 
@@ -53,17 +68,23 @@ def test_demo_scores_the_sample_faces_with_the_demo_model(tmp_path: Path) -> Non
     loaded = load_model(BUNDLED_CHECKPOINT)
     assert {row["model_sha256"] for row in rows.values()} == {loaded.sha256}
     some = sorted(rows)[::20]
-    images = np.stack([decode_face((output / "data" / "images" / image_id).read_bytes()).image for image_id in some])
+    images = np.stack(
+        [decode_face((output / "data" / "images" / image_id).read_bytes()).image for image_id in some]
+    )
     expected = QualityScorer(loaded, device="cpu").score(images)
     np.testing.assert_allclose([rows[i]["quality"] for i in some], expected.fused["fw"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose([rows[i]["exit_scores"] for i in some], expected.exit_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [rows[i]["exit_scores"] for i in some], expected.exit_scores, rtol=1e-5, atol=1e-6
+    )
 
     raw = read_quality_table(str(output / "raw-quality"))
     assert raw["broken_truncated.jpg"]["status"] == "decode_error"
     assert {raw[f"no_face_{i}.png"]["status"] for i in range(3)} == {"no_face"}
     assert {"two_faces.jpg#face0", "two_faces.jpg#face1", "grace_hopper.jpg#face0"} <= set(raw)
     page = (output / "quality" / "report" / "index.html").read_text()
-    assert 'id="evaluation"' in page and 'id="advisor"' in page  # EDC against dlib's recogniser, in the report
+    assert (
+        'id="evaluation"' in page and 'id="advisor"' in page
+    )  # EDC against dlib's recogniser, in the report
     assert "evaluation (EDC against dlib's face recogniser" in result.stdout
     raw_page = (output / "raw-quality" / "report" / "index.html").read_text()
     assert "two_faces.jpg#face1" in raw_page and "no preview" not in raw_page  # previews re-aligned
@@ -94,6 +115,10 @@ def test_inspect_and_clear_errors(reference_root: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"nope")
     result = run("inspect", str(broken), "--arch", "vit_s_qs")
-    assert result.returncode == 2 and "error:" in result.stdout and "not a readable torch checkpoint" in result.stdout
+    assert (
+        result.returncode == 2
+        and "error:" in result.stdout
+        and "not a readable torch checkpoint" in result.stdout
+    )
     result = run("inspect", str(checkpoint), "--arch", "vit_s_qs")
     assert result.returncode == 2 and "embed_dim: config says 512" in result.stdout

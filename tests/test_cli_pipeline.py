@@ -28,9 +28,13 @@ FIQA = str(Path(sys.executable).parent / "fiqa")
 
 
 def fiqa(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([FIQA, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                               **(env or {})})
+    return subprocess.run(
+        [FIQA, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})},
+    )
 
 
 def jpeg(seed: int) -> bytes:
@@ -58,12 +62,27 @@ def test_s3_in_and_out_with_aws_environment(tmp_path: Path, s3_server, s3_bucket
         fs.pipe(f"{s3_bucket}/in/{key}", data)
     fs.pipe(f"{s3_bucket}/in/faces/broken.png", b"\x89PNG broken")
     fs.put(str(model / "model.pt"), f"{s3_bucket}/models/model.pt")
-    env = {"AWS_ACCESS_KEY_ID": s3_server.storage_options["key"],
-           "AWS_SECRET_ACCESS_KEY": s3_server.storage_options["secret"],
-           "AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
-    result = fiqa("score", f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out/run-1",
-                  "--checkpoint", f"s3://{s3_bucket}/models/model.pt", "--model-config", str(model / "config.json"),
-                  "--exit-depth", "3", "--shard-size", "4", "--no-progress", env=env)
+    env = {
+        "AWS_ACCESS_KEY_ID": s3_server.storage_options["key"],
+        "AWS_SECRET_ACCESS_KEY": s3_server.storage_options["secret"],
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = fiqa(
+        "score",
+        f"s3://{s3_bucket}/in/",
+        f"s3://{s3_bucket}/out/run-1",
+        "--checkpoint",
+        f"s3://{s3_bucket}/models/model.pt",
+        "--model-config",
+        str(model / "config.json"),
+        "--exit-depth",
+        "3",
+        "--shard-size",
+        "4",
+        "--no-progress",
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "done: 7 images (decode_error 1, ok 6)" in result.stdout
     assert s3_server.storage_options["secret"] not in result.stdout + result.stderr  # never log credentials
@@ -85,13 +104,37 @@ def test_job_level_errors_exit_2_with_a_clear_message(tmp_path: Path) -> None:
     (tmp_path / "in" / "a.jpg").write_bytes(jpeg(1))
     cases = [
         (["score", str(tmp_path / "absent"), str(tmp_path / "o1")], "INPUT does not exist"),
-        (["score", str(tmp_path / "in"), str(tmp_path / "o2"), "--checkpoint", str(tmp_path / "nope.pt"),
-          "--arch", "vit_s_qs"], "checkpoint not found"),
-        (["score", str(tmp_path / "in"), str(tmp_path / "o3"), "--model-config", str(tmp_path / "none.json")],
-         "no such model config"),
+        (
+            [
+                "score",
+                str(tmp_path / "in"),
+                str(tmp_path / "o2"),
+                "--checkpoint",
+                str(tmp_path / "nope.pt"),
+                "--arch",
+                "vit_s_qs",
+            ],
+            "checkpoint not found",
+        ),
+        (
+            [
+                "score",
+                str(tmp_path / "in"),
+                str(tmp_path / "o3"),
+                "--model-config",
+                str(tmp_path / "none.json"),
+            ],
+            "no such model config",
+        ),
         (["score", str(tmp_path / "in"), "/proc/fiqa-cannot-write-here"], "OUTPUT is not writable"),
-        (["score", str(tmp_path / "in"), str(tmp_path / "o4"), "--exit-depth", "13"], "--exit-depth must be in 1..12"),
-        (["score", str(tmp_path / "in"), str(tmp_path / "o5"), "--fusion", "1,2"], "2 fusion weights given for 12 exits"),
+        (
+            ["score", str(tmp_path / "in"), str(tmp_path / "o4"), "--exit-depth", "13"],
+            "--exit-depth must be in 1..12",
+        ),
+        (
+            ["score", str(tmp_path / "in"), str(tmp_path / "o5"), "--fusion", "1,2"],
+            "2 fusion weights given for 12 exits",
+        ),
     ]
     for args, message in cases:
         result = fiqa(*args)
@@ -107,12 +150,27 @@ def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     for index in range(600):
         (folder / f"img_{index:04d}.jpg").write_bytes(jpeg(index))
     out = tmp_path / "out"
-    args = ["score", str(folder), str(out), "--checkpoint", str(model / "model.pt"), "--batch-size", "10",
-            "--shard-size", "10", "--no-progress"]
+    args = [
+        "score",
+        str(folder),
+        str(out),
+        "--checkpoint",
+        str(model / "model.pt"),
+        "--batch-size",
+        "10",
+        "--shard-size",
+        "10",
+        "--no-progress",
+    ]
     log = tmp_path / "first-run.log"
     with open(log, "w") as sink:
-        process = subprocess.Popen([FIQA, *args], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+        process = subprocess.Popen(
+            [FIQA, *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        )
     deadline = time.monotonic() + 600  # a hang guard: the first shards come after ~30 s on an idle machine
     committed: list[Path] = []
     while time.monotonic() < deadline and process.poll() is None:
@@ -142,7 +200,9 @@ def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     assert not list((out / "_staging").glob("*.part"))
 
 
-def test_a_local_run_starts_its_own_ray_even_when_another_cluster_runs_here(tmp_path: Path, ray_cluster) -> None:
+def test_a_local_run_starts_its_own_ray_even_when_another_cluster_runs_here(
+    tmp_path: Path, ray_cluster
+) -> None:
     """A bare ray.init() joins the latest cluster started on the machine (/tmp/ray/ray_current_cluster):
     `fiqa score` without --ray-address must not land its work on someone else's cluster."""
     import ray
@@ -153,8 +213,13 @@ def test_a_local_run_starts_its_own_ray_even_when_another_cluster_runs_here(tmp_
     for index in range(3):
         (folder / f"img_{index}.jpg").write_bytes(jpeg(index))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    result = subprocess.run([FIQA, "score", str(folder), str(tmp_path / "out"), "--no-progress", "--no-report"],
-                            capture_output=True, text=True, timeout=600, env={**env, "COLUMNS": "200"})
+    result = subprocess.run(
+        [FIQA, "score", str(folder), str(tmp_path / "out"), "--no-progress", "--no-report"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "COLUMNS": "200"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     nodes = set(json.loads((tmp_path / "out" / "_run.json").read_text())["stages"]["rows_by_node"])
     assert nodes and not nodes & theirs
@@ -173,8 +238,10 @@ def test_log_json_writes_prefect_records_as_json_lines(tmp_path: Path) -> None:
     assert " | INFO    | " not in result.stderr  # no plain-text Prefect lines left
     # Ray's and Ray Data's Python loggers too: no plain-text Python log record is left. Only Ray's C++ core
     # writes its own lines (glog, some with continuation lines under load), which Python logging never sees.
-    python_record = re.compile(r"^(\d{4}-\d\d-\d\d [\d:,.]+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"
-                               r"|\d\d:\d\d:\d\d\.\d+ \| |(DEBUG|INFO|WARNING|ERROR|CRITICAL):|Traceback)")
+    python_record = re.compile(
+        r"^(\d{4}-\d\d-\d\d [\d:,.]+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"
+        r"|\d\d:\d\d:\d\d\.\d+ \| |(DEBUG|INFO|WARNING|ERROR|CRITICAL):|Traceback)"
+    )
     plain = [line for line in result.stderr.splitlines() if python_record.match(line)]
     assert not plain, plain
     assert any(r["name"].startswith("ray") for r in records)  # Ray Data's execution line, as JSON

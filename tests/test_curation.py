@@ -25,13 +25,27 @@ def quality_table(count: int = 20, seed: int = 0):
     status = ["ok"] * count
     status[7], status[8] = "decode_error", "too_large"
     ids = [f"img_{i:02d}.jpg" for i in range(count)]
-    return build_quality_table({
-        "image_id": ids, "source": [f"s3://b/{i}" for i in ids], "status": status,
-        "error": ["" if s == "ok" else "broken" for s in status], "byte_size": [10] * count,
-        "width": [112] * count, "height": [112] * count, "resized": [False] * count, "exit_scores": exits,
-        "quality_final": exits[:, 2], "quality_f": exits.mean(1), "quality_fw": quality, "quality": quality,
-        "model_sha256": "m", "run_id": "r", "shard": "shard-00000",
-    }, metadata={"fusion": "fw"})
+    return build_quality_table(
+        {
+            "image_id": ids,
+            "source": [f"s3://b/{i}" for i in ids],
+            "status": status,
+            "error": ["" if s == "ok" else "broken" for s in status],
+            "byte_size": [10] * count,
+            "width": [112] * count,
+            "height": [112] * count,
+            "resized": [False] * count,
+            "exit_scores": exits,
+            "quality_final": exits[:, 2],
+            "quality_f": exits.mean(1),
+            "quality_fw": quality,
+            "quality": quality,
+            "model_sha256": "m",
+            "run_id": "r",
+            "shard": "shard-00000",
+        },
+        metadata={"fusion": "fw"},
+    )
 
 
 def write_output(folder: Path, table) -> None:
@@ -54,7 +68,11 @@ def test_select_by_drop_fraction_with_ties_and_failures(tmp_path: Path, capsys) 
     unscored = {r["image_id"]: r["reason"] for r in drop if not r["reason"].startswith("in the lowest")}
     assert unscored == {"img_07.jpg": "decode_error: broken", "img_08.jpg": "too_large: broken"}
     selection = json.loads((tmp_path / "out" / "curation" / "selection.json").read_text())
-    assert selection["kept"] == 16 and selection["dropped_low_quality"] == 2 and selection["dropped_unscored"] == 2
+    assert (
+        selection["kept"] == 16
+        and selection["dropped_low_quality"] == 2
+        and selection["dropped_unscored"] == 2
+    )
     assert selection["threshold"] == pytest.approx(table.column("quality")[3].as_py())
     assert "threshold" in printed and "keep 16" in printed
     assert main(["select", str(tmp_path / "out"), "--drop-fraction", "0.125"]) == 0  # deterministic
@@ -78,11 +96,24 @@ def test_select_by_min_quality_and_by_exit(tmp_path: Path, capsys) -> None:
 def test_query_prints_and_writes(tmp_path: Path, capsys) -> None:
     table = quality_table()
     write_output(tmp_path / "out", table)
-    assert main(["query", str(tmp_path / "out"), "SELECT status, count(*) AS n FROM scores GROUP BY status"]) == 0
+    assert (
+        main(["query", str(tmp_path / "out"), "SELECT status, count(*) AS n FROM scores GROUP BY status"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "decode_error" in printed and "18" in printed
-    assert main(["query", str(tmp_path / "out"), "SELECT image_id, exit_scores[3] AS e3 FROM scores "
-                 "WHERE status = 'ok' ORDER BY image_id", "--out", str(tmp_path / "e3.parquet")]) == 0
+    assert (
+        main(
+            [
+                "query",
+                str(tmp_path / "out"),
+                "SELECT image_id, exit_scores[3] AS e3 FROM scores WHERE status = 'ok' ORDER BY image_id",
+                "--out",
+                str(tmp_path / "e3.parquet"),
+            ]
+        )
+        == 0
+    )
     result = pq.read_table(tmp_path / "e3.parquet").to_pylist()
     rows = {r["image_id"]: r for r in table.to_pylist()}
     assert len(result) == 18
@@ -105,8 +136,20 @@ def test_select_and_query_on_s3(s3_server, s3_bucket: str, capsys) -> None:
     assert main(["select", url, "--drop-fraction", "0.5", "--storage-options", options]) == 0
     keep = pq.read_table(io.BytesIO(fs.cat(f"{s3_bucket}/run/curation/keep.parquet"))).to_pylist()
     assert len(keep) == 9
-    assert main(["query", url, "SELECT count(*) AS n FROM scores WHERE quality IS NOT NULL",
-                 "--storage-options", options, "--out", f"{url}/counts.csv"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                url,
+                "SELECT count(*) AS n FROM scores WHERE quality IS NOT NULL",
+                "--storage-options",
+                options,
+                "--out",
+                f"{url}/counts.csv",
+            ]
+        )
+        == 0
+    )
     assert fs.cat(f"{s3_bucket}/run/counts.csv").decode().splitlines() == ['"n"', "18"]
     assert main(["report", url, "--storage-options", options]) == 0  # the report works on object storage too
     page = fs.cat(f"{s3_bucket}/run/report/index.html").decode()

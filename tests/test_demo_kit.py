@@ -91,7 +91,12 @@ def test_sample_set_builder_writes_a_deterministic_scorable_dataset(tmp_path: Pa
     assert all((manifest.parent / row["uri"]).is_file() for row in rows)
     assert {row["split"] for row in rows} == {"test"}
     assert {(row["degradation"], row["severity"]) for row in rows} == {
-        ("clean", "0"), ("noise", "1"), ("noise", "5"), ("rotation", "1"), ("rotation", "5")}
+        ("clean", "0"),
+        ("noise", "1"),
+        ("noise", "5"),
+        ("rotation", "1"),
+        ("rotation", "5"),
+    }
     assert all(row["identity"] == row["face"] and row["provenance"] for row in rows)
     pairs = pq.read_table(manifest.parent / "pairs.parquet").to_pylist()
     assert len(pairs) == len(rows) * 3 - 3  # every image against every clean image but itself
@@ -112,8 +117,9 @@ def test_training_is_deterministic_given_the_seed(faces) -> None:
     settings = TrainSettings(epochs=1, batch_size=4, max_steps=3, seed=5)
     first, losses = train_model(sample.images, targets, settings, log=lambda _: None)
     second, _ = train_model(sample.images, targets, settings, log=lambda _: None)
-    other, _ = train_model(sample.images, targets, TrainSettings(epochs=1, batch_size=4, max_steps=3, seed=6),
-                           log=lambda _: None)
+    other, _ = train_model(
+        sample.images, targets, TrainSettings(epochs=1, batch_size=4, max_steps=3, seed=6), log=lambda _: None
+    )
     state_a, state_b = first.state_dict(), second.state_dict()
     assert all(np.isfinite(losses))
     assert all(torch_equal(state_a[k], state_b[k]) for k in state_a)

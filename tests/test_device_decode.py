@@ -55,7 +55,8 @@ def _variants(images: np.ndarray) -> dict[str, bytes]:
         "face.png": png.getvalue(),
         "cmyk.jpg": cmyk.getvalue(),
         "truncated.jpg": plain[: len(plain) // 2],
-        "corrupt_middle.jpg": plain[: len(plain) // 2] + b"\xff\xd9",  # Pillow decodes it (garbage): so must we
+        "corrupt_middle.jpg": plain[: len(plain) // 2]
+        + b"\xff\xd9",  # Pillow decodes it (garbage): so must we
         "empty.jpg": b"",
         "not_an_image.jpg": b"\xff\xd8\xff" + b"no jpeg here" * 10 + b"\xff\xd9",
     }
@@ -86,26 +87,38 @@ def _batch(folder: Path, files: dict[str, bytes]) -> dict[str, np.ndarray]:
     for name, data in files.items():
         (folder / name).write_bytes(data)
     names = sorted(files)
-    return {"image_id": np.array(names, dtype=object), "url": np.array([str(folder / n) for n in names], dtype=object),
-            "offset": np.full(len(names), -1), "length": np.full(len(names), -1)}
+    return {
+        "image_id": np.array(names, dtype=object),
+        "url": np.array([str(folder / n) for n in names], dtype=object),
+        "offset": np.full(len(names), -1),
+        "length": np.full(len(names), -1),
+    }
 
 
-def test_actor_decoding_gives_the_cpu_paths_rows(reference: ReferenceFixture, tmp_path: Path, monkeypatch) -> None:
+def test_actor_decoding_gives_the_cpu_paths_rows(
+    reference: ReferenceFixture, tmp_path: Path, monkeypatch
+) -> None:
     files = _variants(reference.images[:8])
     batch = _batch(tmp_path / "in", files)
     on_cpu = read_and_decode(dict(batch))
     deferred = read_and_decode(dict(batch), defer_jpeg=True)
     left_encoded = set(deferred["image_id"][deferred["jpeg"]])
     assert left_encoded == {name for name, data in files.items() if plain_jpeg(data)}
-    assert "pixels" not in deferred  # every row travels as bytes: its JPEG, or the pixels decoded while reading
+    assert (
+        "pixels" not in deferred
+    )  # every row travels as bytes: its JPEG, or the pixels decoded while reading
     for name, data, status in zip(deferred["image_id"], deferred["encoded"], deferred["status"], strict=True):
         if name in left_encoded:
             assert data == files[name]
         else:
             assert len(data) == (112 * 112 * 3 if status == "ok" else 0), name
 
-    actor = ScoreActor(str(reference.checkpoint), json.loads((reference.path / "config.json").read_text()),
-                       device="cpu", batch_size=3)
+    actor = ScoreActor(
+        str(reference.checkpoint),
+        json.loads((reference.path / "config.json").read_text()),
+        device="cpu",
+        batch_size=3,
+    )
     expected, got = actor(on_cpu), actor(deferred)
     assert "encoded" not in got and "pixels" not in got
     for column in ("image_id", "status", "error", "width", "height", "resized"):
@@ -118,8 +131,11 @@ def test_actor_decoding_gives_the_cpu_paths_rows(reference: ReferenceFixture, tm
     import fiqa_curator.workers.device_decode
 
     real = fiqa_curator.workers.device_decode.decode_jpegs
-    monkeypatch.setattr(fiqa_curator.workers.device_decode, "decode_jpegs",
-                        lambda blobs, device: [None if i == 0 else image for i, image in enumerate(real(blobs, device))])
+    monkeypatch.setattr(
+        fiqa_curator.workers.device_decode,
+        "decode_jpegs",
+        lambda blobs, device: [None if i == 0 else image for i, image in enumerate(real(blobs, device))],
+    )
     refused = actor(deferred)
     np.testing.assert_array_equal(refused["exit_scores"], expected["exit_scores"])
     assert refused["device_decoded"].sum() == got["device_decoded"].sum() - 1
@@ -159,13 +175,21 @@ def test_precision_is_resolved_and_part_of_the_configuration(reference: Referenc
     loaded = load_model(reference.checkpoint, str(reference.path / "config.json"))
     options = ScoreOptions(input="in", output="out", device="cpu")
     assert scoring_config(loaded, options)["precision"] == "fp32"
-    assert scoring_config(loaded, ScoreOptions(input="in", output="out", device="cuda"))["precision"] == "bf16"
-    assert scoring_config(loaded, ScoreOptions(input="in", output="out", device="cpu", precision="bf16"))[
-        "precision"] == "bf16"
+    assert (
+        scoring_config(loaded, ScoreOptions(input="in", output="out", device="cuda"))["precision"] == "bf16"
+    )
+    assert (
+        scoring_config(loaded, ScoreOptions(input="in", output="out", device="cpu", precision="bf16"))[
+            "precision"
+        ]
+        == "bf16"
+    )
     with pytest.raises(ValueError, match="resolve the device"):
         scoring_config(loaded, ScoreOptions(input="in", output="out"))  # "auto" device: not yet known
     with pytest.raises(ValueError, match="--decode device"):
-        scoring_config(loaded, ScoreOptions(input="in", output="out", device="cpu", decode="device", align="largest"))
+        scoring_config(
+            loaded, ScoreOptions(input="in", output="out", device="cpu", decode="device", align="largest")
+        )
     assert scoring_device("cpu", None) == ("cpu", False) and scoring_device("cuda", None) == ("cuda", False)
     with pytest.raises(ValueError, match="--device"):
         scoring_device("tpu", None)
@@ -181,20 +205,28 @@ def test_autoscaling_gpu_cluster_placement() -> None:
 
 
 @pytest.mark.slow
-def test_decode_on_device_through_the_pipeline(reference: ReferenceFixture, tmp_path: Path, run_score) -> None:
+def test_decode_on_device_through_the_pipeline(
+    reference: ReferenceFixture, tmp_path: Path, run_score
+) -> None:
     files = _variants(reference.images[:8])
     for name, data in files.items():
         (tmp_path / "in").mkdir(exist_ok=True)
         (tmp_path / "in" / name).write_bytes(data)
-    model = {"checkpoint": str(reference.checkpoint), "model_config": str(reference.path / "config.json"),
-             "batch_size": 4, "shard_size": 6}
+    model = {
+        "checkpoint": str(reference.checkpoint),
+        "model_config": str(reference.path / "config.json"),
+        "batch_size": 4,
+        "shard_size": 6,
+    }
     _, expected = run_score(tmp_path / "in", tmp_path / "cpu", **model)
     summary, got = run_score(tmp_path / "in", tmp_path / "device", decode="device", **model)
     assert got.keys() == expected.keys() == files.keys()
     for image_id, row in got.items():
         for column in ("status", "error", "width", "height", "resized"):
             assert row[column] == expected[image_id][column], (image_id, column)
-        if row["status"] == "ok":  # same pixels; Ray may batch rows differently, so float-level differences only
+        if (
+            row["status"] == "ok"
+        ):  # same pixels; Ray may batch rows differently, so float-level differences only
             np.testing.assert_allclose(row["exit_scores"], expected[image_id]["exit_scores"], **TOLERANCE)
         else:
             assert row["exit_scores"] is None and row["quality"] is None

@@ -26,7 +26,7 @@ def erc_brute_force(distances, genuine, qualities, fmr):
     order = sorted(range(len(qualities)), key=lambda i: qualities[i])  # ties: any order (no ties used here)
     out = []
     for u in ERC_GRID:
-        kept = order[int(u * len(order)):]
+        kept = order[int(u * len(order)) :]
         d = [distances[i] for i in kept]
         g = [genuine[i] for i in kept]
         impostors = [x for x, is_g in zip(d, g, strict=True) if not is_g]
@@ -49,7 +49,9 @@ def test_erc_matches_brute_force_on_random_data() -> None:
         qualities = rng.permutation(n).astype(float)
         result = erc_curves(distances, genuine, qualities, fmrs=(1e-1, 1e-2))
         for fmr in (1e-1, 1e-2):
-            np.testing.assert_array_equal(result.fnmr[fmr], erc_brute_force(distances, genuine, qualities, fmr))
+            np.testing.assert_array_equal(
+                result.fnmr[fmr], erc_brute_force(distances, genuine, qualities, fmr)
+            )
 
 
 def test_erc_hand_computed() -> None:
@@ -177,15 +179,19 @@ def test_oracle_is_never_worse_than_random() -> None:
         random = rng.random(len(similarity))
         threshold = iso_threshold(similarity[genuine], starting_error=0.05)
         assert iso_curve(similarity[genuine], oracle[genuine], threshold).pauc(0.3) <= iso_curve(
-            similarity[genuine], random[genuine], threshold).pauc(0.3)
+            similarity[genuine], random[genuine], threshold
+        ).pauc(0.3)
         # up to 0.2: with 30% genuine pairs the oracle would have discarded them all by 0.3
         assert erc_curves(distances, genuine, oracle).pauc(1e-2, 0.2) <= erc_curves(
-            distances, genuine, random).pauc(1e-2, 0.2)
+            distances, genuine, random
+        ).pauc(1e-2, 0.2)
 
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.01, 100), shift=st.floats(-50, 50), cube=st.booleans())
-def test_invariant_to_monotone_transforms_of_quality(seed: int, scale: float, shift: float, cube: bool) -> None:
+def test_invariant_to_monotone_transforms_of_quality(
+    seed: int, scale: float, shift: float, cube: bool
+) -> None:
     rng = np.random.default_rng(seed)
     n = 400
     genuine = rng.random(n) < 0.4
@@ -193,7 +199,8 @@ def test_invariant_to_monotone_transforms_of_quality(seed: int, scale: float, sh
     quality = np.round(rng.normal(size=n), 1)  # ties included
     transformed = (quality**3 if cube else quality) * scale + shift
     if not np.array_equal(np.argsort(quality, kind="stable"), np.argsort(transformed, kind="stable")) or len(
-            np.unique(transformed)) != len(np.unique(quality)):
+        np.unique(transformed)
+    ) != len(np.unique(quality)):
         return  # float rounding merged or reordered values: not a monotone transform any more
     threshold = iso_threshold(similarity[genuine], starting_error=0.1)
     a = iso_curve(similarity[genuine], quality[genuine], threshold)

@@ -51,12 +51,21 @@ def dataset(tmp_path: Path) -> dict:
     quality = {"informed": -degradation, "random": rng.normal(size=len(ids))}
     quality["random"][5] = np.nan  # a failed image: its pairs are dropped
     pq.write_table(pa.table({"image_id": ids, **quality}), tmp_path / "quality.parquet")
-    pq.write_table(pa.table({"image_id": ids, "embedding": [e.tolist() for e in embeddings]}),
-                   tmp_path / "embeddings.parquet")
-    pq.write_table(pa.table({"image_id_a": pairs_a, "image_id_b": pairs_b, "genuine": genuine}),
-                   tmp_path / "pairs.parquet")
-    return {"ids": ids, "embeddings": np.array(embeddings), "quality": quality, "pairs": (pairs_a, pairs_b, genuine),
-            "path": tmp_path}
+    pq.write_table(
+        pa.table({"image_id": ids, "embedding": [e.tolist() for e in embeddings]}),
+        tmp_path / "embeddings.parquet",
+    )
+    pq.write_table(
+        pa.table({"image_id_a": pairs_a, "image_id_b": pairs_b, "genuine": genuine}),
+        tmp_path / "pairs.parquet",
+    )
+    return {
+        "ids": ids,
+        "embeddings": np.array(embeddings),
+        "quality": quality,
+        "pairs": (pairs_a, pairs_b, genuine),
+        "path": tmp_path,
+    }
 
 
 def run_json(capsys, *args: str) -> dict:
@@ -67,8 +76,11 @@ def run_json(capsys, *args: str) -> dict:
 def _expected_inputs(dataset: dict):
     index = {image_id: i for i, image_id in enumerate(dataset["ids"])}
     a_list, b_list, genuine = dataset["pairs"]
-    keep = [k for k, (a, b) in enumerate(zip(a_list, b_list, strict=True)) if a in index and b in index
-            and 5 not in (index[a], index[b])]
+    keep = [
+        k
+        for k, (a, b) in enumerate(zip(a_list, b_list, strict=True))
+        if a in index and b in index and 5 not in (index[a], index[b])
+    ]
     ia = np.array([index[a_list[k]] for k in keep])
     ib = np.array([index[b_list[k]] for k in keep])
     similarity = cosine_similarity(dataset["embeddings"][ia], dataset["embeddings"][ib])
@@ -77,8 +89,21 @@ def _expected_inputs(dataset: dict):
 
 def test_erc_json_matches_the_protocol_and_ranks_methods(dataset: dict, capsys) -> None:
     path = dataset["path"]
-    result = run_json(capsys, "evaluate", "--quality", path / "quality.parquet", "--pairs", path / "pairs.parquet",
-                      "--embeddings", path / "embeddings.parquet", "--protocol", "erc", "--fmr", "1e-1,1e-2", "--json")
+    result = run_json(
+        capsys,
+        "evaluate",
+        "--quality",
+        path / "quality.parquet",
+        "--pairs",
+        path / "pairs.parquet",
+        "--embeddings",
+        path / "embeddings.parquet",
+        "--protocol",
+        "erc",
+        "--fmr",
+        "1e-1,1e-2",
+        "--json",
+    )
     keep, ia, ib, similarity, genuine = _expected_inputs(dataset)
     assert result["pairs"] == len(dataset["pairs"][0]) and result["pairs_used"] == len(keep)
     assert result["pairs_dropped"] == len(dataset["pairs"][0]) - len(keep) > 1
@@ -96,8 +121,18 @@ def test_erc_json_matches_the_protocol_and_ranks_methods(dataset: dict, capsys) 
 
 def test_iso_json_with_fmr_thresholds_and_starting_error(dataset: dict, capsys) -> None:
     path = dataset["path"]
-    common = ["evaluate", "--quality", path / "quality.parquet", "--pairs", path / "pairs.parquet",
-              "--embeddings", path / "embeddings.parquet", "--protocol", "iso", "--json"]
+    common = [
+        "evaluate",
+        "--quality",
+        path / "quality.parquet",
+        "--pairs",
+        path / "pairs.parquet",
+        "--embeddings",
+        path / "embeddings.parquet",
+        "--protocol",
+        "iso",
+        "--json",
+    ]
     by_fmr = run_json(capsys, *common, "--fmr", "1e-2")
     _, ia, ib, similarity, genuine = _expected_inputs(dataset)
     threshold = iso_threshold(similarity[genuine], similarity[~genuine], fmr=1e-2)
@@ -121,12 +156,27 @@ def _fake_fiqa_output(dataset: dict, tmp_path: Path) -> dict:
     exits[:, 2] = np.asarray(dataset["quality"]["informed"], dtype=np.float32)  # = -degradation
     status = ["ok"] * len(ids)
     status[7] = "decode_error"
-    table = build_quality_table({
-        "image_id": ids, "source": ids, "status": status, "error": [""] * len(ids), "byte_size": [1] * len(ids),
-        "width": [112] * len(ids), "height": [112] * len(ids), "resized": [False] * len(ids), "exit_scores": exits,
-        "quality_final": exits[:, 2], "quality_f": exits.mean(1), "quality_fw": exits @ np.array([1, 2, 3]) / 6,
-        "quality": exits @ np.array([1, 2, 3]) / 6, "model_sha256": "x", "run_id": "r", "shard": "shard-00000",
-    }, metadata={"fusion": "fw"})
+    table = build_quality_table(
+        {
+            "image_id": ids,
+            "source": ids,
+            "status": status,
+            "error": [""] * len(ids),
+            "byte_size": [1] * len(ids),
+            "width": [112] * len(ids),
+            "height": [112] * len(ids),
+            "resized": [False] * len(ids),
+            "exit_scores": exits,
+            "quality_final": exits[:, 2],
+            "quality_f": exits.mean(1),
+            "quality_fw": exits @ np.array([1, 2, 3]) / 6,
+            "quality": exits @ np.array([1, 2, 3]) / 6,
+            "model_sha256": "x",
+            "run_id": "r",
+            "shard": "shard-00000",
+        },
+        metadata={"fusion": "fw"},
+    )
     (tmp_path / "run" / "scores").mkdir(parents=True)
     pq.write_table(table, tmp_path / "run" / "scores" / "shard-00000.parquet")
     model_config = {"mode": "token", "embed_dim": 512, "depth": 3, "num_heads": 8}
@@ -137,15 +187,36 @@ def _fake_fiqa_output(dataset: dict, tmp_path: Path) -> dict:
 def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path: Path) -> None:
     model_config = _fake_fiqa_output(dataset, tmp_path)
     path = dataset["path"]
-    result = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
-                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--json",
-                      "--output", tmp_path / "evaluation")
+    result = run_json(
+        capsys,
+        "evaluate",
+        "--quality",
+        tmp_path / "run",
+        "--pairs",
+        path / "pairs.parquet",
+        "--embeddings",
+        path / "embeddings.parquet",
+        "--fmr",
+        "1e-1",
+        "--json",
+        "--output",
+        tmp_path / "evaluation",
+    )
     assert (tmp_path / "evaluation" / "pauc_vs_gflops.png").stat().st_size > 1000
     per_depth = {f"{scheme}@{depth}" for scheme in ("f", "fw") for depth in (1, 2, 3)}
-    assert set(result["methods"]) == {"exit_1", "exit_2", "exit_3", "quality_final", "quality_f", "quality_fw",
-                                      *per_depth}
+    assert set(result["methods"]) == {
+        "exit_1",
+        "exit_2",
+        "exit_3",
+        "quality_final",
+        "quality_f",
+        "quality_fw",
+        *per_depth,
+    }
     assert result["methods"]["exit_3"] == result["methods"]["quality_final"]
-    assert result["methods"]["fw@3"]["0.1"]["pauc"] == pytest.approx(result["methods"]["quality_fw"]["0.1"]["pauc"])
+    assert result["methods"]["fw@3"]["0.1"]["pauc"] == pytest.approx(
+        result["methods"]["quality_fw"]["0.1"]["pauc"]
+    )
     # the advisor: the shallowest depth whose best option is within 5% of the best, and what it saves
     advice = result["advisor"]
     chosen = advice["recommended"]["exit_depth"]
@@ -154,28 +225,75 @@ def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path
     assert all(advice["per_depth"][str(depth)]["pauc"] > limit for depth in range(1, chosen))
     config = ViTFIQAConfig.from_dict(model_config)
     assert advice["recommended"]["compute_saved"] == pytest.approx(
-        1 - config.flops_at_exit(chosen) / config.flops_at_exit(3))
+        1 - config.flops_at_exit(chosen) / config.flops_at_exit(3)
+    )
 
 
 def test_human_table_and_errors(dataset: dict, capsys) -> None:
     path = dataset["path"]
-    assert main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / "pairs.parquet"),
-                 "--embeddings", str(path / "embeddings.parquet")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--quality",
+                str(path / "quality.parquet"),
+                "--pairs",
+                str(path / "pairs.parquet"),
+                "--embeddings",
+                str(path / "embeddings.parquet"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "pAUC up to 0.3" in printed and "informed" in printed and "pairs used" in printed
-    assert main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / "quality.parquet"),
-                 "--embeddings", str(path / "embeddings.parquet")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--quality",
+                str(path / "quality.parquet"),
+                "--pairs",
+                str(path / "quality.parquet"),
+                "--embeddings",
+                str(path / "embeddings.parquet"),
+            ]
+        )
+        == 2
+    )
     assert "pairs need" in capsys.readouterr().out
-    assert main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / "pairs.parquet"),
-                 "--embeddings", str(path / "embeddings.parquet"), "--methods", "nope"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--quality",
+                str(path / "quality.parquet"),
+                "--pairs",
+                str(path / "pairs.parquet"),
+                "--embeddings",
+                str(path / "embeddings.parquet"),
+                "--methods",
+                "nope",
+            ]
+        )
+        == 2
+    )
     assert "unknown methods" in capsys.readouterr().out
 
 
 def test_advisor_picks_the_shallowest_depth_within_tolerance() -> None:
     from fiqa_curator.evaluation.advisor import advise, depth_fusions
 
-    pauc = {"exit_1": 0.30, "exit_2": 0.20, "f@2": 0.104, "fw@2": 0.12, "exit_3": 0.11, "fw@3": 0.10,
-            "exit_4": 0.101, "quality": 0.05}  # `quality` is not a per-depth option: ignored
+    pauc = {
+        "exit_1": 0.30,
+        "exit_2": 0.20,
+        "f@2": 0.104,
+        "fw@2": 0.12,
+        "exit_3": 0.11,
+        "fw@3": 0.10,
+        "exit_4": 0.101,
+        "quality": 0.05,
+    }  # `quality` is not a per-depth option: ignored
     advice = advise(pauc, tolerance=0.05, gflops_at=lambda depth: 1.0 * depth)
     assert advice["best"]["option"] == "fw@3"
     assert advice["recommended"]["option"] == "f@2" and advice["recommended"]["exit_depth"] == 2
@@ -192,12 +310,26 @@ def test_output_folder_holds_json_tables_and_plots(dataset: dict, capsys, tmp_pa
 
     path = dataset["path"]
     out = tmp_path / "evaluation"
-    result = run_json(capsys, "evaluate", "--quality", path / "quality.parquet", "--pairs", path / "pairs.parquet",
-                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1,1e-2", "--json", "--output", out)
+    result = run_json(
+        capsys,
+        "evaluate",
+        "--quality",
+        path / "quality.parquet",
+        "--pairs",
+        path / "pairs.parquet",
+        "--embeddings",
+        path / "embeddings.parquet",
+        "--fmr",
+        "1e-1,1e-2",
+        "--json",
+        "--output",
+        out,
+    )
     assert json.loads((out / "result.json").read_text()) == result
     summary = pq.read_table(out / "summary.parquet").to_pylist()
     assert {(row["method"], row["operating_point"]) for row in summary} == {
-        (m, p) for m in ("informed", "random") for p in ("0.1", "0.01")}
+        (m, p) for m in ("informed", "random") for p in ("0.1", "0.01")
+    }
     informed = next(r for r in summary if r["method"] == "informed" and r["operating_point"] == "0.1")
     assert informed["pauc"] == result["methods"]["informed"]["0.1"]["pauc"]
     curves = pq.read_table(out / "curves.parquet")
@@ -206,14 +338,31 @@ def test_output_folder_holds_json_tables_and_plots(dataset: dict, capsys, tmp_pa
         assert image.format == "PNG" and image.width > 500
 
 
-def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(dataset: dict, capsys, tmp_path: Path) -> None:
+def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(
+    dataset: dict, capsys, tmp_path: Path
+) -> None:
     from fiqa_curator.workers import parse_fusion
 
     _fake_fiqa_output(dataset, tmp_path)
     path = dataset["path"]
-    result = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
-                      "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--advise-fmr", "0.1",
-                      "--fit-fusion", "--json", "--output", tmp_path / "evaluation")
+    result = run_json(
+        capsys,
+        "evaluate",
+        "--quality",
+        tmp_path / "run",
+        "--pairs",
+        path / "pairs.parquet",
+        "--embeddings",
+        path / "embeddings.parquet",
+        "--fmr",
+        "1e-1",
+        "--advise-fmr",
+        "0.1",
+        "--fit-fusion",
+        "--json",
+        "--output",
+        tmp_path / "evaluation",
+    )
     fit = result["fusion_fit"]
     weights = np.array(fit["weights"])
     assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0)
@@ -226,14 +375,29 @@ def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(dataset
     assert parse_fusion(fit["fusion"]).weights(3) == pytest.approx(weights, abs=1e-5)  # usable as --fusion
     saved = json.loads((tmp_path / "evaluation" / "fusion_weights.json").read_text())
     assert saved["fusion"] == fit["fusion"]
-    again = run_json(capsys, "evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet",
-                     "--embeddings", path / "embeddings.parquet", "--fmr", "1e-1", "--advise-fmr", "0.1",
-                     "--fit-fusion", "--json")
+    again = run_json(
+        capsys,
+        "evaluate",
+        "--quality",
+        tmp_path / "run",
+        "--pairs",
+        path / "pairs.parquet",
+        "--embeddings",
+        path / "embeddings.parquet",
+        "--fmr",
+        "1e-1",
+        "--advise-fmr",
+        "0.1",
+        "--fit-fusion",
+        "--json",
+    )
     assert again["fusion_fit"] == fit  # seeded: the same weights every time
 
 
 @pytest.mark.slow
-def test_end_to_end_on_the_demo_dataset_with_dlib_and_own_embeddings(tmp_path: Path, run_score, capsys) -> None:
+def test_end_to_end_on_the_demo_dataset_with_dlib_and_own_embeddings(
+    tmp_path: Path, run_score, capsys
+) -> None:
     """Sample faces -> the demo model through the pipeline (with its own embeddings) -> EDC against dlib's
     recogniser and against the model's embeddings -> curves and the advisor in the report."""
     from fiqa_curator.demo_kit.build import build_sample_set
@@ -245,9 +409,12 @@ def test_end_to_end_on_the_demo_dataset_with_dlib_and_own_embeddings(tmp_path: P
     summary, rows = run_score(manifest, quality, embeddings=True, report=False)
     assert summary.counts == {"ok": 4 * (1 + 11 * 3)}
 
-    result, written, _ = run_evaluation(str(quality), str(tmp_path / "data" / "pairs.parquet"),
-                                        embeddings=str(tmp_path / "data" / "fr_embeddings.parquet"),
-                                        output=str(quality / "evaluation"))
+    result, written, _ = run_evaluation(
+        str(quality),
+        str(tmp_path / "data" / "pairs.parquet"),
+        embeddings=str(tmp_path / "data" / "fr_embeddings.parquet"),
+        output=str(quality / "evaluation"),
+    )
     assert {"result.json", "edc.png", "pauc_vs_gflops.png", "curves.parquet"} <= set(written)
     assert {f"exit_{d}" for d in range(1, 13)} <= set(result["methods"]) and "fw@12" in result["methods"]
     assert result["pairs_used"] == result["pairs"] == 136 * 4 - 4

@@ -57,7 +57,9 @@ def _images(folder: Path, count: int) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for index in range(count):
-        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(folder / f"img_{index:04d}.png")
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(
+            folder / f"img_{index:04d}.png"
+        )
 
 
 def _committed(output: Path) -> int:
@@ -79,26 +81,55 @@ def test_killing_a_worker_node_mid_run_loses_and_duplicates_nothing(tmp_path: Pa
     recover; if it does not, the stall timeout fails the run (exit 1) and the same command resumes it."""
     _images(tmp_path / "in", 240)
     model = _model(tmp_path)
-    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         started = cluster.stdout.readline().split()
         assert len(started) == 3, f"the test cluster did not start: {cluster.communicate(timeout=60)}"
         address, raylet_pid, _worker_node = started
         output = tmp_path / "out"
-        command = [FIQA, "score", str(tmp_path / "in"), str(output), "--checkpoint", str(model / "model.pt"),
-                   "--model-config", str(model / "config.json"), "--ray-address", address, "--workers", "2",
-                   "--shard-size", "20", "--batch-size", "8", "--no-progress", "--no-report"]
+        command = [
+            FIQA,
+            "score",
+            str(tmp_path / "in"),
+            str(output),
+            "--checkpoint",
+            str(model / "model.pt"),
+            "--model-config",
+            str(model / "config.json"),
+            "--ray-address",
+            address,
+            "--workers",
+            "2",
+            "--shard-size",
+            "20",
+            "--batch-size",
+            "8",
+            "--no-progress",
+            "--no-report",
+        ]
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200"}
         # the stall timeout covers actor start-up too (~20 s idle): room for a busy machine; the rerun below
         # tests resuming, so it keeps the default
-        run = subprocess.Popen([*command, "--stall-timeout", "300"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+        run = subprocess.Popen(
+            [*command, "--stall-timeout", "300"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 600
         while _committed(output) < 2 and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert run.poll() is None, "the run ended before the fault could be injected:\n" + run.stdout.read()
-        killed = _kill_tree(int(raylet_pid))  # the worker node dies: its raylet and every worker process on it
+        killed = _kill_tree(
+            int(raylet_pid)
+        )  # the worker node dies: its raylet and every worker process on it
         assert killed >= 1
         run.communicate(timeout=600)
         first_status = run.returncode
@@ -131,13 +162,31 @@ def test_s3_restart_mid_run_loses_and_duplicates_nothing(tmp_path: Path) -> None
         _images(tmp_path / "in", 200)
         fs.put(str(tmp_path / "in") + "/", "faces/in/", recursive=True)
         model = _model(tmp_path)
-        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200",
-               "AWS_ACCESS_KEY_ID": server.storage_options["key"],
-               "AWS_SECRET_ACCESS_KEY": server.storage_options["secret"],
-               "AWS_ENDPOINT_URL": server.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
-        command = [FIQA, "score", "s3://faces/in/", "s3://faces/out/", "--checkpoint", str(model / "model.pt"),
-                   "--model-config", str(model / "config.json"), "--shard-size", "20", "--batch-size", "8",
-                   "--no-progress", "--no-report"]
+        env = {
+            **os.environ,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "COLUMNS": "200",
+            "AWS_ACCESS_KEY_ID": server.storage_options["key"],
+            "AWS_SECRET_ACCESS_KEY": server.storage_options["secret"],
+            "AWS_ENDPOINT_URL": server.endpoint_url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        command = [
+            FIQA,
+            "score",
+            "s3://faces/in/",
+            "s3://faces/out/",
+            "--checkpoint",
+            str(model / "model.pt"),
+            "--model-config",
+            str(model / "config.json"),
+            "--shard-size",
+            "20",
+            "--batch-size",
+            "8",
+            "--no-progress",
+            "--no-report",
+        ]
         run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def committed() -> int:
@@ -156,13 +205,16 @@ def test_s3_restart_mid_run_loses_and_duplicates_nothing(tmp_path: Path) -> None
         server = start_s3_server(server.workdir, ports=server.ports)  # ... and comes back with the same data
         outage = time.monotonic() - down
         # the product rides out what its retries wait for (40 s at least, workers.io.with_retries); ~9 s idle
-        assert outage < 35, f"precondition: the machine took {outage:.0f} s to restart the store, too slow to test this"
+        assert outage < 35, (
+            f"precondition: the machine took {outage:.0f} s to restart the store, too slow to test this"
+        )
         log, _ = run.communicate(timeout=600)
         assert run.returncode == 0, log
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
         rows = read_quality_table("s3://faces/out", server.storage_options)
-        assert len(rows) == 200 and {row["status"] for row in rows.values()} == {"ok"}, \
-            {row["status"] for row in rows.values()}
+        assert len(rows) == 200 and {row["status"] for row in rows.values()} == {"ok"}, {
+            row["status"] for row in rows.values()
+        }
         assert fs.exists("faces/out/_SUCCESS")
         print(f"S3 outage of {outage:.1f} s mid-run: 200 rows, all ok")
     finally:

@@ -43,12 +43,21 @@ def _fresh_machine(tmp_path: Path, **extra: str) -> dict[str, str]:
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     home = tmp_path / "home"
     home.mkdir()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("PREFECT_") and key != "RAY_ADDRESS"}
-    return {**env, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"), "COLUMNS": "200",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")])),
-            "FIQA_TEST_SERVER_MARKER": str(tmp_path / "server-starts.txt"),
-            "FIQA_TEST_SERVER_DELAY": str(SLOW_START_S), **extra}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PREFECT_") and key != "RAY_ADDRESS"
+    }
+    return {
+        **env,
+        "HOME": str(home),
+        "PREFECT_HOME": str(home / ".prefect"),
+        "COLUMNS": "200",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")])),
+        "FIQA_TEST_SERVER_MARKER": str(tmp_path / "server-starts.txt"),
+        "FIQA_TEST_SERVER_DELAY": str(SLOW_START_S),
+        **extra,
+    }
 
 
 def _images(folder: Path, count: int) -> Path:
@@ -63,8 +72,13 @@ def _images(folder: Path, count: int) -> Path:
 
 def _score(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     folder = _images(tmp_path / "in", 3)
-    return subprocess.run([FIQA, "score", str(folder), str(tmp_path / "out"), "--no-progress", "--no-report"],
-                          capture_output=True, text=True, env=env, timeout=900)  # a hang guard only
+    return subprocess.run(
+        [FIQA, "score", str(folder), str(tmp_path / "out"), "--no-progress", "--no-report"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )  # a hang guard only
 
 
 def test_first_run_waits_for_a_temporary_server_slower_than_prefects_default(tmp_path: Path) -> None:
@@ -84,7 +98,11 @@ def test_a_timeout_the_user_set_wins_and_its_failure_is_one_clear_line(tmp_path:
     assert result.returncode == 2, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stdout
-    assert "did not answer within 2 s" in lines[0] and TIMEOUT_SETTING in lines[0] and "PREFECT_API_URL" in lines[0]
+    assert (
+        "did not answer within 2 s" in lines[0]
+        and TIMEOUT_SETTING in lines[0]
+        and "PREFECT_API_URL" in lines[0]
+    )
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "out" / "scores").exists()  # nothing was planned or scored
 

@@ -33,7 +33,9 @@ def test_user_weights_are_normalised_and_checked() -> None:
 def test_fuse_is_the_weighted_sum() -> None:
     scores = np.array([[1.0, 2.0, 4.0], [0.0, -3.0, 3.0]], dtype=np.float32)
     np.testing.assert_allclose(parse_fusion("f").fuse(scores), [7 / 3, 0.0], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(parse_fusion("fw").fuse(scores), [(1 + 4 + 12) / 6, (0 - 6 + 9) / 6], rtol=1e-6)
+    np.testing.assert_allclose(
+        parse_fusion("fw").fuse(scores), [(1 + 4 + 12) / 6, (0 - 6 + 9) / 6], rtol=1e-6
+    )
     np.testing.assert_allclose(parse_fusion("final").fuse(scores), [4.0, 3.0])
 
 

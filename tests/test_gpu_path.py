@@ -18,7 +18,12 @@ def test_one_actor_per_gpu_by_default_and_fractions_share_a_gpu() -> None:
     eight = {"CPU": 128.0, "GPU": 8.0}
     assert actor_placement(eight) == actor_placement(eight, device="cuda")
     placement = actor_placement(eight)
-    assert placement.gpu and placement.workers == 8 and placement.gpus_per_worker == 1.0 and placement.threads is None
+    assert (
+        placement.gpu
+        and placement.workers == 8
+        and placement.gpus_per_worker == 1.0
+        and placement.threads is None
+    )
     half = actor_placement(eight, gpus_per_worker=0.5)
     assert half.workers == 16 and half.gpus_per_worker == 0.5
     assert actor_placement(eight, gpus_per_worker=0.25, workers=3).workers == 3
@@ -42,8 +47,19 @@ def test_gpu_check_script_runs_dry_on_the_cpu(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent), prepend=":")
     import gpu_check
 
-    report = gpu_check.main(["--device", "cpu", "--images", "48", "--quick", "--exits", "4,12",
-                             "--json", str(tmp_path / "gpu.json")])
+    report = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--images",
+            "48",
+            "--quick",
+            "--exits",
+            "4,12",
+            "--json",
+            str(tmp_path / "gpu.json"),
+        ]
+    )
     assert report["parity"]["fp32_ok"] and report["parity"]["fp32_max_abs_diff"] == 0.0
     assert set(report["model_stage"]) == {4, 12} and report["model_stage"][4]["images_per_second"] > 0
     assert report["model_stage"][12]["auto_batch_size"] == 64  # the CPU batch; on CUDA the memory probe's

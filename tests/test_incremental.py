@@ -42,7 +42,9 @@ def test_second_run_scores_only_new_and_changed_images(tmp_path: Path, run_score
     (folder / "img_07.png").unlink()
 
     second, after = run_score(folder, tmp_path / "night2", shard_size=5, since=str(tmp_path / "night1"))
-    assert second.scored_now == 3 and second.carried_over == 11  # img_90, img_91, img_03 scored; 11 of 13 carried
+    assert (
+        second.scored_now == 3 and second.carried_over == 11
+    )  # img_90, img_91, img_03 scored; 11 of 13 carried
     current = {p.name for p in folder.iterdir()}
     assert set(after) == current  # every current image exactly once, the deleted one gone
     assert second.total_rows == len(current) == 14
@@ -53,8 +55,12 @@ def test_second_run_scores_only_new_and_changed_images(tmp_path: Path, run_score
     for image_id in ("img_90.png", "img_91.png", "img_03.png"):
         assert after[image_id]["run_id"] == second.run_id
     expected = QualityScorer(load_model(BUNDLED_CHECKPOINT), device="cpu").score(new_images)
-    np.testing.assert_allclose([after[i]["quality"] for i in ("img_90.png", "img_91.png", "img_03.png")],
-                               expected.quality, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [after[i]["quality"] for i in ("img_90.png", "img_91.png", "img_03.png")],
+        expected.quality,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert after["img_03.png"]["quality"] != before["img_03.png"]["quality"]  # the newest score, not the old
 
     # nothing changed since night 2: night 3 scores nothing and is still the whole table
@@ -68,13 +74,16 @@ def test_second_run_scores_only_new_and_changed_images(tmp_path: Path, run_score
         run_score(folder, tmp_path / "night5", since=str(tmp_path / "nothing-here"))
 
 
-def test_nightly_run_after_a_configuration_change_scores_everything(tmp_path: Path, prefect_harness,
-                                                                    ray_cluster) -> None:
+def test_nightly_run_after_a_configuration_change_scores_everything(
+    tmp_path: Path, prefect_harness, ray_cluster
+) -> None:
     """A new model, exit depth or precision between two nights: the previous night's rows cannot be carried,
     so the night scores every image (with a warning) rather than failing every night until someone comes."""
     from fiqa_curator.flows.nightly import nightly_score
 
-    nightly_score = nightly_score.with_options(retries=0)  # a failure fails the test now, not after 2 x 10 min
+    nightly_score = nightly_score.with_options(
+        retries=0
+    )  # a failure fails the test now, not after 2 x 10 min
     folder = tmp_path / "in"
     folder.mkdir()
     for index, image in enumerate(_faces(6, 2)):
@@ -83,7 +92,9 @@ def test_nightly_run_after_a_configuration_change_scores_everything(tmp_path: Pa
     first = nightly_score(str(folder), str(root), run_for="2026-11-28", scoring={"shard_size": 4})
     same = nightly_score(str(folder), str(root), run_for="2026-11-29", scoring={"shard_size": 4})
     assert first["scored_now"] == 6 and same["scored_now"] == 0 and same["carried_over"] == 6
-    changed = nightly_score(str(folder), str(root), run_for="2026-11-30", scoring={"shard_size": 4, "exit_depth": 6})
+    changed = nightly_score(
+        str(folder), str(root), run_for="2026-11-30", scoring={"shard_size": 4, "exit_depth": 6}
+    )
     assert changed["scored_now"] == 6 and changed["carried_over"] == 0 and changed["rows"] == 6
     import pyarrow.parquet as pq
 

@@ -58,14 +58,19 @@ def test_raycluster_manifest_structure() -> None:
     assert spec["rayVersion"] == _pins()["ray"] and spec["enableInTreeAutoscaling"] is True
     head = spec["headGroupSpec"]
     head_container = head["template"]["spec"]["containers"][0]
-    assert "nvidia.com/gpu" not in str(head_container["resources"]) and head["rayStartParams"]["num-cpus"] == "0"
+    assert (
+        "nvidia.com/gpu" not in str(head_container["resources"]) and head["rayStartParams"]["num-cpus"] == "0"
+    )
     groups = spec["workerGroupSpecs"]
     gpu = next(group for group in groups if group["groupName"] == "gpu")
     assert 0 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] and gpu["maxReplicas"] > 1
     container = gpu["template"]["spec"]["containers"][0]
     resources = container["resources"]
-    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == \
-        gpu["rayStartParams"]["num-gpus"]
+    assert (
+        resources["requests"]["nvidia.com/gpu"]
+        == resources["limits"]["nvidia.com/gpu"]
+        == gpu["rayStartParams"]["num-gpus"]
+    )
     images = {head_container["image"], container["image"]}
     assert len(images) == 1  # head and workers run the same image (same Ray, same code)
     for group in (head, gpu):
@@ -92,7 +97,9 @@ def test_prefect_yaml_deployment_matches_the_flow() -> None:
     assert set(deployment["parameters"]) <= accepted
     from fiqa_curator.flows.options import NightlyScoring
 
-    NightlyScoring.model_validate(deployment["parameters"]["scoring"])  # every option known, every value valid
+    NightlyScoring.model_validate(
+        deployment["parameters"]["scoring"]
+    )  # every option known, every value valid
     assert deployment["concurrency_limit"]["limit"] == 1
     from zoneinfo import ZoneInfo
 

@@ -53,18 +53,37 @@ def test_read_range_reads_members_by_offset() -> None:
 def test_folder_listing_rules(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / ".git").mkdir()
-    for name in ["z.JPG", "a/b/c d é.png", "a/x.heic", "a/notes.txt", ".hidden.png", ".git/obj.png", "a/.DS.jpg"]:
+    for name in [
+        "z.JPG",
+        "a/b/c d é.png",
+        "a/x.heic",
+        "a/notes.txt",
+        ".hidden.png",
+        ".git/obj.png",
+        "a/.DS.jpg",
+    ]:
         (tmp_path / name).write_bytes(b"x")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in [("k1.jpg", b"img"), ("k1.cls", b"alice"), ("k2.webp", b"img2"), ("k2.json", b"{}")]:
+        for name, data in [
+            ("k1.jpg", b"img"),
+            ("k1.cls", b"alice"),
+            ("k2.webp", b"img2"),
+            ("k2.json", b"{}"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     (tmp_path / "a" / "shard.tar").write_bytes(buffer.getvalue())
     kind, items = discover(str(tmp_path))
     assert kind == "folder"
-    assert [item.image_id for item in items] == ["a/b/c d é.png", "a/shard.tar/k1", "a/shard.tar/k2", "a/x.heic", "z.JPG"]
+    assert [item.image_id for item in items] == [
+        "a/b/c d é.png",
+        "a/shard.tar/k1",
+        "a/shard.tar/k2",
+        "a/x.heic",
+        "z.JPG",
+    ]
     member = items[1]
     assert member.identity == "alice" and member.source.endswith("shard.tar#k1.jpg")
     assert read_range(member.url, member.offset, member.length) == b"img"
@@ -93,7 +112,10 @@ def test_plan_is_deterministic_and_reconciles() -> None:
     assert plan.shard_count == 3 and [i.image_id for i in plan.shard_items(2)] == ["img006.jpg"]
     assert plan.items[0].image_id == "img000.jpg" and shard_name(12) == "shard-00012"
     same = make_plan("in", "folder", _items(7), 3, dict(config))
-    assert same.listing_fingerprint == plan.listing_fingerprint and same.config_fingerprint == plan.config_fingerprint
+    assert (
+        same.listing_fingerprint == plan.listing_fingerprint
+        and same.config_fingerprint == plan.config_fingerprint
+    )
     assert reconcile(plan, same, overwrite=False, has_results=True) == "resume"
     assert reconcile(None, same, overwrite=False, has_results=False) == "fresh"
     with pytest.raises(PlanConflict, match="no plan"):
@@ -122,7 +144,12 @@ def test_commit_is_atomic_and_staging_is_cleaned(tmp_path: Path) -> None:
 def test_tar_members_with_dot_slash_and_odd_names(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:  # what `tar -cf s.tar -C dir .` writes
-        for name, data in [("./a.jpg", b"A"), ("./sub/b.png", b"B"), ("./.hidden.jpg", b"H"), ("./c::d.jpg", b"C")]:
+        for name, data in [
+            ("./a.jpg", b"A"),
+            ("./sub/b.png", b"B"),
+            ("./.hidden.jpg", b"H"),
+            ("./c::d.jpg", b"C"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
@@ -169,8 +196,12 @@ def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
-        batch = {"image_id": np.array(["a.png"], dtype=object), "url": np.array([url], dtype=object),
-                 "offset": np.array([-1]), "length": np.array([-1])}
+        batch = {
+            "image_id": np.array(["a.png"], dtype=object),
+            "url": np.array([url], dtype=object),
+            "offset": np.array([-1]),
+            "length": np.array([-1]),
+        }
         s3_credentials = {"key": "AKIA-for-s3-only", "secret": "s"}
         out = read_and_decode(batch, storage_options=s3_credentials, options_protocol="s3")
         assert list(out["status"]) == ["ok"] and tuple(out["pixels"][0, 0, 0]) == (10, 20, 30)
@@ -239,20 +270,44 @@ def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -
     with tarfile.open(tmp_path / "shard.tar") as tar:
         ranges = {info.name: (info.offset_data, info.size) for info in tar.getmembers()}
     (tmp_path / "alone.png").write_bytes(members["00.png"])
-    order = ["07.png", "01.png", "09.png", "00.png", "04.png", "02.png", "08.png", "03.png", "06.png", "05.png"]
+    order = [
+        "07.png",
+        "01.png",
+        "09.png",
+        "00.png",
+        "04.png",
+        "02.png",
+        "08.png",
+        "03.png",
+        "06.png",
+        "05.png",
+    ]
     items = [(name, str(tmp_path / "shard.tar"), *ranges[name]) for name in order]
-    items += [("alone", str(tmp_path / "alone.png"), -1, -1), ("lost", str(tmp_path / "missing.tar"), 512, 100)]
-    batch = {"image_id": np.array([i[0] for i in items], dtype=object), "url": np.array([i[1] for i in items], dtype=object),
-             "offset": np.array([i[2] for i in items]), "length": np.array([i[3] for i in items])}
+    items += [
+        ("alone", str(tmp_path / "alone.png"), -1, -1),
+        ("lost", str(tmp_path / "missing.tar"), 512, 100),
+    ]
+    batch = {
+        "image_id": np.array([i[0] for i in items], dtype=object),
+        "url": np.array([i[1] for i in items], dtype=object),
+        "offset": np.array([i[2] for i in items]),
+        "length": np.array([i[3] for i in items]),
+    }
 
     calls: list[tuple] = []
     real = fiqa_curator.workers.reading.read_range
-    monkeypatch.setattr(fiqa_curator.workers.reading, "read_range", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(
+        fiqa_curator.workers.reading, "read_range", lambda *a, **k: calls.append(a) or real(*a, **k)
+    )
 
     def rows() -> dict[str, tuple]:
         out = read_and_decode(dict(batch))
-        return {name: (status, size, pixels.tobytes()) for name, status, size, pixels
-                in zip(out["image_id"], out["status"], out["byte_size"], out["pixels"], strict=True)}
+        return {
+            name: (status, size, pixels.tobytes())
+            for name, status, size, pixels in zip(
+                out["image_id"], out["status"], out["byte_size"], out["pixels"], strict=True
+            )
+        }
 
     spanned = rows()
     assert len(calls) == 3  # the whole tar in one read, the lone file, the missing tar
@@ -261,11 +316,15 @@ def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -
     assert spanned["alone"][0] == "ok" and spanned["lost"][0] == "read_error"
 
     calls.clear()
-    monkeypatch.setattr(fiqa_curator.workers.reading, "MAX_GAP", 0)  # tar headers (512 bytes) now separate every member
+    monkeypatch.setattr(
+        fiqa_curator.workers.reading, "MAX_GAP", 0
+    )  # tar headers (512 bytes) now separate every member
     assert rows() == spanned and len(calls) == 12
     calls.clear()
     monkeypatch.setattr(fiqa_curator.workers.reading, "MAX_GAP", 1 << 20)
     step = ranges["01.png"][0] - ranges["00.png"][0]  # header + member + padding
     assert all(size < step for _, size in ranges.values())
-    monkeypatch.setattr(fiqa_curator.workers.reading, "MAX_SPAN", step + max(size for _, size in ranges.values()))
+    monkeypatch.setattr(
+        fiqa_curator.workers.reading, "MAX_SPAN", step + max(size for _, size in ranges.values())
+    )
     assert rows() == spanned and len(calls) == 5 + 2  # two members per span

@@ -28,7 +28,9 @@ def _images(count: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-d{c.embed_dim}-L{c.depth}-h{c.num_heads}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"{c.mode}-d{c.embed_dim}-L{c.depth}-h{c.num_heads}"
+)
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_matches_independent_reference(config: ViTFIQAConfig, prefix: str, tmp_path: Path) -> None:
     state = randomize_state_dict(ViTFIQA(config), seed=config.depth * 100 + config.embed_dim)
@@ -45,8 +47,12 @@ def test_matches_independent_reference(config: ViTFIQAConfig, prefix: str, tmp_p
     full = scorer.score(images, embeddings=True)
     for exit_at in range(1, config.depth + 1):
         ref_embedding, ref_quality = reference_forward(
-            torch.from_numpy(images), state, mode=config.mode, patch_size=config.patch_size,
-            num_heads=config.num_heads, exit_at=exit_at,
+            torch.from_numpy(images),
+            state,
+            mode=config.mode,
+            patch_size=config.patch_size,
+            num_heads=config.num_heads,
+            exit_at=exit_at,
         )
         np.testing.assert_allclose(full.exit_scores[:, exit_at - 1], ref_quality.numpy(), **TOLERANCE)
         partial = scorer.score(images, exit_depth=exit_at)
@@ -55,8 +61,12 @@ def test_matches_independent_reference(config: ViTFIQAConfig, prefix: str, tmp_p
     # the oracle is sensitive: a different head count gives different scores
     if config.num_heads > 1:
         _, wrong = reference_forward(
-            torch.from_numpy(images), state, mode=config.mode, patch_size=config.patch_size,
-            num_heads=1, exit_at=config.depth,
+            torch.from_numpy(images),
+            state,
+            mode=config.mode,
+            patch_size=config.patch_size,
+            num_heads=1,
+            exit_at=config.depth,
         )
         assert not np.allclose(full.fused["final"], wrong.numpy(), **TOLERANCE)
 
@@ -115,13 +125,24 @@ def test_quality_token_attention_maps() -> None:
     assert maps.shape == (2, 2, 12, 12)
     assert torch.all(maps >= 0) and torch.all(maps.sum(dim=(2, 3)) <= 1.0 + 1e-6)
     # independent recomputation of block 1: LayerNorm, qkv without bias, softmax(q k^T / sqrt(d))
-    x = torch.nn.functional.conv2d(pixels, state["patch_embed.proj.weight"].double(),
-                                   state["patch_embed.proj.bias"].double(), stride=9).flatten(2).transpose(1, 2)
+    x = (
+        torch.nn.functional.conv2d(
+            pixels,
+            state["patch_embed.proj.weight"].double(),
+            state["patch_embed.proj.bias"].double(),
+            stride=9,
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
     x = torch.cat([state["qs_token"].double().expand(2, -1, -1), x], dim=1) + state["pos_embed"].double()
-    h = torch.nn.functional.layer_norm(x, (32,), state["blocks.0.norm1.weight"].double(),
-                                       state["blocks.0.norm1.bias"].double(), eps=1e-5)
+    h = torch.nn.functional.layer_norm(
+        x, (32,), state["blocks.0.norm1.weight"].double(), state["blocks.0.norm1.bias"].double(), eps=1e-5
+    )
     qkv = (h @ state["blocks.0.attn.qkv.weight"].double().T).reshape(2, 145, 3, 4, 8).permute(2, 0, 3, 1, 4)
     weights = ((qkv[0] @ qkv[1].transpose(-2, -1)) * 8**-0.5).softmax(-1)[:, :, 0, 1:].mean(1)
     torch.testing.assert_close(maps[:, 0].reshape(2, -1).double(), weights, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no quality token"):
-        ViTFIQA(ViTFIQAConfig(mode="crfiqa", embed_dim=32, depth=1, num_heads=4)).quality_token_attention(pixels.float())
+        ViTFIQA(ViTFIQAConfig(mode="crfiqa", embed_dim=32, depth=1, num_heads=4)).quality_token_attention(
+            pixels.float()
+        )

@@ -47,8 +47,11 @@ def test_serve_flags_and_nightly_parameters_are_the_same_fields_with_the_same_de
         if name != "align":
             assert flag_of(name) in serve, name
     assert {"shard_size", "exit_depth", "device", "workers", "precision", "decode", "align"} <= set(
-        NightlyScoring.model_fields)
-    assert "since" not in NightlyScoring.model_fields and "--since" not in serve  # set by the nightly flow itself
+        NightlyScoring.model_fields
+    )
+    assert (
+        "since" not in NightlyScoring.model_fields and "--since" not in serve
+    )  # set by the nightly flow itself
     assert NightlyScoring().shard_size == DEFAULT_SHARD_SIZE
     with pytest.raises(ValueError):
         NightlyScoring(batch_size=0)  # bounds come along too
@@ -56,25 +59,47 @@ def test_serve_flags_and_nightly_parameters_are_the_same_fields_with_the_same_de
 
 def test_a_command_line_becomes_options() -> None:
     parser = build_parser()
-    args = parser.parse_args(["score", "in/", "out/", "--model-config", "m.json", "--exit-depth", "6", "--align",
-                              "--all-faces", "--stall-timeout", "0", "--storage-options", '{"anon": true}',
-                              "--no-report", "--workers", "2"])
+    args = parser.parse_args(
+        [
+            "score",
+            "in/",
+            "out/",
+            "--model-config",
+            "m.json",
+            "--exit-depth",
+            "6",
+            "--align",
+            "--all-faces",
+            "--stall-timeout",
+            "0",
+            "--storage-options",
+            '{"anon": true}',
+            "--no-report",
+            "--workers",
+            "2",
+        ]
+    )
     options = options_from_args(args)
     assert options.architecture_file == "m.json" and options.exit_depth == 6 and options.workers == 2
     assert options.align == "all" and options.stall_timeout is None and options.report is False
     assert options.storage_options == {"anon": True} and options.shard_size == DEFAULT_SHARD_SIZE
     assert options_from_args(parser.parse_args(["score", "a", "b", "--align"])).align == "largest"
     assert options_from_args(parser.parse_args(["score", "a", "b"])).align is None
-    assert ScoreOptions(input="a", output="b", model_config="c.json").architecture_file == "c.json"  # Python API
+    assert (
+        ScoreOptions(input="a", output="b", model_config="c.json").architecture_file == "c.json"
+    )  # Python API
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
-    (["--shard-size", "0"], "--shard-size"),
-    (["--gpus-per-worker", "0"], "--gpus-per-worker"),
-    (["--storage-options", "[1]"], "--storage-options must be a JSON object"),
-    (["--storage-options", "{nope"], "--storage-options is not JSON"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
+        (["--shard-size", "0"], "--shard-size"),
+        (["--gpus-per-worker", "0"], "--gpus-per-worker"),
+        (["--storage-options", "[1]"], "--storage-options must be a JSON object"),
+        (["--storage-options", "{nope"], "--storage-options is not JSON"),
+    ],
+)
 def test_bad_values_are_user_errors_that_name_their_flag(argv: list[str], message: str) -> None:
     args = build_parser().parse_args(["score", "in/", "out/", *argv])
     with pytest.raises(UserError, match=message):

@@ -42,20 +42,33 @@ def test_fixture_parity_through_the_pipeline(
 ) -> None:
     names = write_pngs(reference.images, tmp_path / "in" / "sub dir")
     summary, rows = run_score(
-        tmp_path / "in", tmp_path / "out", checkpoint=str(reference.checkpoint),
-        model_config=str(reference.path / "config.json"), exit_depth=exit_depth, shard_size=3, batch_size=4,
+        tmp_path / "in",
+        tmp_path / "out",
+        checkpoint=str(reference.checkpoint),
+        model_config=str(reference.path / "config.json"),
+        exit_depth=exit_depth,
+        shard_size=3,
+        batch_size=4,
         fusion="final",
     )
     assert summary.counts == {"ok": len(names)} and summary.shards_written == 3
     for index, name in enumerate(names):
         row = rows[f"sub dir/{name}"]
         assert row["status"] == "ok" and row["exit_depth"] == exit_depth and not row["resized"]
-        np.testing.assert_allclose(row["exit_scores"], reference.block_quality[index, :exit_depth], **TOLERANCE)
-        np.testing.assert_allclose(row["quality"], reference.block_quality[index, exit_depth - 1], **TOLERANCE)
+        np.testing.assert_allclose(
+            row["exit_scores"], reference.block_quality[index, :exit_depth], **TOLERANCE
+        )
+        np.testing.assert_allclose(
+            row["quality"], reference.block_quality[index, exit_depth - 1], **TOLERANCE
+        )
         np.testing.assert_allclose(row["quality_final"], row["quality"])
-        np.testing.assert_allclose(row["quality_f"], reference.block_quality[index, :exit_depth].mean(), **TOLERANCE)
+        np.testing.assert_allclose(
+            row["quality_f"], reference.block_quality[index, :exit_depth].mean(), **TOLERANCE
+        )
         weights = np.arange(1, exit_depth + 1) / np.arange(1, exit_depth + 1).sum()
-        np.testing.assert_allclose(row["quality_fw"], reference.block_quality[index, :exit_depth] @ weights, **TOLERANCE)
+        np.testing.assert_allclose(
+            row["quality_fw"], reference.block_quality[index, :exit_depth] @ weights, **TOLERANCE
+        )
         assert row["model_sha256"] == summary.model_sha256 == load_model(reference.checkpoint).sha256
 
 
@@ -67,11 +80,17 @@ def test_other_configuration_parity(tmp_path: Path, run_score) -> None:
     (tmp_path / "arch.json").write_text(json.dumps({"num_heads": 3, "note": "unknown keys are ignored"}))
     images = np.random.default_rng(3).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
     names = write_pngs(images, tmp_path / "in")
-    _, rows = run_score(tmp_path / "in", tmp_path / "out", checkpoint=str(checkpoint),
-                        model_config=str(tmp_path / "arch.json"), shard_size=2)
+    _, rows = run_score(
+        tmp_path / "in",
+        tmp_path / "out",
+        checkpoint=str(checkpoint),
+        model_config=str(tmp_path / "arch.json"),
+        shard_size=2,
+    )
     for exit_at in (1, 2, 3):
-        _, expected = reference_forward(torch.from_numpy(images), state, mode="full", patch_size=9,
-                                        num_heads=3, exit_at=exit_at)
+        _, expected = reference_forward(
+            torch.from_numpy(images), state, mode="full", patch_size=9, num_heads=3, exit_at=exit_at
+        )
         got = [rows[name]["exit_scores"][exit_at - 1] for name in names]
         np.testing.assert_allclose(got, expected.numpy(), **TOLERANCE)
 
@@ -86,7 +105,9 @@ def _tiny_checkpoint(tmp_path: Path) -> tuple[str, str]:
     return str(path), str(path.parent / "config.json")
 
 
-def _api_scores(checkpoint: str, payloads: dict[str, bytes], exit_depth: int | None = None) -> dict[str, np.ndarray]:
+def _api_scores(
+    checkpoint: str, payloads: dict[str, bytes], exit_depth: int | None = None
+) -> dict[str, np.ndarray]:
     scorer = QualityScorer(load_model(checkpoint), device="cpu")
     decoded = {key: decode_face(data) for key, data in payloads.items()}
     keys = [key for key, result in decoded.items() if result.ok]
@@ -128,10 +149,21 @@ def test_manifest_input_through_the_cli(manifest_format: str, tmp_path: Path, ru
         manifest.replace(data / manifest.name)
         manifest = data / manifest.name
     else:
-        rows = [{**row, "uri": str(data / row["uri"]) if not row["uri"].startswith("/") else row["uri"]} for row in rows]
+        rows = [
+            {**row, "uri": str(data / row["uri"]) if not row["uri"].startswith("/") else row["uri"]}
+            for row in rows
+        ]
         pq.write_table(pa.Table.from_pylist(rows), manifest)
-    code, printed = run_cli("score", manifest, tmp_path / "out", "--checkpoint", checkpoint,
-                            "--model-config", config, "--no-progress")
+    code, printed = run_cli(
+        "score",
+        manifest,
+        tmp_path / "out",
+        "--checkpoint",
+        checkpoint,
+        "--model-config",
+        config,
+        "--no-progress",
+    )
     assert code == 0, printed
     assert "done: 6 images (ok 5, read_error 1)" in printed
     table = read_quality_table(str(tmp_path / "out"))
@@ -161,17 +193,31 @@ def test_webdataset_tar_shards_through_the_cli(tmp_path: Path, run_cli) -> None:
                     archive.addfile(info, io.BytesIO(data))
                     if name.endswith((".jpg", ".png")):
                         payloads[f"train-{shard:04d}.tar/{name}"] = data
-    code, printed = run_cli("score", folder, tmp_path / "out", "--checkpoint", checkpoint, "--model-config", config,
-                            "--shard-size", "4", "--no-progress")
+    code, printed = run_cli(
+        "score",
+        folder,
+        tmp_path / "out",
+        "--checkpoint",
+        checkpoint,
+        "--model-config",
+        config,
+        "--shard-size",
+        "4",
+        "--no-progress",
+    )
     assert code == 0, printed
     assert "done: 7 images (decode_error 1, ok 6)" in printed and "2 shard(s)" in printed
     rows = read_quality_table(str(tmp_path / "out"))
     assert rows["train-0000.tar/sample00"]["identity"] == "id0"
     assert rows["train-0001.tar/sample12.jpg"]["status"] == "decode_error"
     assert rows["train-0001.tar/sample12.png"]["source"].endswith("train-0001.tar#sample12.png")
-    expected = _api_scores(checkpoint, {
-        (k.rsplit(".", 1)[0] if not k.split("/")[1].startswith("sample12") else k): v for k, v in payloads.items()
-    })
+    expected = _api_scores(
+        checkpoint,
+        {
+            (k.rsplit(".", 1)[0] if not k.split("/")[1].startswith("sample12") else k): v
+            for k, v in payloads.items()
+        },
+    )
     for image_id, scores in expected.items():
         np.testing.assert_allclose(rows[image_id]["exit_scores"], scores, **TOLERANCE)
 
@@ -241,10 +287,13 @@ def test_resume_skips_committed_shards_and_refuses_to_mix(tmp_path: Path, run_sc
     second, rows_again = run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3)
     assert second.shards_written == 1 and second.shards_skipped == 2 and second.scored_now == 3
     assert {p.name: p.stat().st_mtime_ns for p in (out / "scores").iterdir() if p.name != shards[1].name} == {
-        k: v for k, v in stamps.items() if k != shards[1].name}
+        k: v for k, v in stamps.items() if k != shards[1].name
+    }
     assert rows_again.keys() == rows.keys()
     for image_id in rows:
-        np.testing.assert_allclose(rows_again[image_id]["exit_scores"], rows[image_id]["exit_scores"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            rows_again[image_id]["exit_scores"], rows[image_id]["exit_scores"], rtol=1e-5, atol=1e-7
+        )
     assert rows_again["f03.jpg"]["run_id"] != rows_again["f00.jpg"]["run_id"]  # recomputed vs kept
     assert json.loads((out / "_run.json").read_text())["total_rows"] == 7
 
@@ -253,8 +302,9 @@ def test_resume_skips_committed_shards_and_refuses_to_mix(tmp_path: Path, run_sc
     (folder / "new.jpg").write_bytes(_jpeg(99))
     with pytest.raises(PlanConflict, match="input listing changed"):
         run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3)
-    third, rows_new = run_score(folder, out, checkpoint=checkpoint, model_config=config, shard_size=3,
-                                exit_depth=2, overwrite=True)
+    third, rows_new = run_score(
+        folder, out, checkpoint=checkpoint, model_config=config, shard_size=3, exit_depth=2, overwrite=True
+    )
     assert third.total_rows == 8 and {row["exit_depth"] for row in rows_new.values()} == {2}
 
 
@@ -281,20 +331,38 @@ def test_actors_on_two_nodes_match_one_node(tmp_path: Path, run_score, ray_clust
     assert len(nodes) == 2
     checkpoint, config = _tiny_checkpoint(tmp_path)
     folder = _jpeg_folder(tmp_path, 40)
-    _, two = run_score(folder, tmp_path / "two", checkpoint=checkpoint, model_config=config, workers=2,
-                       batch_size=4, shard_size=10)
+    _, two = run_score(
+        folder,
+        tmp_path / "two",
+        checkpoint=checkpoint,
+        model_config=config,
+        workers=2,
+        batch_size=4,
+        shard_size=10,
+    )
     stages = json.loads((tmp_path / "two" / "_run.json").read_text())["stages"]
     assert set(stages["actor_nodes"]) == nodes  # one actor on each node
     by_node = stages["rows_by_node"]
     assert set(by_node) <= nodes and sum(by_node.values()) == 40
     from ray.util.placement_group import placement_group_table
 
-    assert {group["state"] for group in placement_group_table().values()} <= {"REMOVED"}  # released after the run
-    _, one = run_score(folder, tmp_path / "one", checkpoint=checkpoint, model_config=config, workers=1,
-                       batch_size=16, shard_size=10)
+    assert {group["state"] for group in placement_group_table().values()} <= {
+        "REMOVED"
+    }  # released after the run
+    _, one = run_score(
+        folder,
+        tmp_path / "one",
+        checkpoint=checkpoint,
+        model_config=config,
+        workers=1,
+        batch_size=16,
+        shard_size=10,
+    )
     assert one.keys() == two.keys()
     for image_id in one:
-        np.testing.assert_allclose(two[image_id]["exit_scores"], one[image_id]["exit_scores"], atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(
+            two[image_id]["exit_scores"], one[image_id]["exit_scores"], atol=1e-6, rtol=1e-6
+        )
 
 
 def test_cpu_actors_are_spread_strictly_while_there_are_nodes_enough(ray_cluster) -> None:
@@ -302,8 +370,12 @@ def test_cpu_actors_are_spread_strictly_while_there_are_nodes_enough(ray_cluster
 
     from fiqa_curator.flows.cluster import ActorPlacement, spread_cpu_actors
 
-    assert spread_cpu_actors(ActorPlacement(False, 1, 0.0, 4), nodes_with_cpu=2) is None  # one actor: Ray places it
-    assert spread_cpu_actors(ActorPlacement(True, 2, 1.0, None), nodes_with_cpu=2) is None  # GPUs place GPU actors
+    assert (
+        spread_cpu_actors(ActorPlacement(False, 1, 0.0, 4), nodes_with_cpu=2) is None
+    )  # one actor: Ray places it
+    assert (
+        spread_cpu_actors(ActorPlacement(True, 2, 1.0, None), nodes_with_cpu=2) is None
+    )  # GPUs place GPU actors
     for workers, strategy in ((2, "STRICT_SPREAD"), (3, "SPREAD")):
         group = spread_cpu_actors(ActorPlacement(False, workers, 0.0, 1), nodes_with_cpu=2)
         try:
@@ -328,8 +400,13 @@ def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
     exit_two = dict(con.sql(f"select image_id, exit_scores[2] from '{glob}' where status = 'ok'").fetchall())
     for image_id, value in exit_two.items():
         assert value == pytest.approx(rows[image_id]["exit_scores"][1])
-    worst = con.execute(f"select image_id from '{glob}' where status = 'ok' order by quality limit 1").fetchone()[0]
-    assert worst == min((r for r in rows.values() if r["status"] == "ok"), key=lambda r: r["quality"])["image_id"]
+    worst = con.execute(
+        f"select image_id from '{glob}' where status = 'ok' order by quality limit 1"
+    ).fetchone()[0]
+    assert (
+        worst
+        == min((r for r in rows.values() if r["status"] == "ok"), key=lambda r: r["quality"])["image_id"]
+    )
     # the report was written at the end of the run and published as Prefect artifacts under stable keys;
     # the model is a token-mode one, so the page has the attention grid across exits
     page = (tmp_path / "out" / "report" / "index.html").read_text()
@@ -340,8 +417,9 @@ def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
 
     keys = ["fiqa-report", "fiqa-status-counts"]
     with get_client(sync_client=True) as client:  # by key, newest first: the session's earlier runs made many
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
-                                          sort=ArtifactSort.CREATED_DESC)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)), sort=ArtifactSort.CREATED_DESC
+        )
     assert set(keys) <= {a.key for a in artifacts}
     ours = [str(a.data) for a in artifacts if a.key == "fiqa-report" and str(tmp_path) in str(a.data)]
     assert ours and "decode_error" in ours[0] and "report/index.html" in ours[0]
@@ -351,7 +429,9 @@ def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
 
 
 @pytest.mark.s3
-def test_s3_input_and_output_with_storage_options(tmp_path: Path, run_score, s3_server, s3_bucket: str) -> None:
+def test_s3_input_and_output_with_storage_options(
+    tmp_path: Path, run_score, s3_server, s3_bucket: str
+) -> None:
     import s3fs
     from prefect.client.orchestration import get_client
 
@@ -365,19 +445,33 @@ def test_s3_input_and_output_with_storage_options(tmp_path: Path, run_score, s3_
         info.size = len(payloads["in/p0/face 0.jpg"])
         archive.addfile(info, io.BytesIO(payloads["in/p0/face 0.jpg"]))
     fs.put(str(tmp_path / "shard.tar"), f"{s3_bucket}/in/shards/shard.tar")
-    summary, rows = run_score(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", checkpoint=checkpoint,
-                              model_config=config, storage_options=s3_server.storage_options, shard_size=2)
+    summary, rows = run_score(
+        f"s3://{s3_bucket}/in",
+        f"s3://{s3_bucket}/out",
+        checkpoint=checkpoint,
+        model_config=config,
+        storage_options=s3_server.storage_options,
+        shard_size=2,
+    )
     assert summary.counts == {"ok": 6} and summary.output == f"s3://{s3_bucket}/out"
     assert fs.exists(f"{s3_bucket}/out/_SUCCESS") and len(fs.ls(f"{s3_bucket}/out/scores")) == 3
     assert not [p for p in fs.find(f"{s3_bucket}/out/_staging") if p.endswith(".part")]
     expected = _api_scores(checkpoint, {k.removeprefix("in/"): v for k, v in payloads.items()})
     for image_id, scores in expected.items():
         np.testing.assert_allclose(rows[image_id]["exit_scores"], scores, **TOLERANCE)
-    np.testing.assert_allclose(rows["shards/shard.tar/k1"]["exit_scores"], expected["p0/face 0.jpg"], **TOLERANCE)
+    np.testing.assert_allclose(
+        rows["shards/shard.tar/k1"]["exit_scores"], expected["p0/face 0.jpg"], **TOLERANCE
+    )
 
     # resuming against S3 skips everything; credentials never reach Prefect's records
-    again, _ = run_score(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", checkpoint=checkpoint,
-                         model_config=config, storage_options=s3_server.storage_options, shard_size=2)
+    again, _ = run_score(
+        f"s3://{s3_bucket}/in",
+        f"s3://{s3_bucket}/out",
+        checkpoint=checkpoint,
+        model_config=config,
+        storage_options=s3_server.storage_options,
+        shard_size=2,
+    )
     assert again.shards_skipped == 3 and again.scored_now == 0
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
@@ -388,27 +482,66 @@ def test_s3_input_and_output_with_storage_options(tmp_path: Path, run_score, s3_
     assert s3_server.storage_options["secret"] not in recorded, recorded
 
 
-def test_embeddings_are_stored_and_evaluated(reference: ReferenceFixture, tmp_path: Path, run_score, capsys) -> None:
+def test_embeddings_are_stored_and_evaluated(
+    reference: ReferenceFixture, tmp_path: Path, run_score, capsys
+) -> None:
     from fiqa_curator.flows.cli import main
 
     names = write_pngs(reference.images, tmp_path / "in")
     with pytest.raises(ValueError, match="--embeddings needs the full depth"):
-        run_score(tmp_path / "in", tmp_path / "partial", checkpoint=str(reference.checkpoint), exit_depth=6,
-                  embeddings=True)
-    _, rows = run_score(tmp_path / "in", tmp_path / "out", checkpoint=str(reference.checkpoint), embeddings=True,
-                        shard_size=5)
+        run_score(
+            tmp_path / "in",
+            tmp_path / "partial",
+            checkpoint=str(reference.checkpoint),
+            exit_depth=6,
+            embeddings=True,
+        )
+    _, rows = run_score(
+        tmp_path / "in", tmp_path / "out", checkpoint=str(reference.checkpoint), embeddings=True, shard_size=5
+    )
     for index, name in enumerate(names):
         np.testing.assert_allclose(rows[name]["embedding"], reference.embedding[index], **TOLERANCE)
-    pairs = [(names[i], names[j], (i % 2) == (j % 2)) for i in range(len(names)) for j in range(i + 1, len(names))]
-    pq.write_table(pa.table({"image_id_a": [p[0] for p in pairs], "image_id_b": [p[1] for p in pairs],
-                             "genuine": [p[2] for p in pairs]}), tmp_path / "pairs.parquet")
-    assert main(["evaluate", "--quality", str(tmp_path / "out"), "--pairs", str(tmp_path / "pairs.parquet"),
-                 "--protocol", "iso", "--fmr", "0.5", "--json"]) == 0
+    pairs = [
+        (names[i], names[j], (i % 2) == (j % 2)) for i in range(len(names)) for j in range(i + 1, len(names))
+    ]
+    pq.write_table(
+        pa.table(
+            {
+                "image_id_a": [p[0] for p in pairs],
+                "image_id_b": [p[1] for p in pairs],
+                "genuine": [p[2] for p in pairs],
+            }
+        ),
+        tmp_path / "pairs.parquet",
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--quality",
+                str(tmp_path / "out"),
+                "--pairs",
+                str(tmp_path / "pairs.parquet"),
+                "--protocol",
+                "iso",
+                "--fmr",
+                "0.5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
-    assert result["pairs_used"] == len(pairs) and "exit_12" in result["methods"] and "quality_fw" in result["methods"]
+    assert (
+        result["pairs_used"] == len(pairs)
+        and "exit_12" in result["methods"]
+        and "quality_fw" in result["methods"]
+    )
 
 
-def test_raw_photos_with_align_through_the_pipeline(reference: ReferenceFixture, tmp_path: Path, run_score) -> None:
+def test_raw_photos_with_align_through_the_pipeline(
+    reference: ReferenceFixture, tmp_path: Path, run_score
+) -> None:
     """`--align all`: one row per face (ids ID#faceK), no_face and decode errors kept, scores equal the API's
     on the library's own aligned crops, and a rerun resumes."""
     from fiqa_curator.demo_kit.faces import _astronaut, _grace_hopper, lfw_non_faces
@@ -420,28 +553,47 @@ def test_raw_photos_with_align_through_the_pipeline(reference: ReferenceFixture,
     collage[40:552, 570:1082] = astronaut
     raw = tmp_path / "raw"
     raw.mkdir()
-    photos = {"collage.png": collage, "grace.png": grace,
-              **{f"texture_{i}.png": np.stack([t] * 3, -1) for i, t in enumerate(lfw_non_faces(3))}}
+    photos = {
+        "collage.png": collage,
+        "grace.png": grace,
+        **{f"texture_{i}.png": np.stack([t] * 3, -1) for i, t in enumerate(lfw_non_faces(3))},
+    }
     for name, image in photos.items():
         Image.fromarray(image).save(raw / name)
     (raw / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    options = {"checkpoint": str(reference.checkpoint), "model_config": str(reference.path / "config.json"),
-               "align": "all", "shard_size": 2, "batch_size": 2}
+    options = {
+        "checkpoint": str(reference.checkpoint),
+        "model_config": str(reference.path / "config.json"),
+        "align": "all",
+        "shard_size": 2,
+        "batch_size": 2,
+    }
     summary, rows = run_score(raw, tmp_path / "out", **options)
     collage_faces = align_faces(collage, all_faces=True)
     assert len(collage_faces) >= 2
-    expected_ids = {*(f"collage.png#face{i}" for i in range(len(collage_faces))), "grace.png#face0", "broken.jpg",
-                    *(f"texture_{i}.png" for i in range(3))}
+    expected_ids = {
+        *(f"collage.png#face{i}" for i in range(len(collage_faces))),
+        "grace.png#face0",
+        "broken.jpg",
+        *(f"texture_{i}.png" for i in range(3)),
+    }
     assert set(rows) == expected_ids
     assert summary.counts == {"ok": len(collage_faces) + 1, "no_face": 3, "decode_error": 1}
-    assert all(rows[f"texture_{i}.png"]["faces"] == 0 and rows[f"texture_{i}.png"]["quality"] is None for i in range(3))
-    scorer = QualityScorer(load_model(reference.checkpoint, str(reference.path / "config.json")), device="cpu")
+    assert all(
+        rows[f"texture_{i}.png"]["faces"] == 0 and rows[f"texture_{i}.png"]["quality"] is None
+        for i in range(3)
+    )
+    scorer = QualityScorer(
+        load_model(reference.checkpoint, str(reference.path / "config.json")), device="cpu"
+    )
     crops = [*(f.image for f in collage_faces), align_faces(grace)[0].image]
     ids = [*(f"collage.png#face{i}" for i in range(len(collage_faces))), "grace.png#face0"]
     expected = scorer.score(np.stack(crops))
     for index, image_id in enumerate(ids):
         row = rows[image_id]
-        assert row["face_index"] == int(image_id[-1]) and row["faces"] == (len(collage_faces) if "collage" in image_id else 1)
+        assert row["face_index"] == int(image_id[-1]) and row["faces"] == (
+            len(collage_faces) if "collage" in image_id else 1
+        )
         np.testing.assert_allclose(row["quality"], expected.quality[index], **TOLERANCE)
         assert len(row["face_box"]) == 4 and row["face_confidence"] > 0
     again, rows_again = run_score(raw, tmp_path / "out", **options)

@@ -29,8 +29,14 @@ def encode(image: Image.Image | np.ndarray, image_format: str, **options) -> byt
 
 @pytest.mark.parametrize(
     "image_format,options,max_error",
-    [("PNG", {}, 0), ("BMP", {}, 0), ("TIFF", {}, 0), ("WEBP", {"lossless": True}, 0),
-     ("JPEG", {"quality": 95}, 30), ("WEBP", {"quality": 90}, 30)],
+    [
+        ("PNG", {}, 0),
+        ("BMP", {}, 0),
+        ("TIFF", {}, 0),
+        ("WEBP", {"lossless": True}, 0),
+        ("JPEG", {"quality": 95}, 30),
+        ("WEBP", {"quality": 90}, 30),
+    ],
 )
 def test_formats_decode_to_rgb(image_format: str, options: dict, max_error: int) -> None:
     original = SMOOTH if max_error else FACE
@@ -133,10 +139,20 @@ def _png_rgb16(values: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + values[row].astype(">u2").tobytes() for row in range(height))
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_sixteen_bit_rgb() -> None:

@@ -22,7 +22,9 @@ def test_every_exit_depth_matches_the_official_block_scores(reference: Reference
         assert result.exit_scores.shape == (len(reference.images), exit_depth)
         np.testing.assert_allclose(result.exit_scores, reference.block_quality[:, :exit_depth], **TOLERANCE)
         # the last exit of a pass is the `final` fusion
-        np.testing.assert_allclose(result.fused["final"], reference.block_quality[:, exit_depth - 1], **TOLERANCE)
+        np.testing.assert_allclose(
+            result.fused["final"], reference.block_quality[:, exit_depth - 1], **TOLERANCE
+        )
 
 
 def test_full_depth_quality_and_embedding_match(reference: ReferenceFixture) -> None:

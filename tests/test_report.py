@@ -65,27 +65,52 @@ def make_output(folder: Path, count: int = 60) -> dict:
     ids = [f"img_{i:03d}.png" for i in range(count - 1)] + [XSS_NAME]
     for image_id in ids:  # the XSS name holds a "/": a folder "<script>alert(1)<" and a file "script>.jpg"
         (images / image_id).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(images / image_id, format="PNG")
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(
+            images / image_id, format="PNG"
+        )
     exits = rng.normal(size=(count, 4)).astype(np.float32)
     quality = (exits @ np.arange(1, 5, dtype=np.float32) / 10).astype(np.float32)
     status = ["ok"] * count
     status[3], status[4], status[5] = "decode_error", "decode_error", "read_error"
     identity = [f"person{i % 7}" for i in range(count)]
     identity[0] = "<b>bold</b>"
-    table = build_quality_table({
-        "image_id": ids, "source": [str(images / i) for i in ids], "identity": identity, "status": status,
-        "error": ["" if s == "ok" else f"broken {XSS_NAME}" for s in status], "byte_size": [1] * count,
-        "width": [112] * (count - 5) + [300] * 5, "height": [112] * (count - 5) + [300] * 5,
-        "resized": [False] * (count - 5) + [True] * 5, "exit_scores": exits, "quality_final": exits[:, 3],
-        "quality_f": exits.mean(1), "quality_fw": quality, "quality": quality, "model_sha256": "abc123",
-        "run_id": "r1", "shard": "shard-00000",
-    }, metadata={"fusion": "fw"})
+    table = build_quality_table(
+        {
+            "image_id": ids,
+            "source": [str(images / i) for i in ids],
+            "identity": identity,
+            "status": status,
+            "error": ["" if s == "ok" else f"broken {XSS_NAME}" for s in status],
+            "byte_size": [1] * count,
+            "width": [112] * (count - 5) + [300] * 5,
+            "height": [112] * (count - 5) + [300] * 5,
+            "resized": [False] * (count - 5) + [True] * 5,
+            "exit_scores": exits,
+            "quality_final": exits[:, 3],
+            "quality_f": exits.mean(1),
+            "quality_fw": quality,
+            "quality": quality,
+            "model_sha256": "abc123",
+            "run_id": "r1",
+            "shard": "shard-00000",
+        },
+        metadata={"fusion": "fw"},
+    )
     out = folder / "out"
     (out / "scores").mkdir(parents=True)
     pq.write_table(table, out / "scores" / "shard-00000.parquet")
     (out / "_plan").mkdir()
-    pq.write_table(pa.table({"image_id": ids, "url": [str(images / i) for i in ids], "offset": [-1] * count,
-                             "length": [-1] * count}), out / "_plan" / "listing.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": ids,
+                "url": [str(images / i) for i in ids],
+                "offset": [-1] * count,
+                "length": [-1] * count,
+            }
+        ),
+        out / "_plan" / "listing.parquet",
+    )
     (out / "_run.json").write_text('{"config": {"model_sha256": "abc123", "exit_depth": 4, "fusion": "fw"}}')
     ok = np.array([s == "ok" for s in status])
     return {"out": out, "quality": quality[ok], "status": status, "ids": ids, "identity": identity, "ok": ok}
@@ -98,13 +123,29 @@ def test_report_sections_numbers_and_escaping(tmp_path: Path, capsys) -> None:
     text = (data["out"] / "report" / "index.html").read_text()
     page = Page()
     page.feed(text)
-    assert page.sections == ["run", "status", "distribution", "agreement", "size", "thresholds", "galleries",
-                             "identities"]
-    assert page.scripts == 0 and "<script>alert(1)" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in text
+    assert page.sections == [
+        "run",
+        "status",
+        "distribution",
+        "agreement",
+        "size",
+        "thresholds",
+        "galleries",
+        "identities",
+    ]
+    assert (
+        page.scripts == 0
+        and "<script>alert(1)" not in text
+        and "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in text
+    )
     assert "<b>bold</b>" not in text
     assert all(src.startswith("data:image/png;base64,") for src in page.images)  # nothing external
     assert dict(page.tables["status-table"][1:]) == {"decode_error": "2", "ok": "57", "read_error": "1"}
-    assert {row[1] for row in page.tables["failure-table"][1:]} == {data["ids"][3], data["ids"][4], data["ids"][5]}
+    assert {row[1] for row in page.tables["failure-table"][1:]} == {
+        data["ids"][3],
+        data["ids"][4],
+        data["ids"][5],
+    }
     quality = data["quality"]
     for row in page.tables["threshold-table"][1:]:
         q = float(row[0])
@@ -112,7 +153,9 @@ def test_report_sections_numbers_and_escaping(tmp_path: Path, capsys) -> None:
         assert float(row[1]) == pytest.approx(value, abs=1e-4)
         assert int(row[2]) == int(np.sum(quality < value))
     overlap = {row[0]: float(row[2]) for row in page.tables["overlap-table"][1:]}
-    assert set(overlap) == {"exit 1", "exit 2", "exit 3", "exit 4"} and all(0 <= v <= 1 for v in overlap.values())
+    assert set(overlap) == {"exit 1", "exit 2", "exit 3", "exit 4"} and all(
+        0 <= v <= 1 for v in overlap.values()
+    )
     size = {row[0]: row for row in page.tables["size-table"][1:]}
     assert size["resized"][1] == "5" and size["not resized"][1] == "52"
     # identities: counted over scored images, threshold = the 0.1 quantile

@@ -32,8 +32,20 @@ _EXPORTS = {
 }
 
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS
-    "PRESETS", "ViTFIQAConfig", "CheckpointError", "LoadedModel", "load_model", "Fusion", "parse_fusion",
-    "ExitOutput", "ViTFIQA", "DecodeStatus", "DecodedImage", "decode_face", "normalize", "QualityScorer",
+    "PRESETS",
+    "ViTFIQAConfig",
+    "CheckpointError",
+    "LoadedModel",
+    "load_model",
+    "Fusion",
+    "parse_fusion",
+    "ExitOutput",
+    "ViTFIQA",
+    "DecodeStatus",
+    "DecodedImage",
+    "decode_face",
+    "normalize",
+    "QualityScorer",
     "ScoreResult",
 ]
 

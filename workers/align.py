@@ -43,8 +43,9 @@ def models_folder() -> Path:
     no longer ships."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise AlignerUnavailable("face alignment needs the face_recognition_models package (pip install "
-                                 "face_recognition_models)")
+        raise AlignerUnavailable(
+            "face alignment needs the face_recognition_models package (pip install face_recognition_models)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
@@ -85,7 +86,7 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     if np.linalg.det(u) * np.linalg.det(vt) < 0:
         sign[-1] = -1
     rotation = u @ np.diag(sign) @ vt
-    variance_s = (centred_s ** 2).sum() / len(source)
+    variance_s = (centred_s**2).sum() / len(source)
     scale = (singular * sign).sum() / variance_s if variance_s > 0 else 1.0
     translation = mean_t - scale * rotation @ mean_s
     return np.hstack([scale * rotation, translation[:, None]])
@@ -122,29 +123,44 @@ def detect_faces(rgb: np.ndarray, *, upsample: int | None = None, min_confidence
     still searched (small faces beside a large one are then not reported: pass upsample=1)."""
     if upsample is None:
         return detect_faces(rgb, upsample=0, min_confidence=min_confidence) or detect_faces(
-            rgb, upsample=1, min_confidence=min_confidence)
+            rgb, upsample=1, min_confidence=min_confidence
+        )
     import dlib
 
     detector, predictor = _dlib_models()
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     height, width = rgb.shape[:2]
     scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
-    small = rgb if scale == 1.0 else np.asarray(
-        Image.fromarray(rgb).resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                                    Image.Resampling.BILINEAR))
+    small = (
+        rgb
+        if scale == 1.0
+        else np.asarray(
+            Image.fromarray(rgb).resize(
+                (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
+            )
+        )
+    )
     rects, scores, _ = detector.run(small, upsample, min_confidence)
     faces = []
     for rect, score in zip(rects, scores, strict=True):
-        box = (rect.left() / scale, rect.top() / scale, (rect.right() + 1) / scale, (rect.bottom() + 1) / scale)
+        box = (
+            rect.left() / scale,
+            rect.top() / scale,
+            (rect.right() + 1) / scale,
+            (rect.bottom() + 1) / scale,
+        )
         full_rect = dlib.rectangle(round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1)
         shape = predictor(rgb, full_rect)
-        points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=np.float64)
+        points = np.array(
+            [[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=np.float64
+        )
         faces.append(Face(box=box, confidence=float(score), landmarks=landmarks_from_68(points)))
     return sorted(faces, key=lambda face: (-face.area, -face.confidence))
 
 
 def landmarks_in_box(rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
-    """The five ArcFace points of the face in a known box (no detection): for crops already centred on a face."""
+    """The five ArcFace points of the face in a known box (no detection): for crops already centred on a
+    face."""
     import dlib
 
     _, predictor = _dlib_models()
@@ -160,7 +176,11 @@ class AlignedFace:
 
 
 def align_faces(
-    rgb: np.ndarray, *, all_faces: bool = False, size: int = TEMPLATE_SIZE, upsample: int | None = None,
+    rgb: np.ndarray,
+    *,
+    all_faces: bool = False,
+    size: int = TEMPLATE_SIZE,
+    upsample: int | None = None,
     min_confidence: float = 0.0,
 ) -> list[AlignedFace]:
     """Detect, then align: the largest face only (default) or every face, largest first. [] when none."""

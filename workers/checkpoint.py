@@ -67,14 +67,18 @@ def load_state_dict_bytes(data: bytes, source: str = "<bytes>") -> dict[str, tor
         # torch reports every weights-only failure this way; only "Unsupported global" means code is needed.
         needed = _UNSUPPORTED_GLOBAL.search(str(error))
         if needed is None:
-            raise CheckpointError(f"{source}: not a readable torch checkpoint (corrupt or not a torch file)") from error
+            raise CheckpointError(
+                f"{source}: not a readable torch checkpoint (corrupt or not a torch file)"
+            ) from error
         raise CheckpointError(
             f"{source}: refused: this file needs pickled Python code to load ({needed.group(1)}), and "
             f"fiqa-curator only loads plain tensors (torch.load weights_only=True). Re-save it as a state "
             f"dict: torch.save(model.state_dict(), path)."
         ) from error
     except Exception as error:
-        raise CheckpointError(f"{source}: not a readable torch checkpoint: {type(error).__name__}: {error}") from error
+        raise CheckpointError(
+            f"{source}: not a readable torch checkpoint: {type(error).__name__}: {error}"
+        ) from error
     if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
         loaded = loaded["state_dict"]  # common training-script wrapper around a state dict
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -82,7 +86,9 @@ def load_state_dict_bytes(data: bytes, source: str = "<bytes>") -> dict[str, tor
     return dict(loaded)
 
 
-def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+def clean_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """Strip a `module.` prefix (DataParallel/DDP) and drop training-only keys; return (clean, ignored)."""
     keys = list(state_dict)
     if keys and all(key.startswith(WRAPPER_PREFIX) for key in keys):
@@ -172,7 +178,9 @@ def resolve_config(
         )
     hidden = inferred.get("mlp_hidden_dim")
     if hidden is not None and config.mlp_hidden_dim != hidden:
-        problems.append(f"mlp_ratio: config gives hidden width {config.mlp_hidden_dim}, weights have {hidden}")
+        problems.append(
+            f"mlp_ratio: config gives hidden width {config.mlp_hidden_dim}, weights have {hidden}"
+        )
     if problems:
         raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
     return config
@@ -181,7 +189,9 @@ def resolve_config(
 def _read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no such model config or preset: {path} (presets: {', '.join(sorted(PRESETS))})")
+        raise CheckpointError(
+            f"no such model config or preset: {path} (presets: {', '.join(sorted(PRESETS))})"
+        )
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
@@ -255,10 +265,14 @@ def load_model(
         arch = find_sidecar_config(url)
     state_dict = load_state_dict_bytes(data, url)
     model, config, ignored = build_model(state_dict, arch)
-    return LoadedModel(model=model, config=config, source=url, sha256=hashlib.sha256(data).hexdigest(), ignored_keys=ignored)
+    return LoadedModel(
+        model=model, config=config, source=url, sha256=hashlib.sha256(data).hexdigest(), ignored_keys=ignored
+    )
 
 
-def save_checkpoint(model: ViTFIQA, path: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> str:
+def save_checkpoint(
+    model: ViTFIQA, path: str | Path, *, storage_options: Mapping[str, Any] | None = None
+) -> str:
     """Save in the official format (a plain state dict); returns the sha256 of the written bytes."""
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

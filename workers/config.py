@@ -15,7 +15,15 @@ from fiqa_curator.schemas.errors import UserError
 
 Mode = Literal["token", "crfiqa", "full"]
 MODES: tuple[str, ...] = ("token", "crfiqa", "full")
-CONFIG_KEYS: tuple[str, ...] = ("mode", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+CONFIG_KEYS: tuple[str, ...] = (
+    "mode",
+    "img_size",
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+)
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,17 @@ def decode_jpegs(blobs: Sequence[bytes], device: torch.device | str) -> list[tor
     if not blobs:
         return []
     tensors = [torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy()) for blob in blobs]
-    # torchvision 0.29 deprecates its image decoders for TorchCodec, which this project's pins do not have yet.
+    # torchvision 0.29 deprecates its image decoders for TorchCodec, which this project's pins do not
+    # have yet.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
-            return [image.permute(1, 2, 0) for image in decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)]
+            return [
+                image.permute(1, 2, 0)
+                for image in decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+            ]
         except RuntimeError:
             pass
         decoded: list[torch.Tensor | None] = []

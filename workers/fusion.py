@@ -58,7 +58,8 @@ class Fusion:
             assert self.user_weights is not None
             if len(self.user_weights) != exit_depth:
                 raise UserError(
-                    f"{len(self.user_weights)} fusion weights given for {exit_depth} exits: give one per exit 1..L"
+                    f"{len(self.user_weights)} fusion weights given for {exit_depth} exits: "
+                    "give one per exit 1..L"
                 )
             weights = np.asarray(self.user_weights, dtype=np.float64)
         return weights / weights.sum()
@@ -88,5 +89,7 @@ def parse_fusion(spec: str | Fusion | Sequence[float]) -> Fusion:
     try:
         weights = tuple(float(part) for part in text.split(","))
     except ValueError as error:
-        raise UserError(f"unknown fusion {spec!r}: use f, fw, final or comma-separated weights w1,...,wL") from error
+        raise UserError(
+            f"unknown fusion {spec!r}: use f, fw, final or comma-separated weights w1,...,wL"
+        ) from error
     return Fusion("w", weights)

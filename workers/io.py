@@ -15,7 +15,9 @@ T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
 
 
-def with_retries(action: Callable[[], T], *, attempts: int = 9, base_delay: float = 0.2, max_delay: float = 15.0) -> T:
+def with_retries(
+    action: Callable[[], T], *, attempts: int = 9, base_delay: float = 0.2, max_delay: float = 15.0
+) -> T:
     """Run `action`, retrying errors that may be transient (network, throttling, 5xx) with jittered
     exponential backoff: 40 to 60 s of waiting in all by default, so that a store restarting (tens of
     seconds) costs time, not rows. Errors that cannot get better (missing file, permissions) are raised at
@@ -34,7 +36,9 @@ def with_retries(action: Callable[[], T], *, attempts: int = 9, base_delay: floa
     raise AssertionError("unreachable")
 
 
-def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of one URL. Not `url_to_fs`: it reads "::" as a chain of filesystems, and
     "::" is a legal character pair in file names and object keys."""
     protocol, _ = split_protocol(url)

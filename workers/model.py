@@ -196,7 +196,9 @@ class ViTFIQA(nn.Module):
             heads = attention.num_heads
             qkv = attention.qkv(normed).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
             query, key = qkv[0][:, :, :1], qkv[1]  # the quality token's query against every key
-            weights = ((query @ key.transpose(-2, -1)) * attention.scale).softmax(dim=-1)  # (B, heads, 1, tokens)
+            weights = ((query @ key.transpose(-2, -1)) * attention.scale).softmax(
+                dim=-1
+            )  # (B, heads, 1, tokens)
             maps.append(weights.mean(dim=1)[:, 0, 1:])
             hidden = block(hidden)
         grid = self.config.grid_size

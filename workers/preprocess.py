@@ -100,7 +100,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
                 return DecodedImage(
                     DecodeStatus.TOO_LARGE,
                     error=f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
-                    width=width, height=height, format=image.format,
+                    width=width,
+                    height=height,
+                    format=image.format,
                 )
             image_format, source_mode = image.format, image.mode
             image.seek(0)  # GIF/TIFF: first frame
@@ -112,8 +114,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
     except Exception as error:  # truncated/corrupt data (OSError, SyntaxError, ...) or a decoder bug: a row
         return DecodedImage(DecodeStatus.DECODE_ERROR, error=f"{type(error).__name__}: {error}")
     width, height = rgb.size
-    return DecodedImage(DecodeStatus.OK, image=np.asarray(rgb, dtype=np.uint8).copy(), width=width, height=height,
-                        format=image_format, mode=source_mode)
+    return DecodedImage(
+        DecodeStatus.OK,
+        image=np.asarray(rgb, dtype=np.uint8).copy(),
+        width=width,
+        height=height,
+        format=image_format,
+        mode=source_mode,
+    )
 
 
 def decode_face(
@@ -142,9 +150,13 @@ def plain_jpeg(data: bytes, *, size: int = DEFAULT_SIZE) -> bool:
         return False
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
-            return (image.size == (size, size) and image.mode in ("RGB", "L")
-                    and not image.info.get("progressive") and not image.info.get("progression")
-                    and image.getexif().get(EXIF_ORIENTATION, 1) == 1)
+            return (
+                image.size == (size, size)
+                and image.mode in ("RGB", "L")
+                and not image.info.get("progressive")
+                and not image.info.get("progression")
+                and image.getexif().get(EXIF_ORIENTATION, 1) == 1
+            )
     except Exception:  # untrusted bytes: whatever Pillow raises on them, the CPU path decides (with a reason)
         return False
 

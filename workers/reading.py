@@ -59,8 +59,11 @@ class FaceRow:
     encoded: bytes = ENCODED.null  # left for the scoring device to decode
 
 
-def _read_span(url: str, ranges: list[tuple[int, int]], storage_options: Mapping[str, Any] | None,
-               ) -> list[tuple[bytes | None, str]]:
+def _read_span(
+    url: str,
+    ranges: list[tuple[int, int]],
+    storage_options: Mapping[str, Any] | None,
+) -> list[tuple[bytes | None, str]]:
     """The bytes of each (offset, length) of `url` (offset -1: the whole file), read in one request; a
     failed read is every range's (None, reason)."""
     start = ranges[0][0]
@@ -86,7 +89,11 @@ def _spans(urls: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> list[l
             by_url.setdefault(str(url), []).append(index)
     for indices in by_url.values():
         indices.sort(key=lambda i: int(offsets[i]))
-        span, start, end = [indices[0]], int(offsets[indices[0]]), int(offsets[indices[0]] + lengths[indices[0]])
+        span, start, end = (
+            [indices[0]],
+            int(offsets[indices[0]]),
+            int(offsets[indices[0]] + lengths[indices[0]]),
+        )
         for index in indices[1:]:
             offset, stop = int(offsets[index]), int(offsets[index] + lengths[index])
             if offset - end <= MAX_GAP and max(end, stop) - start <= MAX_SPAN:
@@ -99,8 +106,13 @@ def _spans(urls: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> list[l
     return spans
 
 
-def decode_rows(data: bytes, img_size: int = 112, max_pixels: int = DEFAULT_MAX_PIXELS, align: str | None = None,
-                defer_jpeg: bool = False) -> list[FaceRow]:
+def decode_rows(
+    data: bytes,
+    img_size: int = 112,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    align: str | None = None,
+    defer_jpeg: bool = False,
+) -> list[FaceRow]:
     """An item's bytes -> its rows: the face crop(s) the model scores, or why there are none. The one place
     that turns bytes into model input; the report's thumbnails come from it too (with the run's settings),
     so they show exactly what was scored."""
@@ -108,8 +120,16 @@ def decode_rows(data: bytes, img_size: int = 112, max_pixels: int = DEFAULT_MAX_
         return [FaceRow(Status.OK, pixels=None, width=img_size, height=img_size, encoded=data)]
     if align is None:
         decoded = decode_face(data, size=img_size, max_pixels=max_pixels)
-        return [FaceRow(decoded.status, decoded.error or _NULL["error"], decoded.image, decoded.width or _NULL["width"],
-                     decoded.height or _NULL["height"], decoded.resized)]
+        return [
+            FaceRow(
+                decoded.status,
+                decoded.error or _NULL["error"],
+                decoded.image,
+                decoded.width or _NULL["width"],
+                decoded.height or _NULL["height"],
+                decoded.resized,
+            )
+        ]
     from fiqa_curator.workers.align import detect_faces, warp_to_template
 
     decoded = decode_image(data, max_pixels=max_pixels)
@@ -121,12 +141,27 @@ def decode_rows(data: bytes, img_size: int = 112, max_pixels: int = DEFAULT_MAX_
         chosen = faces if align == "all" else faces[:1]
         crops = [warp_to_template(decoded.image, face.landmarks, img_size) for face in chosen]
     except Exception as error:  # a detector failure on one image is that image's row, not the job's end
-        return [FaceRow(Status.DECODE_ERROR, f"face alignment failed: {type(error).__name__}: {error}", None, *size)]
+        return [
+            FaceRow(
+                Status.DECODE_ERROR, f"face alignment failed: {type(error).__name__}: {error}", None, *size
+            )
+        ]
     if not faces:
         return [FaceRow(Status.NO_FACE, "no face found by the detector", None, *size, faces=0)]
-    return [FaceRow(Status.OK, _NULL["error"], crop, *size, resized=True, face_index=index, faces=len(faces),
-                 face_box=tuple(float(v) for v in face.box), face_confidence=face.confidence)
-            for index, (face, crop) in enumerate(zip(chosen, crops, strict=True))]
+    return [
+        FaceRow(
+            Status.OK,
+            _NULL["error"],
+            crop,
+            *size,
+            resized=True,
+            face_index=index,
+            faces=len(faces),
+            face_box=tuple(float(v) for v in face.box),
+            face_confidence=face.confidence,
+        )
+        for index, (face, crop) in enumerate(zip(chosen, crops, strict=True))
+    ]
 
 
 def read_and_decode(
@@ -145,7 +180,11 @@ def read_and_decode(
     if align is not None and defer_jpeg:
         raise ValueError("defer_jpeg is for aligned crops: raw photos are decoded where faces are detected")
     count = len(batch["image_id"])
-    urls, offsets, lengths = np.asarray(batch["url"]), np.asarray(batch["offset"]), np.asarray(batch["length"])
+    urls, offsets, lengths = (
+        np.asarray(batch["url"]),
+        np.asarray(batch["offset"]),
+        np.asarray(batch["length"]),
+    )
     spans = _spans(urls, offsets, lengths)
 
     def read(span: list[int]) -> list[tuple[bytes | None, str]]:
@@ -164,8 +203,11 @@ def read_and_decode(
     rows: list[tuple[int, FaceRow]] = []
     byte_sizes: list[int] = []
     for index, (data, read_error) in enumerate(reads):
-        item_rows = ([FaceRow(Status.READ_ERROR, read_error)] if data is None
-                     else decode_rows(data, img_size, max_pixels, align, defer_jpeg))
+        item_rows = (
+            [FaceRow(Status.READ_ERROR, read_error)]
+            if data is None
+            else decode_rows(data, img_size, max_pixels, align, defer_jpeg)
+        )
         rows.extend((index, row) for row in item_rows)
         byte_sizes.append(_NULL["byte_size"] if data is None else len(data))
     total = len(rows)
@@ -174,11 +216,23 @@ def read_and_decode(
     out["item_id"] = np.asarray(batch["image_id"])[owner]
     out["item_rows"] = np.bincount(owner, minlength=count)[owner].astype(READ_COLUMNS["item_rows"].dtype)
     if align == "all":  # one row per face: each needs its own id; items without a face keep theirs
-        out["image_id"] = np.array([face_image_id(batch["image_id"][i], row.face_index) if row.face_index >= 0
-                                    else str(batch["image_id"][i]) for i, row in rows], dtype=object)
+        out["image_id"] = np.array(
+            [
+                face_image_id(batch["image_id"][i], row.face_index)
+                if row.face_index >= 0
+                else str(batch["image_id"][i])
+                for i, row in rows
+            ],
+            dtype=object,
+        )
     if defer_jpeg:
-        out[ENCODED.name] = np.array([row.encoded or (ENCODED.null if row.pixels is None else row.pixels.tobytes())
-                                      for _, row in rows], dtype=ENCODED.dtype)
+        out[ENCODED.name] = np.array(
+            [
+                row.encoded or (ENCODED.null if row.pixels is None else row.pixels.tobytes())
+                for _, row in rows
+            ],
+            dtype=ENCODED.dtype,
+        )
         out[JPEG.name] = np.array([bool(row.encoded) for _, row in rows], dtype=JPEG.dtype)
     else:
         out[PIXELS] = np.zeros((total, img_size, img_size, 3), dtype=np.uint8)
@@ -187,7 +241,9 @@ def read_and_decode(
                 out[PIXELS][position] = row.pixels
     for name in ("status", "error", "width", "height", "resized", "face_index", "faces", "face_confidence"):
         out[name] = np.array([getattr(row, name) for _, row in rows], dtype=READ_COLUMNS[name].dtype)
-    out["status"] = np.array([str(status) for status in out["status"]], dtype=object)  # plain strings in batches
+    out["status"] = np.array(
+        [str(status) for status in out["status"]], dtype=object
+    )  # plain strings in batches
     box = READ_COLUMNS["face_box"]
     out["face_box"] = np.array([row.face_box for _, row in rows], dtype=box.dtype).reshape(total, box.width)
     out["byte_size"] = np.array(byte_sizes, dtype=READ_COLUMNS["byte_size"].dtype)[owner]

@@ -24,16 +24,24 @@ AUTO_BATCH_CAP = 2048  # a GPU is saturated well before this for ViT-S/B at 112x
 PROBE_IMAGES = 32
 
 
-def batch_size_for_memory(per_image_bytes: float, free_bytes: float, *, share: float = 1.0,
-                          headroom: float = 0.7, cap: int = AUTO_BATCH_CAP, multiple: int = 32) -> int:
+def batch_size_for_memory(
+    per_image_bytes: float,
+    free_bytes: float,
+    *,
+    share: float = 1.0,
+    headroom: float = 0.7,
+    cap: int = AUTO_BATCH_CAP,
+    multiple: int = 32,
+) -> int:
     """The largest batch whose activations fit in `headroom` of `share` of the free device memory.
 
     per_image_bytes: the peak memory one image adds during a forward pass (measured, `QualityScorer`);
     share: the fraction of the GPU this scorer owns (`--gpus-per-worker` 0.5: two scorers share it).
     Rounded down to a multiple of `multiple` (kernel-friendly shapes), at most `cap`, at least 1."""
     if per_image_bytes <= 0 or free_bytes <= 0 or not 0 < share <= 1:
-        raise ValueError(f"need positive memory figures and 0 < share <= 1, got {per_image_bytes}, "
-                         f"{free_bytes}, {share}")
+        raise ValueError(
+            f"need positive memory figures and 0 < share <= 1, got {per_image_bytes}, {free_bytes}, {share}"
+        )
     fits = int(free_bytes * share * headroom // per_image_bytes)
     if fits >= multiple:
         fits = fits // multiple * multiple
@@ -98,11 +106,16 @@ class QualityScorer:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.loaded = loaded
         self.device = resolve_device(device)
-        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.precision = (
+            ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        )
         self.model = loaded.model.to(self.device).eval()
         if batch_size == "auto":
-            batch_size = (batch_size_for_memory(*self._memory_probe(), share=memory_share)
-                          if self.device.type == "cuda" else CPU_BATCH_SIZE)
+            batch_size = (
+                batch_size_for_memory(*self._memory_probe(), share=memory_share)
+                if self.device.type == "cuda"
+                else CPU_BATCH_SIZE
+            )
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 or 'auto', got {batch_size!r}")
@@ -129,7 +142,9 @@ class QualityScorer:
             # uint8 over the bus (4x less than float32), from pinned memory, normalised on the GPU
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         pixels = normalize(chunk).to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        ):
             return self.model.forward_exits(pixels, depth, with_embedding=embeddings)
 
     @property

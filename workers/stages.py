@@ -66,10 +66,12 @@ class ScoreActor:
     ) -> None:
         if threads:
             torch.set_num_threads(int(threads))  # Ray sets OMP_NUM_THREADS to the actor's CPU reservation
-        # `config` is the architecture the driver resolved and checked; the weights are checked against it again.
+        # `config` is the architecture the driver resolved and checked; the weights are checked against it
+        # again.
         loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(config), storage_options=storage_options)
-        self.scorer = QualityScorer(loaded, device=device, batch_size=batch_size, precision=precision,
-                                    memory_share=memory_share)
+        self.scorer = QualityScorer(
+            loaded, device=device, batch_size=batch_size, precision=precision, memory_share=memory_share
+        )
         self.max_pixels = max_pixels
         self.exit_depth = exit_depth or loaded.config.depth
         self.fusion = fusion
@@ -77,15 +79,19 @@ class ScoreActor:
         self.sha256 = loaded.sha256
         self.node_id = _ray_node_id()
         if expected_sha256 and loaded.sha256 != expected_sha256:
-            raise RuntimeError(f"checkpoint {checkpoint} changed during the run: sha256 {loaded.sha256}, "
-                               f"planned with {expected_sha256}")
+            raise RuntimeError(
+                f"checkpoint {checkpoint} changed during the run: sha256 {loaded.sha256}, "
+                f"planned with {expected_sha256}"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["status"])
         out = {key: value for key, value in batch.items() if key not in STAGE_INPUTS}
         out[SCORED_ON.name] = np.full(count, self.node_id, dtype=SCORED_ON.dtype)  # for the run record
         out[DEVICE_DECODED.name] = DEVICE_DECODED.empty(count)  # for the run record
-        out["status"] = np.array(batch["status"], dtype=object)  # copies: device decoding may turn rows into errors
+        out["status"] = np.array(
+            batch["status"], dtype=object
+        )  # copies: device decoding may turn rows into errors
         out["error"] = np.array(batch["error"], dtype=object)
         for name, column in SCORED_COLUMNS.items():  # null until scored
             out[name] = column.empty(count, self.exit_depth)
@@ -93,7 +99,9 @@ class ScoreActor:
             out[EMBEDDING.name] = EMBEDDING.empty(count, self.scorer.loaded.config.embed_dim)
         images, ok = self._images(batch, out)
         if ok.any():
-            result = self.scorer.score(images, exit_depth=self.exit_depth, fusion=self.fusion, embeddings=self.embeddings)
+            result = self.scorer.score(
+                images, exit_depth=self.exit_depth, fusion=self.fusion, embeddings=self.embeddings
+            )
             if result.embedding is not None:
                 out["embedding"][ok] = result.embedding
             out["exit_scores"][ok] = result.exit_scores
@@ -114,7 +122,9 @@ class ScoreActor:
         encoded, jpeg = batch[ENCODED.name], np.asarray(batch[JPEG.name], dtype=bool)
         device, size = self.scorer.device, self.scorer.loaded.config.img_size
         host: dict[int, np.ndarray] = {  # row -> pixels decoded on a CPU (by the reading stage, or below)
-            i: np.frombuffer(encoded[i], dtype=np.uint8).reshape(size, size, 3) for i in np.flatnonzero(ok & ~jpeg)}
+            i: np.frombuffer(encoded[i], dtype=np.uint8).reshape(size, size, 3)
+            for i in np.flatnonzero(ok & ~jpeg)
+        }
         deferred = np.flatnonzero(ok & jpeg)
         decoded = device_decode.decode_jpegs([encoded[i] for i in deferred], device)
         on_device = out[DEVICE_DECODED.name]
@@ -137,5 +147,6 @@ class ScoreActor:
         if rows:
             images[torch.as_tensor(position[rows], device=device)] = torch.as_tensor(pixels).to(device)
         images[torch.as_tensor(position[on_device], device=device)] = torch.stack(
-            [image for index, image in zip(deferred, decoded, strict=True) if on_device[index]])
+            [image for index, image in zip(deferred, decoded, strict=True) if on_device[index]]
+        )
         return images, ok
