@@ -30,6 +30,7 @@ from PIL import Image
 from fiqa_curator.demo_kit.degrade import DEGRADATIONS, SEVERITIES, degrade
 from fiqa_curator.demo_kit.faces import SourceFace, lfw_non_faces, source_faces
 from fiqa_curator.demo_kit.utility import fr_embeddings, references, utility
+from fiqa_curator.schemas.errors import UserError
 
 HELD_OUT_LFW = 14  # LFW faces held out from training, plus grace_hopper: 15 faces never seen in training
 SPLIT_SEED = 20261130
@@ -136,7 +137,7 @@ def build_sample_set(
     splits = split_faces(all_faces)
     chosen = [face for face in all_faces if split == "all" or splits[face.face_id] == split][:max_faces]
     if not chosen:
-        raise ValueError(f"no faces in split {split!r}")
+        raise UserError(f"no faces in split {split!r}")
     log(
         f"[demo-data] {len(chosen)} source faces ({split}), "
         f"{len(kinds)} degradations x {len(severities)} severities"

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from fiqa_curator.schemas.errors import UserError
+
 SEVERITIES = (1, 2, 3, 4, 5)
 
 # Parameter per severity 1..5, chosen so that each step costs a visible amount of recognisability.
@@ -149,11 +151,11 @@ DEGRADATIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndar
 def degrade(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
     """`image` (H, W, 3) uint8 degraded by `kind` at `severity` (0 = unchanged copy, 1..5)."""
     if kind not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(DEGRADATIONS)}")
+        raise UserError(f"unknown degradation {kind!r}; known: {', '.join(DEGRADATIONS)}")
     if severity == 0:
         return np.array(image, dtype=np.uint8, copy=True)
     if severity not in SEVERITIES:
-        raise ValueError(f"severity must be 0..{SEVERITIES[-1]}, got {severity}")
+        raise UserError(f"severity must be 0..{SEVERITIES[-1]}, got {severity}")
     return np.ascontiguousarray(
         DEGRADATIONS[kind](np.asarray(image, dtype=np.uint8), severity, rng), dtype=np.uint8
     )

@@ -171,7 +171,7 @@ def iso_threshold(
     (the quantile of the genuine similarities, a starting FNMR). Nothing given means starting_error 0.05."""
     given = [v is not None for v in (threshold, fmr, starting_error)]
     if sum(given) > 1:
-        raise ValueError("give one of threshold, fmr or starting_error")
+        raise UserError("give one of threshold, fmr or starting_error")
     if threshold is not None:
         return float(threshold)
     if fmr is not None:
@@ -189,7 +189,7 @@ def iso_curve(
     similarities = np.asarray(genuine_similarities, dtype=np.float64)
     qualities = np.asarray(genuine_pair_qualities, dtype=np.float64)
     if similarities.shape != qualities.shape or similarities.ndim != 1 or len(similarities) == 0:
-        raise ValueError("need one pair quality per genuine similarity, at least one comparison")
+        raise UserError("need one pair quality per genuine similarity, at least one comparison")
     order = np.argsort(qualities)
     qualities, similarities = qualities[order], similarities[order]
     count = len(qualities)
@@ -207,7 +207,7 @@ def iso_curve(
 def iso_pauc(discard_fractions: np.ndarray, error_fractions: np.ndarray, discard_limit: float = 0.3) -> float:
     """Stepwise area: each point's error times the width to the next point, the last step cut at the limit."""
     if not 0 <= discard_limit <= 1:
-        raise ValueError(f"discard limit must be in [0, 1], got {discard_limit}")
+        raise UserError(f"discard limit must be in [0, 1], got {discard_limit}")
     if discard_limit == 0:
         return 0.0
     x = np.asarray(discard_fractions, dtype=np.float64)

@@ -29,7 +29,7 @@ from fiqa_curator.evaluation.edc import (
     pair_quality,
 )
 from fiqa_curator.schemas.errors import UserError
-from fiqa_curator.schemas.layout import RUN_FILE, RunRecord
+from fiqa_curator.schemas.layout import RUN_FILE, SCORES, RunRecord
 from fiqa_curator.schemas.quality_table import exit_score_matrix
 
 FIQA_SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw")
@@ -37,14 +37,18 @@ REPORTED_LIMITS = (0.2, 0.3)
 
 
 def _read_table(url: str, storage_options: Mapping[str, Any] | None) -> pa.Table:
+    """A user's file (or a fiqa OUTPUT's table); one that is not a readable table is a UserError."""
     fs, path = url_to_fs(url, **dict(storage_options or {}))
-    if fs.isdir(path):
-        scores = path.rstrip("/") + "/scores"
-        return pq.read_table(scores if fs.isdir(scores) else path, filesystem=fs)
-    if path.endswith(".csv"):
-        with fs.open(path, "rb") as handle:
-            return pacsv.read_csv(handle)
-    return pq.read_table(path, filesystem=fs)
+    try:
+        if fs.isdir(path):
+            scores = path.rstrip("/") + "/" + SCORES
+            return pq.read_table(scores if fs.isdir(scores) else path, filesystem=fs)
+        if path.endswith(".csv"):
+            with fs.open(path, "rb") as handle:
+                return pacsv.read_csv(handle)
+        return pq.read_table(path, filesystem=fs)
+    except pa.ArrowInvalid as error:  # not Parquet / CSV, or malformed
+        raise UserError(f"{url}: not a readable table: {error}") from error
 
 
 def load_methods(
@@ -96,9 +100,12 @@ def load_pairs(
     table = _read_table(url, storage_options)
     if not {"image_id_a", "image_id_b", "genuine"} <= set(table.column_names):
         raise UserError(f"{url}: pairs need `image_id_a`, `image_id_b`, `genuine` columns")
-    genuine = np.asarray(
-        [bool(int(g)) if not isinstance(g, bool) else g for g in table.column("genuine").to_pylist()]
-    )
+    try:
+        genuine = np.asarray(
+            [bool(int(g)) if not isinstance(g, bool) else g for g in table.column("genuine").to_pylist()]
+        )
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{url}: `genuine` must be 0/1 or true/false: {error}") from error
     return (
         [str(x) for x in table.column("image_id_a").to_pylist()],
         [str(x) for x in table.column("image_id_b").to_pylist()],

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -139,7 +140,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from fiqa_curator.demo_kit.build import build_sample_set
 
-    severities = tuple(int(v) for v in args.severities.split(","))
+    severities = args.severities
     manifest = build_sample_set(
         Path(args.output),
         split=args.split,
@@ -160,7 +161,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.pairs,
         embeddings=args.embeddings,
         protocol=args.protocol,
-        fmrs=[float(v) for v in args.fmr.split(",")],
+        fmrs=args.fmr,
         discard_limit=args.discard_limit,
         threshold=args.threshold,
         starting_error=args.starting_error,
@@ -215,7 +216,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from fiqa_curator.flows.prefect_server import ensure_prefect_api
 
     parameters: dict = {"incremental": not args.no_incremental}
-    scoring = serve_parameters(args)
+    scoring = serve_parameters(args)  # checked now (a UserError naming the flag), not at 2 a.m.
     if scoring:
         parameters["scoring"] = scoring
     deployment = nightly_deployment(
@@ -364,6 +365,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    """An argparse type: comma-separated numbers (a bad one is a usage error, exit status 2)."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiqa",
@@ -404,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_data.add_argument("--faces", type=int, help="at most this many faces")
     demo_data.add_argument(
-        "--severities", default="1,2,3,4,5", help="severities to write (default: %(default)s)"
+        "--severities",
+        type=_numbers(int),
+        default="1,2,3,4,5",
+        help="severities to write (default: %(default)s)",
     )
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(handler=_cmd_demo_data)
@@ -459,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="erc",
         help="erc: CR-FIQA/EX-FIQA papers; iso: Schlett et al. FNM-EDC (default: %(default)s)",
     )
-    evaluate.add_argument("--fmr", default="1e-2,1e-3,1e-4", help="operating points (default: %(default)s)")
+    evaluate.add_argument(
+        "--fmr",
+        type=_numbers(float),
+        default="1e-2,1e-3,1e-4",
+        help="operating points (default: %(default)s)",
+    )
     evaluate.add_argument(
         "--discard-limit", type=float, default=0.3, help="pAUC limit (default: %(default)s)"
     )

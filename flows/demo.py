@@ -127,7 +127,7 @@ def run_demo(
     if not manifest.is_file():
         build_sample_set(data, split="test", max_faces=faces, log=log)
     prefect_api.result()  # a server that could not start fails here, with its one-line reason
-    options = ScoreOptions(
+    options = ScoreOptions.make(
         input=str(manifest),
         output=str(output / "quality"),
         exit_depth=exit_depth,
@@ -164,7 +164,7 @@ def run_demo(
         )
         write_report(quality)  # again, now with the evaluation section
     if raw and (data / "raw").is_dir():
-        raw_options = ScoreOptions(
+        raw_options = ScoreOptions.make(
             input=str(data / "raw"),
             output=str(output / "raw-quality"),
             exit_depth=exit_depth,

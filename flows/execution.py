@@ -38,9 +38,9 @@ from fiqa_curator.schemas.layout import shard_name
 from fiqa_curator.workers.io import protocol_of
 from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
 
-GPU_BLOCK_ROWS = (
-    1024  # rows per Ray Data block on GPU with an automatic batch size; the actor splits by memory
-)
+# Rows per Ray Data block on GPU with an automatic batch size; the actor splits them by memory.
+GPU_BLOCK_ROWS = 1024
+PLACEMENT_WAIT_S = 120  # for one-actor-per-node placement (milliseconds on an idle cluster)
 
 
 class StallError(RuntimeError):
@@ -175,6 +175,18 @@ def execute(
         gpus_per_worker=options.gpus_per_worker,
     )
     group = spread_cpu_actors(placement, cpu_node_count())
+    if group is not None and not group.wait(PLACEMENT_WAIT_S):
+        # The nodes counted are busy with other work, or one went away: better actors placed as Ray can
+        # than a run that waits for a placement that may never come.
+        logger.warning(
+            "the %d scoring actors could not be placed one per node within %d s; Ray places them as it can",
+            placement.workers,
+            PLACEMENT_WAIT_S,
+        )
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(group)
+        group = None
     try:
         stats = _score_on_ray(
             options, plan, pending, config, checkpoint, placement, group, writer, carried, logger, on_rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.workers.settings import DEFAULT_MAX_PIXELS, AlignMode
 
 DEFAULT_SHARD_SIZE = 1000
-DEFAULT_MAX_PIXELS = 64_000_000  # only stops decompression bombs; a face crop needs nothing near it
+RAW_PHOTOS = "raw photos (default: INPUT holds aligned 112x112 face crops)"
 DEFAULT_STALL_TIMEOUT_S = 1800.0
-ALIGN_MODES = ("largest", "all")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ def _flag(group: str, **kwargs: Any) -> dict[str, Any]:
 
 
 class ScoreOptions(BaseModel):
-    """What `fiqa score` can be told; `flows.score.score_flow(options)` runs it."""
+    """What `fiqa score` can be told; `flows.score.score_flow(options)` runs it. The architecture file
+    (`--model-config`) is the field `architecture_file`, which also takes the name `model_config` when an
+    options object is made (pydantic keeps `options.model_config` for its own settings)."""
 
     model_config = ConfigDict(
         extra="forbid", populate_by_name=True, protected_namespaces=(), validate_assignment=False
@@ -89,11 +92,11 @@ class ScoreOptions(BaseModel):
         json_schema_extra=_flag("model"),
     )
     # raw photos
-    align: Literal["largest", "all"] | None = Field(
+    align: AlignMode | None = Field(
         None,
         description="raw photographs: detect faces (dlib) and warp the largest (largest) or every one (all) "
         "to the ArcFace template; no face: status no_face",
-        json_schema_extra=_flag("raw photos", serve=True),
+        json_schema_extra=_flag(RAW_PHOTOS, serve=True),
     )
     # execution
     batch_size: int | None = Field(
@@ -175,6 +178,13 @@ class ScoreOptions(BaseModel):
         json_schema_extra=_flag("execution", flag="--no-report"),
     )
 
+    @field_validator("input", "output", "checkpoint", "architecture_file", "since", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return (
+            os.fspath(value) if isinstance(value, os.PathLike) else value
+        )  # pathlib.Path from Python callers
+
     @field_validator("stall_timeout")
     @classmethod
     def _zero_waits(cls, value: float | None) -> float | None:
@@ -188,14 +198,21 @@ class ScoreOptions(BaseModel):
     @classmethod
     def make(cls, **values: Any) -> ScoreOptions:
         """`ScoreOptions(**values)`, with a bad value reported as a UserError that names its flag."""
+        if isinstance(values.get("storage_options"), str):  # its own messages, not pydantic's wording of them
+            values = {**values, "storage_options": parse_storage_options(values["storage_options"])}
         try:
             return cls(**values)
         except ValidationError as error:
-            problems = []
-            for issue in error.errors():
-                name = str(issue["loc"][0]) if issue["loc"] else ""
-                problems.append(f"{flag_of(name)}: {issue['msg']}" if name else issue["msg"])
-            raise UserError("; ".join(problems)) from None
+            raise UserError(_problems(error)) from None
+
+
+def _problems(error: ValidationError) -> str:
+    """A validation error as one line, each problem named by its flag."""
+    problems = []
+    for issue in error.errors():
+        name = str(issue["loc"][0]) if issue["loc"] else ""
+        problems.append(f"{flag_of(name)}: {issue['msg']}" if name else issue["msg"])
+    return "; ".join(problems)
 
 
 def flag_of(name: str) -> str:
@@ -340,8 +357,14 @@ def options_from_args(args: argparse.Namespace) -> ScoreOptions:
 
 
 def serve_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The `fiqa serve` flags that were given, as the nightly flow's `scoring` parameter."""
-    return _given(args, NightlyScoring.model_fields)
+    """The `fiqa serve` flags that were given, as the nightly flow's `scoring` parameter (checked: a bad
+    value is a UserError naming its flag, at `fiqa serve` time rather than at the first night's run)."""
+    given = _given(args, NightlyScoring.model_fields)
+    try:
+        NightlyScoring.model_validate(given)
+    except ValidationError as error:
+        raise UserError(_problems(error)) from None
+    return given
 
 
 def _serve_fields() -> dict[str, Any]:

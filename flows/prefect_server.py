@@ -26,11 +26,13 @@ and uses it (tests/test_first_run.py checks this, so a Prefect upgrade that chan
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from fiqa_curator.schemas.errors import UserError
 
@@ -79,8 +81,9 @@ def ensure_prefect_api() -> str:
 
 
 def start_prefect_api_in_background() -> Future[str]:
-    """`ensure_prefect_api` on a helper thread, so that the server's start overlaps other work; a flow
-    started later waits for it (`ensure_prefect_api` again) instead of starting a second one."""
+    """`ensure_prefect_api` on a helper thread, so that the server's start overlaps other work. Wait for the
+    future before anything talks to Prefect: Prefect marks the server running before it answers, so a
+    client made meanwhile would find it and fail to connect."""
     future: Future[str] = Future()
     context = contextvars.copy_context()  # Prefect's settings live in context variables
 
@@ -92,6 +95,16 @@ def start_prefect_api_in_background() -> Future[str]:
 
     threading.Thread(target=run, name="fiqa-prefect-server", daemon=True).start()
     return future
+
+
+def _abandon(server: Any, outcome: Future[None]) -> None:
+    """Stop a server that failed to start, and let Prefect's wait loop on the helper thread notice (it ends
+    once the process is gone) before stopping whatever it may have started meanwhile."""
+    server.stop()
+    with contextlib.suppress(Exception):
+        outcome.result(timeout=10)
+    if server.server_process is not None:
+        server.stop()
 
 
 def _start_temporary_server(timeout: int) -> str:
@@ -123,7 +136,7 @@ def _start_temporary_server(timeout: int) -> str:
             except FutureTimeout:
                 pass
             except Exception as error:
-                server.stop()
+                _abandon(server, outcome)
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 raise PrefectServerError(
                     f"Prefect's temporary server did not start ({reason[:200]}): {_remedy(timeout)}"
@@ -131,14 +144,14 @@ def _start_temporary_server(timeout: int) -> str:
             process = server.server_process
             code = process.poll() if process is not None else None
             if code is not None and code != _PORT_IN_USE:
-                server.stop()
+                _abandon(server, outcome)
                 raise PrefectServerError(
                     f"Prefect's temporary server exited with status {code} while starting "
                     f"(its output is above; its database is under PREFECT_HOME): "
                     f"{_remedy(timeout)}"
                 )
             if time.monotonic() > deadline:
-                server.stop()
+                _abandon(server, outcome)
                 raise PrefectServerError(
                     f"Prefect's temporary server did not answer within {timeout} s: {_remedy(timeout)}"
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +19,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.layout import EVALUATION, LISTING_FILE, SCORES, RunRecord
 from fiqa_curator.schemas.quality_table import exit_score_matrix
 from fiqa_curator.schemas.status import Status
 
+logger = logging.getLogger(__name__)
 COLUMNS = [
     "image_id",
     "identity",
@@ -264,6 +267,7 @@ def faces_of(
     size = int((run.model_config_dict or {}).get("img_size", 112))
     align = config.get("align")
     faces: dict[str, np.ndarray | None] = {}
+    unreadable: list[str] = []
     for image_id in image_ids:
         item_id, face_index = item_of(image_id, align)
         faces[image_id] = None
@@ -271,13 +275,18 @@ def faces_of(
             continue
         try:
             data = read_range(*listing[item_id], storage_options, attempts=2)
-        except OSError:  # moved or deleted since scoring (fsspec's errors are OSErrors): "no preview"
+        except Exception as error:  # any store's error (moved, deleted, no credentials here): "no preview"
+            unreadable.append(f"{image_id}: {type(error).__name__}: {error}")
             continue
         kwargs = {"max_pixels": config["max_pixels"]} if config.get("max_pixels") else {}
         rows = [row for row in decode_rows(data, size, align=align, **kwargs) if row.pixels is not None]
         if align == "all":
             rows = [row for row in rows if row.face_index == face_index]
         faces[image_id] = rows[0].pixels if rows else None
+    if unreadable:  # said once, not per image: the page shows "no preview" for each
+        logger.warning(
+            "%d image(s) could not be read again for the report, e.g. %s", len(unreadable), unreadable[0]
+        )
     return faces
 
 
@@ -286,7 +295,7 @@ def attention_grid(
 ) -> AttentionGrid | None:
     """The attention maps of the lowest and highest images at every exit (token and full models only);
     None when the model has no quality token or its checkpoint cannot be read from here any more."""
-    from fiqa_curator.workers.checkpoint import CheckpointError, load_model
+    from fiqa_curator.workers.checkpoint import load_model
     from fiqa_curator.workers.config import ViTFIQAConfig
     from fiqa_curator.workers.preprocess import normalize
 
@@ -299,7 +308,8 @@ def attention_grid(
         return None
     try:
         loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(config), storage_options=storage_options)
-    except CheckpointError:  # moved or not readable from here: the page goes without this figure
+    except UserError as error:  # moved, not readable from here, or another architecture: no such figure
+        logger.warning("no attention figure: %s", error)
         return None
     depth = int(data.run.config.get("exit_depth", loaded.config.depth))
     stack = np.stack([faces[image_id] for image_id, _ in shown])

@@ -39,7 +39,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'schemas' has no attribute {name!r}")
+    raise AttributeError(f"module 'fiqa_curator.schemas' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:

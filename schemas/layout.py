@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fiqa_curator.schemas.errors import UserError
 
 SCORES = "scores"
 PLAN_FILE = "_plan.json"
@@ -102,7 +104,11 @@ class RunRecord(BaseModel):
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> RunRecord:
-        return cls.model_validate_json(raw)
+        """The record in `raw`; UserError when it is not one (a damaged or foreign `_run.json`)."""
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as error:
+            raise UserError(f"{RUN_FILE} is not a fiqa run record: {error.errors()[0]['msg']}") from None
 
     @property
     def model_config_dict(self) -> dict[str, Any] | None:

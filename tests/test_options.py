@@ -112,3 +112,5 @@ def test_serve_passes_on_only_the_flags_given() -> None:
     assert given == {"exit_depth": 6, "align": "all"}
     assert serve_parameters(parser.parse_args(["serve", "in/", "root/"])) == {}
     assert NightlyScoring.model_validate(given).exit_depth == 6
+    with pytest.raises(UserError, match="--batch-size"):  # refused when served, not at the first night's run
+        serve_parameters(parser.parse_args(["serve", "in/", "root/", "--batch-size", "0"]))

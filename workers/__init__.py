@@ -53,7 +53,7 @@ __all__ = [  # noqa: RUF022 - grouped as _EXPORTS
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'workers' has no attribute {name!r}")
+    raise AttributeError(f"module 'fiqa_curator.workers' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:

@@ -16,14 +16,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fiqa_curator.schemas.status import Status
+from fiqa_curator.workers.settings import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:  # decoding runs in light Ray tasks that never import torch
     import torch
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 DEFAULT_SIZE = 112
-# A 112x112 face crop needs nothing near this; it only stops decompression bombs before decoding.
-DEFAULT_MAX_PIXELS = 64_000_000
 EXIF_ORIENTATION = 0x0112
 
 

@@ -29,7 +29,8 @@ import numpy as np
 from fiqa_curator.schemas.batch import ENCODED, JPEG, PIXELS, READ_COLUMNS, READ_LOCATION, face_image_id
 from fiqa_curator.schemas.status import Status
 from fiqa_curator.workers.io import protocol_of, read_range
-from fiqa_curator.workers.preprocess import DEFAULT_MAX_PIXELS, decode_face, decode_image, plain_jpeg
+from fiqa_curator.workers.preprocess import decode_face, decode_image, plain_jpeg
+from fiqa_curator.workers.settings import ALIGN_MODES, DEFAULT_MAX_PIXELS
 
 READ_THREADS = 16  # object stores reward many requests in flight; local disks do not mind
 # Members of one tar shard in a batch are read with one request per span instead of one per member: a
@@ -37,7 +38,6 @@ READ_THREADS = 16  # object stores reward many requests in flight; local disks d
 # members planned elsewhere) up to MAX_GAP are read and dropped; a span stops at MAX_SPAN bytes.
 MAX_GAP = 1 << 20
 MAX_SPAN = 64 << 20
-ALIGN_MODES = ("largest", "all")
 _NULL = {name: column.null for name, column in READ_COLUMNS.items()}  # the batch contract's placeholders
 
 

@@ -29,8 +29,9 @@ from fiqa_curator.schemas.status import Status
 from fiqa_curator.workers import device_decode
 from fiqa_curator.workers.checkpoint import load_model
 from fiqa_curator.workers.config import ViTFIQAConfig
-from fiqa_curator.workers.preprocess import DEFAULT_MAX_PIXELS, decode_face
+from fiqa_curator.workers.preprocess import decode_face
 from fiqa_curator.workers.scoring import QualityScorer
+from fiqa_curator.workers.settings import DEFAULT_MAX_PIXELS
 
 
 def _ray_node_id() -> str:

@@ -1,7 +1,7 @@
 """Files shipped with the package: the default checkpoint used when none is given.
 
 `demo/` holds the demo model: a small ViT-FIQA (token mode, dim 64, depth 12, heads 4) in the official
-format, trained on CPU on faces that ship inside Python packages by `python -m demo_kit.train`. A
+format, trained on CPU on faces that ship inside Python packages by `python -m fiqa_curator.demo_kit.train`. A
 demonstration, not for production: see `demo/MODEL_CARD.md`.
 """
 
