@@ -87,17 +87,18 @@ def _expected_inputs(dataset: dict):
     return keep, ia, ib, similarity, np.array(genuine)[keep]
 
 
+def _files(path: Path) -> list:
+    """The dataset's quality, pairs and embeddings, as `fiqa evaluate` arguments."""
+    return ["--quality", path / "quality.parquet", "--pairs", path / "pairs.parquet",
+            "--embeddings", path / "embeddings.parquet"]  # fmt: skip
+
+
 def test_erc_json_matches_the_protocol_and_ranks_methods(dataset: dict, capsys) -> None:
     path = dataset["path"]
     result = run_json(
         capsys,
         "evaluate",
-        "--quality",
-        path / "quality.parquet",
-        "--pairs",
-        path / "pairs.parquet",
-        "--embeddings",
-        path / "embeddings.parquet",
+        *_files(path),
         "--protocol",
         "erc",
         "--fmr",
@@ -123,12 +124,7 @@ def test_iso_json_with_fmr_thresholds_and_starting_error(dataset: dict, capsys) 
     path = dataset["path"]
     common = [
         "evaluate",
-        "--quality",
-        path / "quality.parquet",
-        "--pairs",
-        path / "pairs.parquet",
-        "--embeddings",
-        path / "embeddings.parquet",
+        *_files(path),
         "--protocol",
         "iso",
         "--json",
@@ -231,53 +227,17 @@ def test_fiqa_output_gives_every_exit_and_fusion(dataset: dict, capsys, tmp_path
 
 def test_human_table_and_errors(dataset: dict, capsys) -> None:
     path = dataset["path"]
-    assert (
-        main(
-            [
-                "evaluate",
-                "--quality",
-                str(path / "quality.parquet"),
-                "--pairs",
-                str(path / "pairs.parquet"),
-                "--embeddings",
-                str(path / "embeddings.parquet"),
-            ]
-        )
-        == 0
-    )
+
+    def evaluate(pairs: str, *extra: str) -> int:
+        return main(["evaluate", "--quality", str(path / "quality.parquet"), "--pairs", str(path / pairs),
+                     "--embeddings", str(path / "embeddings.parquet"), *extra])  # fmt: skip
+
+    assert evaluate("pairs.parquet") == 0
     printed = capsys.readouterr().out
     assert "pAUC up to 0.3" in printed and "informed" in printed and "pairs used" in printed
-    assert (
-        main(
-            [
-                "evaluate",
-                "--quality",
-                str(path / "quality.parquet"),
-                "--pairs",
-                str(path / "quality.parquet"),
-                "--embeddings",
-                str(path / "embeddings.parquet"),
-            ]
-        )
-        == 2
-    )
+    assert evaluate("quality.parquet") == 2
     assert "pairs need" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "evaluate",
-                "--quality",
-                str(path / "quality.parquet"),
-                "--pairs",
-                str(path / "pairs.parquet"),
-                "--embeddings",
-                str(path / "embeddings.parquet"),
-                "--methods",
-                "nope",
-            ]
-        )
-        == 2
-    )
+    assert evaluate("pairs.parquet", "--methods", "nope") == 2
     assert "unknown methods" in capsys.readouterr().out
 
 
@@ -313,12 +273,7 @@ def test_output_folder_holds_json_tables_and_plots(dataset: dict, capsys, tmp_pa
     result = run_json(
         capsys,
         "evaluate",
-        "--quality",
-        path / "quality.parquet",
-        "--pairs",
-        path / "pairs.parquet",
-        "--embeddings",
-        path / "embeddings.parquet",
+        *_files(path),
         "--fmr",
         "1e-1,1e-2",
         "--json",
@@ -345,24 +300,9 @@ def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(
 
     _fake_fiqa_output(dataset, tmp_path)
     path = dataset["path"]
-    result = run_json(
-        capsys,
-        "evaluate",
-        "--quality",
-        tmp_path / "run",
-        "--pairs",
-        path / "pairs.parquet",
-        "--embeddings",
-        path / "embeddings.parquet",
-        "--fmr",
-        "1e-1",
-        "--advise-fmr",
-        "0.1",
-        "--fit-fusion",
-        "--json",
-        "--output",
-        tmp_path / "evaluation",
-    )
+    command = ["evaluate", "--quality", tmp_path / "run", "--pairs", path / "pairs.parquet", "--embeddings"]
+    command += [path / "embeddings.parquet", "--fmr", "1e-1", "--advise-fmr", "0.1", "--fit-fusion", "--json"]
+    result = run_json(capsys, *command, "--output", tmp_path / "evaluation")
     fit = result["fusion_fit"]
     weights = np.array(fit["weights"])
     assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0)
@@ -375,22 +315,7 @@ def test_fusion_weights_are_fitted_on_one_half_and_reported_on_the_other(
     assert parse_fusion(fit["fusion"]).weights(3) == pytest.approx(weights, abs=1e-5)  # usable as --fusion
     saved = json.loads((tmp_path / "evaluation" / "fusion_weights.json").read_text())
     assert saved["fusion"] == fit["fusion"]
-    again = run_json(
-        capsys,
-        "evaluate",
-        "--quality",
-        tmp_path / "run",
-        "--pairs",
-        path / "pairs.parquet",
-        "--embeddings",
-        path / "embeddings.parquet",
-        "--fmr",
-        "1e-1",
-        "--advise-fmr",
-        "0.1",
-        "--fit-fusion",
-        "--json",
-    )
+    again = run_json(capsys, *command)
     assert again["fusion_fit"] == fit  # seeded: the same weights every time
 
 

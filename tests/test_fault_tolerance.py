@@ -42,13 +42,15 @@ cluster.shutdown()
 """
 
 
-def _model(tmp_path: Path) -> Path:
+def _model_args(tmp_path: Path) -> list[str]:
+    """A saved model, as the `fiqa score` arguments that use it (small shards and batches)."""
     torch.manual_seed(0)
     folder = tmp_path / "model"
     folder.mkdir()
     torch.save(ViTFIQA(MODEL).state_dict(), folder / "model.pt")
     (folder / "config.json").write_text(json.dumps(MODEL.to_dict()))
-    return folder
+    return ["--checkpoint", str(folder / "model.pt"), "--model-config", str(folder / "config.json"),
+            "--shard-size", "20", "--batch-size", "8", "--no-progress", "--no-report"]  # fmt: skip
 
 
 def _images(folder: Path, count: int) -> None:
@@ -80,7 +82,7 @@ def test_killing_a_worker_node_mid_run_loses_and_duplicates_nothing(tmp_path: Pa
     actor has no node to return to, and the head's actor and reading tasks can finish the work, so Ray can
     recover; if it does not, the stall timeout fails the run (exit 1) and the same command resumes it."""
     _images(tmp_path / "in", 240)
-    model = _model(tmp_path)
+    model = _model_args(tmp_path)
     cluster = subprocess.Popen(
         [sys.executable, "-c", CLUSTER_SCRIPT],
         stdin=subprocess.PIPE,
@@ -93,26 +95,8 @@ def test_killing_a_worker_node_mid_run_loses_and_duplicates_nothing(tmp_path: Pa
         assert len(started) == 3, f"the test cluster did not start: {cluster.communicate(timeout=60)}"
         address, raylet_pid, _worker_node = started
         output = tmp_path / "out"
-        command = [
-            FIQA,
-            "score",
-            str(tmp_path / "in"),
-            str(output),
-            "--checkpoint",
-            str(model / "model.pt"),
-            "--model-config",
-            str(model / "config.json"),
-            "--ray-address",
-            address,
-            "--workers",
-            "2",
-            "--shard-size",
-            "20",
-            "--batch-size",
-            "8",
-            "--no-progress",
-            "--no-report",
-        ]
+        command = [FIQA, "score", str(tmp_path / "in"), str(output), *model, "--ray-address", address]
+        command += ["--workers", "2"]
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200"}
         # the stall timeout covers actor start-up too (~20 s idle): room for a busy machine; the rerun below
         # tests resuming, so it keeps the default
@@ -161,7 +145,7 @@ def test_s3_restart_mid_run_loses_and_duplicates_nothing(tmp_path: Path) -> None
         fs.mkdir("faces")
         _images(tmp_path / "in", 200)
         fs.put(str(tmp_path / "in") + "/", "faces/in/", recursive=True)
-        model = _model(tmp_path)
+        model = _model_args(tmp_path)
         env = {
             **os.environ,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -171,22 +155,7 @@ def test_s3_restart_mid_run_loses_and_duplicates_nothing(tmp_path: Path) -> None
             "AWS_ENDPOINT_URL": server.endpoint_url,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        command = [
-            FIQA,
-            "score",
-            "s3://faces/in/",
-            "s3://faces/out/",
-            "--checkpoint",
-            str(model / "model.pt"),
-            "--model-config",
-            str(model / "config.json"),
-            "--shard-size",
-            "20",
-            "--batch-size",
-            "8",
-            "--no-progress",
-            "--no-report",
-        ]
+        command = [FIQA, "score", "s3://faces/in/", "s3://faces/out/", *model]
         run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def committed() -> int:

@@ -331,33 +331,17 @@ def test_actors_on_two_nodes_match_one_node(tmp_path: Path, run_score, ray_clust
     assert len(nodes) == 2
     checkpoint, config = _tiny_checkpoint(tmp_path)
     folder = _jpeg_folder(tmp_path, 40)
-    _, two = run_score(
-        folder,
-        tmp_path / "two",
-        checkpoint=checkpoint,
-        model_config=config,
-        workers=2,
-        batch_size=4,
-        shard_size=10,
-    )
+    model = {"checkpoint": checkpoint, "model_config": config, "shard_size": 10}
+    _, two = run_score(folder, tmp_path / "two", **model, workers=2, batch_size=4)
     stages = json.loads((tmp_path / "two" / "_run.json").read_text())["stages"]
     assert set(stages["actor_nodes"]) == nodes  # one actor on each node
     by_node = stages["rows_by_node"]
     assert set(by_node) <= nodes and sum(by_node.values()) == 40
     from ray.util.placement_group import placement_group_table
 
-    assert {group["state"] for group in placement_group_table().values()} <= {
-        "REMOVED"
-    }  # released after the run
-    _, one = run_score(
-        folder,
-        tmp_path / "one",
-        checkpoint=checkpoint,
-        model_config=config,
-        workers=1,
-        batch_size=16,
-        shard_size=10,
-    )
+    released = {group["state"] for group in placement_group_table().values()}
+    assert released <= {"REMOVED"}  # the run released its placement group
+    _, one = run_score(folder, tmp_path / "one", **model, workers=1, batch_size=16)
     assert one.keys() == two.keys()
     for image_id in one:
         np.testing.assert_allclose(
@@ -445,14 +429,9 @@ def test_s3_input_and_output_with_storage_options(
         info.size = len(payloads["in/p0/face 0.jpg"])
         archive.addfile(info, io.BytesIO(payloads["in/p0/face 0.jpg"]))
     fs.put(str(tmp_path / "shard.tar"), f"{s3_bucket}/in/shards/shard.tar")
-    summary, rows = run_score(
-        f"s3://{s3_bucket}/in",
-        f"s3://{s3_bucket}/out",
-        checkpoint=checkpoint,
-        model_config=config,
-        storage_options=s3_server.storage_options,
-        shard_size=2,
-    )
+    job = {"input": f"s3://{s3_bucket}/in", "output": f"s3://{s3_bucket}/out", "checkpoint": checkpoint}
+    job.update(model_config=config, storage_options=s3_server.storage_options, shard_size=2)
+    summary, rows = run_score(**job)
     assert summary.counts == {"ok": 6} and summary.output == f"s3://{s3_bucket}/out"
     assert fs.exists(f"{s3_bucket}/out/_SUCCESS") and len(fs.ls(f"{s3_bucket}/out/scores")) == 3
     assert not [p for p in fs.find(f"{s3_bucket}/out/_staging") if p.endswith(".part")]
@@ -464,14 +443,7 @@ def test_s3_input_and_output_with_storage_options(
     )
 
     # resuming against S3 skips everything; credentials never reach Prefect's records
-    again, _ = run_score(
-        f"s3://{s3_bucket}/in",
-        f"s3://{s3_bucket}/out",
-        checkpoint=checkpoint,
-        model_config=config,
-        storage_options=s3_server.storage_options,
-        shard_size=2,
-    )
+    again, _ = run_score(**job)
     assert again.shards_skipped == 3 and again.scored_now == 0
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
