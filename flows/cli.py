@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -377,18 +378,7 @@ def _numbers(kind: type) -> Callable[[str], tuple]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fiqa",
-        description="Score and curate face datasets with ViT-FIQA and EX-FIQA early exits.",
-    )
-    parser.add_argument(
-        "--log-json",
-        action="store_true",
-        help="logs (stderr) as one JSON object per line, for log collectors; default: plain text",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run the embedded default job (offline, no arguments needed)")
     demo.add_argument("--output", default="fiqa-output/demo", help="output folder (default: %(default)s)")
     demo.add_argument(
@@ -402,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_cmd_demo)
 
+
+def _add_demo_data(commands: Any) -> None:
     demo_data = commands.add_parser(
         "demo-data",
         help="build the sample dataset: package faces, aligned, degraded, with an FR utility target",
@@ -425,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(handler=_cmd_demo_data)
 
+
+def _add_score(commands: Any) -> None:
     score = commands.add_parser(
         "score",
         help="score every image of INPUT into a Parquet quality table in OUTPUT",
@@ -435,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(handler=_cmd_score)
 
+
+def _add_serve(commands: Any) -> None:
     serve = commands.add_parser(
         "serve", help="run the nightly scoring deployment on a schedule (Prefect), until stopped"
     )
@@ -455,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
 
+
+def _add_evaluate(commands: Any) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="EDC curves and pAUC of quality scores against face-recognition comparisons"
     )
@@ -515,11 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+
+def _add_report(commands: Any) -> None:
     report = commands.add_parser("report", help="write OUTPUT/report/index.html, a self-contained page")
     report.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
     report.add_argument("--storage-options", help="fsspec options as JSON")
     report.set_defaults(handler=_cmd_report)
 
+
+def _add_select(commands: Any) -> None:
     select = commands.add_parser("select", help="keep/drop lists from a quality table")
     select.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
     rule = select.add_mutually_exclusive_group(required=True)
@@ -533,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--storage-options", help="fsspec options as JSON")
     select.set_defaults(handler=_cmd_select)
 
+
+def _add_query(commands: Any) -> None:
     query = commands.add_parser("query", help="SQL (DuckDB) over a quality table, as the view `scores`")
     query.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
     query.add_argument("sql", help='e.g. "SELECT status, count(*) FROM scores GROUP BY status"')
@@ -543,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--storage-options", help="fsspec options as JSON")
     query.set_defaults(handler=_cmd_query)
 
+
+def _add_inspect(commands: Any) -> None:
     inspect = commands.add_parser("inspect", help="load a checkpoint and print its architecture and cost")
     inspect.add_argument("checkpoint", help="model.pt: local path or fsspec URL (s3://...)")
     source = inspect.add_mutually_exclusive_group()
@@ -551,12 +557,37 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--storage-options", help="fsspec storage options as JSON")
     inspect.set_defaults(handler=_cmd_inspect)
 
+
+def _add_check_reference(commands: Any) -> None:
     check = commands.add_parser("check-reference", help="compare against official ViT-FIQA reference outputs")
     check.add_argument(
         "folder", help="a reference folder (model.pt, images_rgb_uint8.npy, expected_*.npy) or parent"
     )
     check.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: %(default)s)")
     check.set_defaults(handler=_cmd_check_reference)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fiqa",
+        description="Score and curate face datasets with ViT-FIQA and EX-FIQA early exits.",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="logs (stderr) as one JSON object per line, for log collectors; default: plain text",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
+    _add_demo_data(commands)
+    _add_score(commands)
+    _add_serve(commands)
+    _add_evaluate(commands)
+    _add_report(commands)
+    _add_select(commands)
+    _add_query(commands)
+    _add_inspect(commands)
+    _add_check_reference(commands)
     return parser
 
 
