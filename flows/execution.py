@@ -189,7 +189,18 @@ def execute(
         group = None
     try:
         stats = _score_on_ray(
-            options, plan, pending, config, checkpoint, placement, group, writer, carried, logger, on_rows
+            options,
+            plan,
+            pending,
+            config,
+            checkpoint,
+            placement,
+            group,
+            writer,
+            carried,
+            logger,
+            on_rows,
+            started,
         )
     finally:
         if group is not None:
@@ -197,7 +208,6 @@ def execute(
 
             remove_placement_group(group)
     stats.seconds = time.perf_counter() - started
-    stats.first_batch_seconds -= started
     return stats
 
 
@@ -283,9 +293,10 @@ def _score_on_ray(
     carried: set[str],
     logger: logging.Logger | logging.LoggerAdapter,
     on_rows: Callable[[int], None] | None,
+    started: float,
 ) -> ExecutionStats:
-    """Run the pipeline and hand every batch to the writer as it arrives. `first_batch_seconds` comes back
-    as a clock reading (perf_counter), which the caller makes relative to its start."""
+    """Run the pipeline and hand every batch to the writer as it arrives (`started`: when the execution
+    began, for the start-up figure)."""
     device = "cuda" if placement.gpu else "cpu"
     block_rows = options.batch_size or (GPU_BLOCK_ROWS if placement.gpu else CPU_BATCH_SIZE)
     blocks = item_blocks(plan, pending, block_rows, exclude=carried)
@@ -315,7 +326,7 @@ def _score_on_ray(
         scored=scored,
         carried=len(carried),
         shards=list(writer.committed),
-        first_batch_seconds=first_batch_at or finished,
+        first_batch_seconds=(first_batch_at or finished) - started,
         steady_images_per_second=(scored - first_count) / running if running > 0 else 0.0,
         write_seconds=writer.write_seconds,
         workers=placement.workers,

@@ -14,7 +14,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
@@ -216,18 +216,13 @@ def _problems(error: ValidationError) -> str:
 
 
 def flag_of(name: str) -> str:
-    """The command-line flag of field `name` (the field name itself for the positional arguments)."""
-    field = ScoreOptions.model_fields.get(name) or next(
-        (f for f in ScoreOptions.model_fields.values() if f.alias == name), None
-    )
-    flag = _meta(field) if field is not None else None
-    if flag is None:
+    """The command-line flag of field `name` or of its alias (INPUT, OUTPUT for the positional ones)."""
+    key = next((k for k, f in ScoreOptions.model_fields.items() if f.alias == name), name)
+    field = ScoreOptions.model_fields.get(key)
+    meta = _meta(field) if field is not None else None
+    if meta is None:
         return name.upper() if name in ("input", "output") else name
-    return flag.flag or "--" + _field_name(field, name).replace("_", "-")
-
-
-def _field_name(field: Any, fallback: str) -> str:
-    return next((key for key, value in ScoreOptions.model_fields.items() if value is field), fallback)
+    return meta.flag or "--" + key.replace("_", "-")
 
 
 def _meta(field: Any) -> Flag | None:
@@ -270,13 +265,13 @@ def _add(
 ) -> None:
     meta = _meta(field)
     assert meta is not None
-    group_key = (meta.group, meta.exclusive)
-    if group_key not in groups:
-        container = groups.get((meta.group, None)) or groups.setdefault(
-            (meta.group, None), parser.add_argument_group(meta.group) if not serve else parser
-        )
-        groups[group_key] = container.add_mutually_exclusive_group() if meta.exclusive else container
-    target = groups[group_key]
+    if meta.group not in groups:  # `fiqa serve` lists its few flags without groups
+        groups[meta.group] = parser if serve else parser.add_argument_group(meta.group)
+    target = groups[meta.group]
+    if meta.exclusive:
+        if meta.exclusive not in groups:
+            groups[meta.exclusive] = target.add_mutually_exclusive_group()
+        target = groups[meta.exclusive]
     help_text = field.description
     if name == "align":  # one field, two flags: --align (the largest face), --all-faces (every face)
         default = argparse.SUPPRESS if serve else False
@@ -368,26 +363,17 @@ def serve_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve_fields() -> dict[str, Any]:
+    """ScoreOptions' `fiqa serve` fields with their types, bounds (the field's metadata), defaults and help
+    texts; not their command-line metadata, which is no JSON schema for Prefect."""
     fields = {}
     for name, field in ScoreOptions.model_fields.items():
         meta = _meta(field)
         if meta is not None and meta.serve:
-            fields[name] = (
-                field.annotation,
-                Field(
-                    field.default, description=field.description, **{k: v for k, v in _bounds(field).items()}
-                ),
+            annotation = (
+                Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
             )
+            fields[name] = (annotation, Field(field.default, description=field.description))
     return fields
-
-
-def _bounds(field: Any) -> dict[str, Any]:
-    bounds: dict[str, Any] = {}
-    for constraint in field.metadata:
-        for key in ("ge", "gt", "le", "lt"):
-            if getattr(constraint, key, None) is not None:
-                bounds[key] = getattr(constraint, key)
-    return bounds
 
 
 # The nightly flow's `scoring` parameter: the options a deployment sets, with ScoreOptions' types, defaults,
