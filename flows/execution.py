@@ -34,6 +34,7 @@ from fiqa_curator.flows.plan import Plan
 from fiqa_curator.flows.shard_writer import ShardWriter
 from fiqa_curator.flows.sources import items_to_table
 from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import StallError
 from fiqa_curator.schemas.layout import shard_name
 from fiqa_curator.workers.io import protocol_of
 from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
@@ -41,10 +42,6 @@ from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
 # Rows per Ray Data block on GPU with an automatic batch size; the actor splits them by memory.
 GPU_BLOCK_ROWS = 1024
 PLACEMENT_WAIT_S = 120  # for one-actor-per-node placement (milliseconds on an idle cluster)
-
-
-class StallError(RuntimeError):
-    """No scored batch arrived for longer than the stall timeout: the run is failed, not left hanging."""
 
 
 @dataclass
@@ -118,16 +115,15 @@ def carry_over(
     options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any], writer: ShardWriter
 ) -> set[str]:
     """--since: hand the writer PREVIOUS's rows of unchanged images; returns the image ids carried."""
-    from fiqa_curator.flows.incremental import carried_batches, unchanged_items
+    from fiqa_curator.flows.incremental import carried_batches, pending_items, unchanged_items
 
     assert options.since is not None
     previous = Output(options.since, options.storage_options)
-    shard_of = {item.image_id: shard_name(i) for i in pending for item in plan.shard_items(i)}
-    unchanged = unchanged_items(previous, plan, (item for i in pending for item in plan.shard_items(i)))
+    unchanged = unchanged_items(previous, plan, pending_items(plan, pending))  # with each item's shard
     carried: set[str] = set()
-    for batch in carried_batches(previous, unchanged, shard_of, config=config):
+    for batch in carried_batches(previous, unchanged, config=config):
         writer.add(batch)
-        carried.update(str(item) for item in batch["item_id"])
+        carried.update(batch["item_id"].tolist())
     return carried
 
 

@@ -4,8 +4,12 @@
 can fix: `fiqa` prints its message as one line and exits with status 2. Any other exception is a bug: `fiqa`
 lets its traceback show and exits with status 1, so that a report carries what is needed to fix it.
 
-It subclasses ValueError so that callers of the Python API who caught ValueError for bad arguments keep
-working.
+`StallError` is a scoring run that stopped making progress: one line, exit status 1 (rerunning resumes
+it). It lives here, not with the scoring code, so that the command line can catch it without importing
+torch (650 MB and seconds) for commands that never score.
+
+`UserError` subclasses ValueError so that callers of the Python API who caught ValueError for bad
+arguments keep working.
 """
 
 from __future__ import annotations
@@ -13,3 +17,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Something the user can fix (an argument, a file, a setting): one line, exit status 2."""
+
+
+class StallError(RuntimeError):
+    """No scored batch arrived for longer than the stall timeout: the run is failed, not left hanging."""
