@@ -8,6 +8,9 @@
   whose FMR is nearest the target wins (on equal nearness the largest distance); FNMR = share of remaining
   genuine pairs with d >= t. pAUC = trapezoid rule over the grid points up to the discard limit.
   With no impostor left, FMR is undefined and, like the reference, the largest distance is the threshold.
+  Pairs of equal pair quality are discarded in the order that sort leaves them in, which follows their
+  order in the pairs file: `erc_ties` finds the grid points where such a tie is split, i.e. where the
+  curve, and so the pAUC, depends on that order.
 
 `iso` (Schlett et al., arXiv 2303.13294, reference `edc.py`): only genuine comparisons form the curve, with
   similarity scores; the threshold is fixed once (given, from a target FMR on the impostor similarities as
@@ -132,6 +135,55 @@ def erc_curves(
     fmrs: tuple[float, ...] = DEFAULT_FMRS,
 ) -> ErcResult:
     return ErcCurves(distances, genuine).evaluate(pair_qualities, fmrs)
+
+
+@dataclass
+class ErcTies:
+    """Where the `erc` discard order is decided by the input order rather than by pair quality.
+
+    `boundaries`: one entry per split grid point (JSON-ready): its `discard_fraction`, the pairs it
+    discards (`discarded`), the pairs sharing the pair quality at the cut (`tied`) and how many of those
+    fall on the discarded side (`tied_discarded`). `pairs`: the pairs in the split tie groups, each
+    counted once (a group split at several grid points too).
+    """
+
+    boundaries: list[dict[str, float | int]]
+    pairs: int
+
+
+def erc_ties(pair_qualities: np.ndarray, discard_limit: float = 0.3, grid: np.ndarray = ERC_GRID) -> ErcTies:
+    """The tie groups that straddle an `erc` discard boundary within the pAUC's range.
+
+    At grid point u, `ErcCurves.evaluate` drops the first k = int(u * n) pairs of the quality order (the
+    same expression). With q the qualities sorted ascending, that boundary straddles a tie when
+    0 < k < n and q[k - 1] == q[k]: some pairs of that quality are dropped and others kept, and which ones
+    is decided by numpy's default (unstable) argsort of the pairs in file order, as in the reference, so
+    FNMR at u, and the pAUC through it, can change when the pairs file is reordered. Only the grid points
+    the pAUC uses count (u <= discard_limit, with `erc_pauc`'s tolerance); k = 0 and k = n cut nothing.
+    A tie lying wholly on one side of every boundary is harmless, and so is the `iso` protocol, which
+    discards equal qualities together. NaN qualities never tie (the evaluation drops them beforehand).
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    ordered = np.sort(np.asarray(pair_qualities, dtype=np.float64))  # the values argsort orders by
+    count = len(ordered)
+    boundaries: list[dict[str, float | int]] = []
+    groups: set[tuple[int, int]] = set()
+    for fraction in grid[grid <= discard_limit + GRID_TOLERANCE]:
+        cut = int(fraction * count)
+        if not 0 < cut < count or ordered[cut - 1] != ordered[cut]:
+            continue
+        first = int(np.searchsorted(ordered, ordered[cut], side="left"))
+        end = int(np.searchsorted(ordered, ordered[cut], side="right"))
+        groups.add((first, end))
+        boundaries.append(
+            {
+                "discard_fraction": round(float(fraction), 12),
+                "discarded": cut,
+                "tied": end - first,
+                "tied_discarded": cut - first,
+            }
+        )
+    return ErcTies(boundaries=boundaries, pairs=sum(end - first for first, end in groups))
 
 
 def erc_pauc(discard_fractions: np.ndarray, fnmr: np.ndarray, discard_limit: float = 0.3) -> float:

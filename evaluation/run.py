@@ -4,16 +4,24 @@ Methods: every numeric column of a quality Parquet (`image_id` + one column per 
 OUTPUT folder, every exit (`exit_1..exit_L`, from `exit_scores`) and `quality_final`, `quality_f`,
 `quality_fw`. Pairs (`image_id_a`, `image_id_b`, `genuine`) whose images lack a quality (failed rows) or
 an embedding are left out, and the result says how many.
+
+Loading is bounded by the pairs: given the pairs' image ids, `load_methods` and `load_embeddings` read only
+those images' rows (and only the columns they use), filtering while the file is scanned, so memory follows
+the images in the pairs, not the table's rows. Without ids they read everything, as before.
+
+With `erc`, the result's `order_dependent` names the methods whose pAUC depends on the order of the pairs
+file (tied pair qualities split at a discard boundary, `edc.erc_ties`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -24,6 +32,7 @@ from fiqa_curator.evaluation.edc import (
     ErcCurves,
     angular_distance,
     cosine_similarity,
+    erc_ties,
     iso_curve,
     iso_threshold,
     pair_quality,
@@ -36,29 +45,102 @@ FIQA_SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw")
 REPORTED_LIMITS = (0.2, 0.3)
 
 
-def _read_table(url: str, storage_options: Mapping[str, Any] | None) -> pa.Table:
-    """A user's file (or a fiqa OUTPUT's table); one that is not a readable table is a UserError."""
+Columns = Callable[[pa.Schema], list[str]]  # a table's schema -> the columns a loader needs from it
+
+
+def _id_filter(schema: pa.Schema, ids: Collection[str]) -> pc.Expression:
+    """`image_id` is one of `ids` (a non-string column is compared as text; nulls never match)."""
+    column = pc.field("image_id")
+    kind = schema.field("image_id").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        column = column.cast(pa.string())
+    return column.isin(pa.array(sorted(ids), pa.string()))
+
+
+def _read_parquet(path: str, fs: Any, ids: Collection[str] | None, columns: Columns | None) -> pa.Table:
+    if ids is None:
+        return pq.read_table(path, filesystem=fs)
+    schema = pq.ParquetDataset(path, filesystem=fs).schema  # footers only (the file, or the folder's first)
+    if "image_id" not in schema.names:
+        return schema.empty_table()  # the caller's column check says what is missing
+    # the same reader as above, with a projection and a filter: the scan reads a batch at a time and keeps
+    # only the rows that pass, so memory follows the matching rows (plus the scan's read-ahead)
+    return pq.read_table(
+        path, filesystem=fs, columns=columns(schema) if columns else None, filters=_id_filter(schema, ids)
+    )
+
+
+def _read_csv(path: str, fs: Any, ids: Collection[str] | None, columns: Columns | None) -> pa.Table:
+    def project(table: pa.Table) -> pa.Table:
+        return table.select(columns(table.schema)) if columns else table
+
+    with fs.open(path, "rb") as handle:
+        if ids is None:
+            return pacsv.read_csv(handle)
+        try:  # streamed, a block at a time: only the matching rows stay
+            reader = pacsv.open_csv(handle)
+            if "image_id" not in reader.schema.names:
+                return reader.schema.empty_table()
+            matching = _id_filter(reader.schema, ids)
+            return project(pa.Table.from_batches([b.filter(matching) for b in reader], reader.schema))
+        except pa.ArrowInvalid:
+            pass  # a later block that the first block's column types do not fit: read_csv widens them
+    with fs.open(path, "rb") as handle:  # (or not a CSV at all: read_csv raises what it raised before)
+        table = pacsv.read_csv(handle)
+    if "image_id" not in table.column_names:
+        return table.schema.empty_table()
+    return project(table.filter(_id_filter(table.schema, ids)))
+
+
+def _read_table(
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    *,
+    ids: Collection[str] | None = None,
+    columns: Columns | None = None,
+) -> pa.Table:
+    """A user's file (or a fiqa OUTPUT's table); one that is not a readable table is a UserError.
+
+    With `ids`, only the rows whose `image_id` is among them (in file order), filtered while reading, and
+    only the `columns` picked from the schema; a table without `image_id` then comes back empty, schema
+    only. Types and values are those of a full read (Parquet: the same reader, given a filter; CSV:
+    streamed, falling back to a full read when a later block needs wider types than the first). Without
+    `ids`, the whole table, as before.
+    """
     fs, path = url_to_fs(url, **dict(storage_options or {}))
     try:
         if fs.isdir(path):
             scores = path.rstrip("/") + "/" + SCORES
-            return pq.read_table(scores if fs.isdir(scores) else path, filesystem=fs)
+            return _read_parquet(scores if fs.isdir(scores) else path, fs, ids, columns)
         if path.endswith(".csv"):
-            with fs.open(path, "rb") as handle:
-                return pacsv.read_csv(handle)
-        return pq.read_table(path, filesystem=fs)
+            return _read_csv(path, fs, ids, columns)
+        return _read_parquet(path, fs, ids, columns)
     except pa.ArrowInvalid as error:  # not Parquet / CSV, or malformed
         raise UserError(f"{url}: not a readable table: {error}") from error
 
 
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_floating(kind) or pa.types.is_integer(kind)
+
+
+def _method_columns(schema: pa.Schema) -> list[str]:
+    """What `load_methods` reads: `image_id` and the score columns (a fiqa table's other columns, its
+    embeddings among them, stay on disk)."""
+    if "exit_scores" in schema.names:
+        wanted = {"image_id", "exit_scores", "exit_depth", *FIQA_SCORE_COLUMNS}
+        return [name for name in schema.names if name in wanted]
+    return [name for name in schema.names if name == "image_id" or _is_number(schema.field(name).type)]
+
+
 def load_methods(
-    url: str, storage_options: Mapping[str, Any] | None = None
+    url: str, storage_options: Mapping[str, Any] | None = None, *, ids: Collection[str] | None = None
 ) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(image ids, method -> quality per image); NaN where an image has no score."""
-    table = _read_table(url, storage_options)
+    """(image ids, method -> quality per image); NaN where an image has no score. With `ids`, only those
+    images' rows are read (in table order; ids not in the table are simply absent)."""
+    table = _read_table(url, storage_options, ids=ids, columns=_method_columns)
     if "image_id" not in table.column_names:
         raise UserError(f"{url}: a quality table needs an `image_id` column")
-    ids = table.column("image_id").to_pylist()
+    image_ids = table.column("image_id").to_pylist()
     methods: dict[str, np.ndarray] = {}
     if "exit_scores" in table.column_names:  # a fiqa quality table
         grid = exit_score_matrix(table)
@@ -69,18 +151,22 @@ def load_methods(
         methods.update(depth_fusions(grid))  # f@l, fw@l: what a run stopped at l would have fused
     else:
         for name in table.column_names:
-            if name != "image_id" and (
-                pa.types.is_floating(table.schema.field(name).type)
-                or pa.types.is_integer(table.schema.field(name).type)
-            ):
+            if name != "image_id" and _is_number(table.schema.field(name).type):
                 methods[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     if not methods:
         raise UserError(f"{url}: no numeric quality columns")
-    return ids, methods
+    return image_ids, methods
 
 
-def load_embeddings(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    table = _read_table(url, storage_options)
+def _embedding_columns(schema: pa.Schema) -> list[str]:
+    return [name for name in schema.names if name in ("image_id", "embedding")]
+
+
+def load_embeddings(
+    url: str, storage_options: Mapping[str, Any] | None = None, *, ids: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
+    """image id -> embedding (float64), rows without one left out. With `ids`, only those images' rows."""
+    table = _read_table(url, storage_options, ids=ids, columns=_embedding_columns)
     if not {"image_id", "embedding"} <= set(table.column_names):
         raise UserError(
             f"{url}: no embeddings (`image_id` + `embedding` columns): pass --embeddings, or score "
@@ -203,7 +289,12 @@ def evaluate(
     threshold: float | None = None,
     starting_error: float | None = None,
 ) -> dict[str, Any]:
-    """Machine-readable result: per method and operating point, the pAUC values and the curve."""
+    """Machine-readable result: per method and operating point, the pAUC values and the curve.
+
+    `erc` adds `order_dependent`: {"discard_limit", "methods": {method: {"pairs", "boundaries"}}}, listing
+    only the methods with tied pair qualities split at a grid point up to the discard limit (`erc_ties`),
+    whose pAUC therefore depends on the order of the pairs file; an empty `methods` means none does. `iso`
+    discards ties together and has no such field."""
     limits = sorted({discard_limit, *REPORTED_LIMITS})
     result: dict[str, Any] = {
         "protocol": protocol,
@@ -227,6 +318,15 @@ def evaluate(
                 }
                 for fmr in fmrs
             }
+        ties = {name: erc_ties(qualities, discard_limit) for name, qualities in data.pair_qualities.items()}
+        result["order_dependent"] = {
+            "discard_limit": discard_limit,
+            "methods": {
+                name: {"pairs": found.pairs, "boundaries": found.boundaries}
+                for name, found in ties.items()
+                if found.pairs
+            },
+        }
         return result
     if protocol != "iso":
         raise UserError(f"protocol must be erc or iso, got {protocol!r}")

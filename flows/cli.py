@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fiqa_curator.flows.options import add_score_arguments, add_serve_arguments, parse_storage_options
-from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.errors import StallError, UserError
 from fiqa_curator.schemas.status import Status
 
 console = Console(highlight=False)
@@ -155,7 +155,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fiqa_curator.flows.evaluate import run_evaluation
+    from fiqa_curator.flows.evaluate import run_evaluation, tie_warnings
 
     result, written, output_url = run_evaluation(
         args.quality,
@@ -190,6 +190,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for name, per_point in sorted(result["methods"].items(), key=lambda kv: kv[1][points[0]]["pauc"]):
         table.add_row(name, *(f"{per_point[p]['pauc']:.4f}" for p in points))
     console.print(table)
+    for line in tie_warnings(result):
+        console.print(line, style="yellow", markup=False, soft_wrap=True)
     if "fusion_fit" in result:
         fit = result["fusion_fit"]
         held = fit["heldout_pauc"]
@@ -248,7 +250,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fiqa_curator.flows.report import write_report
 
-    url, summary = write_report(args.output, parse_storage_options(args.storage_options))
+    url, summary = write_report(
+        args.output, parse_storage_options(args.storage_options), memory_limit=args.memory_limit
+    )
     console.print(f"report: {url} ({summary['rows']} images)")
     return 0
 
@@ -262,6 +266,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         min_quality=args.min_quality,
         by=args.by,
         storage_options=parse_storage_options(args.storage_options),
+        memory_limit=args.memory_limit,
     )
     threshold = "none (nothing dropped)" if selection.threshold is None else f"{selection.threshold:.6g}"
     console.print(f"{selection.rule}; threshold {threshold}")
@@ -274,17 +279,15 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from fiqa_curator.flows.query import run_query, write_result
+    from fiqa_curator.flows.query import preview, query_to
 
     storage = parse_storage_options(args.storage_options)
-    table = run_query(args.output, args.sql, storage)
     if args.out:
-        write_result(table, args.out, storage)
-        console.print(f"{table.num_rows} rows -> {args.out}")
+        rows = query_to(args.output, args.sql, args.out, storage, memory_limit=args.memory_limit)
+        console.print(f"{rows} rows -> {args.out}")
         return 0
-    shown = Table(
-        title=f"{table.num_rows} rows" + (f" (first {args.limit})" if table.num_rows > args.limit else "")
-    )
+    table, rows = preview(args.output, args.sql, storage, limit=args.limit, memory_limit=args.memory_limit)
+    shown = Table(title=f"{rows} rows" + (f" (first {args.limit})" if rows > args.limit else ""))
     for name in table.column_names:
         shown.add_column(name)
     for row in table.slice(0, args.limit).to_pylist():
@@ -514,10 +517,22 @@ def _add_evaluate(commands: Any) -> None:
     evaluate.set_defaults(handler=_cmd_evaluate)
 
 
+def _add_memory_limit(parser: argparse.ArgumentParser) -> None:
+    from fiqa_curator.flows.table_sql import DEFAULT_MEMORY_SHARE
+
+    parser.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="memory DuckDB may use before it spills to a temporary folder (TMPDIR): 4GB, 512MiB or 25%% "
+        f"of this machine (default: {DEFAULT_MEMORY_SHARE * 100:.0f}%%)",
+    )
+
+
 def _add_report(commands: Any) -> None:
     report = commands.add_parser("report", help="write OUTPUT/report/index.html, a self-contained page")
     report.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
     report.add_argument("--storage-options", help="fsspec options as JSON")
+    _add_memory_limit(report)
     report.set_defaults(handler=_cmd_report)
 
 
@@ -533,6 +548,7 @@ def _add_select(commands: Any) -> None:
         "--by", default="quality", help="quality | quality_fw | quality_f | quality_final | exit_<k>"
     )
     select.add_argument("--storage-options", help="fsspec options as JSON")
+    _add_memory_limit(select)
     select.set_defaults(handler=_cmd_select)
 
 
@@ -545,6 +561,7 @@ def _add_query(commands: Any) -> None:
     )
     query.add_argument("--limit", type=int, default=50, help="rows to print (default: %(default)s)")
     query.add_argument("--storage-options", help="fsspec options as JSON")
+    _add_memory_limit(query)
     query.set_defaults(handler=_cmd_query)
 
 
@@ -598,8 +615,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_json:  # Prefect reads its logging settings when it is first imported: set them before
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"] = "json"
         os.environ["FIQA_LOG_FORMAT"] = "json"  # flows.cluster.init_ray: Ray's logs as JSON too
-    from fiqa_curator.flows.execution import StallError
-
     try:
         return args.handler(args)
     except (UserError, FileNotFoundError) as error:  # the user can fix it: one line, no traceback

@@ -3,27 +3,44 @@
 Every row gets a decision: images that could not be scored are dropped with their status as the reason;
 scored images are ranked by the chosen column (ties broken by image_id, so the lists never change between
 runs) and the lowest are dropped. Writes OUTPUT/curation/keep.parquet, drop.parquet (image_id, source,
-quality, reason) and selection.json (the threshold and the counts).
+quality, reason; sorted by image_id) and selection.json (the threshold and the counts).
+
+Everything runs in DuckDB (`flows.table_sql`) under its memory limit (`--memory-limit`); nothing holds
+the table in Python. The drop fraction's threshold is an exact order statistic (`order_statistics`, no sort
+of the table), the rows tied at it are split by image_id in SQL, and the lists stream into OUTPUT in
+image_id order: one shard at a time, each sorted on its own (`files_in_id_order`: a fiqa table's shards are
+ranges of ids), or, for a table whose files' ranges overlap, through one sort that spills to disk. Image
+ids are unique in a quality table (`fiqa score` refuses duplicates), which the split relies on.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
+import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fiqa_curator.flows.storage import Output
+from fiqa_curator.flows.table_sql import (
+    files_in_id_order,
+    memory_limit_bytes,
+    order_statistics,
+    quality_table,
+    quote,
+    scalar,
+)
 from fiqa_curator.schemas.errors import UserError
-from fiqa_curator.schemas.layout import CURATION, SCORES
-from fiqa_curator.schemas.quality_table import SCORE_COLUMNS, exit_score_matrix
+from fiqa_curator.schemas.layout import CURATION
+from fiqa_curator.schemas.quality_table import SCORE_COLUMNS
 from fiqa_curator.schemas.status import Status
 
 _EXIT = re.compile(r"^exit_(\d+)$")
@@ -43,17 +60,73 @@ class Selection:
     output: str
 
 
-def _score_column(table: pa.Table, by: str) -> np.ndarray:
+def _double(value: float) -> str:
+    """`value` as an exact SQL DOUBLE (a bare literal such as 0.1 would be a DECIMAL)."""
+    return f"CAST({quote(repr(float(value)))} AS DOUBLE)"
+
+
+def _score_expression(connection: duckdb.DuckDBPyConnection, by: str) -> str:
+    """The SQL (DOUBLE) of `--by` over the view `scores`."""
     if by in SCORE_COLUMNS:
-        return table.column(by).to_numpy(zero_copy_only=False).astype("float64")
+        return f'CAST("{by}" AS DOUBLE)'
     match = _EXIT.match(by)
     if match:
-        exits = exit_score_matrix(table)
+        depth = int(scalar(connection, "SELECT max(exit_depth) FROM scores") or 0)
         exit_index = int(match.group(1))
-        if not 1 <= exit_index <= exits.shape[1]:
-            raise UserError(f"--by {by}: the table has exits 1..{exits.shape[1]}")
-        return exits[:, exit_index - 1]
+        if not 1 <= exit_index <= depth:
+            raise UserError(f"--by {by}: the table has exits 1..{depth}")
+        return f"CAST(exit_scores[{exit_index}] AS DOUBLE)"  # DuckDB lists are 1-based
     raise UserError(f"--by must be one of {', '.join(SCORE_COLUMNS)} or exit_<k>, got {by!r}")
+
+
+def _lowest(
+    connection: duckdb.DuckDBPyConnection, score: str, scored: str, cut: int
+) -> tuple[str, float | None]:
+    """The condition that holds for the `cut` lowest scored rows by (score, image_id), and the score of
+    the last of them (None when `cut` is 0)."""
+    if cut == 0:
+        return "FALSE", None
+    threshold = order_statistics(connection, f"scores WHERE {scored}", score, [cut - 1])[cut - 1]
+    at = _double(threshold)
+    below, tied = connection.execute(
+        f"SELECT count(*) FILTER (WHERE {score} < {at}), count(*) FILTER (WHERE {score} = {at}) "
+        f"FROM scores WHERE {scored}"
+    ).fetchone()
+    wanted = cut - below  # of the rows at the threshold, the first `wanted` by image_id go
+    if not 1 <= wanted <= tied:
+        raise RuntimeError(f"order statistic {threshold!r} at rank {cut - 1} disagrees with the table")
+    if wanted == tied:
+        return f"{score} <= {at}", threshold
+    last = scalar(
+        connection,
+        f"SELECT image_id FROM (SELECT image_id, row_number() OVER (ORDER BY image_id) AS k "
+        f"FROM scores WHERE {scored} AND {score} = {at}) WHERE k = {wanted}",
+    )
+    return f"({score} < {at} OR ({score} = {at} AND image_id <= {quote(last)}))", threshold
+
+
+def _write_lists(connection: duckdb.DuckDBPyConnection, output: Output, decisions: str) -> None:
+    """keep.parquet and drop.parquet, in image_id order, from `decisions` (SQL with a `{relation}` to read
+    and a `kept` column): streamed a batch at a time into local files, then committed to OUTPUT."""
+    files = files_in_id_order(connection, output)
+    relations = [f"read_parquet({quote(name)})" for name in files] if files is not None else ["scores"]
+    with tempfile.TemporaryDirectory(prefix="fiqa-select-") as folder:
+        paths = {name: os.path.join(folder, f"{name}.parquet") for name in ("keep", "drop")}
+        writers = {
+            name: pq.ParquetWriter(path, LIST_SCHEMA, compression="zstd") for name, path in paths.items()
+        }
+        try:
+            for relation in relations:
+                for batch in connection.sql(decisions.format(relation=relation)).to_arrow_reader(65_536):
+                    kept = batch.column("kept")
+                    for name, rows in (("keep", kept), ("drop", pc.invert(kept))):
+                        chosen = pa.Table.from_batches([batch]).filter(rows).select(LIST_SCHEMA.names)
+                        writers[name].write_table(chosen.cast(LIST_SCHEMA))
+        finally:
+            for writer in writers.values():
+                writer.close()
+        for name, path in paths.items():
+            output.commit_file(f"{CURATION}/{name}.parquet", path)
 
 
 def select(
@@ -63,55 +136,49 @@ def select(
     min_quality: float | None = None,
     by: str = "quality",
     storage_options: Mapping[str, Any] | None = None,
+    memory_limit: str | None = None,
 ) -> Selection:
     if (drop_fraction is None) == (min_quality is None):
         raise UserError("give exactly one of --drop-fraction or --min-quality")
     if drop_fraction is not None and not 0 <= drop_fraction <= 1:
         raise UserError(f"--drop-fraction must be in [0, 1], got {drop_fraction}")
+    memory_limit_bytes(memory_limit)  # a bad --memory-limit fails before OUTPUT is read
     output = Output(output_url, storage_options)
     output.require_table(finished=True)
-    columns = ["image_id", "source", "status", "error", "exit_depth", "exit_scores", *SCORE_COLUMNS]
-    table = pq.read_table(output.path(SCORES), columns=columns, filesystem=output.fs)
-    scores = _score_column(table, by)
-    rows = table.select(["image_id", "source", "status", "error"]).to_pylist()
-    scored = sorted(
-        (i for i, row in enumerate(rows) if row["status"] == Status.OK and math.isfinite(scores[i])),
-        key=lambda i: (scores[i], rows[i]["image_id"]),
-    )
-    if drop_fraction is not None:
-        cut = math.floor(drop_fraction * len(scored) + 1e-9)
-        low, threshold = scored[:cut], (float(scores[scored[cut - 1]]) if cut else None)
-        rule = f"drop the lowest {drop_fraction:g} of scored images by {by} (ties by image_id)"
-        reason = f"in the lowest {drop_fraction:g} by {by}"
-    else:
-        low = [i for i in scored if scores[i] < min_quality]
-        threshold, rule = float(min_quality), f"drop scored images with {by} < {min_quality:g}"
-        reason = f"{by} < {min_quality:g}"
-    low_set = set(low)
-    keep, drop = [], []
-    for i, row in enumerate(rows):
-        quality = float(scores[i]) if math.isfinite(scores[i]) else None
-        record = {"image_id": row["image_id"], "source": row["source"], "quality": quality}
-        if row["status"] != Status.OK:
-            drop.append({**record, "reason": f"{row['status']}: {row['error'] or ''}".rstrip(": ")})
-        elif quality is None:
-            drop.append({**record, "reason": f"no finite {by} score"})
-        elif i in low_set:
-            drop.append({**record, "reason": reason})
+    with quality_table(output, memory_limit=memory_limit) as connection:
+        score = _score_expression(connection, by)
+        # DuckDB orders NaN above every number (and NaN = NaN), so non-finite scores are set aside first
+        scored = f"(status = {quote(Status.OK.value)} AND coalesce(isfinite({score}), false))"
+        if drop_fraction is not None:
+            count = scalar(connection, f"SELECT count(*) FROM scores WHERE {scored}")
+            low, threshold = _lowest(connection, score, scored, math.floor(drop_fraction * count + 1e-9))
+            rule = f"drop the lowest {drop_fraction:g} of scored images by {by} (ties by image_id)"
+            reason = f"in the lowest {drop_fraction:g} by {by}"
         else:
-            keep.append({**record, "reason": "kept"})
-    for name, records in (("keep", keep), ("drop", drop)):
-        records.sort(key=lambda r: r["image_id"])
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(records, schema=LIST_SCHEMA), buffer)
-        output.commit_bytes(f"{CURATION}/{name}.parquet", buffer.getvalue())
+            low = "FALSE" if math.isnan(min_quality) else f"{score} < {_double(min_quality)}"
+            threshold, rule = float(min_quality), f"drop scored images with {by} < {min_quality:g}"
+            reason = f"{by} < {min_quality:g}"
+        decisions = (
+            f"SELECT image_id, source, "
+            f"CASE WHEN isfinite({score}) THEN CAST({score} AS FLOAT) END AS quality, "
+            f"CASE WHEN status <> {quote(Status.OK.value)} "
+            f"THEN rtrim(status || ': ' || coalesce(error, ''), ': ') "
+            f"WHEN NOT {scored} THEN {quote(f'no finite {by} score')} "
+            f"WHEN {low} THEN {quote(reason)} ELSE 'kept' END AS reason, "
+            f"{scored} AND NOT ({low}) AS kept FROM {{relation}} ORDER BY image_id"
+        )
+        _write_lists(connection, output, decisions)
+        total, scored_count, low_count = connection.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE {scored}), "
+            f"count(*) FILTER (WHERE {scored} AND {low}) FROM scores"
+        ).fetchone()
     selection = Selection(
         by=by,
         rule=rule,
         threshold=threshold,
-        kept=len(keep),
-        dropped_low_quality=len(low),
-        dropped_unscored=len(drop) - len(low),
+        kept=scored_count - low_count,
+        dropped_low_quality=low_count,
+        dropped_unscored=total - scored_count,
         output=output.full_url(CURATION),
     )
     output.commit_bytes(f"{CURATION}/selection.json", json.dumps(asdict(selection), indent=1).encode())

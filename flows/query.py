@@ -1,8 +1,9 @@
 """`fiqa query`: SQL over a quality table with DuckDB, through fsspec (local or s3://).
 
-The table is exposed as a view named `scores`. DuckDB reads object stores through the fsspec filesystem
-registered on the connection (its own httpfs extension would need a download, which these machines
-cannot do).
+The table is exposed as a view named `scores` (`flows.table_sql.quality_table`, with the memory limit and
+spill folder every table command has). Results stream: the printed preview keeps only its first rows while
+the rest are counted, and `--out` is written by DuckDB's `COPY ... TO`, so a result as large as the table
+never gathers in Python.
 """
 
 from __future__ import annotations
@@ -12,43 +13,63 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from fiqa_curator.flows.storage import Output
+from fiqa_curator.flows.table_sql import quality_table
 from fiqa_curator.schemas.errors import UserError
-from fiqa_curator.schemas.layout import SCORES
+from fiqa_curator.workers.io import filesystem
+
+FORMATS = {".parquet": "(FORMAT parquet, COMPRESSION zstd)", ".csv": "(FORMAT csv, HEADER true)"}
 
 
-def run_query(output_url: str, sql: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+def preview(
+    output_url: str,
+    sql: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    limit: int = 50,
+    memory_limit: str | None = None,
+) -> tuple[pa.Table, int]:
+    """(the first `limit` rows of the result, how many rows it has)."""
     output = Output(output_url, storage_options)
-    output.require_table()
-    connection = duckdb.connect()
-    pattern = output.full_url(SCORES) + "/*.parquet"
-    if "://" in pattern and not pattern.startswith("file://"):
-        connection.register_filesystem(output.fs)
-    else:
-        pattern = pattern.removeprefix("file://")
-    connection.execute(
-        f"CREATE VIEW scores AS SELECT * FROM read_parquet('{pattern.replace(chr(39), chr(39) * 2)}')"
-    )
-    try:
-        return connection.sql(sql).to_arrow_table()
-    except duckdb.Error as error:
-        raise UserError(f"query failed: {error}") from error
-    finally:
-        connection.close()
+    with quality_table(output, memory_limit=memory_limit) as connection:
+        try:
+            reader = connection.sql(sql).to_arrow_reader(max(1, min(limit, 100_000)))
+            first, total = [], 0
+            for batch in reader:
+                if total < limit:
+                    first.append(batch.slice(0, limit - total))
+                total += batch.num_rows
+            return pa.Table.from_batches(first, schema=reader.schema), total
+        except duckdb.Error as error:
+            raise UserError(f"query failed: {error}") from error
 
 
-def write_result(table: pa.Table, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """CSV or Parquet by extension, to a local path or any fsspec URL."""
-    from fiqa_curator.workers.io import filesystem
+def query_to(
+    output_url: str,
+    sql: str,
+    out_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    memory_limit: str | None = None,
+) -> int:
+    """Write the result to `out_url` (.csv or .parquet, local or any fsspec URL); returns its rows."""
+    import os
+    import tempfile
 
-    fs, path = filesystem(url, storage_options)
-    with fs.open(path, "wb") as handle:
-        if url.endswith(".parquet"):
-            pq.write_table(table, handle)
-        elif url.endswith(".csv"):
-            pacsv.write_csv(table, handle)
-        else:
-            raise UserError(f"--out must end in .csv or .parquet, got {url}")
+    extension = os.path.splitext(out_url)[1].lower()
+    if extension not in FORMATS:
+        raise UserError(f"--out must end in .csv or .parquet, got {out_url}")
+    output = Output(output_url, storage_options)
+    with quality_table(output, memory_limit=memory_limit) as connection, tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "result" + extension)
+        try:
+            rows = connection.execute(f"COPY ({sql}) TO '{local}' {FORMATS[extension]}").fetchone()[0]
+        except duckdb.Error as error:
+            raise UserError(f"query failed: {error}") from error
+        fs, path = filesystem(out_url, storage_options)
+        parent = os.path.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.put_file(local, path)
+    return int(rows)

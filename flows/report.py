@@ -1,7 +1,8 @@
 """`fiqa report OUTPUT`: one self-contained HTML page about a quality table (OUTPUT/report/index.html).
 
-Sections (each a `<section id=...>`): run, status, distribution, agreement, size, thresholds, galleries,
-attention, identities, and evaluation when OUTPUT/evaluation/ holds a `fiqa evaluate --output` result.
+Sections (each a `<section id=...>`): summary (what a data lead reads first), run, status, distribution,
+agreement, size, thresholds, galleries, attention, identities, and evaluation when OUTPUT/evaluation/
+holds a `fiqa evaluate --output` result. Empty tables read "none".
 Plots are embedded PNGs and thumbnails embedded images: no external assets and no script, so the page
 opens from disk or from object storage. Every name taken from the data is HTML-escaped.
 
@@ -53,12 +54,23 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], table_id: str) -> str:
+    """A table, or "none" when it has no rows (a header alone reads as a rendering error)."""
+    if not rows:
+        return f'<p class="none" id="{table_id}">none</p>'
+    head = (
+        "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr></thead>"
+        if header
+        else ""
+    )
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows
     )
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table id="{table_id}">{head}<tbody>{body}</tbody></table>'
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
 
 
 def _thumbnail(face: np.ndarray) -> str:
@@ -70,6 +82,40 @@ def _thumbnail(face: np.ndarray) -> str:
 
 
 # ---- sections: each (data, faces) -> HTML, or None when it has nothing to show -----------------------------
+def summary_section(data: ReportData, faces: Faces) -> str:
+    """A few lines a data lead reads first: images, failures by kind, the recommended threshold and what
+    it drops, the exit depth, and the evaluation advisor's answer when there is one."""
+    failed = {status: n for status, n in data.counts.items() if status != "ok"}
+    failures = (
+        ", ".join(f"{html.escape(status)} {_count(n)}" for status, n in failed.items()) if failed else "none"
+    )
+    items = [
+        f"<li><b>{_count(data.rows)}</b> images, <b>{_count(data.scored)}</b> scored</li>",
+        f"<li>failures: {failures}</li>",
+    ]
+    if data.threshold is not None:
+        share = data.threshold_dropped / data.scored
+        unscored = data.rows - data.scored
+        plus = f", plus the {_count(unscored)} that could not be scored" if unscored else ""
+        items.append(
+            f"<li>recommended threshold (the {data.threshold_quantile:g} quantile): quality &lt; "
+            f"<b>{data.threshold:.4f}</b> drops <b>{_count(data.threshold_dropped)}</b> scored images "
+            f"({share:.1%}){plus}</li>"
+        )
+    depth = data.run.config.get("exit_depth") or data.depth or "-"
+    items.append(
+        f"<li>exit depth used: <b>{html.escape(str(depth))}</b>, "
+        f"fusion {html.escape(str(data.run.config.get('fusion', '-')))}</li>"
+    )
+    advisor = data.advisor()
+    if advisor:
+        items.append(
+            f"<li>evaluation advisor: exit depth <b>{advisor['exit_depth']}</b> with "
+            f"<b>{html.escape(str(advisor['option']))}</b></li>"
+        )
+    return f'<ul id="summary-list">{"".join(items)}</ul>'
+
+
 def run_section(data: ReportData, faces: Faces) -> str:
     run, config = data.run, data.run.config
     rows = [
@@ -83,7 +129,7 @@ def run_section(data: ReportData, faces: Faces) -> str:
         *[(f"seconds {k}", v) for k, v in run.seconds.items()],
         ("images/s", run.images_per_second if run.run_id else "-"),
     ]
-    return _table(["", ""], rows, "run-table")
+    return _table(None, rows, "run-table")
 
 
 def status_section(data: ReportData, faces: Faces) -> str:
@@ -95,23 +141,25 @@ def status_section(data: ReportData, faces: Faces) -> str:
 
 
 def distribution_section(data: ReportData, faces: Faces) -> str | None:
-    if not data.scored:
+    if data.quality_histogram is None:
         return None
     from matplotlib import pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3))
-    axis.hist(data.quality, bins=50, color="#3a6ea5")
+    histogram = data.quality_histogram
+    axis.stairs(histogram.counts, histogram.edges, fill=True, color="#3a6ea5")
     axis.set(xlabel="quality (fused)", ylabel="images")
     figure.tight_layout()
     plots = _img(_png(figure), "histogram of the fused quality")
-    depth = data.exits.shape[1]
+    depth = len(data.exit_histograms)
     columns = min(depth, 6)
     rows = (depth + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 1.8 * rows), squeeze=False)
     for k in range(rows * columns):
         axis = axes[k // columns][k % columns]
-        if k < depth:
-            axis.hist(data.exits[:, k], bins=30, color="#777")
+        histogram = data.exit_histograms[k] if k < depth else None
+        if histogram is not None:
+            axis.stairs(histogram.counts, histogram.edges, fill=True, color="#777")
             axis.set_title(f"exit {k + 1}", fontsize=8)
             axis.tick_params(labelsize=6)
         else:
@@ -125,55 +173,70 @@ def agreement_section(data: ReportData, faces: Faces) -> str | None:
         return None
     from matplotlib import pyplot as plt
 
-    agreement, depth = data.agreement, data.exits.shape[1]
+    agreement, depth = data.agreement, data.depth
     figure, axis = plt.subplots(figsize=(5, 4))
     image = axis.imshow(agreement.spearman, vmin=-1, vmax=1, cmap="RdBu")
     labels = [f"{k + 1}" for k in range(depth)] + ["F"]
     axis.set_xticks(range(depth + 1), labels, fontsize=7)
     axis.set_yticks(range(depth + 1), labels, fontsize=7)
     figure.colorbar(image)
-    return _img(_png(figure), "Spearman correlation of exits") + _table(
-        ["exit", "Spearman vs fused", f"overlap of bottom 10% ({agreement.bottom})"],
-        agreement.overlap,
-        "overlap-table",
+    basis = (
+        f"<p>On a fixed sample of {_count(agreement.sampled)} of the {_count(data.scored)} scored images "
+        "(the same images every run).</p>"
+        if agreement.sampled < data.scored
+        else ""
+    )
+    return (
+        _img(_png(figure), "Spearman correlation of exits")
+        + basis
+        + _table(
+            ["exit", "Spearman vs fused", f"overlap of bottom 10% ({agreement.bottom})"],
+            agreement.overlap,
+            "overlap-table",
+        )
     )
 
 
 def size_section(data: ReportData, faces: Faces) -> str | None:
-    if not data.scored:
+    """Quality against decoded size; when every image has the same size there is nothing to plot."""
+    if data.sample is None or data.pixel_range is None:
         return None
+    table = _table(["", "images", "mean quality"], data.sizes, "size-table")
+    smallest, largest = data.pixel_range
+    if smallest == largest:
+        side = round(smallest**0.5)
+        return (
+            f"<p>Every scored image decodes to the same size ({_count(int(smallest))} pixels"
+            f"{f', {side}x{side}' if side * side == smallest else ''}): quality cannot be told apart by "
+            "size here.</p>" + table
+        )
     from matplotlib import pyplot as plt
 
-    quality, resized = data.quality, data.resized
+    sample = data.sample
+    resized = sample.resized
     figure, axis = plt.subplots(figsize=(6, 3))
-    axis.scatter(data.pixels[~resized], quality[~resized], s=6, label="112x112")
-    axis.scatter(data.pixels[resized], quality[resized], s=6, label="resized")
-    axis.set(xscale="log", xlabel="decoded pixels", ylabel="quality")
+    axis.scatter(sample.pixels[~resized], sample.quality[~resized], s=6, label="not resized")
+    axis.scatter(sample.pixels[resized], sample.quality[resized], s=6, label="resized")
+    # a log axis only where sizes span orders of magnitude: over a narrow span its ticks are unreadable
+    axis.set(xscale="log" if largest / max(smallest, 1.0) >= 10 else "linear")
+    axis.set(xlabel="decoded pixels (width x height)", ylabel="quality")
     axis.legend(fontsize=7)
-    rows = [
-        ("resized", int(resized.sum()), float(np.mean(quality[resized])) if resized.any() else np.nan),
-        (
-            "not resized",
-            int((~resized).sum()),
-            float(np.mean(quality[~resized])) if (~resized).any() else np.nan,
-        ),
-    ]
-    return _img(_png(figure), "quality versus image size") + _table(
-        ["", "images", "mean quality"], rows, "size-table"
-    )
+    figure.tight_layout()
+    return _img(_png(figure), "quality versus image size") + table
 
 
 def thresholds_section(data: ReportData, faces: Faces) -> str | None:
     if not data.thresholds:
         return None
     rows = [(q, value, dropped, f"{dropped / data.scored:.1%}") for q, value, dropped in data.thresholds]
-    return (
-        _table(
-            ["quantile", "threshold", "images dropped (quality < threshold)", "share of scored"],
-            rows,
-            "threshold-table",
-        )
-        + f"<p>Failed images ({data.rows - data.scored}) are dropped in any case.</p>"
+    return _table(
+        ["quantile", "threshold", "images dropped (quality < threshold)", "share of scored"],
+        rows,
+        "threshold-table",
+    ) + (
+        f"<p>Images that could not be scored ({_count(data.rows - data.scored)}) are dropped in any case.</p>"
+        if data.rows > data.scored
+        else ""
     )
 
 
@@ -181,10 +244,9 @@ def galleries_section(data: ReportData, faces: Faces) -> str | None:
     if not data.galleries:
         return None
     parts = []
-    for title, indices in data.galleries:
+    for title, shown in data.galleries:
         cards = []
-        for index in indices:
-            image_id = str(data.ok_ids[index])
+        for image_id, quality in shown:
             face = faces.get(image_id)
             picture = (
                 _img(_thumbnail(face), image_id)
@@ -192,8 +254,7 @@ def galleries_section(data: ReportData, faces: Faces) -> str | None:
                 else '<div class="missing">no preview</div>'
             )
             cards.append(
-                f"<figure>{picture}<figcaption>{html.escape(image_id)}<br>"
-                f"{data.quality[index]:.4f}</figcaption></figure>"
+                f"<figure>{picture}<figcaption>{html.escape(image_id)}<br>{quality:.4f}</figcaption></figure>"
             )
         parts.append(f'<h3>{html.escape(title)}</h3><div class="gallery">{"".join(cards)}</div>')
     return "".join(parts)
@@ -234,16 +295,27 @@ def identities_section(data: ReportData, faces: Faces) -> str | None:
         return None
     body = _table(
         ["identities", "images per identity (median)", "max"],
-        [(identities.count, identities.median_images, identities.max_images)],
+        [(identities.count, f"{identities.median_images:g}", identities.max_images)],
         "identity-summary",
     )
-    body += f"<h3>Identities mostly below the threshold ({len(identities.mostly_below)})</h3>" + _table(
-        ["identity", "images", "below"], identities.mostly_below, "identity-below"
+
+    def listed(title: str, total: int, header: list[str], rows: list, table_id: str) -> str:
+        more = f"; the first {len(rows)} by name" if total > len(rows) else ""
+        return f"<h3>{html.escape(title)} ({_count(total)}{more})</h3>" + _table(header, rows, table_id)
+
+    body += listed(
+        "Identities mostly below the threshold",
+        identities.mostly_below_count,
+        ["identity", "images", "below"],
+        identities.mostly_below,
+        "identity-below",
     )
-    body += (
-        f"<h3>Identities left with fewer than {MIN_IMAGES_PER_IDENTITY} images "
-        f"({len(identities.too_few)})</h3>"
-        + _table(["identity", "images", "kept"], identities.too_few, "identity-few")
+    body += listed(
+        f"Identities left with fewer than {MIN_IMAGES_PER_IDENTITY} images",
+        identities.too_few_count,
+        ["identity", "images", "kept"],
+        identities.too_few,
+        "identity-few",
     )
     return body
 
@@ -260,6 +332,13 @@ def evaluation_section(data: ReportData, faces: Faces) -> str | None:
         f"{result.get('pairs', '-')} pairs, pAUC up to {html.escape(str(result.get('discard_limit')))} "
         f"discarded (lower is better)</p>"
     ]
+    ties = (result.get("order_dependent") or {}).get("methods") or {}
+    if ties:  # erc with tied pair qualities split at a discard boundary (`fiqa evaluate` says so too)
+        parts.append(
+            f'<p id="order-dependent">For {len(ties)} of {len(methods)} methods the pAUC depends on the '
+            "order of the pairs file: pairs of equal quality straddle a discard boundary (up to "
+            f"{max(t['pairs'] for t in ties.values())} pairs; `order_dependent` in result.json).</p>"
+        )
     advisor = result.get("advisor")
     if advisor:
         chosen = advisor["recommended"]
@@ -284,6 +363,7 @@ def evaluation_section(data: ReportData, faces: Faces) -> str | None:
 
 
 SECTIONS: list[tuple[str, str, Callable[[ReportData, Faces], str | None]]] = [
+    ("summary", "Summary", summary_section),
     ("run", "Run", run_section),
     ("status", "Images by status", status_section),
     ("distribution", "Quality distribution", distribution_section),
@@ -303,6 +383,7 @@ td,th{border:1px solid #ccc;padding:.2rem .5rem;font-size:.85rem}
 .gallery{display:flex;flex-wrap:wrap;gap:.5rem} \
 figure{margin:0;width:120px;font-size:.7rem;word-break:break-all}
 figure img{width:112px;height:112px} .missing{width:112px;height:112px;background:#eee}
+img{max-width:100%;height:auto} section{overflow-x:auto}
 """
 
 
@@ -318,31 +399,34 @@ def render(data: ReportData, faces: Faces) -> str:
     content = "".join(
         f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>' for sid, title, body in sections
     )
-    counts = html.escape(", ".join(f"{k} {v}" for k, v in data.counts.items()))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fiqa-curator report</title>
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; \
 style-src 'unsafe-inline'">
 <style>{STYLE}</style></head><body><h1>fiqa-curator quality report</h1>
-<p>{data.rows} images: {counts}</p><nav>{nav}</nav>
+<nav>{nav}</nav>
 {content}</body></html>"""
 
 
 def build_report(
-    output_url: str, storage_options: Mapping[str, Any] | None = None, *, threshold_quantile: float = 0.1
+    output_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    threshold_quantile: float = 0.1,
+    memory_limit: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(HTML, summary) for the quality table in OUTPUT."""
     output = Output(output_url, storage_options)
-    data = collect(output, threshold_quantile=threshold_quantile)
+    data = collect(output, threshold_quantile=threshold_quantile, memory_limit=memory_limit)
     faces = faces_of(output, shown_ids(data), data.run, storage_options)
     data.attention_grid = attention_grid(data, faces, storage_options)
     return render(data, faces), data.summary()
 
 
 def write_report(
-    output_url: str, storage_options: Mapping[str, Any] | None = None
+    output_url: str, storage_options: Mapping[str, Any] | None = None, *, memory_limit: str | None = None
 ) -> tuple[str, dict[str, Any]]:
-    page, summary = build_report(output_url, storage_options)
+    page, summary = build_report(output_url, storage_options, memory_limit=memory_limit)
     output = Output(output_url, storage_options)
     output.commit_bytes(REPORT_PAGE, page.encode("utf-8"))
     output.commit_bytes(REPORT_SUMMARY, json.dumps(summary, indent=1).encode())

@@ -1,55 +1,75 @@
 """What the report shows, computed before anything is drawn (`collect`): counts, failures, per-exit
-scores, agreement between exits, thresholds, the images the galleries pick, identity statistics, the
-evaluation written beside the table, and the summary (`report/summary.json`, the Prefect artifact).
+score histograms, agreement between exits, thresholds, the images the galleries pick, identity statistics,
+the evaluation written beside the table, and the summary (`report/summary.json`, the Prefect artifact).
+
+Every figure is computed by DuckDB over the table's Parquet files (`flows.table_sql`), in memory that does
+not grow with the table: counts, histograms and identity statistics are aggregates; thresholds are exact
+order statistics (equal to numpy's quantiles); galleries are top-N queries; the agreement between exits
+and the size plot use a fixed sample of at most SAMPLE_ROWS scored rows (the rows with the smallest hash
+of their image_id: the same rows every run; every row when there are fewer). Nothing reads the whole
+table into Python.
 
 `flows.report` renders it; nothing here draws or writes HTML.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from fiqa_curator.flows.storage import Output
+from fiqa_curator.flows.table_sql import connect, local_or_url, quality_table, quantiles, quote, scalar
 from fiqa_curator.schemas.errors import UserError
-from fiqa_curator.schemas.layout import EVALUATION, LISTING_FILE, SCORES, RunRecord
-from fiqa_curator.schemas.quality_table import exit_score_matrix
+from fiqa_curator.schemas.layout import EVALUATION, LISTING_FILE, RunRecord
 from fiqa_curator.schemas.status import Status
 
 logger = logging.getLogger(__name__)
-COLUMNS = [
-    "image_id",
-    "identity",
-    "status",
-    "error",
-    "width",
-    "height",
-    "resized",
-    "exit_depth",
-    "exit_scores",
-    "quality",
-]
 QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3)
 FAILURE_EXAMPLES = 5
 GALLERY = 8
 ATTENTION_IMAGES = 4
 MIN_IMAGES_PER_IDENTITY = 2
 BOTTOM_SHARE = 0.1  # the agreement section compares each exit's bottom 10% with the fused score's
+SAMPLE_ROWS = 100_000  # rows behind the agreement figures and the size plot
+IDENTITY_LIST = 100  # identities listed per list (the page and the summary); the counts are complete
+QUALITY_BINS, EXIT_BINS = 50, 30
+
+# Scored rows: status ok and a finite fused score (a NaN from a broken checkpoint must not break a plot).
+SCORED_VIEW = f"""CREATE TEMP VIEW scored AS
+SELECT image_id, identity, CAST(quality AS DOUBLE) AS q, exit_depth, exit_scores, width, height, resized
+FROM scores WHERE status = {quote(Status.OK.value)} AND coalesce(isfinite(quality), false)"""
+
+
+@dataclass
+class Histogram:
+    edges: np.ndarray  # bins + 1 edges, as numpy's histogram makes them
+    counts: np.ndarray
+
+
+@dataclass
+class Sample:
+    """At most SAMPLE_ROWS scored rows, in image_id order."""
+
+    ids: np.ndarray
+    quality: np.ndarray
+    exits: np.ndarray  # (rows, L)
+    pixels: np.ndarray  # decoded width x height
+    resized: np.ndarray
 
 
 @dataclass
 class Agreement:
     spearman: np.ndarray  # (L + 1, L + 1) rank correlations of exits 1..L and the fused score
-    bottom: int  # images in the bottom share
+    bottom: int  # images in the bottom share (of the sample)
     overlap: list[tuple[str, float, float]]  # (exit, Spearman vs fused, share of the fused bottom it shares)
+    sampled: int  # rows it was computed on
 
 
 @dataclass
@@ -57,8 +77,10 @@ class Identities:
     count: int
     median_images: float
     max_images: int
-    mostly_below: list[tuple[str, int, int]]  # (identity, images, below the threshold)
-    too_few: list[tuple[str, int, int]]  # (identity, images, kept)
+    mostly_below: list[tuple[str, int, int]]  # (identity, images, below the threshold), first by name
+    too_few: list[tuple[str, int, int]]  # (identity, images, kept), first IDENTITY_LIST by name
+    mostly_below_count: int = 0
+    too_few_count: int = 0
 
 
 @dataclass
@@ -70,6 +92,9 @@ class AttentionGrid:
     seen: int  # pixels the patches cover (108 of 112 with 9-pixel patches)
 
 
+Shown = tuple[str, float]  # (image_id, quality) of an image a gallery or the attention figure shows
+
+
 @dataclass
 class ReportData:
     """Everything the page shows, as numbers and ids."""
@@ -78,27 +103,24 @@ class ReportData:
     counts: dict[str, int]  # rows by status, sorted by status
     failures: list[tuple[str, str, str]]  # (status, image_id, reason): a few examples of each failure
     run: RunRecord
-    ok_ids: np.ndarray  # scored rows with a finite score
-    quality: np.ndarray
-    exits: np.ndarray  # (scored rows, L)
-    pixels: np.ndarray  # decoded width x height of the scored rows
-    resized: np.ndarray
+    scored: int = 0  # rows with status ok and a finite score
+    depth: int = 0  # exits per scored row
+    quality_histogram: Histogram | None = None
+    exit_histograms: list[Histogram] = field(default_factory=list)
+    sample: Sample | None = None
+    sizes: list[tuple[str, int, float]] = field(default_factory=list)  # (resized or not, images, mean q)
+    pixel_range: tuple[float, float] | None = None  # smallest and largest decoded image (pixels)
     agreement: Agreement | None = None
     thresholds: list[tuple[str, float, int]] = field(default_factory=list)  # (quantile, threshold, dropped)
     threshold_quantile: float = 0.1
     threshold: float | None = None  # the galleries' and identities' threshold
-    galleries: list[tuple[str, list[int]]] = field(
-        default_factory=list
-    )  # (title, indices into the scored rows)
-    attention: list[int] = field(default_factory=list)  # indices of the scored rows the attention grid shows
+    threshold_dropped: int = 0
+    galleries: list[tuple[str, list[Shown]]] = field(default_factory=list)
+    attention: list[Shown] = field(default_factory=list)  # the images the attention grid shows
     identities: Identities | None = None
     evaluation: dict[str, Any] | None = None  # OUTPUT/evaluation/result.json
     evaluation_images: dict[str, bytes] = field(default_factory=dict)
     attention_grid: AttentionGrid | None = None  # needs the faces: `attention_grid`
-
-    @property
-    def scored(self) -> int:
-        return len(self.quality)
 
     def summary(self) -> dict[str, Any]:
         """The machine-readable summary: report/summary.json and the Prefect artifacts."""
@@ -113,13 +135,14 @@ class ReportData:
             summary["identities"] = {
                 "count": self.identities.count,
                 "mostly_below": [row[0] for row in self.identities.mostly_below],
+                "mostly_below_count": self.identities.mostly_below_count,
                 "too_few_after_curation": [row[0] for row in self.identities.too_few],
+                "too_few_after_curation_count": self.identities.too_few_count,
             }
         if self.evaluation:
-            advisor = self.evaluation.get("advisor")
+            advisor = self.advisor()
             if advisor:
-                chosen = advisor["recommended"]
-                summary["advisor"] = {"exit_depth": chosen["exit_depth"], "option": chosen["option"]}
+                summary["advisor"] = advisor
             methods = self.evaluation["methods"]
             first = next(iter(next(iter(methods.values()))))
             summary["evaluation"] = {
@@ -128,24 +151,89 @@ class ReportData:
             }
         return summary
 
-
-def load_table(output: Output) -> tuple[pd.DataFrame, np.ndarray]:
-    """(rows without exit scores, (N, L) exit scores with NaN rows where unscored). Only the columns the page
-    shows are read (never embeddings), and the exit scores stay in numpy, not in Python lists."""
-    table = pq.read_table(output.path(SCORES), columns=COLUMNS, filesystem=output.fs)
-    return table.drop_columns(["exit_scores"]).to_pandas(), exit_score_matrix(table)
-
-
-def read_listing(output: Output) -> dict[str, tuple[str, int, int]]:
-    """image_id -> (url, offset, length) of every planned item: where its bytes are."""
-    raw = output.read_bytes(LISTING_FILE)
-    if not raw:
-        return {}
-    table = pq.read_table(io.BytesIO(raw), columns=["image_id", "url", "offset", "length"])
-    return {row["image_id"]: (row["url"], row["offset"], row["length"]) for row in table.to_pylist()}
+    def advisor(self) -> dict[str, Any] | None:
+        """The evaluation advisor's recommended exit depth and option, when an evaluation exists."""
+        advisor = (self.evaluation or {}).get("advisor")
+        if not advisor:
+            return None
+        chosen = advisor["recommended"]
+        return {"exit_depth": chosen["exit_depth"], "option": chosen["option"]}
 
 
-def _agreement(exits: np.ndarray, quality: np.ndarray) -> Agreement:
+def _histograms(
+    connection: duckdb.DuckDBPyConnection, relation: str, values: list[str], bins: int
+) -> list[Histogram | None]:
+    """numpy's histogram (edges from the finite values' min and max) of each DOUBLE expression in
+    `values` over `relation`, in two scans whatever their number: the ranges, then the counts of every
+    expression at once (GROUPING SETS). None for an expression without a finite value."""
+    finite = [f"CASE WHEN isfinite({value}) THEN {value} END" for value in values]
+    bounds = connection.execute(
+        "SELECT " + ", ".join(f"min({v}), max({v})" for v in finite) + f" FROM {relation}"
+    ).fetchone()
+    ranges = []
+    for low, high in zip(bounds[::2], bounds[1::2], strict=True):
+        if low is not None and low == high:  # numpy's convention for a single value
+            low, high = low - 0.5, high + 0.5
+        ranges.append((low, high))
+    present = [i for i, (low, _) in enumerate(ranges) if low is not None]
+    histograms: list[Histogram | None] = [None] * len(values)
+    if not present:
+        return histograms
+    columns = [
+        f"least({bins - 1}, CAST(floor(({finite[i]} - {ranges[i][0]!r}) * {bins} / "
+        f"({ranges[i][1]!r} - {ranges[i][0]!r})) AS BIGINT)) AS b{i}"
+        for i in present
+    ]
+    names = [f"b{i}" for i in present]
+    rows = connection.execute(
+        f"SELECT {', '.join(f'grouping({n})' for n in names)}, {', '.join(names)}, count(*) "
+        f"FROM (SELECT {', '.join(columns)} FROM {relation}) "
+        f"GROUP BY GROUPING SETS ({', '.join(f'({n})' for n in names)})"
+    ).fetchall()
+    counts = {i: np.zeros(bins, dtype=np.int64) for i in present}
+    for row in rows:
+        flags, buckets, n = row[: len(names)], row[len(names) : 2 * len(names)], row[-1]
+        which = flags.index(0)  # the grouping set this row belongs to
+        if buckets[which] is not None:  # not the non-finite values' group
+            counts[present[which]][int(buckets[which])] = n
+    for i in present:
+        histograms[i] = Histogram(np.linspace(*ranges[i], bins + 1), counts[i])
+    return histograms
+
+
+def _sample(connection: duckdb.DuckDBPyConnection, scored: int) -> Sample:
+    """The SAMPLE_ROWS scored rows with the smallest hash of their image_id (all rows when fewer). A plain
+    `ORDER BY hash LIMIT n` over the whole table costs DuckDB ~65 bytes a row (650 MB at 10M rows), so
+    the candidates are first cut by a hash range holding ~1.2x the sample, widened until it holds enough."""
+    condition, share = "TRUE", 1.2 * SAMPLE_ROWS / max(scored, 1)
+    while scored > SAMPLE_ROWS and share < 1:
+        cutoff = min(2**64 - 1, int(share * 2**64))
+        condition = f"hash(image_id) < CAST({cutoff} AS UBIGINT)"
+        if scalar(connection, f"SELECT count(*) FROM scored WHERE {condition}") >= SAMPLE_ROWS:
+            break
+        condition, share = "TRUE", share * 2
+    connection.execute(
+        f"""CREATE TEMP TABLE chosen AS SELECT image_id FROM scored WHERE {condition}
+            ORDER BY hash(image_id), image_id LIMIT {SAMPLE_ROWS}"""
+    )
+    table = connection.sql(
+        """SELECT image_id, q, exit_scores, CAST(width AS DOUBLE) * height AS pixels,
+                  coalesce(resized, false) AS resized
+           FROM scored SEMI JOIN chosen USING (image_id) ORDER BY image_id"""
+    ).to_arrow_table()
+    exits = table.column("exit_scores").combine_chunks()
+    depth = len(exits[0]) if len(exits) else 0
+    return Sample(
+        ids=table.column("image_id").to_numpy(zero_copy_only=False),
+        quality=table.column("q").to_numpy(),
+        exits=exits.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, depth),
+        pixels=table.column("pixels").to_numpy(zero_copy_only=False).astype(np.float64),
+        resized=table.column("resized").to_numpy(zero_copy_only=False).astype(bool),
+    )
+
+
+def _agreement(sample: Sample) -> Agreement:
+    exits, quality = sample.exits, sample.quality
     depth = exits.shape[1]
     ranks = pd.DataFrame(np.column_stack([exits, quality])).rank()
     spearman = ranks.corr().to_numpy()
@@ -159,24 +247,33 @@ def _agreement(exits: np.ndarray, quality: np.ndarray) -> Agreement:
         )
         for k in range(depth)
     ]
-    return Agreement(spearman, bottom, overlap)
+    return Agreement(spearman, bottom, overlap, len(quality))
 
 
-def _identities(ok: pd.DataFrame, quality: np.ndarray, threshold: float) -> Identities | None:
-    known = ok["identity"].notna().to_numpy()
-    if not known.any():
+def _identities(connection: duckdb.DuckDBPyConnection, threshold: float) -> Identities | None:
+    connection.execute(
+        f"""CREATE TEMP TABLE per_identity AS
+            SELECT identity, count(*) AS images, count(*) FILTER (WHERE q < {threshold!r}) AS below
+            FROM scored WHERE identity IS NOT NULL GROUP BY identity"""
+    )
+    count, median, largest = connection.execute(
+        "SELECT count(*), median(images), max(images) FROM per_identity"
+    ).fetchone()
+    if not count:
         return None
-    scored = ok[known].assign(below=quality[known] < threshold)
-    per = scored.groupby("identity").agg(images=("image_id", "size"), below=("below", "sum"))
-    per["kept"] = per["images"] - per["below"]
-    mostly_below = per[per["below"] > per["images"] / 2].sort_index()
-    too_few = per[per["kept"] < MIN_IMAGES_PER_IDENTITY].sort_index()
+
+    def listed(condition: str, second: str) -> tuple[list[tuple[str, int, int]], int]:
+        rows = connection.execute(
+            f"SELECT identity, images, {second} FROM per_identity WHERE {condition} "
+            f"ORDER BY identity LIMIT {IDENTITY_LIST}"
+        ).fetchall()
+        total = scalar(connection, f"SELECT count(*) FROM per_identity WHERE {condition}")
+        return [(str(i), int(n), int(m)) for i, n, m in rows], int(total)
+
+    mostly_below, mostly_below_count = listed("below > images / 2", "below")
+    too_few, too_few_count = listed(f"images - below < {MIN_IMAGES_PER_IDENTITY}", "images - below")
     return Identities(
-        len(per),
-        float(per["images"].median()),
-        int(per["images"].max()),
-        [(str(i), int(n), int(b)) for i, n, b in mostly_below[["images", "below"]].itertuples()],
-        [(str(i), int(n), int(k)) for i, n, k in too_few[["images", "kept"]].itertuples()],
+        int(count), float(median), int(largest), mostly_below, too_few, mostly_below_count, too_few_count
     )
 
 
@@ -194,62 +291,98 @@ def _evaluation(output: Output) -> tuple[dict[str, Any] | None, dict[str, bytes]
     return result, images
 
 
-def collect(output: Output, *, threshold_quantile: float = 0.1) -> ReportData:
+def _shown(connection: duckdb.DuckDBPyConnection, order: str, limit: int) -> list[Shown]:
+    rows = connection.execute(f"SELECT image_id, q FROM scored ORDER BY {order} LIMIT {limit}").fetchall()
+    return [(str(image_id), float(q)) for image_id, q in rows]
+
+
+def collect(
+    output: Output, *, threshold_quantile: float = 0.1, memory_limit: str | None = None
+) -> ReportData:
     """Read what the page needs from OUTPUT and compute every figure's numbers."""
-    output.require_table()
-    frame, all_exits = load_table(output)
-    run = output.read_run_record() or RunRecord()
-    counts = frame["status"].value_counts().sort_index()
-    failures = [
-        (str(status), str(row["image_id"]), row["error"])
-        for status, group in frame[frame["status"] != Status.OK].groupby("status")
-        for _, row in group.head(FAILURE_EXAMPLES).iterrows()
-    ]
-    # scored rows with a finite score (a NaN from a broken checkpoint must not break every plot)
-    ok_mask = (frame["status"] == Status.OK).to_numpy() & np.isfinite(
-        frame["quality"].to_numpy(dtype=np.float64)
-    )
-    ok = frame[ok_mask]
-    quality = ok["quality"].to_numpy(dtype=np.float64)
-    data = ReportData(
-        rows=len(frame),
-        counts={str(k): int(v) for k, v in counts.items()},
-        failures=failures,
-        run=run,
-        ok_ids=ok["image_id"].to_numpy(dtype=object),
-        quality=quality,
-        exits=all_exits[ok_mask],
-        pixels=(ok["width"].astype(float) * ok["height"].astype(float)).to_numpy(),
-        resized=ok["resized"].fillna(False).to_numpy(dtype=bool),
-        threshold_quantile=threshold_quantile,
-    )
-    data.evaluation, data.evaluation_images = _evaluation(output)
-    if not len(ok):
-        return data
-    data.agreement = _agreement(data.exits, quality)
-    for q in QUANTILES:
-        value = float(np.quantile(quality, q))
-        data.thresholds.append((f"{q:g}", value, int(np.sum(quality < value))))
-    data.threshold = float(np.quantile(quality, threshold_quantile))
-    order = np.lexsort((data.ok_ids, quality))  # by quality, ties by image_id: the same pages every run
-    near = np.argsort(np.abs(quality - data.threshold), kind="stable")[:GALLERY]
-    data.galleries = [
-        ("Lowest quality", list(order[:GALLERY])),
-        ("Highest quality", list(order[::-1][:GALLERY])),
-        (f"Around the {threshold_quantile:g} quantile threshold ({data.threshold:.4f})", list(near)),
-    ]
-    data.attention = [*order[: ATTENTION_IMAGES // 2], *order[::-1][: ATTENTION_IMAGES // 2]]
-    data.identities = _identities(ok, quality, data.threshold)
+    with quality_table(output, memory_limit=memory_limit) as connection:
+        connection.execute(SCORED_VIEW)
+        by_status = "SELECT status, count(*) FROM scores GROUP BY status ORDER BY status"
+        counts = dict(connection.execute(by_status).fetchall())
+        failures = connection.execute(
+            f"""SELECT status, image_id, coalesce(error, '') FROM scores
+                WHERE status <> {quote(Status.OK.value)}
+                QUALIFY row_number() OVER (PARTITION BY status ORDER BY image_id) <= {FAILURE_EXAMPLES}
+                ORDER BY status, image_id"""
+        ).fetchall()
+        data = ReportData(
+            rows=sum(counts.values()),
+            counts={str(k): int(v) for k, v in counts.items()},
+            failures=[(str(s), str(i), str(e)) for s, i, e in failures],
+            run=output.read_run_record() or RunRecord(),
+            scored=int(scalar(connection, "SELECT count(*) FROM scored")),
+            threshold_quantile=threshold_quantile,
+        )
+        data.evaluation, data.evaluation_images = _evaluation(output)
+        if not data.scored:
+            return data
+        _figures(connection, data)
     return data
+
+
+def _figures(connection: duckdb.DuckDBPyConnection, data: ReportData) -> None:
+    """The figures over the scored rows (there is at least one)."""
+    data.depth = int(scalar(connection, "SELECT max(exit_depth) FROM scored") or 0)
+    data.quality_histogram = _histograms(connection, "scored", ["q"], QUALITY_BINS)[0]
+    exits = [f"CAST(exit_scores[{k}] AS DOUBLE)" for k in range(1, data.depth + 1)]
+    data.exit_histograms = _histograms(connection, "scored", exits, EXIT_BINS) if exits else []
+    data.sample = _sample(connection, data.scored)
+    data.agreement = _agreement(data.sample)
+    data.sizes = [
+        ("resized" if resized else "not resized", int(n), float(mean))
+        for resized, n, mean in connection.execute(
+            "SELECT coalesce(resized, false) AS r, count(*), avg(q) FROM scored GROUP BY r ORDER BY r DESC"
+        ).fetchall()
+    ]
+    data.pixel_range = connection.execute(
+        "SELECT min(CAST(width AS DOUBLE) * height), max(CAST(width AS DOUBLE) * height) FROM scored"
+    ).fetchone()
+    levels = [*QUANTILES, data.threshold_quantile]
+    values = quantiles(connection, "scored", "q", levels, data.scored)
+    dropped = connection.execute(
+        "SELECT " + ", ".join(f"count(*) FILTER (WHERE q < {value!r})" for value in values) + " FROM scored"
+    ).fetchone()
+    data.thresholds = [(f"{q:g}", v, int(n)) for q, v, n in zip(QUANTILES, values, dropped, strict=False)]
+    data.threshold, data.threshold_dropped = values[-1], int(dropped[-1])
+    lowest = _shown(connection, "q, image_id", GALLERY)
+    highest = _shown(connection, "q DESC, image_id DESC", GALLERY)
+    near = _shown(connection, f"abs(q - {data.threshold!r}), image_id", GALLERY)
+    data.galleries = [
+        ("Lowest quality", lowest),
+        ("Highest quality", highest),
+        (f"Around the {data.threshold_quantile:g} quantile threshold ({data.threshold:.4f})", near),
+    ]
+    data.attention = [*lowest[: ATTENTION_IMAGES // 2], *highest[: ATTENTION_IMAGES // 2]]
+    data.identities = _identities(connection, data.threshold)
 
 
 def shown_ids(data: ReportData) -> list[str]:
     """The image ids whose faces the page shows (galleries, attention), each once, in order of appearance."""
     seen: dict[str, None] = {}
-    for _, indices in data.galleries:
-        seen.update((str(data.ok_ids[i]), None) for i in indices)
-    seen.update((str(data.ok_ids[i]), None) for i in data.attention)
+    for _, shown in data.galleries:
+        seen.update((image_id, None) for image_id, _ in shown)
+    seen.update((image_id, None) for image_id, _ in data.attention)
     return list(seen)
+
+
+def read_listing(output: Output, image_ids: list[str]) -> dict[str, tuple[str, int, int]]:
+    """image_id -> (url, offset, length) of the given planned items: where their bytes are. Only those
+    rows are read (by DuckDB), not the whole listing."""
+    if not image_ids or not output.fs.exists(output.path(LISTING_FILE)):
+        return {}
+    listing = local_or_url(output, LISTING_FILE)
+    with connect(output) as connection:
+        connection.register("wanted", pd.DataFrame({"image_id": image_ids}))
+        rows = connection.execute(
+            f"""SELECT image_id, url, "offset", length FROM read_parquet({quote(listing)})
+                WHERE image_id IN (SELECT image_id FROM wanted)"""
+        ).fetchall()
+    return {image_id: (url, int(offset), int(length)) for image_id, url, offset, length in rows}
 
 
 def faces_of(
@@ -262,7 +395,8 @@ def faces_of(
     from fiqa_curator.workers.io import read_range
     from fiqa_curator.workers.reading import decode_rows
 
-    listing = read_listing(output)
+    items = {item_of(image_id, run.config.get("align"))[0] for image_id in image_ids}
+    listing = read_listing(output, sorted(items))
     config = run.config
     size = int((run.model_config_dict or {}).get("img_size", 112))
     align = config.get("align")
@@ -295,17 +429,17 @@ def attention_grid(
 ) -> AttentionGrid | None:
     """The attention maps of the lowest and highest images at every exit (token and full models only);
     None when the model has no quality token or its checkpoint cannot be read from here any more."""
+    config, checkpoint = data.run.model_config_dict, data.run.checkpoint
+    if not config or not checkpoint or config.get("mode") == "crfiqa":
+        return None
+    shown = [(image_id, score) for image_id, score in data.attention if faces.get(image_id) is not None]
+    if not shown:
+        return None
+    # only now: torch costs ~650 MB and seconds, for a figure of four images
     from fiqa_curator.workers.checkpoint import load_model
     from fiqa_curator.workers.config import ViTFIQAConfig
     from fiqa_curator.workers.preprocess import normalize
 
-    config, checkpoint = data.run.model_config_dict, data.run.checkpoint
-    if not config or not checkpoint or config.get("mode") == "crfiqa":
-        return None
-    shown = [(str(data.ok_ids[i]), float(data.quality[i])) for i in data.attention]
-    shown = [(image_id, score) for image_id, score in shown if faces.get(image_id) is not None]
-    if not shown:
-        return None
     try:
         loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(config), storage_options=storage_options)
     except UserError as error:  # moved, not readable from here, or another architecture: no such figure

@@ -19,9 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -32,7 +30,7 @@ from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.flows.plan import Plan, committed_shards, load_plan, make_plan, reconcile, save_plan
 from fiqa_curator.flows.sources import IMAGE_EXTENSIONS, InputError, discover
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.schemas.layout import RUN_FILES, SCORES, SUCCESS_FILE, RunRecord, StageFigures, shard_name
+from fiqa_curator.schemas.layout import RUN_FILES, SUCCESS_FILE, RunRecord, StageFigures, shard_name
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
 __all__ = ["RunSummary", "ScoreOptions", "StallError", "score_flow"]
@@ -124,15 +122,21 @@ def execute_task(
 
 
 def _table_totals(output: Output) -> tuple[Counter[str], int]:
-    """(rows by status, items) over every committed shard, this run's and earlier ones'. Each item has
-    exactly one row whose face_index is null or 0 (its only row, or its largest face): those count items."""
+    """(rows by status, items) over every committed shard, this run's and earlier ones', counted by DuckDB
+    (nothing per row in Python). Each item has exactly one row whose face_index is null or 0 (its only row,
+    or its largest face): those count items."""
+    from fiqa_curator.flows.table_sql import quality_table
+
     statuses: Counter[str] = Counter()
     if not output.has_table():
         return statuses, 0
-    table = pq.read_table(output.path(SCORES), columns=["status", "face_index"], filesystem=output.fs)
-    statuses.update(table.column("status").to_pylist())
-    face_index = table.column("face_index").to_numpy(zero_copy_only=False)
-    return statuses, int(np.sum(np.isnan(face_index.astype(np.float64)) | (face_index == 0)))
+    with quality_table(output) as connection:
+        rows = connection.execute(
+            "SELECT status, count(*), count(*) FILTER (WHERE coalesce(face_index, 0) = 0) "
+            "FROM scores GROUP BY status"
+        ).fetchall()
+    statuses.update({status: int(count) for status, count, _ in rows})
+    return statuses, sum(int(items) for _, _, items in rows)
 
 
 def _versions() -> dict[str, str]:

@@ -52,10 +52,17 @@ class Output:
 
     def commit_bytes(self, relative: str, data: bytes) -> None:
         """Write `data` so that `relative` appears only once it is complete."""
+        self._commit(relative, lambda staged: self.fs.pipe_file(staged, data))
+
+    def commit_file(self, relative: str, local_path: str) -> None:
+        """`commit_bytes` for a local file, streamed rather than read into memory (large lists)."""
+        self._commit(relative, lambda staged: self.fs.put_file(local_path, staged))
+
+    def _commit(self, relative: str, write: Any) -> None:
         final = self.path(relative)
         staged = self.path(f"{STAGING}/{posixpath.basename(relative)}.{uuid.uuid4().hex}.part")
         with_retries(lambda: self.fs.makedirs(self.path(STAGING), exist_ok=True))
-        with_retries(lambda: self.fs.pipe_file(staged, data))
+        with_retries(lambda: write(staged))
         parent = posixpath.dirname(final)
         if parent:
             with_retries(lambda: self.fs.makedirs(parent, exist_ok=True))

@@ -46,6 +46,19 @@ class PageLoad:
     requests: list[str] = field(default_factory=list)
     dialogs: list[str] = field(default_factory=list)
     screenshot: bytes = b""
+    viewport_width: int = 0
+    page_width: int = 0  # the document's scroll width: wider than the viewport means a sideways scrollbar
+    past_right_edge: list[str] = field(default_factory=list)  # images and tables that end past the viewport
+
+
+# Elements a reader would have to scroll sideways to see (their right edge beyond the window's).
+LAYOUT_PROBE = """JSON.stringify({
+  viewport: window.innerWidth,
+  page: document.documentElement.scrollWidth,
+  past: [...document.querySelectorAll('img, table')]
+    .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)
+    .map(e => e.tagName.toLowerCase() + ' ' + (e.id || e.getAttribute('alt') || ''))
+})"""
 
 
 def load_page(url: str, settle_seconds: float = 1.0, timeout: float = 60.0) -> PageLoad:
@@ -116,6 +129,13 @@ def load_page(url: str, settle_seconds: float = 1.0, timeout: float = 60.0) -> P
             if wait_for(lambda m: m.get("method") == "Page.loadEventFired", timeout) is None:
                 raise RuntimeError(f"{url} did not load")
             wait_for(lambda m: False, settle_seconds)  # late console messages and requests
+            request = send("Runtime.evaluate", expression=LAYOUT_PROBE, returnByValue=True)
+            reply = wait_for(lambda m: m.get("id") == request, timeout)
+            if reply is None:
+                raise RuntimeError(f"no layout of {url} within {timeout:g} s")
+            layout = json.loads(reply["result"]["result"]["value"])
+            result.viewport_width, result.page_width = layout["viewport"], layout["page"]
+            result.past_right_edge = layout["past"]
             request = send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
             reply = wait_for(lambda m: m.get("id") == request, timeout)
             if reply is None:

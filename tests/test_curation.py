@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from fiqa_curator.flows import table_sql
 from fiqa_curator.flows.cli import main
-from fiqa_curator.schemas import build_quality_table
+from fiqa_curator.flows.curation import LIST_SCHEMA, select
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.errors import UserError
+from tests.tables import synthetic_table
 
 
 def quality_table(count: int = 20, seed: int = 0):
@@ -25,27 +32,7 @@ def quality_table(count: int = 20, seed: int = 0):
     status = ["ok"] * count
     status[7], status[8] = "decode_error", "too_large"
     ids = [f"img_{i:02d}.jpg" for i in range(count)]
-    return build_quality_table(
-        {
-            "image_id": ids,
-            "source": [f"s3://b/{i}" for i in ids],
-            "status": status,
-            "error": ["" if s == "ok" else "broken" for s in status],
-            "byte_size": [10] * count,
-            "width": [112] * count,
-            "height": [112] * count,
-            "resized": [False] * count,
-            "exit_scores": exits,
-            "quality_final": exits[:, 2],
-            "quality_f": exits.mean(1),
-            "quality_fw": quality,
-            "quality": quality,
-            "model_sha256": "m",
-            "run_id": "r",
-            "shard": "shard-00000",
-        },
-        metadata={"fusion": "fw"},
-    )
+    return synthetic_table(ids, status, exits, quality, source=[f"s3://b/{i}" for i in ids])
 
 
 def write_output(folder: Path, table) -> None:
@@ -119,6 +106,11 @@ def test_query_prints_and_writes(tmp_path: Path, capsys) -> None:
     assert len(result) == 18
     for row in result:
         assert row["e3"] == pytest.approx(rows[row["image_id"]]["exit_scores"][2])
+    # the preview keeps its first rows and counts the rest (streamed, not gathered)
+    assert main(["query", str(tmp_path / "out"), "SELECT image_id FROM scores", "--limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{table.num_rows} rows (first 2)" in " ".join(printed.split())  # the title may wrap
+    assert sum(image_id in printed for image_id in table.column("image_id").to_pylist()) == 2
     assert main(["query", str(tmp_path / "out"), "SELECT nope FROM scores"]) == 2
     assert "query failed" in capsys.readouterr().out
 
@@ -150,7 +142,7 @@ def test_select_and_query_on_s3(s3_server, s3_bucket: str, capsys) -> None:
         )
         == 0
     )
-    assert fs.cat(f"{s3_bucket}/run/counts.csv").decode().splitlines() == ['"n"', "18"]
+    assert fs.cat(f"{s3_bucket}/run/counts.csv").decode().splitlines() == ["n", "18"]  # DuckDB's CSV
     assert main(["report", url, "--storage-options", options]) == 0  # the report works on object storage too
     page = fs.cat(f"{s3_bucket}/run/report/index.html").decode()
     assert '<section id="thresholds">' in page and "decode_error" in page
@@ -163,3 +155,141 @@ def test_select_refuses_an_incomplete_run(tmp_path: Path, capsys) -> None:
     assert main(["select", str(tmp_path / "out"), "--drop-fraction", "0.1"]) == 2
     assert "incomplete" in capsys.readouterr().out
     assert not (tmp_path / "out" / "curation").exists()
+
+
+def tied_table(count: int = 240, seed: int = 5):
+    """Scores from a few values (long runs of ties), failures, and NaN / infinite scores of ok rows."""
+    rng = np.random.default_rng(seed)
+    exits = (rng.integers(0, 5, size=(count, 3)) / 4).astype(np.float32)
+    exits[rng.random((count, 3)) < 0.05] = np.nan
+    quality = (rng.integers(0, 7, size=count) / 3).astype(np.float32)
+    quality[::11] = rng.normal(size=len(quality[::11])).astype(np.float32)  # a few distinct values too
+    status = np.array(["ok"] * count, dtype=object)
+    status[rng.random(count) < 0.1] = "decode_error"
+    status[:3] = ["too_large", "read_error", "no_face"]
+    ids = [f"img_{i:04d}.jpg" for i in rng.permutation(count)]  # file order is not id order
+    errors = ["" if s == "ok" or i == 1 else "broken" for i, s in enumerate(status)]
+    table = synthetic_table(ids, status, exits, quality, source=[f"s3://b/{i}" for i in ids], error=errors)
+    # build_quality_table turns NaN into null; the table may still hold NaN and infinities: put some back,
+    # and nulls in ok rows (a whole list of exit scores, or one exit)
+    values = table.column("quality").to_numpy(zero_copy_only=False).astype(np.float32)
+    ok = np.flatnonzero(status == "ok")
+    values[ok[:4]], values[ok[4:6]], values[ok[6:8]] = np.nan, np.inf, -np.inf
+    quality_column = pa.array(values, type=pa.float32(), mask=np.isin(np.arange(count), ok[8:10]))
+    exit_lists = table.column("exit_scores").to_pylist()
+    exit_lists[ok[10]], exit_lists[ok[11]] = None, [0.5, None, 0.5]
+    for name, column in (("quality", quality_column), ("exit_scores", exit_lists)):
+        index = table.schema.get_field_index(name)
+        field = table.schema.field(index)
+        table = table.set_column(index, field, pa.array(column, type=field.type))
+    return table
+
+
+def reference_lists(table, by: str, drop_fraction=None, min_quality=None):
+    """The selection computed plainly in Python: (keep, drop, threshold)."""
+    rows = table.to_pylist()
+
+    def score(row) -> float:
+        if by.startswith("exit_"):
+            value = None if row["exit_scores"] is None else row["exit_scores"][int(by[5:]) - 1]
+        else:
+            value = row[by]
+        return math.nan if value is None else float(value)
+
+    scored = sorted(
+        (r for r in rows if r["status"] == "ok" and math.isfinite(score(r))),
+        key=lambda r: (score(r), r["image_id"]),
+    )
+    if drop_fraction is not None:
+        cut = math.floor(drop_fraction * len(scored) + 1e-9)
+        low = {r["image_id"] for r in scored[:cut]}
+        threshold = score(scored[cut - 1]) if cut else None
+        reason = f"in the lowest {drop_fraction:g} by {by}"
+    else:
+        low = {r["image_id"] for r in scored if score(r) < min_quality}
+        threshold, reason = min_quality, f"{by} < {min_quality:g}"
+    keep, drop = [], []
+    for row in sorted(rows, key=lambda r: r["image_id"]):
+        value = score(row)
+        record = {
+            "image_id": row["image_id"],
+            "source": row["source"],
+            "quality": value if math.isfinite(value) else None,
+        }
+        if row["status"] != "ok":
+            drop.append({**record, "reason": f"{row['status']}: {row['error'] or ''}".rstrip(": ")})
+        elif not math.isfinite(value):
+            drop.append({**record, "reason": f"no finite {by} score"})
+        elif row["image_id"] in low:
+            drop.append({**record, "reason": reason})
+        else:
+            keep.append({**record, "reason": "kept"})
+    return keep, drop, threshold
+
+
+@pytest.mark.parametrize(
+    ("by", "layout"), [("quality", "ranges"), ("exit_2", "ranges"), ("quality", "mixed")]
+)
+def test_select_matches_a_plain_reference_through_multi_pass_order_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by: str, layout: str
+) -> None:
+    """`ranges`: files holding ranges of ids, as fiqa writes shards (the lists are sorted one file at a
+    time); `mixed`: files whose ids interleave (one sort over the whole table)."""
+    table = tied_table().sort_by("image_id")
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    for number in range(3):
+        mixed = table.take(list(range(number, len(table), 3)))
+        part = table.slice(number * 100, 100) if layout == "ranges" else mixed
+        pq.write_table(part, out / "scores" / f"shard-{number:05d}.parquet")
+    (out / "_SUCCESS").write_bytes(b"")
+    with table_sql.quality_table(Output(str(out))) as connection:
+        in_order = table_sql.files_in_id_order(connection, Output(str(out)))
+    assert (in_order is not None) == (layout == "ranges")
+    # tiny fetches and histograms: every order statistic takes several narrowing passes
+    monkeypatch.setattr(table_sql, "FETCH_LIMIT", 5)
+    monkeypatch.setattr(table_sql, "BUCKETS", 4)
+    passes: list[int] = []
+    original = table_sql._order_statistics
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(table_sql, "_order_statistics", counting)
+    rules = [{"drop_fraction": f} for f in (0.0, 0.1, 0.37, 0.5, 0.93, 1.0)]
+    rules += [{"min_quality": m} for m in (0.5, float(np.float32(2 / 3)), -math.inf, math.nan)]
+    split_ties = 0
+    for rule in rules:
+        passes.clear()
+        selection = select(str(out), by=by, memory_limit="256MiB", **rule)
+        keep, drop, threshold = reference_lists(table, by, **rule)
+        lists = {name: out / "curation" / f"{name}.parquet" for name in ("keep", "drop")}
+        assert pq.read_table(lists["keep"]).to_pylist() == keep, rule
+        assert pq.read_table(lists["drop"]).to_pylist() == drop, rule
+        assert all(pq.read_schema(path).remove_metadata().equals(LIST_SCHEMA) for path in lists.values())
+        low = sum(r["reason"].startswith(("in the lowest", f"{by} <")) for r in drop)
+        written = json.loads((out / "curation" / "selection.json").read_text())
+        assert (written["kept"], written["dropped_low_quality"]) == (len(keep), low), rule
+        assert written["dropped_unscored"] == len(drop) - low
+        if threshold is not None and math.isnan(threshold):
+            assert math.isnan(selection.threshold)
+        else:
+            assert selection.threshold == threshold and written["threshold"] == threshold, rule
+        if rule.get("drop_fraction", 0) > 0:
+            assert len(passes) >= 2, rule  # a histogram pass, then a narrower one
+            dropped_at = any(r["quality"] == threshold and r["reason"].startswith("in the") for r in drop)
+            split_ties += dropped_at and any(r["quality"] == threshold for r in keep)
+    assert split_ties  # some cut fell inside a run of ties, which image_id had to split
+
+
+def test_select_refuses_a_bad_memory_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_output(tmp_path / "out", quality_table())
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where DuckDB's spill folders go
+    with pytest.raises(UserError, match="memory-limit"):
+        select(str(tmp_path / "out"), drop_fraction=0.1, memory_limit="lots")
+    assert not (tmp_path / "out" / "curation").exists()
+    assert not list((tmp_path / "tmp").iterdir())  # no spill folder left behind
+    selection = select(str(tmp_path / "out"), drop_fraction=0.1, memory_limit="200MB")
+    assert selection.dropped_low_quality == 1 and not list((tmp_path / "tmp").iterdir())

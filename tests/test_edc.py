@@ -14,6 +14,7 @@ from fiqa_curator.evaluation.edc import (
     cosine_similarity,
     erc_curves,
     erc_pauc,
+    erc_ties,
     iso_curve,
     iso_pauc,
     iso_threshold,
@@ -94,6 +95,65 @@ def test_erc_perfect_and_reversed_rankings() -> None:
     best = erc_curves(distances, genuine, oracle).pauc(1e-2)
     worst = erc_curves(distances, genuine, -oracle).pauc(1e-2)
     assert best < worst
+
+
+# ---- erc: ties split by a discard boundary -------------------------------------------------------------
+def tied_across_a_boundary(qualities, discard_limit):
+    """Pairs whose quality v has fewer than k pairs strictly below it and more than k at or below it, for a
+    grid cut k = floor(u * n), u up to the limit: counted from the values, without sorting."""
+    q = np.asarray(qualities, dtype=float)
+    cuts = [int(u * len(q)) for u in ERC_GRID if u <= discard_limit + 1e-9]
+    below = np.array([(q < v).sum() for v in q])
+    at_or_below = np.array([(q <= v).sum() for v in q])
+    return sum(any(b < k < a for k in cuts) for b, a in zip(below, at_or_below, strict=True))
+
+
+def test_erc_ties_hand_built() -> None:
+    # 40 pairs: the cuts up to 0.3 are k = 0, 2, 4, ..., 12; 0.4 adds 14 and 16. In sorted order, groups of
+    # equal quality at positions 3..6 (straddles 4 and 6: 4 pairs, counted once), 8..9 (ends exactly on
+    # the cuts 8 and 10: harmless), 11..13 (straddles 12: 3 pairs) and 15..17 (straddles 16, beyond 0.3).
+    sorted_qualities = np.arange(40.0)
+    for first, end in ((3, 7), (8, 10), (11, 14), (15, 18)):
+        sorted_qualities[first:end] = first
+    qualities = np.random.default_rng(0).permutation(sorted_qualities)
+    ties = erc_ties(qualities, 0.3)
+    assert ties.pairs == 7 == tied_across_a_boundary(qualities, 0.3)
+    assert ties.boundaries == [
+        {"discard_fraction": 0.1, "discarded": 4, "tied": 4, "tied_discarded": 1},
+        {"discard_fraction": 0.15, "discarded": 6, "tied": 4, "tied_discarded": 3},
+        {"discard_fraction": 0.3, "discarded": 12, "tied": 3, "tied_discarded": 1},
+    ]
+    assert erc_ties(qualities, 0.4).pairs == 10 == tied_across_a_boundary(qualities, 0.4)
+    assert erc_ties(qualities, 0.05).pairs == 0  # the cut at 2 falls between distinct qualities
+    assert erc_ties(np.arange(40.0), 0.95).pairs == 0 and erc_ties(np.arange(40.0)).boundaries == []
+    assert erc_ties(np.full(40, 0.5), 0.3).pairs == 40  # one big tie: every pair's fate is order-dependent
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 300), levels=st.integers(1, 60), limit=st.floats(0, 1))
+def test_erc_ties_count_matches_the_definition(seed: int, n: int, levels: int, limit: float) -> None:
+    qualities = np.random.default_rng(seed).integers(0, levels, n).astype(float)
+    assert erc_ties(qualities, limit).pairs == tied_across_a_boundary(qualities, limit)
+
+
+def test_erc_is_order_independent_wherever_no_tie_is_split() -> None:
+    """Reordering the pairs changes nothing at the grid points `erc_ties` leaves out, and the tie count
+    itself does not depend on the order."""
+    rng = np.random.default_rng(3)
+    n = 500
+    genuine = rng.random(n) < 0.4
+    distances = angular_distance(np.where(genuine, rng.normal(0.5, 0.2, n), rng.normal(0, 0.2, n)))
+    qualities = rng.integers(0, 40, n).astype(float)  # many ties
+    ties = erc_ties(qualities, discard_limit=1.0)  # every grid point
+    split = {boundary["discard_fraction"] for boundary in ties.boundaries}
+    assert 0 < len(split) < len(ERC_GRID)
+    unsplit = np.array([round(u, 12) not in split for u in ERC_GRID])
+    base = erc_curves(distances, genuine, qualities, fmrs=(1e-1,)).fnmr[1e-1]
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(n)
+        shuffled = erc_curves(distances[order], genuine[order], qualities[order], fmrs=(1e-1,)).fnmr[1e-1]
+        np.testing.assert_array_equal(shuffled[unsplit], base[unsplit])
+        assert erc_ties(qualities[order], 1.0) == ties
 
 
 # ---- iso -----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from PIL import Image
 
 from fiqa_curator.flows.cli import main
 from fiqa_curator.schemas import build_quality_table
+from tests.tables import synthetic_table
 
 XSS_NAME = "<script>alert(1)</script>.jpg"
 
@@ -27,6 +28,9 @@ class Page(HTMLParser):
         self.tables: dict[str, list[list[str]]] = {}
         self.images: list[str] = []
         self.scripts = 0
+        self.lists: dict[str, list[str]] = {}  # <ul id=...>: the text of each item
+        self.paragraphs: set[str] = set()  # ids of <p> (a table with no rows is a <p> "none")
+        self._list: str | None = None
         self._table: str | None = None
         self._cell: list[str] | None = None
 
@@ -45,6 +49,13 @@ class Page(HTMLParser):
             self.images.append(attributes["src"])
         elif tag == "script":
             self.scripts += 1
+        elif tag == "ul" and attributes.get("id"):
+            self._list = attributes["id"]
+            self.lists[self._list] = []
+        elif tag == "li" and self._list:
+            self.lists[self._list].append("")
+        elif tag == "p" and attributes.get("id"):
+            self.paragraphs.add(attributes["id"])
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._cell is not None and self._table:
@@ -52,10 +63,14 @@ class Page(HTMLParser):
             self._cell = None
         elif tag == "table":
             self._table = None
+        elif tag == "ul":
+            self._list = None
 
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
             self._cell.append(data)
+        elif self._list and self.lists[self._list]:
+            self.lists[self._list][-1] += data
 
 
 def make_output(folder: Path, count: int = 60) -> dict:
@@ -124,6 +139,7 @@ def test_report_sections_numbers_and_escaping(tmp_path: Path, capsys) -> None:
     page = Page()
     page.feed(text)
     assert page.sections == [
+        "summary",
         "run",
         "status",
         "distribution",
@@ -166,6 +182,16 @@ def test_report_sections_numbers_and_escaping(tmp_path: Path, capsys) -> None:
     expected_few = sorted(p for p in images if images[p] - below[p] < 2)
     assert [row[0] for row in page.tables["identity-few"][1:]] == expected_few
     assert page.tables["identity-summary"][1][0] == str(len(images))
+    # the summary a data lead reads first: images, failures by kind, the threshold and what it drops
+    summary = page.lists["summary-list"]
+    threshold_value = float(np.quantile(quality.astype(np.float64), 0.1))
+    assert summary[0] == "60 images, 57 scored"
+    assert summary[1] == "failures: decode_error 2, read_error 1"
+    assert (
+        f"quality < {threshold_value:.4f} drops {int(np.sum(quality < threshold_value))} scored" in summary[2]
+    )
+    assert "exit depth used: 4" in summary[3]
+    assert all(row and all(cell for cell in row) for row in page.tables["run-table"])  # no empty header row
     thumbnails = [src for src in page.images if len(src) < 60_000]
     assert len(thumbnails) >= 3 * 8  # three galleries of eight previews
     decoded = Image.open(io.BytesIO(__import__("base64").b64decode(thumbnails[-1].split(",", 1)[1])))
@@ -177,9 +203,13 @@ def test_report_in_a_real_headless_browser(tmp_path: Path) -> None:
     from tests.browser import load_page
 
     data = make_output(tmp_path)
+    _wide_evaluation(data["out"])
     assert main(["report", str(data["out"])]) == 0
     page = (data["out"] / "report" / "index.html").resolve()
     load = load_page(page.as_uri())
+    # at the browser's 1280 px nothing runs past the right edge (the EDC figure is 1650 px wide)
+    assert load.viewport_width == 1280
+    assert load.past_right_edge == [] and load.page_width <= load.viewport_width
     assert load.console_errors == []
     assert load.dialogs == []  # the <script>alert(1)</script> file name never ran
     assert [u for u in load.requests if not u.startswith(("file:", "data:"))] == []  # no external requests
@@ -188,3 +218,162 @@ def test_report_in_a_real_headless_browser(tmp_path: Path) -> None:
     (tmp_path / "report.png").write_bytes(load.screenshot)
     with Image.open(tmp_path / "report.png") as shot:
         assert shot.width >= 1000 and shot.height > 1000
+
+
+def _wide_evaluation(out: Path) -> None:
+    """An evaluation beside the table as `fiqa evaluate --output OUT/evaluation` writes it, with an EDC
+    figure as wide as a three-operating-point one (1650 px)."""
+    import json
+
+    folder = out / "evaluation"
+    folder.mkdir()
+    Image.new("RGB", (1650, 440), "white").save(folder / "edc.png")
+    points = {"0.001": {"pauc": 0.12}, "0.0001": {"pauc": 0.2}}
+    result = {
+        "protocol": "erc",
+        "pairs": 10,
+        "pairs_used": 10,
+        "discard_limit": 0.3,
+        "methods": {"quality": points, "exit_1": {p: {"pauc": v["pauc"] + 0.1} for p, v in points.items()}},
+        "advisor": {
+            "operating_point": "0.001",
+            "recommended": {"exit_depth": 3, "option": "fw@3", "pauc": 0.12, "compute_saved": 0.25},
+            "best": {"option": "fw@4", "pauc": 0.11},
+        },
+    }
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def test_report_summary_names_the_advisor(tmp_path: Path) -> None:
+    data = make_output(tmp_path)
+    _wide_evaluation(data["out"])
+    assert main(["report", str(data["out"])]) == 0
+    page = Page()
+    page.feed((data["out"] / "report" / "index.html").read_text())
+    assert page.sections[0] == "summary" and page.sections[-1] == "evaluation"
+    assert page.lists["summary-list"][-1] == "evaluation advisor: exit depth 3 with fw@3"
+    assert "order-dependent" not in page.paragraphs  # the result says nothing of ties
+    import json
+
+    result_file = data["out"] / "evaluation" / "result.json"
+    result = json.loads(result_file.read_text())
+    result["order_dependent"] = {"discard_limit": 0.3, "methods": {"exit_1": {"pairs": 4, "boundaries": []}}}
+    result_file.write_text(json.dumps(result))
+    assert main(["report", str(data["out"])]) == 0
+    text = (data["out"] / "report" / "index.html").read_text()
+    assert "For 1 of 2 methods the pAUC depends on the order of the pairs file" in text
+
+
+def test_report_says_none_and_draws_no_degenerate_size_plot(tmp_path: Path) -> None:
+    """Every image the same size, no failures, no identities: sentences, not empty tables or a log axis
+    over a single value."""
+    count = 20
+    exits = np.random.default_rng(1).normal(size=(count, 2)).astype(np.float32)
+    ids = [f"a{i:02d}.jpg" for i in range(count)]
+    table = synthetic_table(ids, ["ok"] * count, exits, exits.mean(1))
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    pq.write_table(table, out / "scores" / "shard-00000.parquet")
+    assert main(["report", str(out)]) == 0
+    text = (out / "report" / "index.html").read_text()
+    page = Page()
+    page.feed(text)
+    assert "failure-table" in page.paragraphs and "failure-table" not in page.tables
+    assert page.lists["summary-list"][1] == "failures: none"
+    assert "identities" not in page.sections
+    assert "the same size (12,544 pixels, 112x112)" in text
+    assert 'alt="quality versus image size"' not in text  # no scatter over a single x value
+    assert page.tables["size-table"][1][:2] == ["not resized", "20"]
+
+
+def test_report_figures_in_bounded_passes_match_numpy(tmp_path: Path, monkeypatch) -> None:
+    """Thresholds, galleries, failures and identity statistics equal what numpy/pandas compute over the
+    whole table, when every bounded path is forced: order statistics narrowed over several histogram
+    passes (heavy ties), the agreement on a sample, identity lists cut."""
+    import pandas as pd
+
+    from fiqa_curator.flows import report_data, table_sql
+    from fiqa_curator.flows.storage import Output
+
+    monkeypatch.setattr(table_sql, "FETCH_LIMIT", 40)
+    monkeypatch.setattr(table_sql, "BUCKETS", 8)
+    monkeypatch.setattr(report_data, "SAMPLE_ROWS", 500)
+    monkeypatch.setattr(report_data, "IDENTITY_LIST", 3)
+    rng = np.random.default_rng(7)
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    frames = []
+    for shard in range(3):
+        n = 1000
+        ids = [f"s{shard}/i{i:04d}.jpg" for i in range(n)]
+        exits = np.round(rng.normal(size=(n, 3)), 1).astype(np.float32)  # heavy ties
+        quality = np.round(exits.mean(1), 1).astype(np.float32)
+        status = np.where(rng.random(n) < 0.05, "decode_error", "ok").astype(object)
+        status[rng.random(n) < 0.02] = "read_error"
+        quality[(status == "ok") & (rng.random(n) < 0.01)] = np.nan  # a broken score on an ok row
+        identity = [f"p{int(x)}" for x in rng.integers(0, 40, n)]
+        table = synthetic_table(
+            ids,
+            status,
+            exits,
+            quality,
+            identity=identity,
+            width=rng.integers(50, 400, n),
+            height=rng.integers(50, 400, n),
+            resized=rng.random(n) < 0.3,
+            quality_f=quality,
+            shard=f"shard-{shard:05d}",
+        )
+        pq.write_table(table, out / "scores" / f"shard-{shard:05d}.parquet")
+        frames.append(table.drop_columns(["exit_scores"]).to_pandas())
+    whole = pd.concat(frames).sort_values("image_id", kind="stable").reset_index(drop=True)
+    data = report_data.collect(Output(str(out)))
+
+    scored = whole[(whole.status == "ok") & np.isfinite(whole.quality.astype(float))]
+    quality = scored.quality.to_numpy(np.float64)
+    ids = scored.image_id.to_numpy(object)
+    assert data.rows == len(whole) and data.scored == len(scored)
+    assert data.counts == {k: int(v) for k, v in whole.status.value_counts().sort_index().items()}
+    for (q, value, dropped), level in zip(data.thresholds, report_data.QUANTILES, strict=True):
+        assert q == f"{level:g}" and value == float(np.quantile(quality, level))  # exact, not approximate
+        assert dropped == int(np.sum(quality < value))
+    order = np.lexsort((ids, quality))
+    assert [i for i, _ in data.galleries[0][1]] == list(ids[order[:8]])
+    assert [i for i, _ in data.galleries[1][1]] == list(ids[order[::-1][:8]])
+    near = np.argsort(np.abs(quality - data.threshold), kind="stable")[:8]
+    assert [i for i, _ in data.galleries[2][1]] == list(ids[near])
+    failed = whole[whole.status != "ok"]
+    expected_failures = [
+        (status, image_id) for status, group in failed.groupby("status") for image_id in group.image_id[:5]
+    ]
+    assert [(s, i) for s, i, _ in data.failures] == expected_failures
+    assert data.quality_histogram.counts.sum() == len(scored)
+    assert [h.counts.sum() for h in data.exit_histograms] == [len(scored)] * 3
+    # the agreement's sample: 500 scored rows, in image_id order, the same rows every time
+    assert data.agreement.sampled == 500 and list(data.sample.ids) == sorted(data.sample.ids)
+    assert set(data.sample.ids) <= set(ids)
+    assert list(report_data.collect(Output(str(out))).sample.ids) == list(data.sample.ids)
+    # identities over the scored rows, with the threshold; lists cut to 3 names, counts complete
+    per = scored.assign(below=quality < data.threshold).groupby("identity")
+    images, below = per.size(), per.below.sum()
+    few = sorted(images.index[(images - below) < 2])
+    mostly = sorted(images.index[below > images / 2])
+    identities = data.identities
+    assert identities.count == len(images) and identities.median_images == float(images.median())
+    assert identities.too_few_count == len(few) and [r[0] for r in identities.too_few] == few[:3]
+    assert identities.mostly_below_count == len(mostly)
+    assert [r[0] for r in identities.mostly_below] == mostly[:3]
+
+
+def test_memory_limit_is_parsed_and_refused_when_unreadable(tmp_path: Path, capsys) -> None:
+    from fiqa_curator.flows.table_sql import machine_memory, memory_limit_bytes
+
+    assert memory_limit_bytes("2GB") == 2 * 10**9 and memory_limit_bytes("512MiB") == 512 * 2**20
+    assert memory_limit_bytes("10%") == int(0.1 * machine_memory())
+    assert memory_limit_bytes(None) == int(0.25 * machine_memory())
+    data = make_output(tmp_path)
+    assert main(["report", str(data["out"]), "--memory-limit", "lots"]) == 2
+    assert "--memory-limit must look like" in capsys.readouterr().out
+    assert main(["report", str(data["out"]), "--memory-limit", "1MB"]) == 2
+    assert "at least 128MiB" in capsys.readouterr().out
+    assert main(["report", str(data["out"]), "--memory-limit", "256MiB"]) == 0
