@@ -91,6 +91,8 @@ def connect(
     spill = tempfile.mkdtemp(prefix="fiqa-duckdb-")
     try:
         connection = duckdb.connect(config={"memory_limit": limit, "temp_directory": spill})
+        # no progress bar: it would land in the middle of the command's own output (and in logs)
+        connection.execute("SET enable_progress_bar = false")
     except BaseException:
         shutil.rmtree(spill, ignore_errors=True)
         raise
