@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.flows.table_sql import (
+    double,
     files_in_id_order,
     memory_limit_bytes,
     order_statistics,
@@ -60,11 +61,6 @@ class Selection:
     output: str
 
 
-def _double(value: float) -> str:
-    """`value` as an exact SQL DOUBLE (a bare literal such as 0.1 would be a DECIMAL)."""
-    return f"CAST({quote(repr(float(value)))} AS DOUBLE)"
-
-
 def _score_expression(connection: duckdb.DuckDBPyConnection, by: str) -> str:
     """The SQL (DOUBLE) of `--by` over the view `scores`."""
     if by in SCORE_COLUMNS:
@@ -87,7 +83,7 @@ def _lowest(
     if cut == 0:
         return "FALSE", None
     threshold = order_statistics(connection, f"scores WHERE {scored}", score, [cut - 1])[cut - 1]
-    at = _double(threshold)
+    at = double(threshold)
     below, tied = connection.execute(
         f"SELECT count(*) FILTER (WHERE {score} < {at}), count(*) FILTER (WHERE {score} = {at}) "
         f"FROM scores WHERE {scored}"
@@ -155,7 +151,7 @@ def select(
             rule = f"drop the lowest {drop_fraction:g} of scored images by {by} (ties by image_id)"
             reason = f"in the lowest {drop_fraction:g} by {by}"
         else:
-            low = "FALSE" if math.isnan(min_quality) else f"{score} < {_double(min_quality)}"
+            low = "FALSE" if math.isnan(min_quality) else f"{score} < {double(min_quality)}"
             threshold, rule = float(min_quality), f"drop scored images with {by} < {min_quality:g}"
             reason = f"{by} < {min_quality:g}"
         decisions = (

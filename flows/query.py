@@ -15,10 +15,11 @@ import duckdb
 import pyarrow as pa
 
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.flows.table_sql import quality_table
+from fiqa_curator.flows.table_sql import quality_table, quote
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.workers.io import filesystem
 
+PREVIEW_BATCH_ROWS = 65_536
 FORMATS = {".parquet": "(FORMAT parquet, COMPRESSION zstd)", ".csv": "(FORMAT csv, HEADER true)"}
 
 
@@ -34,7 +35,7 @@ def preview(
     output = Output(output_url, storage_options)
     with quality_table(output, memory_limit=memory_limit) as connection:
         try:
-            reader = connection.sql(sql).to_arrow_reader(max(1, min(limit, 100_000)))
+            reader = connection.sql(sql).to_arrow_reader(PREVIEW_BATCH_ROWS)
             first, total = [], 0
             for batch in reader:
                 if total < limit:
@@ -64,7 +65,11 @@ def query_to(
     with quality_table(output, memory_limit=memory_limit) as connection, tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "result" + extension)
         try:
-            rows = connection.execute(f"COPY ({sql}) TO '{local}' {FORMATS[extension]}").fetchone()[0]
+            # the statement parsed on its own (a closing ";" or a trailing comment is the user's), then copied
+            connection.sql(sql).create_view("fiqa_result")
+            rows = connection.execute(f"COPY fiqa_result TO {quote(local)} {FORMATS[extension]}").fetchone()[
+                0
+            ]
         except duckdb.Error as error:
             raise UserError(f"query failed: {error}") from error
         fs, path = filesystem(out_url, storage_options)

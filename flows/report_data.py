@@ -25,9 +25,18 @@ import numpy as np
 import pandas as pd
 
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.flows.table_sql import connect, local_or_url, quality_table, quantiles, quote, scalar
+from fiqa_curator.flows.table_sql import (
+    connect,
+    double,
+    local_or_url,
+    quality_table,
+    quantiles,
+    quote,
+    scalar,
+)
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.layout import EVALUATION, LISTING_FILE, RunRecord
+from fiqa_curator.schemas.quality_table import exit_score_matrix
 from fiqa_curator.schemas.status import Status
 
 logger = logging.getLogger(__name__)
@@ -179,15 +188,27 @@ def _histograms(
     histograms: list[Histogram | None] = [None] * len(values)
     if not present:
         return histograms
-    columns = [
-        f"least({bins - 1}, CAST(floor(({finite[i]} - {ranges[i][0]!r}) * {bins} / "
-        f"({ranges[i][1]!r} - {ranges[i][0]!r})) AS BIGINT)) AS b{i}"
+    edges = {i: np.linspace(*ranges[i], bins + 1) for i in present}
+    # numpy's own steps (numpy/lib/_histograms_impl.py): the index from the scaled offset, truncated, the
+    # right edge in the last bin, then one step down or up where the value falls outside its bin's edges
+    # (~1 ulp); every constant an exact DOUBLE (a bare literal would be a DECIMAL)
+    start = [
+        f"least({bins - 1}, CAST(trunc(({finite[i]} - {double(ranges[i][0])}) / "
+        f"({double(ranges[i][1])} - {double(ranges[i][0])}) * {bins}) AS BIGINT)) AS i{i}, "
+        f"{finite[i]} AS v{i}"
+        for i in present
+    ]
+    lists = {i: f"CAST({quote(json.dumps([repr(float(e)) for e in edges[i]]))} AS DOUBLE[])" for i in present}
+    lower = [f"i{i} - CASE WHEN v{i} < {lists[i]}[i{i} + 1] THEN 1 ELSE 0 END AS j{i}, v{i}" for i in present]
+    upper = [
+        f"j{i} + CASE WHEN j{i} <> {bins - 1} AND v{i} >= {lists[i]}[j{i} + 2] THEN 1 ELSE 0 END AS b{i}"
         for i in present
     ]
     names = [f"b{i}" for i in present]
     rows = connection.execute(
         f"SELECT {', '.join(f'grouping({n})' for n in names)}, {', '.join(names)}, count(*) "
-        f"FROM (SELECT {', '.join(columns)} FROM {relation}) "
+        f"FROM (SELECT {', '.join(upper)} FROM (SELECT {', '.join(lower)} FROM "
+        f"(SELECT {', '.join(start)} FROM {relation}))) "
         f"GROUP BY GROUPING SETS ({', '.join(f'({n})' for n in names)})"
     ).fetchall()
     counts = {i: np.zeros(bins, dtype=np.int64) for i in present}
@@ -197,7 +218,7 @@ def _histograms(
         if buckets[which] is not None:  # not the non-finite values' group
             counts[present[which]][int(buckets[which])] = n
     for i in present:
-        histograms[i] = Histogram(np.linspace(*ranges[i], bins + 1), counts[i])
+        histograms[i] = Histogram(edges[i], counts[i])
     return histograms
 
 
@@ -217,16 +238,14 @@ def _sample(connection: duckdb.DuckDBPyConnection, scored: int) -> Sample:
             ORDER BY hash(image_id), image_id LIMIT {SAMPLE_ROWS}"""
     )
     table = connection.sql(
-        """SELECT image_id, q, exit_scores, CAST(width AS DOUBLE) * height AS pixels,
+        """SELECT image_id, q, exit_depth, exit_scores, CAST(width AS DOUBLE) * height AS pixels,
                   coalesce(resized, false) AS resized
            FROM scored SEMI JOIN chosen USING (image_id) ORDER BY image_id"""
     ).to_arrow_table()
-    exits = table.column("exit_scores").combine_chunks()
-    depth = len(exits[0]) if len(exits) else 0
     return Sample(
         ids=table.column("image_id").to_numpy(zero_copy_only=False),
         quality=table.column("q").to_numpy(),
-        exits=exits.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, depth),
+        exits=exit_score_matrix(table),  # NaN rows for a null list, as before
         pixels=table.column("pixels").to_numpy(zero_copy_only=False).astype(np.float64),
         resized=table.column("resized").to_numpy(zero_copy_only=False).astype(bool),
     )

@@ -40,9 +40,22 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
 def machine_memory() -> int:
-    """Bytes of physical memory (cgroup limits are not looked at: these machines have none)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes of memory this process may use: the physical memory, or the container's cgroup limit when
+    lower (a pod limited to 16Gi on a 256 GB node must not plan for 64 GB)."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit; v1 reports a huge number instead
+            return min(physical, int(text))
+    return physical
 
 
 def memory_limit_bytes(text: str | None) -> int:
@@ -68,6 +81,11 @@ def memory_limit_bytes(text: str | None) -> int:
 def quote(text: str) -> str:
     """An SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
+
+
+def double(value: float) -> str:
+    """`value` as an exact SQL DOUBLE (a bare literal such as 0.1 would be a DECIMAL)."""
+    return f"CAST({quote(repr(float(value)))} AS DOUBLE)"
 
 
 def local_or_url(output: Output, relative: str) -> str:

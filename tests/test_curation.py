@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -19,7 +18,7 @@ from fiqa_curator.flows.cli import main
 from fiqa_curator.flows.curation import LIST_SCHEMA, select
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import UserError
-from tests.tables import synthetic_table
+from tests.tables import synthetic_table, tied_table
 
 
 def quality_table(count: int = 20, seed: int = 0):
@@ -80,7 +79,7 @@ def test_select_by_min_quality_and_by_exit(tmp_path: Path, capsys) -> None:
     assert "exits 1..3" in capsys.readouterr().out
 
 
-def test_query_prints_and_writes(tmp_path: Path, capsys) -> None:
+def test_query_prints_and_writes(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     table = quality_table()
     write_output(tmp_path / "out", table)
     assert (
@@ -106,6 +105,14 @@ def test_query_prints_and_writes(tmp_path: Path, capsys) -> None:
     assert len(result) == 18
     for row in result:
         assert row["e3"] == pytest.approx(rows[row["image_id"]]["exit_scores"][2])
+    # --out takes what the preview takes: a closing ";" and a trailing comment; any TMPDIR
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "it's here"))
+    (tmp_path / "it's here").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    for sql in ("SELECT count(*) AS n FROM scores;", "SELECT count(*) AS n FROM scores -- every row"):
+        assert main(["query", str(tmp_path / "out"), sql, "--out", str(tmp_path / "n.csv")]) == 0
+        assert (tmp_path / "n.csv").read_text().splitlines() == ["n", str(table.num_rows)]
+    capsys.readouterr()
     # the preview keeps its first rows and counts the rest (streamed, not gathered)
     assert main(["query", str(tmp_path / "out"), "SELECT image_id FROM scores", "--limit", "2"]) == 0
     printed = capsys.readouterr().out
@@ -155,34 +162,6 @@ def test_select_refuses_an_incomplete_run(tmp_path: Path, capsys) -> None:
     assert main(["select", str(tmp_path / "out"), "--drop-fraction", "0.1"]) == 2
     assert "incomplete" in capsys.readouterr().out
     assert not (tmp_path / "out" / "curation").exists()
-
-
-def tied_table(count: int = 240, seed: int = 5):
-    """Scores from a few values (long runs of ties), failures, and NaN / infinite scores of ok rows."""
-    rng = np.random.default_rng(seed)
-    exits = (rng.integers(0, 5, size=(count, 3)) / 4).astype(np.float32)
-    exits[rng.random((count, 3)) < 0.05] = np.nan
-    quality = (rng.integers(0, 7, size=count) / 3).astype(np.float32)
-    quality[::11] = rng.normal(size=len(quality[::11])).astype(np.float32)  # a few distinct values too
-    status = np.array(["ok"] * count, dtype=object)
-    status[rng.random(count) < 0.1] = "decode_error"
-    status[:3] = ["too_large", "read_error", "no_face"]
-    ids = [f"img_{i:04d}.jpg" for i in rng.permutation(count)]  # file order is not id order
-    errors = ["" if s == "ok" or i == 1 else "broken" for i, s in enumerate(status)]
-    table = synthetic_table(ids, status, exits, quality, source=[f"s3://b/{i}" for i in ids], error=errors)
-    # build_quality_table turns NaN into null; the table may still hold NaN and infinities: put some back,
-    # and nulls in ok rows (a whole list of exit scores, or one exit)
-    values = table.column("quality").to_numpy(zero_copy_only=False).astype(np.float32)
-    ok = np.flatnonzero(status == "ok")
-    values[ok[:4]], values[ok[4:6]], values[ok[6:8]] = np.nan, np.inf, -np.inf
-    quality_column = pa.array(values, type=pa.float32(), mask=np.isin(np.arange(count), ok[8:10]))
-    exit_lists = table.column("exit_scores").to_pylist()
-    exit_lists[ok[10]], exit_lists[ok[11]] = None, [0.5, None, 0.5]
-    for name, column in (("quality", quality_column), ("exit_scores", exit_lists)):
-        index = table.schema.get_field_index(name)
-        field = table.schema.field(index)
-        table = table.set_column(index, field, pa.array(column, type=field.type))
-    return table
 
 
 def reference_lists(table, by: str, drop_fraction=None, min_quality=None):

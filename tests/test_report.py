@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -347,8 +348,16 @@ def test_report_figures_in_bounded_passes_match_numpy(tmp_path: Path, monkeypatc
         (status, image_id) for status, group in failed.groupby("status") for image_id in group.image_id[:5]
     ]
     assert [(s, i) for s, i, _ in data.failures] == expected_failures
-    assert data.quality_histogram.counts.sum() == len(scored)
-    assert [h.counts.sum() for h in data.exit_histograms] == [len(scored)] * 3
+    # numpy's histograms to the count: these scores sit on a 0.1 grid, many of them on bin edges
+    assert np.array_equal(data.quality_histogram.counts, np.histogram(quality, 50)[0])
+    assert np.array_equal(data.quality_histogram.edges, np.histogram(quality, 50)[1])
+    from fiqa_curator.schemas.quality_table import exit_score_matrix
+
+    every = pq.read_table(out / "scores")
+    exits = exit_score_matrix(every)[np.isin(every.column("image_id").to_numpy(), ids)]
+    for k, histogram in enumerate(data.exit_histograms):
+        assert np.array_equal(histogram.counts, np.histogram(exits[:, k], 30)[0]), k
+
     # the agreement's sample: 500 scored rows, in image_id order, the same rows every time
     assert data.agreement.sampled == 500 and list(data.sample.ids) == sorted(data.sample.ids)
     assert set(data.sample.ids) <= set(ids)
@@ -371,9 +380,65 @@ def test_memory_limit_is_parsed_and_refused_when_unreadable(tmp_path: Path, caps
     assert memory_limit_bytes("2GB") == 2 * 10**9 and memory_limit_bytes("512MiB") == 512 * 2**20
     assert memory_limit_bytes("10%") == int(0.1 * machine_memory())
     assert memory_limit_bytes(None) == int(0.25 * machine_memory())
+    # a container's cgroup limit counts when lower than the machine's memory; "max" means none
+    from fiqa_curator.flows import table_sql
+
+    limit_file = tmp_path / "memory.max"
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for text, expected in (("1073741824\n", min(physical, 2**30)), ("max\n", physical)):
+        limit_file.write_text(text)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(table_sql, "CGROUP_LIMITS", (str(limit_file),))
+            assert machine_memory() == expected
     data = make_output(tmp_path)
     assert main(["report", str(data["out"]), "--memory-limit", "lots"]) == 2
     assert "--memory-limit must look like" in capsys.readouterr().out
     assert main(["report", str(data["out"]), "--memory-limit", "1MB"]) == 2
     assert "at least 128MiB" in capsys.readouterr().out
     assert main(["report", str(data["out"]), "--memory-limit", "256MiB"]) == 0
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        0.3 + np.arange(51) * 0.7 / 50,  # every value on a bin edge, up to an ulp
+        np.linspace(0.13, 0.91, 51),
+        np.repeat([0.25], 7),  # a single value: numpy's range of +-0.5
+        np.random.default_rng(3).normal(size=5000).astype(np.float32).astype(np.float64),
+    ],
+)
+def test_histograms_equal_numpys_bin_for_bin(values: np.ndarray) -> None:
+    import duckdb
+
+    from fiqa_curator.flows.report_data import _histograms
+
+    connection = duckdb.connect()
+    connection.register("t", pa.table({"a": values, "b": values[::-1] * 3, "c": [np.nan] * len(values)}))
+    quality, tripled, empty = _histograms(connection, "t", ["a", "b", "c"], 50)
+    assert np.array_equal(quality.counts, np.histogram(values, 50)[0])
+    assert np.array_equal(quality.edges, np.histogram(values, 50)[1])
+    assert np.array_equal(tripled.counts, np.histogram(values[::-1] * 3, 50)[0])
+    assert empty is None  # no finite value
+
+
+def test_report_on_null_and_non_finite_scores(tmp_path: Path) -> None:
+    """Ok rows whose exit list is null, or holds a null, NaN or infinite scores: reported, the exits of
+    such rows NaN in the agreement's sample (as before), never a crash or a shifted row."""
+    from fiqa_curator.flows import report_data
+    from fiqa_curator.flows.storage import Output
+    from fiqa_curator.schemas.quality_table import exit_score_matrix
+    from tests.tables import tied_table
+
+    table = tied_table().sort_by("image_id")
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    pq.write_table(table, out / "scores" / "shard-00000.parquet")
+    data = report_data.collect(Output(str(out)))
+    quality = table.column("quality").to_numpy(zero_copy_only=False).astype(np.float64)
+    scored = np.array([s == "ok" for s in table.column("status").to_pylist()]) & np.isfinite(quality)
+    assert data.scored == int(scored.sum()) and list(data.sample.ids) == list(
+        np.array(table.column("image_id").to_pylist())[scored]
+    )
+    np.testing.assert_array_equal(data.sample.exits, exit_score_matrix(table)[scored])
+    assert np.isnan(data.sample.exits).any(axis=1).any()  # the null lists are there, as NaN rows
+    assert main(["report", str(out)]) == 0
