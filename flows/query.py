@@ -8,6 +8,8 @@ never gathers in Python.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,9 +57,6 @@ def query_to(
     memory_limit: str | None = None,
 ) -> int:
     """Write the result to `out_url` (.csv or .parquet, local or any fsspec URL); returns its rows."""
-    import os
-    import tempfile
-
     extension = os.path.splitext(out_url)[1].lower()
     if extension not in FORMATS:
         raise UserError(f"--out must end in .csv or .parquet, got {out_url}")

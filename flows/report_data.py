@@ -272,7 +272,7 @@ def _agreement(sample: Sample) -> Agreement:
 def _identities(connection: duckdb.DuckDBPyConnection, threshold: float) -> Identities | None:
     connection.execute(
         f"""CREATE TEMP TABLE per_identity AS
-            SELECT identity, count(*) AS images, count(*) FILTER (WHERE q < {threshold!r}) AS below
+            SELECT identity, count(*) AS images, count(*) FILTER (WHERE q < {double(threshold)}) AS below
             FROM scored WHERE identity IS NOT NULL GROUP BY identity"""
     )
     count, median, largest = connection.execute(
@@ -334,9 +334,10 @@ def collect(
             counts={str(k): int(v) for k, v in counts.items()},
             failures=[(str(s), str(i), str(e)) for s, i, e in failures],
             run=output.read_run_record() or RunRecord(),
-            scored=int(scalar(connection, "SELECT count(*) FROM scored")),
             threshold_quantile=threshold_quantile,
         )
+        scored, depth = connection.execute("SELECT count(*), max(exit_depth) FROM scored").fetchone()
+        data.scored, data.depth = int(scored), int(depth or 0)
         data.evaluation, data.evaluation_images = _evaluation(output)
         if not data.scored:
             return data
@@ -346,31 +347,31 @@ def collect(
 
 def _figures(connection: duckdb.DuckDBPyConnection, data: ReportData) -> None:
     """The figures over the scored rows (there is at least one)."""
-    data.depth = int(scalar(connection, "SELECT max(exit_depth) FROM scored") or 0)
     data.quality_histogram = _histograms(connection, "scored", ["q"], QUALITY_BINS)[0]
     exits = [f"CAST(exit_scores[{k}] AS DOUBLE)" for k in range(1, data.depth + 1)]
     data.exit_histograms = _histograms(connection, "scored", exits, EXIT_BINS) if exits else []
     data.sample = _sample(connection, data.scored)
     data.agreement = _agreement(data.sample)
-    data.sizes = [
-        ("resized" if resized else "not resized", int(n), float(mean))
-        for resized, n, mean in connection.execute(
-            "SELECT coalesce(resized, false) AS r, count(*), avg(q) FROM scored GROUP BY r ORDER BY r DESC"
-        ).fetchall()
-    ]
-    data.pixel_range = connection.execute(
-        "SELECT min(CAST(width AS DOUBLE) * height), max(CAST(width AS DOUBLE) * height) FROM scored"
-    ).fetchone()
+    groups = connection.execute(
+        "SELECT coalesce(resized, false) AS r, count(*), avg(q), min(CAST(width AS DOUBLE) * height), "
+        "max(CAST(width AS DOUBLE) * height) FROM scored GROUP BY r ORDER BY r DESC"
+    ).fetchall()
+    data.sizes = [("resized" if r else "not resized", int(n), float(mean)) for r, n, mean, _, _ in groups]
+    smallest = [group[3] for group in groups if group[3] is not None]
+    largest = [group[4] for group in groups if group[4] is not None]
+    data.pixel_range = (min(smallest), max(largest)) if smallest else None  # None: no decoded size known
     levels = [*QUANTILES, data.threshold_quantile]
     values = quantiles(connection, "scored", "q", levels, data.scored)
     dropped = connection.execute(
-        "SELECT " + ", ".join(f"count(*) FILTER (WHERE q < {value!r})" for value in values) + " FROM scored"
+        "SELECT "
+        + ", ".join(f"count(*) FILTER (WHERE q < {double(value)})" for value in values)
+        + " FROM scored"
     ).fetchone()
     data.thresholds = [(f"{q:g}", v, int(n)) for q, v, n in zip(QUANTILES, values, dropped, strict=False)]
     data.threshold, data.threshold_dropped = values[-1], int(dropped[-1])
     lowest = _shown(connection, "q, image_id", GALLERY)
     highest = _shown(connection, "q DESC, image_id DESC", GALLERY)
-    near = _shown(connection, f"abs(q - {data.threshold!r}), image_id", GALLERY)
+    near = _shown(connection, f"abs(q - {double(data.threshold)}), image_id", GALLERY)
     data.galleries = [
         ("Lowest quality", lowest),
         ("Highest quality", highest),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fiqa_curator.schemas.errors import UserError
@@ -58,7 +58,7 @@ class Output:
         """`commit_bytes` for a local file, streamed rather than read into memory (large lists)."""
         self._commit(relative, lambda staged: self.fs.put_file(local_path, staged))
 
-    def _commit(self, relative: str, write: Any) -> None:
+    def _commit(self, relative: str, write: Callable[[str], Any]) -> None:
         final = self.path(relative)
         staged = self.path(f"{STAGING}/{posixpath.basename(relative)}.{uuid.uuid4().hex}.part")
         with_retries(lambda: self.fs.makedirs(self.path(STAGING), exist_ok=True))
