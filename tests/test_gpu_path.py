@@ -66,7 +66,31 @@ def test_gpu_check_script_runs_dry_on_the_cpu(tmp_path: Path, monkeypatch) -> No
     decode = report["decode"]
     assert decode["images"] == 48 and decode["device_refused"] == 0 and decode["pixel_max_abs_diff"] == 0
     assert decode["score_max_abs_diff"] == 0.0 and decode["device_images_per_second"] > 0
+    assert decode["pixel_max_abs_diff_444"] == 0 and decode["score_max_abs_diff_444"] == 0.0
+    assert "scores_max_abs_diff_between_decoders" in report["end_to_end"]
     for place, run in report["end_to_end"].items():
+        if place == "scores_max_abs_diff_between_decoders":
+            assert run == 0.0  # the same pixels (libjpeg on both paths here), so the same scores
+            continue
         assert run.get("images") == 48 and run["counts"] == {"ok": 48}, run
         assert run["decoded_on_device"] == (48 if place == "device" else 0) and run["precision"] == "fp32"
     assert json.loads((tmp_path / "gpu.json").read_text())["device"] == "cpu"
+
+
+def test_fp32_on_a_gpu_turns_tf32_off_for_the_forward_pass_only() -> None:
+    """PyTorch lets cuDNN run fp32 convolutions in TF32; on an H200 that moved fp32 scores 2.2e-4 from the
+    CPU's. The scorer's fp32 forward pass asks for IEEE fp32 and gives the caller's settings back, also
+    when the pass fails."""
+    import torch
+
+    from fiqa_curator.workers.scoring import QualityScorer
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    assert "ieee" not in before  # PyTorch's defaults ("tf32" for cuDNN convolutions)
+    with QualityScorer._ieee_fp32():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(RuntimeError, match="boom"), QualityScorer._ieee_fp32():
+        raise RuntimeError("boom")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before

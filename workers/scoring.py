@@ -6,7 +6,8 @@ what Ray actors and notebooks call. The arithmetic lives in `model` and `fusion`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,13 +138,32 @@ class QualityScorer:
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return float(per_image), float(free + cached)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _ieee_fp32() -> Iterator[None]:
+        """fp32 that is fp32 on a GPU: PyTorch lets cuDNN run fp32 convolutions in TF32 (10 mantissa bits)
+        by default, so the patch embedding alone moved an H200's fp32 scores 2.2e-4 from the CPU's
+        (benchmarks/gpu_check.py), past the reference tolerance. Set for the forward pass only, then
+        restored: a library must not change its caller's global precision settings."""
+        conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+
     def _forward(self, chunk: torch.Tensor, depth: int, embeddings: bool) -> ExitOutput:
         if self.device.type == "cuda" and chunk.device.type == "cpu":
             # uint8 over the bus (4x less than float32), from pinned memory, normalised on the GPU
             chunk = chunk.pin_memory().to(self.device, non_blocking=True)
         pixels = normalize(chunk).to(self.device)
-        with torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        strict = self.device.type == "cuda" and self.precision == "fp32"
+        with (
+            self._ieee_fp32() if strict else contextlib.nullcontext(),
+            torch.autocast(
+                device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+            ),
         ):
             return self.model.forward_exits(pixels, depth, with_embedding=embeddings)
 
