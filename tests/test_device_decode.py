@@ -28,8 +28,9 @@ from tests.conftest import TOLERANCE, ReferenceFixture
 
 
 def _jpeg(image: np.ndarray, **save: object) -> bytes:
+    """Full-resolution chroma (4:4:4) unless `subsampling` says otherwise: what a device decoder takes."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", **{"quality": 90, **save})
+    Image.fromarray(image).save(buffer, format="JPEG", **{"quality": 90, "subsampling": "4:4:4", **save})
     return buffer.getvalue()
 
 
@@ -49,6 +50,8 @@ def _variants(images: np.ndarray) -> dict[str, bytes]:
     return {
         **{f"plain_{i}.jpg": _jpeg(image) for i, image in enumerate(images)},
         "grey.jpg": _jpeg(images[3][:, :, 0]),
+        "chroma_420.jpg": _jpeg(images[7], subsampling="4:2:0"),  # Pillow's default: most JPEGs
+        "chroma_422.jpg": _jpeg(images[7], subsampling="4:2:2"),
         "progressive.jpg": _jpeg(images[4], progressive=True),
         "larger.jpg": _jpeg(np.asarray(Image.fromarray(images[5]).resize((128, 128)))),
         "rotated.jpg": _rotated(images[6]),
@@ -232,8 +235,9 @@ def test_decode_on_device_through_the_pipeline(
             assert row["exit_scores"] is None and row["quality"] is None
     record = json.loads((tmp_path / "device" / "_run.json").read_text())
     assert record["config"]["decode"] == "device" and record["config"]["precision"] == "fp32"
-    assert record["stages"]["decoded_on_device"] == 10  # 8 plain, grey, corrupt_middle
-    assert summary.counts == {"decode_error": 3, "ok": 15}  # truncated, empty, not_an_image
+    # 8 plain, grey, corrupt_middle; the chroma-subsampled ones were decoded while reading, on the CPU
+    assert record["stages"]["decoded_on_device"] == 10
+    assert summary.counts == {"decode_error": 3, "ok": 17}  # truncated, empty, not_an_image
 
     # precision and decoding are part of the configuration: resuming (or --since) the other way is refused
     with pytest.raises(PlanConflict, match="precision"):

@@ -1,14 +1,15 @@
 """JPEG decoding on the scoring device: nvJPEG on CUDA (through `torchvision.io.decode_jpeg`), libjpeg on CPU.
 
 With `fiqa score --decode device` the reading stage leaves plain JPEG crops encoded (see
-`preprocess.plain_jpeg`: baseline, exactly the model's input size, RGB or grey, no EXIF rotation) and the
-scoring actor decodes them here, a whole batch in one call, straight into device memory: the CPUs only
-read bytes, and 4-5 KB per face cross the object store and the bus instead of 37 KB of pixels. Everything
-else, and any JPEG the device decoder refuses, is decoded on the CPU exactly as before (`decode_face`), so
-statuses and reasons do not depend on where decoding ran.
+`preprocess.plain_jpeg`: baseline, exactly the model's input size, grey or RGB with full-resolution
+chroma, no EXIF rotation) and the scoring actor decodes them here, a whole batch in one call, straight into
+device memory: the CPUs only read bytes, and 4-5 KB per face cross the object store and the bus instead of
+37 KB of pixels. Everything else, and any JPEG the device decoder refuses, is decoded on the CPU exactly as
+before (`decode_face`), so statuses, reasons and scores do not depend on where decoding ran.
 
 On CPU, libjpeg through torchvision gives the same pixels as Pillow (both libjpeg-turbo, same IDCT; tested).
-nvJPEG's IDCT and chroma upsampling may differ by a level or two: `benchmarks/gpu_check.py` measures it.
+On an H200, nvJPEG gave Pillow's pixels bit for bit on 4:4:4 crops, but upsampled 4:2:0 chroma otherwise
+(up to 40 levels apart), hence the 4:4:4 rule (measured by `benchmarks/gpu_check.py`).
 """
 
 from __future__ import annotations

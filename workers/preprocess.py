@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from fiqa_curator.schemas.status import Status
 from fiqa_curator.workers.settings import DEFAULT_MAX_PIXELS
@@ -142,16 +142,22 @@ def decode_face(
 
 def plain_jpeg(data: bytes, *, size: int = DEFAULT_SIZE) -> bool:
     """Whether `data` is a JPEG that a device decoder turns into what `decode_face` would give: baseline
-    (not progressive), exactly size x size, RGB or grey, no EXIF rotation, ending with its end-of-image
-    marker (a truncated file stays on the CPU, whose decoder reports it; nvJPEG may not). Reads the header
-    only (tens of microseconds); anything else, CMYK included, stays on the CPU path."""
+    (not progressive), exactly size x size, grey or RGB with full-resolution chroma (4:4:4), no EXIF
+    rotation, ending with its end-of-image marker (a truncated file stays on the CPU, whose decoder reports
+    it; nvJPEG may not). Reads the header only (tens of microseconds); anything else, CMYK included, stays
+    on the CPU path.
+
+    Subsampled chroma (4:2:0, 4:2:2: most JPEGs) stays on the CPU because nvJPEG upsamples it otherwise
+    than libjpeg-turbo: on an H200, 4:2:0 crops came out up to 40 levels apart (mean 4.6) and a model's
+    scores up to 0.15 apart, 4:4:4 crops bit for bit equal (benchmarks/gpu_check.py, docs/benchmarks.md).
+    A score must not depend on where its image was decoded."""
     if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         return False
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
             return (
                 image.size == (size, size)
-                and image.mode in ("RGB", "L")
+                and (image.mode == "L" or (image.mode == "RGB" and JpegImagePlugin.get_sampling(image) == 0))
                 and not image.info.get("progressive")
                 and not image.info.get("progression")
                 and image.getexif().get(EXIF_ORIENTATION, 1) == 1
