@@ -28,12 +28,16 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fiqa_curator.schemas.layout import SCORES
 from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig
 from fiqa_curator.workers.checkpoint import LoadedModel, save_checkpoint
 from fiqa_curator.workers.device_decode import decode_jpegs
@@ -116,11 +120,11 @@ def throughput(device: str, images: np.ndarray, exits: list[int], batches: list[
     return results
 
 
-def jpeg_bytes(images: np.ndarray) -> list[bytes]:
+def jpeg_bytes(images: np.ndarray, subsampling: str = "4:2:0") -> list[bytes]:
     blobs = []
     for image in images:
         buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90, subsampling=subsampling)
         blobs.append(buffer.getvalue())
     return blobs
 
@@ -150,6 +154,12 @@ def decoding(device: str, images: np.ndarray, repeats: int) -> dict:
     count = min(len(images), 2048)
     from_cpu = scorer.score(on_cpu[:count]).exit_scores
     from_device = scorer.score(device_pixels[:count]).exit_scores
+    # Full-resolution chroma (4:4:4) takes chroma upsampling out: what differs then is the IDCT and the
+    # colour conversion alone.
+    full_chroma = jpeg_bytes(images[:count], subsampling="4:4:4")
+    cpu_444 = np.stack([decode_face(blob).image for blob in full_chroma])
+    device_444 = np.stack([image.cpu().numpy() for image in decode_jpegs(full_chroma, device)])
+    diff_444 = np.abs(device_444.astype(np.int16) - cpu_444.astype(np.int16))
     return {
         "images": len(blobs),
         "cpu_images_per_second_one_core": cpu_rate,
@@ -159,6 +169,11 @@ def decoding(device: str, images: np.ndarray, repeats: int) -> dict:
         "pixel_mean_abs_diff": float(pixel_diff.mean()),
         "score_max_abs_diff": float(np.abs(from_device - from_cpu).max()),
         "score_spread": float(from_cpu.std()),
+        "pixel_max_abs_diff_444": int(diff_444.max()),
+        "pixel_mean_abs_diff_444": float(diff_444.mean()),
+        "score_max_abs_diff_444": float(
+            np.abs(scorer.score(device_444).exit_scores - scorer.score(cpu_444).exit_scores).max()
+        ),
     }
 
 
@@ -167,7 +182,8 @@ def _shards(folder: Path, images: np.ndarray, per_shard: int) -> Path:
     for start in range(0, len(images), per_shard):
         with tarfile.open(folder / f"shard-{start // per_shard:05d}.tar", "w") as tar:
             for index in range(start, min(len(images), start + per_shard)):
-                data = jpeg_bytes(images[index : index + 1])[0]
+                # 4:4:4: the chroma that `--decode device` decodes on the GPU (4:2:0 stays on the CPU)
+                data = jpeg_bytes(images[index : index + 1], subsampling="4:4:4")[0]
                 info = tarfile.TarInfo(f"{index:08d}.jpg")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -183,12 +199,15 @@ def end_to_end(device: str, images: np.ndarray, workdir: Path, decode: str) -> d
     shards = workdir / "shards"
     if not shards.exists():
         _shards(shards, images, per_shard=1000)
-    fiqa = str(Path(sys.executable).parent / "fiqa")
     out = workdir / f"out-{decode}"
     started = time.perf_counter()
     run = subprocess.run(
         [
-            fiqa,
+            # the module rather than the `fiqa` script: a GPU machine's image may run the sources from
+            # PYTHONPATH with no installed entry point
+            sys.executable,
+            "-m",
+            "fiqa_curator.flows.cli",
             "score",
             str(shards),
             str(out),
@@ -220,9 +239,24 @@ def end_to_end(device: str, images: np.ndarray, workdir: Path, decode: str) -> d
         "first_batch_seconds": record["stages"]["first_batch_seconds"],
         "device": record["device"],
         "decoded_on_device": record["stages"]["decoded_on_device"],
+        "driver_write_seconds": record["stages"]["write_seconds"],
+        "block_rows": record["stages"]["block_rows"],
+        "workers": record["workers"],
         "precision": record["config"]["precision"],
         "counts": record["counts"],
     }
+
+
+def _max_score_difference(first: Path, second: Path) -> float:
+    """Largest |difference| of any exit's score between two runs' quality tables, image by image."""
+    import pyarrow.dataset as ds
+
+    def scores(output: Path) -> np.ndarray:
+        table = ds.dataset(output / SCORES, format="parquet").to_table(columns=["image_id", "exit_scores"])
+        table = table.sort_by("image_id")
+        return np.stack(table.column("exit_scores").to_numpy(zero_copy_only=False))
+
+    return float(np.abs(scores(first) - scores(second)).max())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,6 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=20000, help="images for the throughput runs")
+    parser.add_argument(
+        "--e2e-images",
+        type=int,
+        help="images for the end-to-end runs (default: --images); the distinct images repeat past --images",
+    )
     parser.add_argument("--batches", default="256,512,1024,2048")
     parser.add_argument("--exits", default="4,8,12")
     parser.add_argument("--repeats", type=int, default=3)
@@ -246,26 +285,51 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     }
-    report["parity"] = parity(args.device, images[:64])
-    report["model_stage"] = throughput(
-        args.device,
-        images,
-        [int(e) for e in args.exits.split(",")],
-        [int(b) for b in args.batches.split(",")],
-        args.repeats,
+
+    def section(name: str, measure: Callable[[], Any]) -> None:
+        """One check: its figures, or the end of its traceback so that the checks after it still run (device
+        time is scarce: one failed section must not cost the others); the JSON is rewritten after each."""
+        try:
+            report[name] = measure()
+        except Exception:  # recorded in the report, and the exit status says so
+            report[name] = {"error": traceback.format_exc()[-3000:]}
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
+    section("parity", lambda: parity(args.device, images[:64]))
+    section(
+        "model_stage",
+        lambda: throughput(
+            args.device,
+            images,
+            [int(e) for e in args.exits.split(",")],
+            [int(b) for b in args.batches.split(",")],
+            args.repeats,
+        ),
     )
-    report["decode"] = decoding(args.device, images[: min(len(images), 8192)], args.repeats)
-    full = report["model_stage"][CONFIG.depth]
-    report["bf16_peak_share_at_full_depth"] = (
-        full["images_per_second"] * full["gflops_per_image"] / (args.peak_tflops * 1e3)
-    )
+    section("decode", lambda: decoding(args.device, images[: min(len(images), 8192)], args.repeats))
+    full = report["model_stage"].get(CONFIG.depth, {})
+    if "images_per_second" in full:
+        report["bf16_peak_share_at_full_depth"] = (
+            full["images_per_second"] * full["gflops_per_image"] / (args.peak_tflops * 1e3)
+        )
+    e2e_images = np.resize(images, (args.e2e_images or len(images), *images.shape[1:]))
     with tempfile.TemporaryDirectory() as workdir:
-        report["end_to_end"] = {
-            decode: end_to_end(args.device, images, Path(workdir), decode) for decode in ("cpu", "device")
-        }
+
+        def both_decoders() -> dict:
+            places = ("cpu", "device")
+            runs = {place: end_to_end(args.device, e2e_images, Path(workdir), place) for place in places}
+            if not any("error" in run for run in runs.values()):
+                runs["scores_max_abs_diff_between_decoders"] = _max_score_difference(
+                    Path(workdir) / "out-cpu", Path(workdir) / "out-device"
+                )
+            return runs
+
+        section("end_to_end", both_decoders)
     for run in report["end_to_end"].values():
-        if "images_per_second" in run:
+        if isinstance(run, dict) and "images_per_second" in run and "images_per_second" in full:
             run["ratio_to_model_stage"] = run["images_per_second"] / full["images_per_second"]
+            run["steady_ratio_to_model_stage"] = run["steady_images_per_second"] / full["images_per_second"]
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -273,4 +337,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    figures = main()
+    failed = [name for name, part in figures.items() if isinstance(part, dict) and "error" in part]
+    failed += [
+        f"end_to_end.{name}"
+        for name, run in figures.get("end_to_end", {}).items()
+        if isinstance(run, dict) and "error" in run
+    ]
+    sys.exit(f"failed: {', '.join(failed)}" if failed else 0)
