@@ -59,6 +59,10 @@ class Plan:
     def shard_count(self) -> int:
         return (self.item_count + self.shard_size - 1) // self.shard_size
 
+    def shard_length(self, index: int) -> int:
+        """How many items shard `index` holds (the listing itself is not needed)."""
+        return max(0, min(self.shard_size, self.item_count - index * self.shard_size))
+
     def shard_items(self, index: int) -> list[InputItem]:
         return self.items[index * self.shard_size : (index + 1) * self.shard_size]
 

@@ -1,15 +1,18 @@
 """The driver's side of scoring: rows arrive in batches, in any order, and each shard is committed the
 moment its last row arrives.
 
-A shard's file is written whole or not at all (`flows.storage.Output.commit_bytes`), so a run killed at
-any moment leaves only complete shards; a rerun skips them.
+Rows stay in the columns they arrive in: a batch is cut into one slice per shard it touches (usually one,
+since blocks follow the listing's order) and the slices wait, as numpy arrays, until their shard is
+complete. No per-row Python object is made on the driver (`benchmarks/bench_scale.py` measures the rows/s
+one core sustains). A shard's file is written whole or not at all (`flows.storage.Output.commit_bytes`), so
+a run killed at any moment leaves only complete shards; a rerun skips them.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,9 +21,43 @@ import pyarrow.parquet as pq
 
 from fiqa_curator.flows.plan import Plan
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.schemas.batch import BOOKKEEPING, DEVICE_DECODED, EMBEDDING, RUN_ID, SCORED_ON
+from fiqa_curator.schemas.batch import BATCH_COLUMNS, BOOKKEEPING, DEVICE_DECODED, RUN_ID, SCORED_ON
 from fiqa_curator.schemas.layout import shard_file, shard_name
-from fiqa_curator.schemas.quality_table import build_quality_table
+from fiqa_curator.schemas.quality_table import PARQUET_OPTIONS, build_quality_table
+
+Columns = dict[str, np.ndarray]
+
+
+def _rows(batch: Mapping[str, np.ndarray], rows: slice | np.ndarray) -> Columns:
+    """The batch's `rows` with the item columns completeness needs: a row without `item_id` is its own
+    item (carried rows, runs without --align all), and an item without `item_rows` has one row."""
+    piece = {name: values[rows] for name, values in batch.items()}
+    if "item_id" not in piece:
+        piece["item_id"] = piece["image_id"]
+    if "item_rows" not in piece:
+        piece["item_rows"] = np.ones(len(piece["image_id"]), dtype=np.int64)
+    return piece
+
+
+def _concatenate(pieces: list[Columns]) -> Columns:
+    """One set of columns from several slices; a column some slices lack gets its placeholder there (rows
+    carried by --since and rows scored now share a shard, and only carried rows bring a `run_id`)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    names = list(dict.fromkeys(name for piece in pieces for name in piece))
+    merged = {}
+    for name in names:
+        like = next(piece[name] for piece in pieces if name in piece)
+        parts = []
+        for piece in pieces:
+            if name in piece:
+                parts.append(piece[name])
+            else:
+                count = len(piece["image_id"])
+                width = like.shape[1] if like.ndim == 2 else None
+                parts.append(BATCH_COLUMNS[name].empty(count, width))
+        merged[name] = np.concatenate(parts)
+    return merged
 
 
 class ShardWriter:
@@ -28,7 +65,7 @@ class ShardWriter:
 
     A shard is complete when every one of its items delivered all its rows (`item_rows`: one, or one per
     face with `--align all`). Rows are keyed by image_id, so a row delivered twice (a retried Ray task) is
-    written once."""
+    written once: the first delivery wins."""
 
     def __init__(
         self, output: Output, plan: Plan, pending: list[int], *, run_id: str, config: Mapping[str, Any]
@@ -37,52 +74,75 @@ class ShardWriter:
         self.config_fingerprint = plan.config_fingerprint
         self.run_id = run_id
         self.config = config
-        self.expected = {shard_name(i): len(plan.shard_items(i)) for i in pending}
-        # shard -> item_id -> image_id -> row
-        self.rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
-        self.complete_items: Counter[str] = Counter()
+        self.expected = {shard_name(i): plan.shard_length(i) for i in pending}  # items per shard
+        self.pieces: dict[str, list[Columns]] = {}
+        self.arrived: Counter[str] = Counter()  # rows delivered, repeats included
         self.committed: dict[str, None] = {}  # ordered set
         self.write_seconds = 0.0
         self.rows_by_node: Counter[str] = Counter()
         self.device_decoded = 0
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
-        columns = [column for column in batch if column not in BOOKKEEPING]
+        shards = batch["shard"]
+        if len(shards) == 0:
+            return
         if SCORED_ON.name in batch:
-            self.rows_by_node.update(str(node) for node in batch[SCORED_ON.name])
+            nodes, counts = np.unique(np.asarray(batch[SCORED_ON.name], dtype=str), return_counts=True)
+            self.rows_by_node.update(dict(zip(nodes.tolist(), counts.tolist(), strict=True)))
         if DEVICE_DECODED.name in batch:
             self.device_decoded += int(np.sum(batch[DEVICE_DECODED.name]))
-        for index, shard in enumerate(batch["shard"]):
-            shard = str(shard)
+        first = shards[0]
+        if shards[-1] == first and bool(np.all(shards == first)):  # the usual case: one shard per batch
+            groups: list[tuple[str, slice | np.ndarray]] = [(str(first), slice(None))]
+        else:
+            names, which = np.unique(np.asarray(shards, dtype=str), return_inverse=True)
+            groups = [(str(name), np.flatnonzero(which == k)) for k, name in enumerate(names)]
+        for shard, rows in groups:
             if shard not in self.expected:
                 raise RuntimeError(f"row for unplanned shard {shard!r}")
             if shard in self.committed:
-                continue  # a retried task delivering a row again after its shard was written: already there
-            image_id = str(batch["image_id"][index])
-            item_id = str(batch["item_id"][index]) if "item_id" in batch else image_id
-            item_rows = int(batch["item_rows"][index]) if "item_rows" in batch else 1
-            item = self.rows[shard][item_id]
-            if image_id in item:
-                continue
-            item[image_id] = {column: batch[column][index] for column in columns}
-            item[image_id].setdefault(RUN_ID.name, self.run_id)  # carried rows keep the run that scored them
-            if len(item) == item_rows:
-                self.complete_items[shard] += 1
-                if self.complete_items[shard] == self.expected[shard]:
-                    self._commit(shard)
+                continue  # a retried task delivering rows again after their shard was written: already there
+            piece = _rows(batch, rows)
+            self.pieces.setdefault(shard, []).append(piece)
+            self.arrived[shard] += len(piece["image_id"])
+            # every item brings at least one row: until as many rows as items arrived, none can be complete
+            if self.arrived[shard] >= self.expected[shard]:
+                merged, unique = self._unique_rows(shard)
+                if self._complete_items(merged, unique) == self.expected[shard]:
+                    self._commit(shard, merged, unique)
 
-    def _commit(self, shard: str) -> None:
-        started = time.perf_counter()
-        by_id = {image_id: row for item in self.rows[shard].values() for image_id, row in item.items()}
-        rows = [by_id[key] for key in sorted(by_id)]
-        columns = {name: [row[name] for row in rows] for name in rows[0]}
-        depth = int(self.config["exit_depth"])
-        columns["exit_scores"] = (
-            np.stack(columns["exit_scores"]) if rows else np.zeros((0, depth), np.float32)
+    def _unique_rows(self, shard: str) -> tuple[Columns, np.ndarray]:
+        """The shard's rows so far as one set of columns (kept merged for the next check) and the index of
+        each image_id's first delivery, in image_id order."""
+        merged = _concatenate(self.pieces[shard])
+        self.pieces[shard] = [merged]
+        _, unique = np.unique(np.asarray(merged["image_id"], dtype=str), return_index=True)
+        return merged, unique
+
+    @staticmethod
+    def _complete_items(merged: Columns, unique: np.ndarray) -> int:
+        image_ids = merged["image_id"][unique]
+        item_ids = merged["item_id"][unique]
+        needed = np.asarray(merged["item_rows"][unique], dtype=np.int64)
+        if np.all(needed == 1) and np.array_equal(item_ids, image_ids):
+            return len(unique)  # each row its own item (the usual case): every distinct row completes one
+        items, which, delivered = np.unique(
+            np.asarray(item_ids, dtype=str), return_inverse=True, return_counts=True
         )
-        for name in (EMBEDDING.name, "face_box"):
-            if name in columns:
-                columns[name] = np.stack(columns[name])
+        required = np.zeros(len(items), dtype=np.int64)
+        required[which] = needed
+        return int(np.sum(delivered == required))
+
+    def _commit(self, shard: str, merged: Columns, unique: np.ndarray) -> None:
+        started = time.perf_counter()
+        columns: dict[str, Any] = {
+            name: values[unique] for name, values in merged.items() if name not in BOOKKEEPING
+        }
+        if RUN_ID.name in columns:  # carried rows keep the run that scored them; rows scored now get this run
+            run_ids = columns[RUN_ID.name]
+            columns[RUN_ID.name] = np.where(run_ids == None, self.run_id, run_ids)  # noqa: E711 - elementwise
+        else:
+            columns[RUN_ID.name] = self.run_id
         columns.update(model_sha256=self.config["model_sha256"], shard=shard)
         table = build_quality_table(
             columns,
@@ -93,17 +153,19 @@ class ShardWriter:
             },
         )
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, **PARQUET_OPTIONS)
         self.output.commit_bytes(shard_file(shard), buffer.getvalue())
-        del self.rows[shard]
-        self.complete_items.pop(shard, None)
+        del self.pieces[shard]
+        self.arrived.pop(shard, None)
         self.committed[shard] = None
         self.write_seconds += time.perf_counter() - started
 
     def missing(self) -> dict[str, int]:
         """Shard -> items still without all their rows, over the shards not committed yet."""
-        return {
-            shard: n - self.complete_items[shard]
-            for shard, n in self.expected.items()
-            if shard not in self.committed
-        }
+        missing = {}
+        for shard, items in self.expected.items():
+            if shard in self.committed:
+                continue
+            complete = self._complete_items(*self._unique_rows(shard)) if shard in self.pieces else 0
+            missing[shard] = items - complete
+        return missing

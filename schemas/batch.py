@@ -94,6 +94,14 @@ SCORED_ON = BatchColumn("scored_on", object, None)  # the Ray node of the scorin
 DEVICE_DECODED = BatchColumn("device_decoded", bool, False)  # decoded by the scoring device (run record)
 RUN_ID = BatchColumn("run_id", object, None)  # carried rows keep the run that scored them
 
+# Every column a writer batch may hold, by name (placeholders for the rows of a batch that lacks one).
+BATCH_COLUMNS = {
+    **ITEM_COLUMNS,
+    **READ_COLUMNS,
+    **SCORED_COLUMNS,
+    **_columns(EMBEDDING, SCORED_ON, DEVICE_DECODED, RUN_ID),
+}
+
 # In batches, not in the table.
 BOOKKEEPING = ("item_id", "item_rows", SCORED_ON.name, DEVICE_DECODED.name)
 

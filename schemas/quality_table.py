@@ -75,6 +75,27 @@ QUALITY_TABLE_SCHEMA = pa.schema(_FIELDS, metadata={"fiqa.schema_version": SCHEM
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
 SCORE_COLUMNS = ("quality_final", "quality_f", "quality_fw", "quality")
 
+# How a shard is written. Dictionary encoding only for the columns whose values repeat: with it on every
+# column (pyarrow's default), a shard of 5,000 rows with 12 exits took 2.3x as long to write and came out
+# 1.55x as large, the scores and ids hardly repeating (benchmarks/bench_scale.py, docs/benchmarks.md).
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": [
+        "identity",
+        "status",
+        "error",
+        "width",
+        "height",
+        "resized",
+        "face_index",
+        "faces",
+        "exit_depth",
+        "model_sha256",
+        "run_id",
+        "shard",
+    ],
+}
+
 
 def _nullable_numbers(values: Sequence[Any] | np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     """Numbers with sentinels (NaN; negative for integer columns) -> an Arrow array with nulls."""
@@ -97,7 +118,11 @@ def _nullable_strings(values: Sequence[Any] | np.ndarray) -> pa.Array:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
 
-    return pa.array([clean(v) for v in values], type=pa.string())
+    try:  # the usual column, str and None (or NaN): converted by Arrow, not value by value in Python
+        array = pa.array(values, type=pa.string(), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # bytes, numbers, infinities
+        return pa.array([clean(v) for v in values], type=pa.string())
+    return pc.if_else(pc.equal(array, ""), pa.scalar(None, pa.string()), array)
 
 
 def _list_column(rows: np.ndarray, null: np.ndarray) -> pa.Array:
@@ -148,15 +173,14 @@ def build_quality_table(columns: Mapping[str, Any], *, metadata: Mapping[str, An
             name: _nullable_numbers(np.where(ok, columns[name], np.nan), pa.float32())
             for name in SCORE_COLUMNS
         },
-        "model_sha256": pa.array([columns["model_sha256"]] * count, type=pa.string()),
+        "model_sha256": pa.repeat(pa.scalar(columns["model_sha256"], pa.string()), count),
         # one run id for the shard, or one per row (rows carried over by `--since` keep their run's id)
-        "run_id": pa.array(
-            [columns["run_id"]] * count
+        "run_id": (
+            pa.repeat(pa.scalar(columns["run_id"], pa.string()), count)
             if isinstance(columns["run_id"], str)
-            else [str(r) for r in columns["run_id"]],
-            type=pa.string(),
+            else pa.array([str(r) for r in columns["run_id"]], type=pa.string())
         ),
-        "shard": pa.array([columns["shard"]] * count, type=pa.string()),
+        "shard": pa.repeat(pa.scalar(columns["shard"], pa.string()), count),
     }
     schema_metadata = {
         **QUALITY_TABLE_SCHEMA.metadata,
