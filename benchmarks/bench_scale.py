@@ -1,15 +1,19 @@
-"""The driver's work per scored row at corpus scale: how many rows/s `ShardWriter` takes on one core.
+"""The driver's work at corpus scale, this tree side by side with a git revision (`--baseline`).
 
-Every scored row comes back to the driver, which cuts batches per shard and commits each shard (a zstd
-Parquet file, written whole) when its last row arrives. One H200 scores about 20,000 images/s
-(docs/benchmarks.md), so a driver that serves 25 of them must take 500,000 rows/s. This feeds synthetic
-scored batches (the scoring stage's columns, 12 exits, blocks of 1,024 rows in listing order, so that a
-block may straddle two shards) to the writer of this tree and to the writer of a git revision
-(`--baseline`, loaded from `git show` with that revision's `build_quality_table`), interleaved, each into
-its own local OUTPUT, and prints rows/s with and without the commits (table building, Parquet encoding,
-the atomic write).
+    python benchmarks/bench_scale.py writer [--rows 300000] [--shard-size 5000] [--rounds 3] [--baseline REV]
+    python benchmarks/bench_scale.py plan [--rows 1000000 3000000] [--new-only-rows 10000000] [--baseline REV]
 
-    python benchmarks/bench_scale.py [--rows 300000] [--shard-size 5000] [--rounds 3] [--baseline e79e068]
+writer: how many scored rows/s `ShardWriter` takes on one core. Every scored row comes back to the driver,
+which cuts batches per shard and commits each shard (a zstd Parquet file, written whole) when its last row
+arrives. One H200 scores about 20,000 images/s (docs/benchmarks.md), so a driver that serves 25 of them
+must take 500,000 rows/s. Synthetic scored batches (the scoring stage's columns, 12 exits, blocks of 1,024
+rows in listing order, so that a block may straddle two shards) go to this tree's writer and to the
+revision's (loaded from `git show` with its `build_quality_table`), interleaved, each into its own local
+OUTPUT; rows/s with and without the commits (table building, Parquet encoding, the atomic write).
+
+plan: what planning a Parquet manifest of N rows costs the driver (discover, make_plan, save_plan: seconds
+and peak RSS over the interpreter's own, each run a fresh process), this tree against a checkout of the
+revision, the same manifest for both.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,10 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from fiqa_curator.flows.plan import make_plan
+from fiqa_curator.flows.plan import Plan, make_plan
 from fiqa_curator.flows.shard_writer import ShardWriter
-from fiqa_curator.flows.sources import InputItem
+from fiqa_curator.flows.sources import ITEM_SCHEMA
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.batch import BATCH_COLUMNS, EMBEDDING, READ_LOCATION, RUN_ID
 from fiqa_curator.schemas.layout import shard_name
@@ -99,9 +106,18 @@ def baseline_writer(revision: str) -> type:
     return module.ShardWriter
 
 
+class _ItemCountsOnly:
+    """What an older writer asks of a plan (`shard_items` for their count), without the items."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.config_fingerprint = plan.config_fingerprint
+        self.shard_items = lambda index: range(plan.shard_length(index))
+
+
 def run(writer_class: type, plan, batches: list[dict[str, np.ndarray]], folder: Path) -> dict[str, float]:
     output = Output(str(folder))
-    writer = writer_class(output, plan, list(range(plan.shard_count)), run_id="bench", config=CONFIG)
+    given = plan if writer_class is ShardWriter else _ItemCountsOnly(plan)
+    writer = writer_class(output, given, list(range(plan.shard_count)), run_id="bench", config=CONFIG)
     started = time.perf_counter()
     for batch in batches:
         writer.add(batch)
@@ -115,22 +131,16 @@ def run(writer_class: type, plan, batches: list[dict[str, np.ndarray]], folder: 
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rows", type=int, default=300_000)
-    parser.add_argument("--shard-size", type=int, default=5000)
-    parser.add_argument("--block-rows", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--baseline", default="e79e068", help="git revision of the writer to compare with")
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
+def writer_benchmark(args: argparse.Namespace) -> dict:
     batches = scored_batches(args.rows, args.shard_size, args.block_rows)
-    items = [
-        InputItem(str(image_id), str(image_id), "s3://corpus") for b in batches for image_id in b["image_id"]
-    ]
-    plan = make_plan("s3://corpus", "webdataset", items, args.shard_size, {"exit_depth": DEPTH})
+    ids = pa.array(np.concatenate([batch["image_id"] for batch in batches]), pa.string())
+    listing = pa.table(
+        {
+            field.name: ids if field.name in ("image_id", "source", "url") else pa.nulls(len(ids), field.type)
+            for field in ITEM_SCHEMA
+        }
+    )
+    plan = make_plan("s3://corpus", "webdataset", listing, args.shard_size, {"exit_depth": DEPTH})
     writers = {"this tree": ShardWriter, f"baseline {args.baseline}": baseline_writer(args.baseline)}
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in writers}
     with tempfile.TemporaryDirectory() as work:
@@ -153,6 +163,113 @@ def main(argv: list[str] | None = None) -> dict:
     }
     ours, theirs = (report[name]["rows_per_second"] for name in writers)
     report["speed-up"] = ours / theirs
+    return report
+
+
+# One planning run in a fresh process: only names every revision has, so that it runs against either.
+PLAN_CHILD = r"""
+import json, resource, sys, time
+
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+from fiqa_curator.flows.plan import make_plan, save_plan
+from fiqa_curator.flows.sources import discover
+from fiqa_curator.flows.storage import Output
+
+manifest, output = sys.argv[1], sys.argv[2]
+before = rss()
+started = time.perf_counter()
+kind, items = discover(manifest)
+discovered = time.perf_counter()
+plan = make_plan(manifest, kind, items, 5000, {"exit_depth": 12})
+planned = time.perf_counter()
+save_plan(Output(output), plan)
+saved = time.perf_counter()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({
+    "discover_s": discovered - started, "make_plan_s": planned - discovered, "save_plan_s": saved - planned,
+    "total_s": saved - started, "rss_before_mb": before, "peak_rss_mb": peak, "added_mb": peak - before,
+    "rss_after_mb": rss(), "items": plan.item_count,
+}))
+"""
+
+
+def _manifest(path: Path, rows: int) -> None:
+    """A Parquet manifest like a corpus's: absolute object-store URIs, identities, sizes, versions."""
+    writer = None
+    for start in range(0, rows, 1_000_000):
+        n = np.arange(start, min(rows, start + 1_000_000))
+        part = pa.table(
+            {
+                "uri": pa.array([f"s3://corpus/{i // 10_000:05d}/{i:09d}.jpg" for i in n.tolist()]),
+                "identity": pa.array([f"person-{i // 40:08d}" for i in n.tolist()]),
+                "size": pa.array(4000 + n % 2000),
+                "version": pa.array([f"{i * 2654435761 % 2**32:08x}" for i in n.tolist()]),
+            }
+        )
+        writer = writer or pq.ParquetWriter(path, part.schema)
+        writer.write_table(part)
+    writer.close()
+
+
+def _checkout(revision: str, folder: Path) -> Path:
+    """`revision`'s package as an importable folder (PYTHONPATH) beside this tree's."""
+    tree = folder / "tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    package = folder / "path" / "fiqa_curator"
+    package.mkdir(parents=True)
+    for name in ("flows", "workers", "schemas", "evaluation", "demo_kit"):
+        (package / name).symlink_to(tree / name)
+    return folder / "path"
+
+
+def plan_benchmark(args: argparse.Namespace) -> dict:
+    report: dict = {}
+    with tempfile.TemporaryDirectory() as work:
+        baseline_path = _checkout(args.baseline, Path(work) / "baseline")
+        for rows in sorted({*args.rows, *args.new_only_rows}):
+            manifest = Path(work) / f"manifest-{rows}.parquet"
+            _manifest(manifest, rows)
+            variants = {"this tree": None}
+            if rows in args.rows:
+                variants[f"baseline {args.baseline}"] = str(baseline_path)
+            for name, path in variants.items():
+                env = dict(os.environ, PYTHONPATH=path) if path else dict(os.environ)
+                output = Path(work) / f"out-{rows}-{name[:4]}"
+                run = subprocess.run(
+                    [sys.executable, "-c", PLAN_CHILD, str(manifest), str(output)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                report.setdefault(str(rows), {})[name] = json.loads(run.stdout.strip().splitlines()[-1])
+                print(rows, name, report[str(rows)][name], flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    writer = commands.add_parser("writer", help="rows/s of the driver's writer")
+    writer.add_argument("--rows", type=int, default=300_000)
+    writer.add_argument("--shard-size", type=int, default=5000)
+    writer.add_argument("--block-rows", type=int, default=1024)
+    writer.add_argument("--rounds", type=int, default=3)
+    plan = commands.add_parser("plan", help="seconds and memory of planning a Parquet manifest")
+    plan.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 3_000_000])
+    plan.add_argument("--new-only-rows", type=int, nargs="*", default=[], help="sizes for this tree alone")
+    for command in (writer, plan):
+        command.add_argument("--baseline", default="e79e068", help="the git revision to compare with")
+        command.add_argument("--json")
+    args = parser.parse_args(argv)
+    report = writer_benchmark(args) if args.command == "writer" else plan_benchmark(args)
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -42,7 +42,6 @@ from fiqa_curator.flows.incremental import (
     IncrementalError,
     carried_batches,
     check_previous,
-    pending_items,
     unchanged_items,
 )
 from fiqa_curator.flows.options import DEFAULT_SHARD_SIZE
@@ -123,11 +122,16 @@ def old_carried_batches(
         yield batch
 
 
+def shard_items(plan: Plan, index: int) -> list[InputItem]:
+    """A shard's items as the objects the old code took."""
+    return [InputItem(**row) for row in plan.shard_listing(index).to_pylist()]
+
+
 def old_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, int, set[str]]:
     """The old `carry_over` but the writer: (seconds to find the unchanged items, rows, items carried)."""
     started = time.perf_counter()
-    shard_of = {item.image_id: shard_name(i) for i in pending for item in plan.shard_items(i)}
-    unchanged = old_unchanged_items(previous, plan, (item for i in pending for item in plan.shard_items(i)))
+    shard_of = {item.image_id: shard_name(i) for i in pending for item in shard_items(plan, i)}
+    unchanged = old_unchanged_items(previous, plan, (item for i in pending for item in shard_items(plan, i)))
     matched = time.perf_counter() - started
     rows, carried = 0, set()
     for batch in old_carried_batches(previous, unchanged, shard_of, config=CONFIG):
@@ -139,7 +143,7 @@ def old_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, 
 def new_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, int, set[str]]:
     """Today's `carry_over` but the writer."""
     started = time.perf_counter()
-    unchanged = unchanged_items(previous, plan, pending_items(plan, pending))
+    unchanged = unchanged_items(previous, plan, plan.pending_listing(pending))
     matched = time.perf_counter() - started
     rows, carried = 0, set()
     for batch in carried_batches(previous, unchanged, config=CONFIG):
@@ -167,13 +171,13 @@ def build(root: Path, rows: int, shard_size: int) -> None:
     save_plan(previous, plan)
     failed = rng.random(rows) < 0.001
     for index in range(plan.shard_count):
-        shard_items = plan.shard_items(index)
-        count = len(shard_items)
+        items_of_shard = plan.shard_listing(index)
+        count = items_of_shard.num_rows
         first = index * shard_size
         status = np.where(failed[first : first + count], Status.READ_ERROR.value, Status.OK.value)
         columns = {
-            "image_id": [item.image_id for item in shard_items],
-            "source": [item.source for item in shard_items],
+            "image_id": items_of_shard.column("image_id").to_pylist(),
+            "source": items_of_shard.column("source").to_pylist(),
             "status": status.astype(object),
             "error": np.where(status == Status.OK.value, "", "read failed").astype(object),
             "byte_size": sizes[first : first + count],
@@ -202,7 +206,7 @@ def build(root: Path, rows: int, shard_size: int) -> None:
     changed = set(rng.choice(rows, rows // 200, replace=False).tolist())
     added = set(rng.choice(rows, rows // 200, replace=False).tolist())
     current = []
-    for n, item in enumerate(plan.items):
+    for n, item in enumerate(items):  # already in image_id order
         current.append(
             InputItem(item.image_id, item.source, item.url, size=item.size, version=item.version + "-2")
             if n in changed
@@ -237,10 +241,7 @@ def _reset_peak() -> bool:
 
 def child(variant: str, root: Path, shard_size: int) -> None:
     """One measured run, printing one JSON line."""
-    listing = pq.ParquetFile(root / CURRENT_LISTING)
-    items = [InputItem(**row) for batch in listing.iter_batches(65_536) for row in batch.to_pylist()]
-    plan = make_plan("s3://corpus/", "folder", items, shard_size, CONFIG)
-    del items, listing
+    plan = make_plan("s3://corpus/", "folder", pq.read_table(root / CURRENT_LISTING), shard_size, CONFIG)
     gc.collect()
     previous = Output(str(root / "previous"))
     pending = list(range(plan.shard_count))

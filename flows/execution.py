@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fiqa_curator.flows.cluster import (
     ActorPlacement,
@@ -32,10 +33,8 @@ from fiqa_curator.flows.cluster import (
 from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.flows.plan import Plan
 from fiqa_curator.flows.shard_writer import ShardWriter
-from fiqa_curator.flows.sources import items_to_table
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import StallError
-from fiqa_curator.schemas.layout import shard_name
 from fiqa_curator.workers.io import protocol_of
 from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
 
@@ -101,12 +100,10 @@ def item_blocks(
     plan: Plan, pending: list[int], block_rows: int, exclude: set[str] = frozenset()
 ) -> list[pa.Table]:
     """Pending items (but `exclude`) as Arrow tables of `block_rows` rows: each becomes one Ray Data block."""
-    items, shards = [], []
-    for index in pending:
-        shard_items = [item for item in plan.shard_items(index) if item.image_id not in exclude]
-        items.extend(shard_items)
-        shards.extend([shard_name(index)] * len(shard_items))
-    table = items_to_table(items).append_column("shard", pa.array(shards, type=pa.string()))
+    table = plan.pending_listing(pending)
+    if exclude:
+        carried = pa.array(sorted(exclude), pa.string())
+        table = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=carried)))
     table = table.drop_columns(["size", "version"])
     return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
 
@@ -115,11 +112,11 @@ def carry_over(
     options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any], writer: ShardWriter
 ) -> set[str]:
     """--since: hand the writer PREVIOUS's rows of unchanged images; returns the image ids carried."""
-    from fiqa_curator.flows.incremental import carried_batches, pending_items, unchanged_items
+    from fiqa_curator.flows.incremental import carried_batches, unchanged_items
 
     assert options.since is not None
     previous = Output(options.since, options.storage_options)
-    unchanged = unchanged_items(previous, plan, pending_items(plan, pending))  # with each item's shard
+    unchanged = unchanged_items(previous, plan, plan.pending_listing(pending))  # with each item's shard
     carried: set[str] = set()
     for batch in carried_batches(previous, unchanged, config=config):
         writer.add(batch)

@@ -31,11 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fiqa_curator.flows.plan import Plan, load_plan
-from fiqa_curator.flows.sources import items_to_table
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.batch import FACE_ID_PATTERN, batch_from_table
 from fiqa_curator.schemas.errors import UserError
-from fiqa_curator.schemas.layout import LISTING_FILE, SCORES, shard_file, shard_name
+from fiqa_curator.schemas.layout import LISTING_FILE, SCORES, shard_file
 from fiqa_curator.schemas.status import Status
 
 _ITEM_KEY = ("url", "offset", "length", "size", "version")
@@ -63,21 +62,10 @@ def check_previous(previous: Output, plan: Plan) -> Plan:
     return earlier
 
 
-def pending_items(plan: Plan, pending: Sequence[int]) -> pa.Table:
-    """The items of the plan's `pending` shards as one Arrow table (`sources.ITEM_SCHEMA`) with a `shard`
-    column, each item's output shard. Converted a shard at a time, so that no more than a shard's items
-    are ever Python dicts at once."""
-    tables = [items_to_table([]).append_column("shard", pa.array([], pa.string()))]
-    for index in pending:
-        table = items_to_table(plan.shard_items(index))
-        tables.append(table.append_column("shard", pa.repeat(pa.scalar(shard_name(index)), table.num_rows)))
-    return pa.concat_tables(tables)
-
-
 def unchanged_items(previous: Output, plan: Plan, items: pa.Table) -> pa.Table:
-    """The items of `items` (a table with `sources.ITEM_SCHEMA`'s columns, as `pending_items` makes) whose
-    listing entry in PREVIOUS is identical, with a known version: their `image_id` and, when `items` has
-    one, `shard` (what `carried_batches` takes), in `items`' order."""
+    """The items of `items` (a table with `sources.ITEM_SCHEMA`'s columns, as `Plan.pending_listing`
+    makes) whose listing entry in PREVIOUS is identical, with a known version: their `image_id` and, when
+    `items` has one, `shard` (what `carried_batches` takes), in `items`' order."""
     check_previous(previous, plan)
     raw = previous.read_bytes(LISTING_FILE)
     if raw is None:

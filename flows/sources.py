@@ -1,4 +1,4 @@
-"""Input discovery: what `fiqa score INPUT` means, turned into a sorted list of items to score.
+"""Input discovery: what `fiqa score INPUT` means, turned into a sorted table of items to score.
 
 INPUT is any fsspec URL (local path, s3://...):
 - a folder/prefix: image files found recursively by extension (hidden files and folders ignored), plus
@@ -22,7 +22,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from fiqa_curator.schemas.errors import UserError
@@ -110,8 +113,9 @@ def _full_url(fs: Any, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, list[InputItem]]:
-    """(kind, items sorted by image_id) for INPUT; raises InputError when it cannot be listed."""
+def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, pa.Table]:
+    """(kind, the items as a table with ITEM_SCHEMA, sorted by image_id) for INPUT; raises InputError when
+    it cannot be listed."""
     try:
         fs, root = filesystem(url, storage_options)
     except Exception as error:
@@ -125,16 +129,18 @@ def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     if not exists:
         raise InputError(f"INPUT does not exist: {url}")
     if is_dir:
-        kind, items = "folder", _list_folder(fs, root)
+        kind, items = "folder", items_to_table(_list_folder(fs, root))
     elif _extension(root) in (".csv", ".parquet"):
         kind, items = "manifest", _read_manifest(fs, root)
     elif _extension(root) == ".tar":
-        kind, items = "webdataset", _list_tar(fs, root, posixpath.basename(root))
+        kind, items = "webdataset", items_to_table(_list_tar(fs, root, posixpath.basename(root)))
     else:
         raise InputError(f"INPUT must be a folder, a .csv/.parquet manifest or a .tar shard: {url}")
-    items.sort(key=lambda item: item.image_id)
-    duplicates = [image_id for image_id, n in Counter(i.image_id for i in items).items() if n > 1]
-    if duplicates:
+    items = items.sort_by("image_id").combine_chunks()
+    ids = items.column("image_id")
+    repeated = ids.slice(1).filter(pc.equal(ids.slice(1), ids.slice(0, max(0, len(ids) - 1))))
+    if len(repeated):
+        duplicates = pc.unique(repeated).to_pylist()
         raise InputError(f"{len(duplicates)} image_id values occur more than once, e.g. {duplicates[:5]}")
     return kind, items
 
@@ -202,48 +208,112 @@ def _list_tar(fs: Any, path: str, tar_id: str) -> list[InputItem]:
     return items
 
 
-def _read_manifest(fs: Any, path: str) -> list[InputItem]:
+MANIFEST_CHUNK = 100_000  # rows whose relative URIs are resolved at a time (Python strings for those only)
+
+
+def _read_manifest(fs: Any, path: str) -> pa.Table:
+    """A manifest's rows as items (ITEM_SCHEMA), column by column in Arrow: a CSV's cells stay strings
+    (an id "007" is not a number), a Parquet manifest's columns are cast to strings where needed."""
     try:
         data = with_retries(lambda: fs.cat_file(path))
         if _extension(path) == ".parquet":
-            rows = pq.read_table(io.BytesIO(data)).to_pylist()
+            table = pq.read_table(io.BytesIO(data))
         else:
-            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+            header = next(csv.reader(io.StringIO(data[:65536].decode("utf-8-sig", "replace"))), [])
+            table = pa_csv.read_csv(
+                io.BytesIO(data),
+                parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
+                ),
+            )
     except Exception as error:
         raise InputError(f"cannot read manifest {path}: {type(error).__name__}: {error}") from error
-    if rows and "uri" not in rows[0]:
-        raise InputError(f"manifest {path} has no `uri` column (columns: {', '.join(rows[0])})")
+    if table.num_rows and "uri" not in table.column_names:
+        raise InputError(f"manifest {path} has no `uri` column (columns: {', '.join(table.column_names)})")
+    count = table.num_rows
+    if count == 0:
+        return items_to_table([])
+
+    def strings(name: str) -> pa.Array | None:
+        if name not in table.column_names:
+            return None
+        return pc.cast(table.column(name).combine_chunks(), pa.string())
+
+    given = pc.utf8_trim_whitespace(pc.fill_null(strings("uri"), ""))
+    empty = pc.equal(given, "").to_numpy(zero_copy_only=False)
+    if empty.any():
+        raise InputError(f"manifest {path}, row {int(np.argmax(empty)) + 1}: empty `uri`")
+    uri = _resolve_uris(fs, path, given)
+    raw_id = strings("image_id")
+    image_id = given
+    if raw_id is not None:
+        raw_id = pc.utf8_trim_whitespace(pc.fill_null(raw_id, ""))
+        image_id = pc.if_else(pc.equal(raw_id, ""), given, raw_id)
+    identity = strings("identity")
+    # optional `size` and `version` (an ETag, mtime or content hash the producer knows): with them,
+    # `fiqa score --since` can tell an unchanged image without touching the store
+    version = strings("version")
+    return pa.table(
+        {
+            "image_id": image_id,
+            "source": uri,
+            "url": uri,
+            "offset": pa.repeat(pa.scalar(-1, pa.int64()), count),
+            "length": pa.repeat(pa.scalar(-1, pa.int64()), count),
+            "identity": (
+                pa.nulls(count, pa.string())
+                if identity is None
+                else pc.if_else(pc.equal(identity, ""), pa.scalar(None, pa.string()), identity)
+            ),
+            "size": _manifest_sizes(path, table),
+            "version": pa.repeat(pa.scalar(""), count) if version is None else pc.fill_null(version, ""),
+        },
+        schema=ITEM_SCHEMA,
+    )
+
+
+def _resolve_uris(fs: Any, path: str, given: pa.Array) -> pa.Array:
+    """Relative URIs against the manifest's folder, normalised (object stores take "./" and "../"
+    literally); a bare absolute path gets the manifest's protocol on an object store."""
     base = posixpath.dirname(path)
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
-    items = []
-    for number, row in enumerate(rows, start=1):
-        uri = str(row.get("uri") or "").strip()
-        if not uri:
-            raise InputError(f"manifest {path}, row {number}: empty `uri`")
-        if "://" not in uri and not uri.startswith("/"):
-            # relative to the manifest's folder; normalised, since object stores take "./" and "../" literally
-            uri = _full_url(fs, posixpath.normpath(posixpath.join(base, uri)))
-        elif "://" not in uri and protocol not in ("file", "local"):
-            uri = f"{protocol}://{uri.lstrip('/')}"
-        raw_id = row.get("image_id")
-        image_id = (str(raw_id).strip() if raw_id is not None else "") or str(row["uri"]).strip()
-        identity = row.get("identity")
-        # optional `size` and `version` (an ETag, mtime or content hash the producer knows): with them,
-        # `fiqa score --since` can tell an unchanged image without touching the store
-        version = row.get("version")
-        size = row.get("size")
-        try:
-            size = int(size) if size not in (None, "") else -1
-        except ValueError as error:
-            raise InputError(f"manifest {path}, row {number}: `size` is not an integer: {size!r}") from error
-        items.append(
-            InputItem(
-                image_id,
-                uri,
-                uri,
-                identity=None if identity in (None, "") else str(identity),
-                size=size,
-                version="" if version in (None, "") else str(version),
-            )
-        )
-    return items
+    has_scheme = pc.match_substring(given, "://")
+    relative = pc.and_(pc.invert(has_scheme), pc.invert(pc.starts_with(given, "/")))
+    parts = []
+    for start in range(0, len(given), MANIFEST_CHUNK):
+        chunk, which = given.slice(start, MANIFEST_CHUNK), relative.slice(start, MANIFEST_CHUNK)
+        if pc.any(which).as_py():
+            resolved = [
+                _full_url(fs, posixpath.normpath(posixpath.join(base, uri)))
+                for uri in chunk.filter(which).to_pylist()
+            ]
+            chunk = pc.replace_with_mask(chunk, which, pa.array(resolved, pa.string()))
+        parts.append(chunk)
+    uri = pa.concat_arrays(parts)
+    if protocol not in ("file", "local"):
+        bare = pc.and_(pc.invert(has_scheme), pc.invert(relative))
+        prefixed = pc.binary_join_element_wise(f"{protocol}://", pc.utf8_ltrim(uri, "/"), "")
+        uri = pc.if_else(bare, prefixed, uri)
+    return uri
+
+
+def _manifest_sizes(path: str, table: pa.Table) -> pa.Array:
+    """The optional `size` column as int64, -1 where absent or empty."""
+    if "size" not in table.column_names:
+        return pa.repeat(pa.scalar(-1, pa.int64()), table.num_rows)
+    column = table.column("size").combine_chunks()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = pc.utf8_trim_whitespace(column)
+        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, column.type), column)
+    try:
+        return pc.fill_null(pc.cast(column, pa.int64()), -1)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for number, value in enumerate(column.to_pylist(), start=1):
+            try:
+                int(value) if value is not None else None
+            except (TypeError, ValueError):
+                raise InputError(
+                    f"manifest {path}, row {number}: `size` is not an integer: {value!r}"
+                ) from None
+        raise InputError(f"manifest {path}: `size` is not an integer column ({column.type})") from None

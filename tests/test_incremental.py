@@ -22,7 +22,6 @@ from PIL import Image
 from fiqa_curator.flows.incremental import (
     IncrementalError,
     carried_batches,
-    pending_items,
     unchanged_items,
 )
 from fiqa_curator.flows.plan import make_plan, save_plan
@@ -136,6 +135,10 @@ CONFIG = {
 KEY = ("url", "offset", "length", "size", "version")
 
 
+def _shard_items(plan, index: int) -> list[InputItem]:
+    return [InputItem(**row) for row in plan.shard_listing(index).to_pylist()]
+
+
 def _item(
     image_id: str, *, url: str = "", offset: int = -1, size: int = 100, version: str = "v1"
 ) -> InputItem:
@@ -168,7 +171,7 @@ def _write_previous(
         if index in unscored:
             continue
         ids, sources, statuses = [], [], []
-        for item in plan.shard_items(index):
+        for item in _shard_items(plan, index):
             count = (faces or {}).get(item.image_id)
             rows = (
                 [item.image_id]
@@ -259,7 +262,7 @@ def _carried(batches) -> dict[str, tuple]:
 
 
 def _shards(plan) -> dict[str, str]:
-    return {item.image_id: shard_name(i) for i in range(plan.shard_count) for item in plan.shard_items(i)}
+    return {item.image_id: shard_name(i) for i in range(plan.shard_count) for item in _shard_items(plan, i)}
 
 
 # PREVIOUS's listing (shards of 3: a b c | d e f | g h i | j k m | n), and what became of each image
@@ -310,8 +313,8 @@ def test_unchanged_and_carried_rows_follow_the_documented_rules(tmp_path: Path, 
     plan = make_plan(
         "in", "folder", CURRENT, 4, config
     )  # other shards than PREVIOUS's: a b c d | e f g i | ...
-    items = pending_items(plan, range(plan.shard_count))
-    assert items.column("image_id").to_pylist() == [item.image_id for item in plan.items]
+    items = plan.pending_listing(range(plan.shard_count))
+    assert items.column("image_id").to_pylist() == plan.listing.column("image_id").to_pylist()
     unchanged = unchanged_items(previous, plan, items)
     assert set(unchanged.column("image_id").to_pylist()) == {"a", "g", "i", "j", "k", "m", "n"}
 
@@ -381,11 +384,10 @@ def test_carried_rows_match_the_reference_on_random_changes(tmp_path: Path, seed
     current += [_item(f"img_{n:03d}x") for n in range(5)]  # new, between the old ids
     plan = make_plan("in", "folder", current, int(rng.integers(1, 12)), config)
     pending = sorted(rng.choice(plan.shard_count, size=max(1, plan.shard_count // 2), replace=False).tolist())
-    pending_ids = {item.image_id for i in pending for item in plan.shard_items(i)}
 
-    unchanged = unchanged_items(previous, plan, pending_items(plan, pending))
+    unchanged = unchanged_items(previous, plan, plan.pending_listing(pending))
     expected_unchanged, expected = _reference(
-        tmp_path / "prev", [item for item in plan.items if item.image_id in pending_ids], _shards(plan), align
+        tmp_path / "prev", [item for i in pending for item in _shard_items(plan, i)], _shards(plan), align
     )
     assert set(unchanged.column("image_id").to_pylist()) == expected_unchanged
     assert _carried(carried_batches(previous, unchanged, config=config)) == expected
@@ -425,7 +427,7 @@ def test_a_previous_output_without_its_listing_is_refused(tmp_path: Path) -> Non
     (tmp_path / "prev" / LISTING_FILE).unlink()
     plan = make_plan("in", "folder", [_item("a")], 3, CONFIG)
     with pytest.raises(IncrementalError, match="listing"):
-        unchanged_items(previous, plan, pending_items(plan, [0]))
+        unchanged_items(previous, plan, plan.pending_listing([0]))
 
 
 def test_a_key_column_null_on_both_sides_counts_as_the_same(tmp_path: Path) -> None:

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from fiqa_curator.flows.plan import PlanConflict, make_plan, reconcile
-from fiqa_curator.flows.sources import InputError, InputItem, discover
+from fiqa_curator.flows.plan import (
+    PLAN_VERSION,
+    PlanConflict,
+    listing_fingerprint_v1,
+    load_plan,
+    make_plan,
+    reconcile,
+    save_plan,
+)
+from fiqa_curator.flows.sources import ITEM_SCHEMA, InputError, InputItem, discover, items_to_table
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.schemas.layout import shard_name
+from fiqa_curator.schemas.layout import LISTING_FILE, shard_name
 from fiqa_curator.workers.io import read_range, with_retries
 
 
@@ -75,9 +88,10 @@ def test_folder_listing_rules(tmp_path: Path) -> None:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     (tmp_path / "a" / "shard.tar").write_bytes(buffer.getvalue())
-    kind, items = discover(str(tmp_path))
+    kind, listing = discover(str(tmp_path))
+    items = listing.to_pylist()
     assert kind == "folder"
-    assert [item.image_id for item in items] == [
+    assert [item["image_id"] for item in items] == [
         "a/b/c d é.png",
         "a/shard.tar/k1",
         "a/shard.tar/k2",
@@ -85,8 +99,8 @@ def test_folder_listing_rules(tmp_path: Path) -> None:
         "z.JPG",
     ]
     member = items[1]
-    assert member.identity == "alice" and member.source.endswith("shard.tar#k1.jpg")
-    assert read_range(member.url, member.offset, member.length) == b"img"
+    assert member["identity"] == "alice" and member["source"].endswith("shard.tar#k1.jpg")
+    assert read_range(member["url"], member["offset"], member["length"]) == b"img"
     with pytest.raises(InputError, match="does not exist"):
         discover(str(tmp_path / "absent"))
     with pytest.raises(InputError, match="must be a folder"):
@@ -109,8 +123,9 @@ def _items(count: int) -> list[InputItem]:
 def test_plan_is_deterministic_and_reconciles() -> None:
     config = {"model_sha256": "abc", "exit_depth": 12}
     plan = make_plan("in", "folder", list(reversed(_items(7))), 3, config)
-    assert plan.shard_count == 3 and [i.image_id for i in plan.shard_items(2)] == ["img006.jpg"]
-    assert plan.items[0].image_id == "img000.jpg" and shard_name(12) == "shard-00012"
+    assert plan.shard_count == 3 and plan.shard_listing(2).column("image_id").to_pylist() == ["img006.jpg"]
+    assert plan.listing.column("image_id")[0].as_py() == "img000.jpg" and shard_name(12) == "shard-00012"
+    assert [plan.shard_length(i) for i in range(4)] == [3, 3, 1, 0]
     same = make_plan("in", "folder", _items(7), 3, dict(config))
     assert (
         same.listing_fingerprint == plan.listing_fingerprint
@@ -154,9 +169,10 @@ def test_tar_members_with_dot_slash_and_odd_names(tmp_path: Path) -> None:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     (tmp_path / "s.tar").write_bytes(buffer.getvalue())
-    kind, items = discover(str(tmp_path / "s.tar"))
-    assert kind == "webdataset" and [i.image_id for i in items] == ["s.tar/a", "s.tar/c::d", "s.tar/sub/b"]
-    assert [read_range(i.url, i.offset, i.length) for i in items] == [b"A", b"C", b"B"]
+    kind, listing = discover(str(tmp_path / "s.tar"))
+    items = listing.to_pylist()
+    assert kind == "webdataset" and [i["image_id"] for i in items] == ["s.tar/a", "s.tar/c::d", "s.tar/sub/b"]
+    assert [read_range(i["url"], i["offset"], i["length"]) for i in items] == [b"A", b"C", b"B"]
 
 
 def test_manifest_uris_are_normalised_and_ids_kept(tmp_path: Path) -> None:
@@ -164,10 +180,11 @@ def test_manifest_uris_are_normalised_and_ids_kept(tmp_path: Path) -> None:
     (tmp_path / "data" / "x::y.jpg").write_bytes(b"XY")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "m.csv").write_text("uri,image_id\n../data/x::y.jpg,0\n./../data/x::y.jpg,1\n")
-    _, items = discover(str(tmp_path / "lists" / "m.csv"))
-    assert [i.image_id for i in items] == ["0", "1"]
-    assert all("/./" not in i.url and "/../" not in i.url for i in items)
-    assert read_range(items[0].url) == b"XY"  # "::" is part of the name, not a filesystem chain
+    _, listing = discover(str(tmp_path / "lists" / "m.csv"))
+    items = listing.to_pylist()
+    assert [i["image_id"] for i in items] == ["0", "1"]
+    assert all("/./" not in i["url"] and "/../" not in i["url"] for i in items)
+    assert read_range(items[0]["url"]) == b"XY"  # "::" is part of the name, not a filesystem chain
 
 
 def test_output_urls_with_glob_characters_are_refused() -> None:
@@ -328,3 +345,111 @@ def test_tar_members_of_a_batch_are_read_in_spans(tmp_path: Path, monkeypatch) -
         fiqa_curator.workers.reading, "MAX_SPAN", step + max(size for _, size in ranges.values())
     )
     assert rows() == spanned and len(calls) == 5 + 2  # two members per span
+
+
+def test_manifest_columns_are_read_as_arrow_with_the_row_by_row_rules(tmp_path: Path) -> None:
+    """CSV cells stay strings ("007" is an id, not 7); empty identity is null, empty size is -1, empty
+    version is ""; an empty image_id falls back to the URI; a bad size or an empty uri names its row."""
+    (tmp_path / "m.csv").write_text(
+        "uri,image_id,identity,size,version\n"
+        " /data/a.jpg ,007,alice, 12 ,v1\n"
+        '"/data/b,c.jpg",,,,\n'
+        "/data/d.jpg,  ,bob,3,\n"
+    )
+    _, listing = discover(str(tmp_path / "m.csv"))
+    assert listing.schema == ITEM_SCHEMA
+    rows = {row["image_id"]: row for row in listing.to_pylist()}
+    assert sorted(rows) == ["/data/b,c.jpg", "/data/d.jpg", "007"]
+    assert rows["007"] == {
+        "image_id": "007",
+        "source": "/data/a.jpg",
+        "url": "/data/a.jpg",
+        "offset": -1,
+        "length": -1,
+        "identity": "alice",
+        "size": 12,
+        "version": "v1",
+    }
+    assert (rows["/data/b,c.jpg"]["identity"], rows["/data/b,c.jpg"]["size"]) == (None, -1)
+    assert rows["/data/b,c.jpg"]["version"] == "" and rows["/data/d.jpg"]["identity"] == "bob"
+    pq.write_table(
+        pa.table({"uri": ["x/a.jpg", "/abs/b.jpg"], "identity": [None, "carol"], "size": [5, None]}),
+        tmp_path / "m.parquet",
+    )
+    _, listing = discover(str(tmp_path / "m.parquet"))
+    rows = {row["image_id"]: row for row in listing.to_pylist()}
+    assert rows["x/a.jpg"]["url"] == f"file://{tmp_path}/x/a.jpg"  # relative to the manifest's folder
+    assert (rows["x/a.jpg"]["identity"], rows["x/a.jpg"]["size"]) == (None, 5)
+    assert (rows["/abs/b.jpg"]["identity"], rows["/abs/b.jpg"]["size"]) == ("carol", -1)
+    (tmp_path / "bad.csv").write_text("uri,size\na.jpg,1\nb.jpg,big\n")
+    with pytest.raises(InputError, match=r"row 2: `size` is not an integer: 'big'"):
+        discover(str(tmp_path / "bad.csv"))
+    (tmp_path / "blank.csv").write_text("uri\na.jpg\n  \n")
+    with pytest.raises(InputError, match=r"row 2: empty `uri`"):
+        discover(str(tmp_path / "blank.csv"))
+
+
+def _v1_fingerprint(items: list[InputItem]) -> str:
+    """Plan version 1's listing fingerprint, as that release computed it (item objects, a JSON line each)."""
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda item: item.image_id):
+        fields = [
+            item.image_id,
+            item.source,
+            item.offset,
+            item.length,
+            item.size,
+            item.version,
+            item.identity,
+        ]
+        digest.update(json.dumps(fields).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def test_listing_fingerprint_sees_every_field_but_not_chunks_or_order() -> None:
+    items = [
+        InputItem(
+            f"img{i:03d}", f"s{i}", f"u{i}", offset=i, length=2 * i, identity=None if i % 2 else f"id{i}"
+        )
+        for i in range(200)
+    ]
+    config = {"exit_depth": 12}
+    plan = make_plan("in", "folder", items, 7, config)
+    table = items_to_table(list(reversed(items)))
+    rechunked = pa.concat_tables([table.slice(0, 13), table.slice(13, 100), table.slice(113)])
+    assert make_plan("in", "folder", rechunked, 7, config).listing_fingerprint == plan.listing_fingerprint
+    changed = [
+        replace(items[5], version="v2"),
+        replace(items[5], identity=""),  # "" is not null
+        replace(items[5], offset=6),
+        replace(items[5], source="s5 "),
+        replace(items[5], size=0),
+    ]
+    fingerprints = {
+        make_plan("in", "folder", [*items[:5], other, *items[6:]], 7, config).listing_fingerprint
+        for other in changed
+    }
+    assert len(fingerprints) == len(changed) and plan.listing_fingerprint not in fingerprints
+    # an output planned by version 1 (before the Arrow listing) resumes; a changed listing still conflicts
+    old = replace(plan, version=1, listing=None, listing_fingerprint=_v1_fingerprint(items))
+    assert listing_fingerprint_v1(plan.listing) == old.listing_fingerprint
+    assert reconcile(old, plan, overwrite=False, has_results=True) == "resume"
+    grown = make_plan("in", "folder", [*items, InputItem("img999", "s", "u")], 7, config)
+    with pytest.raises(PlanConflict, match="listing changed"):
+        reconcile(old, grown, overwrite=False, has_results=True)
+
+
+def test_pending_listing_and_blocks_follow_the_shards(tmp_path: Path) -> None:
+    from fiqa_curator.flows.execution import item_blocks
+
+    plan = make_plan("in", "folder", [InputItem(f"i{n:02d}", "s", "u") for n in range(10)], 4, {})
+    pending = plan.pending_listing([2, 0])
+    assert pending.column("image_id").to_pylist() == ["i08", "i09", "i00", "i01", "i02", "i03"]
+    assert pending.column("shard").to_pylist() == ["shard-00002"] * 2 + ["shard-00000"] * 4
+    assert plan.pending_listing([]).num_rows == 0 and "shard" in plan.pending_listing([]).column_names
+    blocks = item_blocks(plan, [0, 2], 4, exclude={"i01", "i09"})
+    assert [block.column("image_id").to_pylist() for block in blocks] == [["i00", "i02", "i03", "i08"]]
+    assert "size" not in blocks[0].column_names and blocks[0].column("shard")[3].as_py() == "shard-00002"
+    save_plan(Output(str(tmp_path / "out")), plan)
+    saved = pq.read_table(tmp_path / "out" / LISTING_FILE)
+    assert saved.equals(plan.listing) and load_plan(Output(str(tmp_path / "out"))).version == PLAN_VERSION
