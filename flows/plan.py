@@ -136,7 +136,11 @@ def make_plan(
     if shard_size < 1:
         raise UserError(f"shard size must be >= 1, got {shard_size}")
     table = listing if isinstance(listing, pa.Table) else items_to_table(list(listing))
-    ordered = table.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA).sort_by("image_id").combine_chunks()
+    ordered = table.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA)
+    ids = ordered.column("image_id")
+    already = pc.all(pc.less_equal(ids.slice(0, max(0, len(ids) - 1)), ids.slice(1))).as_py() is not False
+    # `discover` sorted it already: then the plan shares its buffers instead of holding a second copy
+    ordered = (ordered if already else ordered.sort_by("image_id")).combine_chunks()
     return Plan(
         input_url=input_url,
         input_kind=input_kind,

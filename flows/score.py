@@ -69,14 +69,14 @@ class PlannedRun:
 @task(name="plan", cache_policy=NONE)
 def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
     logger = get_run_logger()
-    kind, items = discover(options.input, options.storage_options)  # an unreadable INPUT creates nothing
-    if not items:
+    kind, listing = discover(options.input, options.storage_options)  # an unreadable INPUT creates nothing
+    if listing.num_rows == 0:
         raise InputError(
             f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
         )
     output = Output(options.output, options.storage_options)
     output.ensure_writable()
-    plan = make_plan(options.input, kind, items, options.shard_size, config)
+    plan = make_plan(options.input, kind, listing, options.shard_size, config)
     existing = load_plan(output)
     committed = committed_shards(output)
     decision = reconcile(existing, plan, overwrite=options.overwrite, has_results=bool(committed))
