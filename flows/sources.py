@@ -136,7 +136,11 @@ def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
         kind, items = "webdataset", items_to_table(_list_tar(fs, root, posixpath.basename(root)))
     else:
         raise InputError(f"INPUT must be a folder, a .csv/.parquet manifest or a .tar shard: {url}")
-    items = items.sort_by("image_id").combine_chunks()
+    ids = items.column("image_id")
+    in_order = pc.all(pc.less_equal(ids.slice(0, max(0, len(ids) - 1)), ids.slice(1))).as_py()
+    if in_order is False:  # a manifest comes sorted, a folder's listing mostly
+        items = items.sort_by("image_id")
+    items = items.combine_chunks()
     ids = items.column("image_id")
     repeated = ids.slice(1).filter(pc.equal(ids.slice(1), ids.slice(0, max(0, len(ids) - 1))))
     if len(repeated):
@@ -229,31 +233,40 @@ def _read_manifest(fs: Any, path: str) -> pa.Table:
             )
     except Exception as error:
         raise InputError(f"cannot read manifest {path}: {type(error).__name__}: {error}") from error
+    del data  # the file's bytes, now columns
     if table.num_rows and "uri" not in table.column_names:
         raise InputError(f"manifest {path} has no `uri` column (columns: {', '.join(table.column_names)})")
     count = table.num_rows
     if count == 0:
         return items_to_table([])
 
-    def strings(name: str) -> pa.Array | None:
-        if name not in table.column_names:
-            return None
-        return pc.cast(table.column(name).combine_chunks(), pa.string())
-
-    given = pc.utf8_trim_whitespace(pc.fill_null(strings("uri"), ""))
+    given = pc.utf8_trim_whitespace(pc.fill_null(_strings(table, "uri"), ""))
     empty = pc.equal(given, "").to_numpy(zero_copy_only=False)
     if empty.any():
         raise InputError(f"manifest {path}, row {int(np.argmax(empty)) + 1}: empty `uri`")
     uri = _resolve_uris(fs, path, given)
-    raw_id = strings("image_id")
+    raw_id = _strings(table, "image_id")
     image_id = given
     if raw_id is not None:
         raw_id = pc.utf8_trim_whitespace(pc.fill_null(raw_id, ""))
         image_id = pc.if_else(pc.equal(raw_id, ""), given, raw_id)
-    identity = strings("identity")
+    identity = _strings(table, "identity")
+    identity = (
+        pa.nulls(count, pa.string())
+        if identity is None
+        else pc.if_else(pc.equal(identity, ""), pa.scalar(None, pa.string()), identity)
+    )
     # optional `size` and `version` (an ETag, mtime or content hash the producer knows): with them,
     # `fiqa score --since` can tell an unchanged image without touching the store
-    version = strings("version")
+    version = _strings(table, "version")
+    version = pa.repeat(pa.scalar(""), count) if version is None else pc.fill_null(version, "")
+    size = _manifest_sizes(path, table)
+    del table, given, raw_id  # the manifest as read: let it go before the sorted copies are made
+    # sorted here, a column at a time, so that source and url stay one array (a table's sort would copy
+    # each) and each unsorted column goes as its sorted copy comes
+    order = pc.sort_indices(image_id)
+    image_id, uri = image_id.take(order), uri.take(order)
+    identity, size, version = identity.take(order), size.take(order), version.take(order)
     return pa.table(
         {
             "image_id": image_id,
@@ -261,16 +274,19 @@ def _read_manifest(fs: Any, path: str) -> pa.Table:
             "url": uri,
             "offset": pa.repeat(pa.scalar(-1, pa.int64()), count),
             "length": pa.repeat(pa.scalar(-1, pa.int64()), count),
-            "identity": (
-                pa.nulls(count, pa.string())
-                if identity is None
-                else pc.if_else(pc.equal(identity, ""), pa.scalar(None, pa.string()), identity)
-            ),
-            "size": _manifest_sizes(path, table),
-            "version": pa.repeat(pa.scalar(""), count) if version is None else pc.fill_null(version, ""),
+            "identity": identity,
+            "size": size,
+            "version": version,
         },
         schema=ITEM_SCHEMA,
     )
+
+
+def _strings(table: pa.Table, name: str) -> pa.Array | None:
+    """A manifest's column as strings (None when the manifest has no such column)."""
+    if name not in table.column_names:
+        return None
+    return pc.cast(table.column(name).combine_chunks(), pa.string())
 
 
 def _resolve_uris(fs: Any, path: str, given: pa.Array) -> pa.Array:
