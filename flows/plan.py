@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fiqa_curator.flows.sources import ITEM_SCHEMA, InputItem, items_to_table
+from fiqa_curator.flows.sources import ITEM_SCHEMA, InputItem, in_id_order, items_to_table
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.layout import LISTING_FILE, PLAN_FILE, SCORES, shard_name
@@ -70,9 +70,9 @@ def listing_fingerprint(listing: pa.Table) -> str:
 def listing_fingerprint_v1(listing: pa.Table) -> str:
     """Plan version 1's fingerprint (a JSON line per item), to recognise an output planned by it."""
     digest = hashlib.sha256()
+    keys = ("image_id", "source", "offset", "length", "size", "version", "identity")
     for batch in listing.to_batches(max_chunksize=FINGERPRINT_ROWS):
         for row in batch.to_pylist():
-            keys = ("image_id", "source", "offset", "length", "size", "version", "identity")
             digest.update(json.dumps([row[key] for key in keys]).encode())
             digest.update(b"\n")
     return digest.hexdigest()
@@ -109,11 +109,7 @@ class Plan:
 
     def pending_listing(self, pending: Sequence[int]) -> pa.Table:
         """The items of the `pending` shards as one table with a `shard` column, each item's output shard."""
-        tables = [
-            pa.table(
-                {**{f.name: pa.array([], f.type) for f in ITEM_SCHEMA}, "shard": pa.array([], pa.string())}
-            )
-        ]
+        tables = [ITEM_SCHEMA.append(pa.field("shard", pa.string())).empty_table()]
         for index in pending:
             part = self.shard_listing(index)
             tables.append(part.append_column("shard", pa.repeat(pa.scalar(shard_name(index)), part.num_rows)))
@@ -136,11 +132,8 @@ def make_plan(
     if shard_size < 1:
         raise UserError(f"shard size must be >= 1, got {shard_size}")
     table = listing if isinstance(listing, pa.Table) else items_to_table(list(listing))
-    ordered = table.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA)
-    ids = ordered.column("image_id")
-    already = pc.all(pc.less_equal(ids.slice(0, max(0, len(ids) - 1)), ids.slice(1))).as_py() is not False
-    # `discover` sorted it already: then the plan shares its buffers instead of holding a second copy
-    ordered = (ordered if already else ordered.sort_by("image_id")).combine_chunks()
+    # a listing from `discover` is in order already: the plan then shares its buffers, no second copy
+    ordered = in_id_order(table.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA))
     return Plan(
         input_url=input_url,
         input_kind=input_kind,

@@ -113,6 +113,14 @@ def _full_url(fs: Any, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def in_id_order(items: pa.Table) -> pa.Table:
+    """`items` sorted by image_id, in one chunk; sorted only when out of order (a manifest comes sorted, a
+    folder's listing mostly), so that an ordered table keeps its buffers instead of being copied."""
+    ids = items.column("image_id")
+    in_order = pc.all(pc.less_equal(ids.slice(0, max(0, len(ids) - 1)), ids.slice(1))).as_py()
+    return (items.sort_by("image_id") if in_order is False else items).combine_chunks()
+
+
 def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, pa.Table]:
     """(kind, the items as a table with ITEM_SCHEMA, sorted by image_id) for INPUT; raises InputError when
     it cannot be listed."""
@@ -136,11 +144,7 @@ def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
         kind, items = "webdataset", items_to_table(_list_tar(fs, root, posixpath.basename(root)))
     else:
         raise InputError(f"INPUT must be a folder, a .csv/.parquet manifest or a .tar shard: {url}")
-    ids = items.column("image_id")
-    in_order = pc.all(pc.less_equal(ids.slice(0, max(0, len(ids) - 1)), ids.slice(1))).as_py()
-    if in_order is False:  # a manifest comes sorted, a folder's listing mostly
-        items = items.sort_by("image_id")
-    items = items.combine_chunks()
+    items = in_id_order(items)
     ids = items.column("image_id")
     repeated = ids.slice(1).filter(pc.equal(ids.slice(1), ids.slice(0, max(0, len(ids) - 1))))
     if len(repeated):
