@@ -13,7 +13,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fiqa_curator.flows.options import add_score_arguments, add_serve_arguments, parse_storage_options
+from fiqa_curator.flows.options import (
+    DEFAULT_MEMORY_SHARE,
+    add_score_arguments,
+    add_serve_arguments,
+    parse_storage_options,
+)
 from fiqa_curator.schemas.errors import StallError, UserError
 from fiqa_curator.schemas.status import Status
 
@@ -290,7 +295,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
     shown = Table(title=f"{rows} rows" + (f" (first {args.limit})" if rows > args.limit else ""))
     for name in table.column_names:
         shown.add_column(name)
-    for row in table.slice(0, args.limit).to_pylist():
+    for row in table.to_pylist():  # `preview` returns at most --limit rows
         shown.add_row(
             *("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values())
         )
@@ -518,8 +523,6 @@ def _add_evaluate(commands: Any) -> None:
 
 
 def _add_memory_limit(parser: argparse.ArgumentParser) -> None:
-    from fiqa_curator.flows.table_sql import DEFAULT_MEMORY_SHARE
-
     parser.add_argument(
         "--memory-limit",
         metavar="SIZE",

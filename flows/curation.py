@@ -20,6 +20,7 @@ import math
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -101,9 +102,11 @@ def _lowest(
     return f"({score} < {at} OR ({score} = {at} AND image_id <= {quote(last)}))", threshold
 
 
-def _write_lists(connection: duckdb.DuckDBPyConnection, output: Output, decisions: str) -> None:
+def _write_lists(connection: duckdb.DuckDBPyConnection, output: Output, decisions: str) -> Counter[str]:
     """keep.parquet and drop.parquet, in image_id order, from `decisions` (SQL with a `{relation}` to read
-    and a `kept` column): streamed a batch at a time into local files, then committed to OUTPUT."""
+    and the flags `kept`, `scored` and `low`): streamed a batch at a time into local files, then committed
+    to OUTPUT. Returns the rows and the count of each flag, counted on the way (no second scan)."""
+    counts: Counter[str] = Counter()
     files = files_in_id_order(connection, output)
     relations = [f"read_parquet({quote(name)})" for name in files] if files is not None else ["scores"]
     with tempfile.TemporaryDirectory(prefix="fiqa-select-") as folder:
@@ -114,6 +117,9 @@ def _write_lists(connection: duckdb.DuckDBPyConnection, output: Output, decision
         try:
             for relation in relations:
                 for batch in connection.sql(decisions.format(relation=relation)).to_arrow_reader(65_536):
+                    counts["rows"] += batch.num_rows
+                    for flag in ("kept", "scored", "low"):
+                        counts[flag] += pc.sum(batch.column(flag)).as_py() or 0
                     kept = batch.column("kept")
                     for name, rows in (("keep", kept), ("drop", pc.invert(kept))):
                         chosen = pa.Table.from_batches([batch]).filter(rows).select(LIST_SCHEMA.names)
@@ -123,6 +129,7 @@ def _write_lists(connection: duckdb.DuckDBPyConnection, output: Output, decision
                 writer.close()
         for name, path in paths.items():
             output.commit_file(f"{CURATION}/{name}.parquet", path)
+    return counts
 
 
 def select(
@@ -161,20 +168,17 @@ def select(
             f"THEN rtrim(status || ': ' || coalesce(error, ''), ': ') "
             f"WHEN NOT {scored} THEN {quote(f'no finite {by} score')} "
             f"WHEN {low} THEN {quote(reason)} ELSE 'kept' END AS reason, "
-            f"{scored} AND NOT ({low}) AS kept FROM {{relation}} ORDER BY image_id"
+            f"{scored} AND NOT ({low}) AS kept, {scored} AS scored, {scored} AND ({low}) AS low "
+            f"FROM {{relation}} ORDER BY image_id"
         )
-        _write_lists(connection, output, decisions)
-        total, scored_count, low_count = connection.execute(
-            f"SELECT count(*), count(*) FILTER (WHERE {scored}), "
-            f"count(*) FILTER (WHERE {scored} AND {low}) FROM scores"
-        ).fetchone()
+        counts = _write_lists(connection, output, decisions)
     selection = Selection(
         by=by,
         rule=rule,
         threshold=threshold,
-        kept=scored_count - low_count,
-        dropped_low_quality=low_count,
-        dropped_unscored=total - scored_count,
+        kept=counts["kept"],
+        dropped_low_quality=counts["low"],
+        dropped_unscored=counts["rows"] - counts["scored"],
         output=output.full_url(CURATION),
     )
     output.commit_bytes(f"{CURATION}/selection.json", json.dumps(asdict(selection), indent=1).encode())

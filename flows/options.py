@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.workers.settings import DEFAULT_MAX_PIXELS, AlignMode
 
+# `--memory-limit`'s default for the DuckDB commands (`flows.table_sql`), here so that building the CLI's
+# parser does not import DuckDB
+DEFAULT_MEMORY_SHARE = 0.25  # of this machine's memory: DuckDB's own default (80%) leaves too little
 DEFAULT_SHARD_SIZE = 1000
 RAW_PHOTOS = "raw photos (default: INPUT holds aligned 112x112 face crops)"
 DEFAULT_STALL_TIMEOUT_S = 1800.0

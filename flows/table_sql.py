@@ -27,11 +27,11 @@ from typing import Any
 
 import duckdb
 
+from fiqa_curator.flows.options import DEFAULT_MEMORY_SHARE
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.layout import SCORES
 
-DEFAULT_MEMORY_SHARE = 0.25  # of this machine's memory: DuckDB's own default (80%) leaves too little
 MIN_MEMORY_BYTES = 128 * 2**20
 BUCKETS = 1 << 16  # histogram resolution of `order_statistics`
 FETCH_LIMIT = 200_000  # values fetched at once by `order_statistics`; more means another histogram pass
