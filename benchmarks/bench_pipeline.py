@@ -8,9 +8,14 @@ then for each exit depth (default 12 and 4):
             (read, decode, score, write, overlapped; start-up of the Ray workers and the model included),
             the steady rate once the first batch is out, the time to that first batch, the whole command,
             and the peak memory: PSS summed over the command's process tree (driver, Ray workers, Prefect
-            server), so pages shared between processes (Ray's object store) count once.
+            server), so pages shared between processes (Ray's object store) count once; and its
+            timeline (`_run.json`): when each step finished, in seconds since the process started;
+  plain     (--plain) the same job as a plain Ray Data script (`plain_ray_data.py`: read_binary_files,
+            map_batches with a callable class on an actor pool, write_parquet), same images, model, exit
+            depth, batch size and threads, timed as a whole process like the pipeline, the two
+            interleaved (which goes first alternates from one exit depth to the next).
 
-    python benchmarks/bench_pipeline.py [--images 3000] [--batch 64] [--depths 12 4] [--json out.json]
+    python benchmarks/bench_pipeline.py [--images 3000] [--batch 64] [--depths 12 4] [--plain] [--json F]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -65,10 +71,15 @@ def tree_pss(process: psutil.Process) -> int:
 
 
 def run_pipeline(args: list[str]) -> tuple[float, int]:
+    """`fiqa ARGS`: (seconds, peak PSS of its process tree)."""
+    return run_process([str(Path(sys.executable).parent / "fiqa"), *args])
+
+
+def run_process(command: list[str]) -> tuple[float, int]:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     start = time.perf_counter()
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "fiqa"), *args],
+        command,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -89,7 +100,7 @@ def run_pipeline(args: list[str]) -> tuple[float, int]:
     done.set()
     sampler.join()
     if code != 0:
-        raise SystemExit(f"fiqa score failed with exit status {code}: {' '.join(args)}")
+        raise SystemExit(f"failed with exit status {code}: {' '.join(command)}")
     return time.perf_counter() - start, peak
 
 
@@ -101,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--depths", type=int, nargs="+", default=[12, 4])
     parser.add_argument("--bare-batches", type=int, default=6, help="batches timed for the bare model")
+    parser.add_argument("--plain", action="store_true", help="also time the plain Ray Data script")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -128,52 +140,89 @@ def main() -> None:
         f"{'ratio':>6} {'first batch':>12} {'wall img/s':>11} {'peak PSS':>9}"
     )
     results = []
-    for depth in args.depths:
+    for position, depth in enumerate(args.depths):
         bare = bare_rate(scorer, decoded, depth, args.bare_batches)
         out = work / f"out-{depth}"
-        wall, peak = run_pipeline(
-            [
-                "score",
-                str(work / "images"),
-                str(out),
-                "--checkpoint",
-                str(work / "model.pt"),
-                "--arch",
-                "vit_s_qs",
-                "--exit-depth",
-                str(depth),
-                "--batch-size",
-                str(args.batch),
-                "--shard-size",
-                "500",
-                "--no-progress",
-                "--device",
-                "cpu",
-            ]
-        )
+        fiqa_args = [
+            "score",
+            str(work / "images"),
+            str(out),
+            "--checkpoint",
+            str(work / "model.pt"),
+            "--arch",
+            "vit_s_qs",
+            "--exit-depth",
+            str(depth),
+            "--batch-size",
+            str(args.batch),
+            "--shard-size",
+            "500",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+        plain_command = [
+            sys.executable,
+            str(Path(__file__).with_name("plain_ray_data.py")),
+            str(work / "images"),
+            str(work / f"plain-{depth}"),
+            "--checkpoint",
+            str(work / "model.pt"),
+            "--arch",
+            "vit_s_qs",
+            "--exit-depth",
+            str(depth),
+            "--batch-size",
+            str(args.batch),
+            "--threads",
+            str(os.cpu_count()),  # what fiqa's one CPU actor gets: every CPU of the local Ray
+        ]
+        plain_wall = plain_peak = None
+        if args.plain and position % 2:
+            plain_wall, plain_peak = run_process(plain_command)
+        wall, peak = run_pipeline(fiqa_args)
+        if args.plain and not position % 2:
+            plain_wall, plain_peak = run_process(plain_command)
         record = json.loads((out / "_run.json").read_text())
         pipeline = record["images_per_second"]
         steady = record["stages"]["steady_images_per_second"]
-        results.append(
-            {
-                "exit_depth": depth,
-                "bare_images_per_s": bare,
-                "pipeline_images_per_s": pipeline,
-                "ratio": pipeline / bare,
-                "steady_images_per_s": steady,
-                "steady_ratio": steady / bare,
-                "first_batch_s": record["stages"]["first_batch_seconds"],
-                "wall_s": wall,
-                "wall_images_per_s": args.images / wall,
-                "peak_pss_bytes": peak,
-                "total_rows": record["total_rows"],
-            }
-        )
+        result = {
+            "exit_depth": depth,
+            "bare_images_per_s": bare,
+            "pipeline_images_per_s": pipeline,
+            "ratio": pipeline / bare,
+            "steady_images_per_s": steady,
+            "steady_ratio": steady / bare,
+            "first_batch_s": record["stages"]["first_batch_seconds"],
+            "wall_s": wall,
+            "wall_images_per_s": args.images / wall,
+            "peak_pss_bytes": peak,
+            "total_rows": record["total_rows"],
+            "timeline": record.get("timeline", {}),
+        }
+        if plain_wall is not None:
+            written = sum(pq.read_metadata(f).num_rows for f in (work / f"plain-{depth}").glob("*.parquet"))
+            result.update(
+                plain_wall_s=plain_wall,
+                plain_wall_images_per_s=args.images / plain_wall,
+                plain_peak_pss_bytes=plain_peak,
+                plain_rows=written,
+                fiqa_vs_plain=plain_wall / wall,
+            )
+        results.append(result)
         print(
             f"{depth:>4} {bare:>10.2f} {pipeline:>15.2f} {pipeline / bare:>6.2f} {steady:>13.2f} "
             f"{steady / bare:>6.2f} {record['stages']['first_batch_seconds']:>10.1f} s "
             f"{args.images / wall:>11.2f} {peak / 2**30:>7.2f} G"
         )
+        print("     fiqa timeline (s since process start):", result["timeline"])
+        if plain_wall is not None:
+            print(
+                f"     plain Ray Data script: {plain_wall:.1f} s whole process "
+                f"({args.images / plain_wall:.2f} img/s, {written} rows, "
+                f"peak PSS {plain_peak / 2**30:.2f} G); fiqa {wall:.1f} s: "
+                f"fiqa/plain speed {plain_wall / wall:.2f}x"
+            )
     if args.json:
         Path(args.json).write_text(
             json.dumps(

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py writer [--rows 300000] [--shard-size 5000] [--rounds 3] [--baseline REV]
     python benchmarks/bench_scale.py plan [--rows 1000000 3000000] [--new-only-rows 10000000] [--baseline REV]
+    python benchmarks/bench_scale.py tars [--tars 1000] [--per-tar 1000] [--rounds 2]
 
 writer: how many scored rows/s `ShardWriter` takes on one core. Every scored row comes back to the driver,
 which cuts batches per shard and commits each shard (a zstd Parquet file, written whole) when its last row
@@ -14,17 +15,25 @@ OUTPUT; rows/s with and without the commits (table building, Parquet encoding, t
 plan: what planning a Parquet manifest of N rows costs the driver (discover, make_plan, save_plan: seconds
 and peak RSS over the interpreter's own, each run a fresh process), this tree against a checkout of the
 revision, the same manifest for both.
+
+tars: planning a folder of WebDataset shards on the S3 server (SeaweedFS on loopback): the shards'
+members enumerated on the driver (`sources.list_tars_in_process`, what `fiqa score` did before) against
+in Ray tasks (`tar_listing.list_tars_in_ray_tasks`, what it does now for big inputs), interleaved, each a
+fresh process: seconds, the bytes of shards the driver itself read from S3 (every S3 read in the process
+counted), its peak RSS, and that both listings are identical. 112x112 JPEG crops, an identity per sample.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -252,6 +261,139 @@ def plan_benchmark(args: argparse.Namespace) -> dict:
     return report
 
 
+# One listing of the shards in a fresh process; `ray` lists them in Ray tasks on a private local Ray.
+TARS_CHILD = r"""
+import hashlib, json, resource, sys, time
+import s3fs.core
+
+read = {"bytes": 0, "requests": 0}
+fetch_range, cat_file = s3fs.core._fetch_range, s3fs.core.S3FileSystem._cat_file
+
+def counted_fetch_range(*args, **kwargs):
+    data = fetch_range(*args, **kwargs)
+    read["bytes"] += len(data); read["requests"] += 1
+    return data
+
+async def counted_cat_file(self, *args, **kwargs):
+    data = await cat_file(self, *args, **kwargs)
+    read["bytes"] += len(data); read["requests"] += 1
+    return data
+
+s3fs.core._fetch_range, s3fs.core.S3FileSystem._cat_file = counted_fetch_range, counted_cat_file
+
+from fiqa_curator.flows.cluster import init_ray
+from fiqa_curator.flows.plan import listing_fingerprint
+from fiqa_curator.flows.sources import discover, list_tars_in_process
+from fiqa_curator.flows.tar_listing import list_tars_in_ray_tasks
+
+url, where, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ray_seconds = 0.0
+if where == "ray":
+    started = time.perf_counter()
+    init_ray(None)
+    ray_seconds = time.perf_counter() - started
+lister = list_tars_in_ray_tasks if where == "ray" else list_tars_in_process
+started = time.perf_counter()
+kind, items = discover(url, options, lister)
+seconds = time.perf_counter() - started
+print(json.dumps({
+    "seconds": seconds, "ray_start_s": ray_seconds, "items": items.num_rows,
+    "driver_bytes_read": read["bytes"], "driver_read_requests": read["requests"],
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "fingerprint": listing_fingerprint(items),
+}))
+"""
+
+
+def _face_crops(count: int) -> list[bytes]:
+    """`count` distinct 112x112 JPEG crops (smooth shapes and noise, about the size of real face crops)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    ys, xs = np.mgrid[0:112, 0:112]
+    crops = []
+    for _ in range(count):
+        waves = [np.sin(xs / rng.uniform(5, 30) + ys / rng.uniform(5, 30) + rng.uniform(0, 6)) for _ in "rgb"]
+        base = np.stack(waves, axis=-1)
+        pixels = np.clip(128 + 80 * base + rng.normal(0, 5, (112, 112, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        crops.append(buffer.getvalue())
+    return crops
+
+
+def _tar_bytes(crops: list[bytes], shard: int, per_tar: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for index in range(per_tar):
+            key = f"{shard:05d}{index:05d}"
+            data = crops[(shard * per_tar + index) % len(crops)]
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.cls", f"person-{index // 20}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def upload_webdataset(fs, prefix: str, tars: int, per_tar: int) -> int:
+    """`tars` WebDataset shards of `per_tar` samples under `prefix` on `fs`; returns their total bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    crops = _face_crops(256)
+
+    def one(shard: int) -> int:
+        data = _tar_bytes(crops, shard, per_tar)
+        fs.pipe(f"{prefix}/shard-{shard:05d}.tar", data)
+        return len(data)
+
+    with ThreadPoolExecutor(8) as pool:
+        return sum(pool.map(one, range(tars)))
+
+
+def tars_benchmark(args: argparse.Namespace) -> dict:
+    import s3fs
+
+    sys.path.insert(0, str(REPO))  # the tests' S3 server helper
+    from tests.s3server import start_s3_server
+
+    with tempfile.TemporaryDirectory() as work:
+        server = start_s3_server(Path(work) / "s3")
+        try:
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
+            fs.mkdir("corpus")
+            started = time.perf_counter()
+            total = upload_webdataset(fs, "corpus/wds", args.tars, args.per_tar)
+            report: dict = {
+                "tars": args.tars,
+                "images": args.tars * args.per_tar,
+                "tar_bytes": total,
+                "upload_s": round(time.perf_counter() - started, 1),
+                "runs": {"driver": [], "ray": []},
+            }
+            print({k: v for k, v in report.items() if k != "runs"}, flush=True)
+            options = json.dumps(server.storage_options)
+            for _ in range(args.rounds):
+                for where in ("driver", "ray"):
+                    run = subprocess.run(
+                        [sys.executable, "-c", TARS_CHILD, "s3://corpus/wds", where, options],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    figures = json.loads(run.stdout.strip().splitlines()[-1])
+                    figures["driver_share_of_tar_bytes"] = figures["driver_bytes_read"] / total
+                    report["runs"][where].append(figures)
+                    print(where, figures, flush=True)
+        finally:
+            server.stop()
+    fingerprints = {run["fingerprint"] for runs in report["runs"].values() for run in runs}
+    report["listings_identical"] = len(fingerprints) == 1
+    for where, runs in report["runs"].items():
+        report[f"{where}_median_s"] = statistics.median(run["seconds"] for run in runs)
+    report["speed-up"] = report["driver_median_s"] / report["ray_median_s"]
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,9 +409,15 @@ def main(argv: list[str] | None = None) -> dict:
     plan.add_argument("--new-only-rows", type=int, nargs="*", default=[], help="sizes for this tree alone")
     for command in (writer, plan):
         command.add_argument("--baseline", default="e79e068", help="the git revision to compare with")
+    tars = commands.add_parser("tars", help="planning WebDataset shards on S3: on the driver vs in Ray tasks")
+    tars.add_argument("--tars", type=int, default=1000)
+    tars.add_argument("--per-tar", type=int, default=1000)
+    tars.add_argument("--rounds", type=int, default=2)
+    for command in (writer, plan, tars):
         command.add_argument("--json")
     args = parser.parse_args(argv)
-    report = writer_benchmark(args) if args.command == "writer" else plan_benchmark(args)
+    benchmarks = {"writer": writer_benchmark, "plan": plan_benchmark, "tars": tars_benchmark}
+    report = benchmarks[args.command](args)
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

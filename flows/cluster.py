@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fiqa_curator.flows import timeline
 from fiqa_curator.schemas.errors import UserError
 
 LOG_FORMAT_ENV = "FIQA_LOG_FORMAT"  # "json": set by `fiqa --log-json`
@@ -58,7 +59,27 @@ def init_ray(address: str | None) -> bool:
         # address="local": always a private cluster; a bare ray.init() would join any Ray already running
         # on this machine (`ray start`, another job), and hang if that one goes away.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, **log_options)
+    timeline.mark("ray started")
     return True
+
+
+@dataclass
+class RayLifetime:
+    """Ray for one scoring run: started or joined when first needed (listing big WebDataset shards, then
+    scoring), shut down at the end only by the run that started it."""
+
+    address: str | None
+    started: bool = False
+
+    def ensure(self) -> None:
+        self.started = init_ray(self.address) or self.started
+
+    def shutdown(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
 
 
 def json_console_logs() -> None:

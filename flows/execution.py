@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import (
     ActorPlacement,
     actor_placement,
@@ -302,12 +303,14 @@ def _score_on_ray(
     )
     scored, first_count = 0, 0
     first_batch_at: float | None = None
+    timeline.mark("pipeline built")  # Ray Data starts the actors when the first batch is asked for
     for batch in watched(dataset.iter_batches(batch_format="numpy", batch_size=None), options.stall_timeout):
         writer.add(batch)
         count = len(batch["image_id"])
         scored += count
         if first_batch_at is None:
             first_batch_at, first_count = time.perf_counter(), count
+            timeline.mark("first batch")
         if on_rows:
             on_rows(count)
     missing = writer.missing()

@@ -23,13 +23,15 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from fiqa_curator.flows.cluster import init_ray, scoring_device
+from fiqa_curator.flows import timeline
+from fiqa_curator.flows.cluster import RayLifetime, scoring_device
 from fiqa_curator.flows.configuration import resolve_model, scoring_config
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
 from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.flows.plan import Plan, committed_shards, load_plan, make_plan, reconcile, save_plan
 from fiqa_curator.flows.sources import IMAGE_EXTENSIONS, InputError, discover
 from fiqa_curator.flows.storage import Output
+from fiqa_curator.flows.tar_listing import tar_lister
 from fiqa_curator.schemas.layout import RUN_FILES, SUCCESS_FILE, RunRecord, StageFigures, shard_name
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
@@ -67,9 +69,10 @@ class PlannedRun:
 
 
 @task(name="plan", cache_policy=NONE)
-def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
+def plan_task(options: ScoreOptions, config: dict[str, Any], ray_lifetime: RayLifetime) -> PlannedRun:
     logger = get_run_logger()
-    kind, listing = discover(options.input, options.storage_options)  # an unreadable INPUT creates nothing
+    # an unreadable INPUT creates nothing; big WebDataset shards are enumerated in Ray tasks
+    kind, listing = discover(options.input, options.storage_options, tar_lister(ray_lifetime.ensure))
     if listing.num_rows == 0:
         raise InputError(
             f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
@@ -214,6 +217,7 @@ def finalize_task(
                 decoded_on_device=stats.device_decoded,
             ),
             versions=_versions(),
+            timeline={**timeline.events(), "finalized": timeline.since_process_start()},
         )
     )
     return summary
@@ -267,10 +271,13 @@ def score_flow_run(
         options = options.model_copy(
             update={"storage_options": _PRIVATE_STORAGE_OPTIONS[storage_options_ref]}
         )
+    timeline.mark("flow started")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     loaded, checkpoint = resolve_model(options)
+    timeline.mark("model checked")
     device, started_ray = scoring_device(options.device, options.ray_address)
+    ray_lifetime = RayLifetime(options.ray_address, started=started_ray)
     try:
         options = options.model_copy(update={"device": device})
         config = scoring_config(loaded, options)
@@ -278,24 +285,23 @@ def score_flow_run(
         timings["load_model"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        planned = plan_task(options, config)
+        planned = plan_task(options, config, ray_lifetime)
         timings["plan"] = time.perf_counter() - started
+        timeline.mark("planned")
 
         if options.since:  # a PREVIOUS of another configuration fails now, before any work
             from fiqa_curator.flows.incremental import check_previous
 
             check_previous(Output(options.since, options.storage_options), planned.plan)
         run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-        if planned.pending and not started_ray:
-            started_ray = init_ray(options.ray_address)
+        if planned.pending:
+            ray_lifetime.ensure()
         started = time.perf_counter()
         stats = execute_task(options, planned, config, checkpoint, run_id, on_rows)
         timings["execute"] = time.perf_counter() - started
+        timeline.mark("scored")
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        ray_lifetime.shutdown()
     summary = finalize_task(options, planned, config, run_id, stats, timings)
     if options.report:
         try:
@@ -313,7 +319,9 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
     """Score every image of INPUT into OUTPUT's quality table; resumes a previous run of the same plan."""
     from fiqa_curator.flows.prefect_server import ensure_prefect_api
 
+    timeline.begin_run()
     ensure_prefect_api()  # Prefect's temporary server, started and waited for with a timeout of our own
+    timeline.mark("prefect ready")
     reference = uuid.uuid4().hex if options.storage_options else None
     if reference:
         _PRIVATE_STORAGE_OPTIONS[reference] = dict(options.storage_options)

@@ -8,6 +8,10 @@ INPUT is any fsspec URL (local path, s3://...):
   (relative URIs are resolved against the manifest's folder);
 - one WebDataset `.tar` shard.
 
+The members of WebDataset shards are enumerated by a `TarLister`: here one after another
+(`list_tars_in_process`); the scoring flow hands in one that lists them in Ray tasks
+(`flows.tar_listing`), so that the driver never reads a shard's bytes.
+
 `image_id` is stable: the '/'-separated path relative to INPUT, the manifest's id, or tar path + member key.
 """
 
@@ -18,7 +22,7 @@ import io
 import posixpath
 import tarfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -87,6 +91,20 @@ ITEM_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class TarShard:
+    """A WebDataset shard to enumerate: its URL, the id prefix of its images (its path relative to INPUT, or
+    its name when INPUT is the shard) and its size in bytes (-1 when unknown)."""
+
+    url: str
+    tar_id: str
+    size: int = -1
+
+
+# Lists the members of each shard: one table (ITEM_SCHEMA) per shard, in the order of the shards given.
+TarLister = Callable[[Sequence[TarShard], Mapping[str, Any] | None], Iterable[pa.Table]]
+
+
 def items_to_table(items: list[InputItem]) -> pa.Table:
     # column by column: a dict per item (`dataclasses.asdict`) cost ~4x as much at a million items
     return pa.table(
@@ -121,9 +139,13 @@ def in_id_order(items: pa.Table) -> pa.Table:
     return (items.sort_by("image_id") if in_order is False else items).combine_chunks()
 
 
-def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, pa.Table]:
+def discover(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    list_tars: TarLister | None = None,
+) -> tuple[str, pa.Table]:
     """(kind, the items as a table with ITEM_SCHEMA, sorted by image_id) for INPUT; raises InputError when
-    it cannot be listed."""
+    it cannot be listed. WebDataset shards are enumerated by `list_tars` (default: in this process)."""
     try:
         fs, root = filesystem(url, storage_options)
     except Exception as error:
@@ -136,14 +158,21 @@ def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
         raise InputError(f"cannot read INPUT {url}: {type(error).__name__}: {error}") from error
     if not exists:
         raise InputError(f"INPUT does not exist: {url}")
+    tars: list[TarShard] = []
     if is_dir:
-        kind, items = "folder", items_to_table(_list_folder(fs, root))
+        kind = "folder"
+        files, tars = _list_folder(fs, root)
+        items = items_to_table(files)
     elif _extension(root) in (".csv", ".parquet"):
         kind, items = "manifest", _read_manifest(fs, root)
     elif _extension(root) == ".tar":
-        kind, items = "webdataset", items_to_table(_list_tar(fs, root, posixpath.basename(root)))
+        kind, items = "webdataset", items_to_table([])
+        tars = [TarShard(_full_url(fs, root), posixpath.basename(root), _size_of(fs, root))]
     else:
         raise InputError(f"INPUT must be a folder, a .csv/.parquet manifest or a .tar shard: {url}")
+    if tars:
+        lister = list_tars or list_tars_in_process
+        items = pa.concat_tables([items, *lister(tars, storage_options)])
     items = in_id_order(items)
     ids = items.column("image_id")
     repeated = ids.slice(1).filter(pc.equal(ids.slice(1), ids.slice(0, max(0, len(ids) - 1))))
@@ -153,12 +182,21 @@ def discover(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     return kind, items
 
 
-def _list_folder(fs: Any, root: str) -> list[InputItem]:
+def _size_of(fs: Any, path: str) -> int:
+    try:
+        return int(with_retries(lambda: fs.size(path)) or -1)
+    except Exception:  # only a hint for choosing where to list; reading the shard reports real errors
+        return -1
+
+
+def _list_folder(fs: Any, root: str) -> tuple[list[InputItem], list[TarShard]]:
+    """The image files under `root` as items, and the WebDataset shards there (listed later)."""
     try:
         found = with_retries(lambda: fs.find(root, detail=True))
     except Exception as error:
         raise InputError(f"cannot list INPUT {root}: {type(error).__name__}: {error}") from error
     items: list[InputItem] = []
+    tars: list[TarShard] = []
     for path, info in sorted(found.items()):
         if info.get("type") == "directory":
             continue
@@ -166,14 +204,27 @@ def _list_folder(fs: Any, root: str) -> list[InputItem]:
         if _is_hidden(relative):
             continue
         extension = _extension(relative)
+        size = int(info.get("size") or -1)
         if extension in IMAGE_EXTENSIONS:
             full = _full_url(fs, path)
-            items.append(
-                InputItem(relative, full, full, size=int(info.get("size") or -1), version=_version(info))
-            )
+            items.append(InputItem(relative, full, full, size=size, version=_version(info)))
         elif extension == ".tar":
-            items.extend(_list_tar(fs, path, relative))
-    return items
+            tars.append(TarShard(_full_url(fs, path), relative, size))
+    return items, tars
+
+
+def list_tars_in_process(
+    tars: Sequence[TarShard], storage_options: Mapping[str, Any] | None = None
+) -> Iterable[pa.Table]:
+    """The default TarLister: each shard read here, one after another."""
+    for shard in tars:
+        yield list_tar_members(shard, storage_options)
+
+
+def list_tar_members(shard: TarShard, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """A shard's images as items (ITEM_SCHEMA): what a TarLister runs for each shard, wherever it runs."""
+    fs, path = filesystem(shard.url, storage_options)
+    return items_to_table(_list_tar(fs, path, shard.tar_id))
 
 
 def _list_tar(fs: Any, path: str, tar_id: str) -> list[InputItem]:

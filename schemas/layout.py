@@ -98,6 +98,8 @@ class RunRecord(BaseModel):
     since: str | None = None
     stages: StageFigures = Field(default_factory=StageFigures)
     versions: dict[str, str] = Field(default_factory=dict)
+    # seconds since the process started at which each step finished, in order (flows.timeline)
+    timeline: dict[str, float] = Field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=1).encode()

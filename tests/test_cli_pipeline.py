@@ -192,6 +192,22 @@ def test_killed_run_resumes_exactly_once(tmp_path: Path) -> None:
     run = json.loads((out / "_run.json").read_text())
     assert run["shards_skipped"] == len(before) and run["shards_written"] == 60 - len(before)
     assert run["total_rows"] == 600 and (out / "_SUCCESS").exists()
+    # where the seconds went, from the process's start: every step, in the order they happen
+    steps = run["timeline"]
+    assert list(steps) == [
+        "process started",
+        "run started",
+        "prefect ready",
+        "flow started",
+        "model checked",
+        "planned",
+        "ray started",
+        "pipeline built",
+        "first batch",
+        "scored",
+        "finalized",
+    ]
+    assert steps["process started"] == 0 and list(steps.values()) == sorted(steps.values())
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "scores").glob("*.parquet")}
     assert {name: after[name] for name in before} == before  # committed shards were not recomputed
     rows = read_quality_table(str(out))  # raises if any image_id appears twice
