@@ -31,7 +31,7 @@ from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.flows.plan import Plan, committed_shards, load_plan, make_plan, reconcile, save_plan
 from fiqa_curator.flows.sources import IMAGE_EXTENSIONS, InputError, discover
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.flows.tar_listing import tar_lister
+from fiqa_curator.flows.tar_listing import SavedListing, ShardLister
 from fiqa_curator.schemas.layout import RUN_FILES, SUCCESS_FILE, RunRecord, StageFigures, shard_name
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
@@ -71,13 +71,19 @@ class PlannedRun:
 @task(name="plan", cache_policy=NONE)
 def plan_task(options: ScoreOptions, config: dict[str, Any], ray_lifetime: RayLifetime) -> PlannedRun:
     logger = get_run_logger()
-    # an unreadable INPUT creates nothing; big WebDataset shards are enumerated in Ray tasks
-    kind, listing = discover(options.input, options.storage_options, tar_lister(ray_lifetime.ensure))
+    output = Output(options.output, options.storage_options)
+    # WebDataset shards: members reused from OUTPUT's saved plan when unchanged, else listed in Ray tasks
+    # when big; an unreadable INPUT creates nothing
+    shards = ShardLister(ray_lifetime.ensure, SavedListing.of(output))
+    kind, listing = discover(options.input, options.storage_options, shards)
     if listing.num_rows == 0:
         raise InputError(
             f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
         )
-    output = Output(options.output, options.storage_options)
+    if shards.reused:
+        logger.info(
+            "%d of %d tar shards unchanged since the saved plan: not read", shards.reused, len(shards.shards)
+        )
     output.ensure_writable()
     plan = make_plan(options.input, kind, listing, options.shard_size, config)
     existing = load_plan(output)
@@ -88,6 +94,7 @@ def plan_task(options: ScoreOptions, config: dict[str, Any], ray_lifetime: RayLi
             output.remove(stale)
         committed = set()
         save_plan(output, plan)
+    shards.save_index(output, plan.listing_fingerprint)
     output.clean_staging()
     pending = [i for i in range(plan.shard_count) if shard_name(i) not in committed]
     if pending:
@@ -317,15 +324,32 @@ def score_flow_run(
 
 def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = None) -> RunSummary:
     """Score every image of INPUT into OUTPUT's quality table; resumes a previous run of the same plan."""
-    from fiqa_curator.flows.prefect_server import ensure_prefect_api
+    from fiqa_curator.flows.prefect_server import start_prefect_api_in_background
 
     timeline.begin_run()
-    ensure_prefect_api()  # Prefect's temporary server, started and waited for with a timeout of our own
-    timeline.mark("prefect ready")
+    # Prefect's temporary server, started and waited for with a timeout of our own, on a helper thread:
+    # Ray starts meanwhile (each takes seconds; `_run.json`'s timeline), unless OUTPUT holds a finished run
+    # (a rerun that may have nothing to score: Ray then starts only if it does).
+    prefect_api = start_prefect_api_in_background()
+    early_ray = RayLifetime(options.ray_address)
     reference = uuid.uuid4().hex if options.storage_options else None
-    if reference:
-        _PRIVATE_STORAGE_OPTIONS[reference] = dict(options.storage_options)
     try:
+        if not _finished(options):
+            early_ray.ensure()
+        prefect_api.result()
+        timeline.mark("prefect ready")
+        if reference:
+            _PRIVATE_STORAGE_OPTIONS[reference] = dict(options.storage_options)
         return score_flow_run(options.model_copy(update={"storage_options": {}}), reference, on_rows)
     finally:
         _PRIVATE_STORAGE_OPTIONS.pop(reference, None)
+        early_ray.shutdown()
+
+
+def _finished(options: ScoreOptions) -> bool:
+    """Whether OUTPUT holds a finished run (`_SUCCESS`); False when it cannot tell (the plan reports why)."""
+    try:
+        output = Output(options.output, options.storage_options)
+        return bool(output.fs.exists(output.path(SUCCESS_FILE)))
+    except Exception:
+        return False

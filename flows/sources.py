@@ -94,14 +94,16 @@ ITEM_SCHEMA = pa.schema(
 @dataclass(frozen=True)
 class TarShard:
     """A WebDataset shard to enumerate: its URL, the id prefix of its images (its path relative to INPUT, or
-    its name when INPUT is the shard) and its size in bytes (-1 when unknown)."""
+    its name when INPUT is the shard), its size in bytes (-1 when unknown) and its version (ETag or mtime,
+    "" when the store reports none)."""
 
     url: str
     tar_id: str
     size: int = -1
+    version: str = ""
 
 
-# Lists the members of each shard: one table (ITEM_SCHEMA) per shard, in the order of the shards given.
+# Lists the members of the shards given: tables (ITEM_SCHEMA) holding every member of each, in any order.
 TarLister = Callable[[Sequence[TarShard], Mapping[str, Any] | None], Iterable[pa.Table]]
 
 
@@ -167,7 +169,7 @@ def discover(
         kind, items = "manifest", _read_manifest(fs, root)
     elif _extension(root) == ".tar":
         kind, items = "webdataset", items_to_table([])
-        tars = [TarShard(_full_url(fs, root), posixpath.basename(root), _size_of(fs, root))]
+        tars = [_tar_shard(fs, root)]
     else:
         raise InputError(f"INPUT must be a folder, a .csv/.parquet manifest or a .tar shard: {url}")
     if tars:
@@ -182,11 +184,15 @@ def discover(
     return kind, items
 
 
-def _size_of(fs: Any, path: str) -> int:
+def _tar_shard(fs: Any, path: str) -> TarShard:
+    """INPUT as one shard, with its size and version when the store tells them."""
     try:
-        return int(with_retries(lambda: fs.size(path)) or -1)
-    except Exception:  # only a hint for choosing where to list; reading the shard reports real errors
-        return -1
+        info = with_retries(lambda: fs.info(path))
+    except Exception:  # hints only (where to list it, whether a saved listing holds it): reading it tells
+        info = {}
+    return TarShard(
+        _full_url(fs, path), posixpath.basename(path), int(info.get("size") or -1), _version(info)
+    )
 
 
 def _list_folder(fs: Any, root: str) -> tuple[list[InputItem], list[TarShard]]:
@@ -209,7 +215,7 @@ def _list_folder(fs: Any, root: str) -> tuple[list[InputItem], list[TarShard]]:
             full = _full_url(fs, path)
             items.append(InputItem(relative, full, full, size=size, version=_version(info)))
         elif extension == ".tar":
-            tars.append(TarShard(_full_url(fs, path), relative, size))
+            tars.append(TarShard(_full_url(fs, path), relative, size, _version(info)))
     return items, tars
 
 

@@ -8,18 +8,42 @@ the driver only submits tasks and collects tables, a bounded number in flight, i
 
 A small input is listed in this process instead (`TASKS_FROM_BYTES`): starting Ray costs seconds, while
 reading a few MB costs milliseconds, and a rerun with every shard committed would start Ray for nothing.
+
+A shard is not read at all when OUTPUT's saved plan already holds its members: a resume (after `kill -9`)
+or a rerun of a corpus that did not change would otherwise read the whole corpus again just to plan.
+`_plan/tars.parquet` records each shard's URL, id prefix, size and version (ETag or mtime) with the
+fingerprint of the listing they went into; a shard whose four are unchanged takes its members from the
+saved listing, after that listing is checked against its fingerprint. A store that reports no version
+never lets a shard be reused.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from fiqa_curator.flows.sources import InputError, TarLister, TarShard, list_tar_members, list_tars_in_process
+from fiqa_curator.flows.plan import PLAN_VERSION, Plan, listing_fingerprint, load_plan
+from fiqa_curator.flows.sources import (
+    ITEM_SCHEMA,
+    InputError,
+    TarShard,
+    list_tar_members,
+    list_tars_in_process,
+)
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.schemas.layout import LISTING_FILE, TARS_FILE
+
+TARS_SCHEMA = pa.schema(
+    [("url", pa.string()), ("tar_id", pa.string()), ("size", pa.int64()), ("version", pa.string())]
+)
+FINGERPRINT_KEY = b"fiqa.listing_fingerprint"  # TARS_FILE's metadata: the listing its shards went into
 
 # Shards are listed in Ray tasks when Ray runs already, or when they hold at least this many bytes (a
 # shard of unknown size counts as this big).
@@ -60,11 +84,81 @@ def list_tars_in_ray_tasks(
         yield table
 
 
-def tar_lister(ensure_ray: Callable[[], None]) -> TarLister:
-    """The TarLister for a scoring run: in Ray tasks when Ray runs or the shards are big (`ensure_ray`
-    starts or joins it then), else in this process."""
+def _shard_keys(table: pa.Table) -> list[tuple]:
+    return list(zip(*(table.column(name).to_pylist() for name in TARS_SCHEMA.names), strict=True))
 
-    def list_tars(tars: Sequence[TarShard], storage_options: Mapping[str, Any] | None) -> Iterator[pa.Table]:
+
+class SavedListing:
+    """The members of shards that OUTPUT's saved plan already listed, for the shards unchanged since."""
+
+    def __init__(self, output: Output, existing: Plan | None, index: pa.Table | None) -> None:
+        self.output = output
+        self.known: set[tuple] = set()
+        self.fingerprint = ""
+        if existing is None or existing.version != PLAN_VERSION or index is None:
+            return
+        if (index.schema.metadata or {}).get(FINGERPRINT_KEY) != existing.listing_fingerprint.encode():
+            return  # written for another plan (a run killed between the plan and this index)
+        self.known = {key for key in _shard_keys(index) if key[3]}  # a shard without a version: never
+        self.fingerprint = existing.listing_fingerprint
+
+    @classmethod
+    def of(cls, output: Output) -> SavedListing | None:
+        """OUTPUT's saved shards, or None when there are none or they cannot be read (a shortcut only: an
+        OUTPUT that cannot be read or written is reported by the plan's own checks)."""
+        try:
+            existing = load_plan(output)
+            raw = output.read_bytes(TARS_FILE) if existing is not None else None
+            saved = cls(output, existing, pq.read_table(io.BytesIO(raw)) if raw is not None else None)
+        except (OSError, ValueError, TypeError, pa.ArrowException):
+            return None
+        return saved if saved.known else None
+
+    def members(self, shards: Sequence[TarShard]) -> pa.Table | None:
+        """The saved members of `shards` (all of them known), or None when the saved listing is not the one
+        its plan fingerprinted (then every shard is read again)."""
+        try:
+            raw = self.output.read_bytes(LISTING_FILE)
+            listing = (
+                pq.read_table(io.BytesIO(raw)).select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA) if raw else None
+            )
+        except (OSError, ValueError, pa.ArrowException):
+            return None
+        if listing is None:
+            return None
+        if listing_fingerprint(listing) != self.fingerprint:
+            return None
+        urls = pa.array([shard.url for shard in shards], pa.string())
+        keep = pc.and_(
+            pc.is_in(listing.column("url"), value_set=urls), pc.greater_equal(listing.column("offset"), 0)
+        )
+        return listing.filter(keep)
+
+
+class ShardLister:
+    """The TarLister of a scoring run: shards OUTPUT's saved plan holds unchanged are not read; the others
+    are listed in Ray tasks when Ray runs or they are big (`ensure_ray` starts or joins it then), else here.
+    Remembers the shards it was given, for `save_index`."""
+
+    def __init__(self, ensure_ray: Callable[[], None], saved: SavedListing | None = None) -> None:
+        self.ensure_ray = ensure_ray
+        self.saved = saved
+        self.shards: list[TarShard] = []
+        self.reused = 0  # shards whose members came from the saved listing
+
+    def __call__(
+        self, tars: Sequence[TarShard], storage_options: Mapping[str, Any] | None
+    ) -> Iterator[pa.Table]:
+        self.shards.extend(tars)
+        known = [shard for shard in tars if self.saved and self._key(shard) in self.saved.known]
+        members = self.saved.members(known) if known else None
+        if members is not None:
+            self.reused = len(known)
+            yield members
+            known_urls = {shard.url for shard in known}
+            tars = [shard for shard in tars if shard.url not in known_urls]
+        if not tars:
+            return
         # not `import ray` to ask: Ray must not be imported before `cluster.init_ray` has set its environment
         ray = sys.modules.get("ray")
         running = ray is not None and ray.is_initialized()
@@ -72,7 +166,21 @@ def tar_lister(ensure_ray: Callable[[], None]) -> TarLister:
         if not running and total < TASKS_FROM_BYTES:
             yield from list_tars_in_process(tars, storage_options)
             return
-        ensure_ray()
+        self.ensure_ray()
         yield from list_tars_in_ray_tasks(tars, storage_options)
 
-    return list_tars
+    @staticmethod
+    def _key(shard: TarShard) -> tuple:
+        return (shard.url, shard.tar_id, shard.size, shard.version)
+
+    def save_index(self, output: Output, fingerprint: str) -> None:
+        """Record the shards and the fingerprint of the listing they went into (after the plan is saved:
+        an index never describes a listing other than the one beside it)."""
+        if not self.shards:
+            return
+        index = pa.table(
+            {name: [getattr(shard, name) for shard in self.shards] for name in TARS_SCHEMA.names}, TARS_SCHEMA
+        ).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+        buffer = io.BytesIO()
+        pq.write_table(index, buffer)
+        output.commit_bytes(TARS_FILE, buffer.getvalue())

@@ -26,6 +26,7 @@ from fiqa_curator.schemas.errors import UserError
 SCORES = "scores"
 PLAN_FILE = "_plan.json"
 LISTING_FILE = "_plan/listing.parquet"
+TARS_FILE = "_plan/tars.parquet"  # the WebDataset shards the listing came from (flows.tar_listing)
 STAGING = "_staging"
 RUN_FILE = "_run.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -34,7 +35,7 @@ REPORT_SUMMARY = "report/summary.json"
 EVALUATION = "evaluation"
 CURATION = "curation"
 # What a fresh plan replaces (a run of another plan, with --overwrite).
-RUN_FILES = (SCORES, PLAN_FILE, LISTING_FILE, RUN_FILE, SUCCESS_FILE)
+RUN_FILES = (SCORES, PLAN_FILE, LISTING_FILE, TARS_FILE, RUN_FILE, SUCCESS_FILE)
 
 
 def shard_name(index: int) -> str:
