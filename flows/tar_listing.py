@@ -6,8 +6,8 @@ driver, planning WebFace260M would read the corpus on one thread before scoring 
 shard is one Ray task (NeMo Curator's unit of work) that returns the shard's items as a small Arrow table;
 the driver only submits tasks and collects tables, a bounded number in flight, in the order of the shards.
 
-A small input is listed in this process instead (`TASKS_FROM_BYTES`): starting Ray costs seconds, while
-reading a few MB costs milliseconds, and a rerun with every shard committed would start Ray for nothing.
+A small input is listed in this process instead (`TASKS_FROM_BYTES`): starting Ray or its workers costs
+seconds, while reading a few MB costs milliseconds.
 
 A shard is not read at all when OUTPUT's saved plan already holds its members: a resume (after `kill -9`)
 or a rerun of a corpus that did not change would otherwise read the whole corpus again just to plan.
@@ -20,7 +20,6 @@ never lets a shard be reused.
 from __future__ import annotations
 
 import io
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -45,8 +44,8 @@ TARS_SCHEMA = pa.schema(
 )
 FINGERPRINT_KEY = b"fiqa.listing_fingerprint"  # TARS_FILE's metadata: the listing its shards went into
 
-# Shards are listed in Ray tasks when Ray runs already, or when they hold at least this many bytes (a
-# shard of unknown size counts as this big).
+# Shards are listed in Ray tasks when they hold at least this many bytes together (a shard of unknown
+# size counts as this big); fewer are read here faster than Ray's workers start.
 TASKS_FROM_BYTES = 64 * 1024**2
 IN_FLIGHT_PER_CPU = 4  # listing tasks submitted per CPU of the cluster: enough to hide the store's latency
 LISTING_TASK_CPUS = 0.25  # mostly waiting on storage, like reading images for scoring
@@ -137,7 +136,7 @@ class SavedListing:
 
 class ShardLister:
     """The TarLister of a scoring run: shards OUTPUT's saved plan holds unchanged are not read; the others
-    are listed in Ray tasks when Ray runs or they are big (`ensure_ray` starts or joins it then), else here.
+    are listed in Ray tasks when they are big (`ensure_ray` starts or joins it then), else here.
     Remembers the shards it was given, for `save_index`."""
 
     def __init__(self, ensure_ray: Callable[[], None], saved: SavedListing | None = None) -> None:
@@ -159,11 +158,8 @@ class ShardLister:
             tars = [shard for shard in tars if shard.url not in known_urls]
         if not tars:
             return
-        # not `import ray` to ask: Ray must not be imported before `cluster.init_ray` has set its environment
-        ray = sys.modules.get("ray")
-        running = ray is not None and ray.is_initialized()
         total = sum(shard.size if shard.size >= 0 else TASKS_FROM_BYTES for shard in tars)
-        if not running and total < TASKS_FROM_BYTES:
+        if total < TASKS_FROM_BYTES:
             yield from list_tars_in_process(tars, storage_options)
             return
         self.ensure_ray()

@@ -5,10 +5,8 @@ unchanged since OUTPUT's saved plan not read at all."""
 from __future__ import annotations
 
 import io
-import sys
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -78,26 +76,23 @@ def test_an_unreadable_shard_is_named_when_listed_in_a_task(tmp_path: Path, ray_
         discover(str(tmp_path / "in"), list_tars=list_tars_in_ray_tasks)
 
 
-def test_the_lister_uses_ray_when_it_runs_or_the_shards_are_big(
-    tmp_path: Path, ray_cluster, monkeypatch
-) -> None:
+def test_the_lister_uses_ray_tasks_for_big_shards_only(tmp_path: Path, ray_cluster, monkeypatch) -> None:
     _write_shards(tmp_path / "in", shards=2, per_shard=2)
     names = [f"part-{i:03d}.tar" for i in range(2)]
     small = [TarShard(f"file://{tmp_path}/in/{name}", name, 10_240) for name in names]
     ensured: list[bool] = []
     lister = ShardLister(lambda: ensured.append(True))
 
-    # Ray not running (as the CLI sees it before scoring starts) and small shards: listed here, Ray left alone
-    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
-    here = [table.num_rows for table in lister(small, None)]
-    assert here == [2, 2] and ensured == []
-    monkeypatch.undo()
+    # small shards: read here, faster than Ray's workers start; Ray left alone
+    assert [table.num_rows for table in lister(small, None)] == [2, 2] and ensured == []
 
-    # the same shards once Ray runs, and big (or unsized) shards in any case: in tasks, Ray ensured first
+    # big (or unsized) shards: in tasks, Ray ensured first; none is enumerated on the driver
     _refuse_to_read_tars(monkeypatch)
-    assert [table.num_rows for table in lister(small, None)] == [2, 2] and ensured == [True]
+    with pytest.raises(AssertionError, match="on the driver"):
+        list(lister(small, None))
     big = [TarShard(small[0].url, small[0].tar_id, TASKS_FROM_BYTES), TarShard(small[1].url, small[1].tar_id)]
-    assert [table.num_rows for table in lister(big, None)] == [2, 2] and ensured == [True, True]
+    assert [table.num_rows for table in lister(big, None)] == [2, 2] and ensured == [True]
+    assert [table.num_rows for table in lister(big[1:], None)] == [2] and ensured == [True, True]
 
 
 def _plan_and_save(folder: Path, output: Output, lister: ShardLister):
@@ -119,7 +114,6 @@ def test_shards_unchanged_since_the_saved_plan_are_not_read(tmp_path: Path, monk
     monkeypatch.setattr(
         sources, "_list_tar", lambda fs, path, tar_id: read.append(tar_id) or list_tar(fs, path, tar_id)
     )
-    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
 
     # a rerun or a resume: nothing read, the same listing
     again = ShardLister(lambda: None, SavedListing.of(output))
@@ -147,7 +141,6 @@ def test_a_saved_listing_that_does_not_match_its_plan_is_not_trusted(tmp_path: P
     monkeypatch.setattr(
         sources, "_list_tar", lambda fs, path, tar_id: read.append(tar_id) or list_tar(fs, path, tar_id)
     )
-    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
 
     # the listing beside the plan altered (a member's offset): every shard is read again, the listing is right
     saved = pq.read_table(tmp_path / "out" / LISTING_FILE)
