@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     (
         ray.data.read_binary_files(args.input, include_paths=True)

@@ -18,28 +18,28 @@ from fiqa_curator.schemas.errors import UserError
 LOG_FORMAT_ENV = "FIQA_LOG_FORMAT"  # "json": set by `fiqa --log-json`
 
 
-def scoring_device(device: str, address: str | None) -> tuple[str, bool]:
-    """("cpu" | "cuda", whether Ray was started): where the actors will score. Decided before planning
+def scoring_device(device: str, address: str | None) -> str:
+    """ "cpu" or "cuda": where the actors will score. Decided before planning
     because "auto" precision, which is part of the configuration, depends on it. A cluster named by
     address is asked for its GPUs (joining it now); a local run looks at this machine. An autoscaling
     cluster with no GPU node up yet reads as CPU: pass --device cuda there."""
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device != "auto":
-        return device, False
+        return device
     if address or os.environ.get("RAY_ADDRESS"):
-        started = init_ray(address)
+        start_ray(address)
         import ray
 
-        return ("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"), started
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu"), False
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def init_ray(address: str | None) -> bool:
     """Join the cluster at `address` / RAY_ADDRESS, or start a local Ray bound to loopback.
-    Returns True when this call started Ray (the caller then shuts it down)."""
+    Returns True when this call started or joined Ray (the caller then shuts it down: `start_ray`)."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address or address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
         # Every Ray socket on 127.0.0.1 (ENVIRONMENT notes), and for a cluster on loopback the driver looks
@@ -59,27 +59,30 @@ def init_ray(address: str | None) -> bool:
         # address="local": always a private cluster; a bare ray.init() would join any Ray already running
         # on this machine (`ray start`, another job), and hang if that one goes away.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, **log_options)
-    timeline.mark("ray started")
+    timeline.mark("ray joined" if address else "ray started")
     return True
 
 
-@dataclass
-class RayLifetime:
-    """Ray for one scoring run: started or joined when first needed (listing big WebDataset shards, then
-    scoring), shut down at the end only by the run that started it."""
+_started_for_runs = False  # Ray was started (or joined) by `start_ray`: `stop_ray` shuts it down
 
-    address: str | None
-    started: bool = False
 
-    def ensure(self) -> None:
-        self.started = init_ray(self.address) or self.started
+def start_ray(address: str | None) -> None:
+    """Ray for a scoring run, when it first needs it (listing big WebDataset shards, scoring; or early,
+    while Prefect's server starts). Ray is one per process, and so is its owner: a Ray this process did not
+    start here (a test's cluster, a notebook's) is used and left running."""
+    global _started_for_runs
+    if init_ray(address):
+        _started_for_runs = True
 
-    def shutdown(self) -> None:
-        if self.started:
-            import ray
 
-            ray.shutdown()
-            self.started = False
+def stop_ray() -> None:
+    """Shut down the Ray that `start_ray` started; nothing otherwise. Safe to call more than once."""
+    global _started_for_runs
+    if _started_for_runs:
+        import ray
+
+        ray.shutdown()
+        _started_for_runs = False
 
 
 def json_console_logs() -> None:

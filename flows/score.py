@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from fiqa_curator.flows import timeline
-from fiqa_curator.flows.cluster import RayLifetime, scoring_device
+from fiqa_curator.flows.cluster import scoring_device, start_ray, stop_ray
 from fiqa_curator.flows.configuration import resolve_model, scoring_config
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
 from fiqa_curator.flows.options import ScoreOptions
@@ -69,20 +69,22 @@ class PlannedRun:
 
 
 @task(name="plan", cache_policy=NONE)
-def plan_task(options: ScoreOptions, config: dict[str, Any], ray_lifetime: RayLifetime) -> PlannedRun:
+def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
     logger = get_run_logger()
     output = Output(options.output, options.storage_options)
     # WebDataset shards: members reused from OUTPUT's saved plan when unchanged, else listed in Ray tasks
     # when big; an unreadable INPUT creates nothing
-    shards = ShardLister(ray_lifetime.ensure, SavedListing.of(output))
-    kind, listing = discover(options.input, options.storage_options, shards)
+    tar_lister = ShardLister(lambda: start_ray(options.ray_address), SavedListing.of(output))
+    kind, listing = discover(options.input, options.storage_options, tar_lister)
     if listing.num_rows == 0:
         raise InputError(
             f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
         )
-    if shards.reused:
+    if tar_lister.reused:
         logger.info(
-            "%d of %d tar shards unchanged since the saved plan: not read", shards.reused, len(shards.shards)
+            "%d of %d tar shards unchanged since the saved plan: not read",
+            tar_lister.reused,
+            len(tar_lister.shards),
         )
     output.ensure_writable()
     plan = make_plan(options.input, kind, listing, options.shard_size, config)
@@ -94,7 +96,7 @@ def plan_task(options: ScoreOptions, config: dict[str, Any], ray_lifetime: RayLi
             output.remove(stale)
         committed = set()
         save_plan(output, plan)
-    shards.save_index(output, plan.listing_fingerprint)
+    tar_lister.save_index(output, plan.listing_fingerprint)
     output.clean_staging()
     pending = [i for i in range(plan.shard_count) if shard_name(i) not in committed]
     if pending:
@@ -283,16 +285,15 @@ def score_flow_run(
     started = time.perf_counter()
     loaded, checkpoint = resolve_model(options)
     timeline.mark("model checked")
-    device, started_ray = scoring_device(options.device, options.ray_address)
-    ray_lifetime = RayLifetime(options.ray_address, started=started_ray)
     try:
+        device = scoring_device(options.device, options.ray_address)
         options = options.model_copy(update={"device": device})
         config = scoring_config(loaded, options)
         del loaded  # actors load their own copy; the driver only needed the checks and the hash
         timings["load_model"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        planned = plan_task(options, config, ray_lifetime)
+        planned = plan_task(options, config)
         timings["plan"] = time.perf_counter() - started
         timeline.mark("planned")
 
@@ -302,13 +303,13 @@ def score_flow_run(
             check_previous(Output(options.since, options.storage_options), planned.plan)
         run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
         if planned.pending:
-            ray_lifetime.ensure()
+            start_ray(options.ray_address)
         started = time.perf_counter()
         stats = execute_task(options, planned, config, checkpoint, run_id, on_rows)
         timings["execute"] = time.perf_counter() - started
         timeline.mark("scored")
     finally:
-        ray_lifetime.shutdown()
+        stop_ray()  # before finalizing: the report needs no Ray
     summary = finalize_task(options, planned, config, run_id, stats, timings)
     if options.report:
         try:
@@ -331,11 +332,10 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
     # Ray starts meanwhile (each takes seconds; `_run.json`'s timeline), unless OUTPUT holds a finished run
     # (a rerun that may have nothing to score: Ray then starts only if it does).
     prefect_api = start_prefect_api_in_background()
-    early_ray = RayLifetime(options.ray_address)
     reference = uuid.uuid4().hex if options.storage_options else None
     try:
         if not _finished(options):
-            early_ray.ensure()
+            start_ray(options.ray_address)
         prefect_api.result()
         timeline.mark("prefect ready")
         if reference:
@@ -343,7 +343,7 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
         return score_flow_run(options.model_copy(update={"storage_options": {}}), reference, on_rows)
     finally:
         _PRIVATE_STORAGE_OPTIONS.pop(reference, None)
-        early_ray.shutdown()
+        stop_ray()  # when the flow did not get to (it failed before its own `stop_ray`)
 
 
 def _finished(options: ScoreOptions) -> bool:

@@ -9,8 +9,8 @@ INPUT is any fsspec URL (local path, s3://...):
 - one WebDataset `.tar` shard.
 
 The members of WebDataset shards are enumerated by a `TarLister`: here one after another
-(`list_tars_in_process`); the scoring flow hands in one that lists them in Ray tasks
-(`flows.tar_listing`), so that the driver never reads a shard's bytes.
+(`list_tars_in_process`); the scoring flow hands in one that lists a big input's in Ray tasks, so that
+the driver reads none of their bytes, and reuses the saved listing of unchanged ones (`flows.tar_listing`).
 
 `image_id` is stable: the '/'-separated path relative to INPUT, the manifest's id, or tar path + member key.
 """

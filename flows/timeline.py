@@ -44,9 +44,9 @@ def begin_run() -> None:
     _events["run started"] = since_process_start()
 
 
-def mark(event: str, seconds_ago: float = 0.0) -> None:
-    """`event` happened now (or `seconds_ago` seconds ago)."""
-    _events[event] = round(since_process_start() - seconds_ago, 3)
+def mark(event: str) -> None:
+    """`event` happened now."""
+    _events[event] = since_process_start()
 
 
 def events() -> dict[str, float]:

@@ -193,7 +193,7 @@ def test_precision_is_resolved_and_part_of_the_configuration(reference: Referenc
         scoring_config(
             loaded, ScoreOptions(input="in", output="out", device="cpu", decode="device", align="largest")
         )
-    assert scoring_device("cpu", None) == ("cpu", False) and scoring_device("cuda", None) == ("cuda", False)
+    assert scoring_device("cpu", None) == "cpu" and scoring_device("cuda", None) == "cuda"
     with pytest.raises(ValueError, match="--device"):
         scoring_device("tpu", None)
 

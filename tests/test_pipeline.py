@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fiqa_curator.flows import sources
 from fiqa_curator.flows.plan import PlanConflict
 from fiqa_curator.flows.sources import InputError
 from fiqa_curator.schemas import SCHEMA_VERSION
+from fiqa_curator.schemas.layout import TARS_FILE
 from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
 from tests.conftest import TOLERANCE, ReferenceFixture, read_quality_table
 from tests.reference_vitfiqa import randomize_state_dict, reference_forward
@@ -174,7 +176,7 @@ def test_manifest_input_through_the_cli(manifest_format: str, tmp_path: Path, ru
         np.testing.assert_allclose(table[key]["exit_scores"], expected[key], **TOLERANCE)
 
 
-def test_webdataset_tar_shards_through_the_cli(tmp_path: Path, run_cli) -> None:
+def test_webdataset_tar_shards_through_the_cli(tmp_path: Path, run_cli, monkeypatch) -> None:
     checkpoint, config = _tiny_checkpoint(tmp_path)
     folder = tmp_path / "wds"
     folder.mkdir()
@@ -193,20 +195,21 @@ def test_webdataset_tar_shards_through_the_cli(tmp_path: Path, run_cli) -> None:
                     archive.addfile(info, io.BytesIO(data))
                     if name.endswith((".jpg", ".png")):
                         payloads[f"train-{shard:04d}.tar/{name}"] = data
-    code, printed = run_cli(
-        "score",
-        folder,
-        tmp_path / "out",
-        "--checkpoint",
-        checkpoint,
-        "--model-config",
-        config,
-        "--shard-size",
-        "4",
-        "--no-progress",
-    )
+    command = ["score", folder, tmp_path / "out", "--checkpoint", checkpoint, "--model-config", config]
+    command += ["--shard-size", "4", "--no-progress"]
+    code, printed = run_cli(*command)
     assert code == 0, printed
     assert "done: 7 images (decode_error 1, ok 6)" in printed and "2 shard(s)" in printed
+    # the shards the plan was listed from, recorded beside it: a rerun reads neither tar again
+    assert pq.read_table(tmp_path / "out" / TARS_FILE).column("tar_id").to_pylist() == [
+        "train-0000.tar",
+        "train-0001.tar",
+    ]
+    read: list[str] = []
+    list_tar = sources._list_tar
+    monkeypatch.setattr(sources, "_list_tar", lambda *args: read.append(args[-1]) or list_tar(*args))
+    code, printed = run_cli(*command)
+    assert code == 0 and "done: 7 images" in printed and read == [], printed
     rows = read_quality_table(str(tmp_path / "out"))
     assert rows["train-0000.tar/sample00"]["identity"] == "id0"
     assert rows["train-0001.tar/sample12.jpg"]["status"] == "decode_error"

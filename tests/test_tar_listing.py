@@ -8,6 +8,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -158,3 +159,11 @@ def test_a_saved_listing_that_does_not_match_its_plan_is_not_trusted(tmp_path: P
     index = pq.read_table(tmp_path / "out" / TARS_FILE)
     pq.write_table(index.replace_schema_metadata({FINGERPRINT_KEY: b"0" * 64}), tmp_path / "out" / TARS_FILE)
     assert SavedListing.of(output) is None
+
+    # shards whose store reports no version (nothing tells a rewrite): never reused
+    unversioned = index.set_column(3, "version", pa.repeat(pa.scalar(""), index.num_rows))
+    pq.write_table(unversioned, tmp_path / "out" / TARS_FILE)
+    assert SavedListing.of(output) is None
+    pq.write_table(index, tmp_path / "out" / TARS_FILE)  # the index as written: trusted again
+    keys = {(row["url"], row["tar_id"], row["size"], row["version"]) for row in index.to_pylist()}
+    assert SavedListing.of(output).known == keys
