@@ -143,40 +143,15 @@ def main() -> None:
     for position, depth in enumerate(args.depths):
         bare = bare_rate(scorer, decoded, depth, args.bare_batches)
         out = work / f"out-{depth}"
-        fiqa_args = [
-            "score",
-            str(work / "images"),
-            str(out),
-            "--checkpoint",
-            str(work / "model.pt"),
-            "--arch",
-            "vit_s_qs",
-            "--exit-depth",
-            str(depth),
-            "--batch-size",
-            str(args.batch),
-            "--shard-size",
-            "500",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-        plain_command = [
-            sys.executable,
-            str(Path(__file__).with_name("plain_ray_data.py")),
-            str(work / "images"),
-            str(work / f"plain-{depth}"),
-            "--checkpoint",
-            str(work / "model.pt"),
-            "--arch",
-            "vit_s_qs",
-            "--exit-depth",
-            str(depth),
-            "--batch-size",
-            str(args.batch),
-            "--threads",
-            str(os.cpu_count()),  # what fiqa's one CPU actor gets: every CPU of the local Ray
-        ]
+        # the same model, exit depth and batch for both
+        job = ["--checkpoint", str(work / "model.pt"), "--arch", "vit_s_qs", "--exit-depth", str(depth)]
+        job += ["--batch-size", str(args.batch)]
+        fiqa_args = ["score", str(work / "images"), str(out), *job, "--shard-size", "500", "--no-progress"]
+        fiqa_args += ["--device", "cpu"]
+        plain_script = str(Path(__file__).with_name("plain_ray_data.py"))
+        plain_out = str(work / f"plain-{depth}")
+        plain_command = [sys.executable, plain_script, str(work / "images"), plain_out, *job]
+        plain_command += ["--threads", str(os.cpu_count())]  # what fiqa's one CPU actor gets: every CPU
         plain_wall = plain_peak = None
         if args.plain and position % 2:
             plain_wall, plain_peak = run_process(plain_command)
