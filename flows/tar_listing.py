@@ -181,8 +181,10 @@ class ShardLister:
 
     def save_index(self, output: Output, fingerprint: str) -> None:
         """Record the shards and the fingerprint of the listing they went into (after the plan is saved:
-        an index never describes a listing other than the one beside it)."""
-        if not self.shards:
+        an index never describes a listing other than the one beside it). Nothing to write when every shard
+        came from the saved index for this very listing: it holds them already."""
+        unchanged = self.saved is not None and self.saved.fingerprint == fingerprint
+        if not self.shards or (unchanged and self.reused == len(self.shards)):
             return
         index = pa.table(
             {name: [getattr(shard, name) for shard in self.shards] for name in TARS_SCHEMA.names}, TARS_SCHEMA

@@ -208,8 +208,10 @@ def test_webdataset_tar_shards_through_the_cli(tmp_path: Path, run_cli, monkeypa
     read: list[str] = []
     list_tar = sources._list_tar
     monkeypatch.setattr(sources, "_list_tar", lambda *args: read.append(args[-1]) or list_tar(*args))
+    index_written = (tmp_path / "out" / TARS_FILE).stat().st_mtime_ns
     code, printed = run_cli(*command)
     assert code == 0 and "done: 7 images" in printed and read == [], printed
+    assert (tmp_path / "out" / TARS_FILE).stat().st_mtime_ns == index_written  # still right: not rewritten
     rows = read_quality_table(str(tmp_path / "out"))
     assert rows["train-0000.tar/sample00"]["identity"] == "id0"
     assert rows["train-0001.tar/sample12.jpg"]["status"] == "decode_error"
