@@ -12,9 +12,10 @@ rows in listing order, so that a block may straddle two shards) go to this tree'
 revision's (loaded from `git show` with its `build_quality_table`), interleaved, each into its own local
 OUTPUT; rows/s with and without the commits (table building, Parquet encoding, the atomic write).
 
-plan: what planning a Parquet manifest of N rows costs the driver (discover, make_plan, save_plan: seconds
-and peak RSS over the interpreter's own, each run a fresh process), this tree against a checkout of the
-revision, the same manifest for both.
+plan: what planning a Parquet manifest of N rows costs the driver (listing it: this tree spills and sorts
+it on local disk, older revisions `discover` it in memory; make_plan; save_plan: seconds and peak RSS over
+the interpreter's own, each run a fresh process), this tree against a checkout of the revision, the same
+manifest for both.
 
 tars: planning a folder of WebDataset shards on the S3 server (SeaweedFS on loopback): the shards'
 members enumerated on the driver (`sources.list_tars_in_process`, what `fiqa score` did before) against
@@ -183,19 +184,29 @@ def rss():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096 / 2**20
 
+import tempfile
 from fiqa_curator.flows.plan import make_plan, save_plan
-from fiqa_curator.flows.sources import discover
 from fiqa_curator.flows.storage import Output
 
 manifest, output = sys.argv[1], sys.argv[2]
 before = rss()
 started = time.perf_counter()
-kind, items = discover(manifest)
-discovered = time.perf_counter()
-plan = make_plan(manifest, kind, items, 5000, {"exit_depth": 12})
-planned = time.perf_counter()
-save_plan(Output(output), plan)
-saved = time.perf_counter()
+with tempfile.TemporaryDirectory() as folder:
+    try:  # what `fiqa score` does since the listing is spilled and sorted on disk
+        from fiqa_curator.flows.listing_sort import sort_listing
+        from fiqa_curator.flows.sources import listing_parts
+
+        kind, parts = listing_parts(manifest)
+        items = sort_listing(parts, folder)
+    except ImportError:  # a revision that plans in memory
+        from fiqa_curator.flows.sources import discover
+
+        kind, items = discover(manifest)
+    discovered = time.perf_counter()
+    plan = make_plan(manifest, kind, items, 5000, {"exit_depth": 12})
+    planned = time.perf_counter()
+    save_plan(Output(output), plan)
+    saved = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({
     "discover_s": discovered - started, "make_plan_s": planned - discovered, "save_plan_s": saved - planned,

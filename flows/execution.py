@@ -1,8 +1,13 @@
 """Scoring a plan's pending shards on Ray: the Ray Data pipeline, the stall watchdog, and the rows carried
 over from a previous run (`--since`).
 
-    plan's pending items -> Arrow blocks -> read_and_decode (light CPU tasks) -> ScoreActor pool
+    a description per pending shard -> read_shards (light CPU tasks, one per shard: the shard's items
+        read from the plan's listing saved in OUTPUT, their bytes read and decoded) -> ScoreActor pool
         -> batches back on the driver -> ShardWriter (each shard committed when its last row arrives)
+
+The driver hands Ray one small row per shard, not the items: what it does before scoring grows with the
+shards, not the images (but for `--since`, which compares the listings in memory and names the images
+still to score in the shards it carries over in part).
 
 `execute` returns what happened as an `ExecutionStats`; the flow (`flows.score`) turns it into the run
 record.
@@ -16,11 +21,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import (
@@ -32,15 +35,18 @@ from fiqa_curator.flows.cluster import (
     spread_cpu_actors,
 )
 from fiqa_curator.flows.options import ScoreOptions
-from fiqa_curator.flows.plan import Plan
+from fiqa_curator.flows.plan import Plan, shard_tasks
 from fiqa_curator.flows.shard_writer import ShardWriter
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import StallError
+from fiqa_curator.schemas.layout import LISTING_FILE
 from fiqa_curator.workers.io import protocol_of
 from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
 
 # Rows per Ray Data block on GPU with an automatic batch size; the actor splits them by memory.
 GPU_BLOCK_ROWS = 1024
+ROW_SLACK_BYTES = 1024  # a decoded row's columns besides its pixels (ids, URL, status)
+ENCODED_CROP_BYTES = 4096  # a 112x112 JPEG crop, about (docs/benchmarks.md)
 PLACEMENT_WAIT_S = 120  # for one-actor-per-node placement (milliseconds on an idle cluster)
 
 
@@ -97,18 +103,6 @@ def watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any
         yield item
 
 
-def item_blocks(
-    plan: Plan, pending: list[int], block_rows: int, exclude: set[str] = frozenset()
-) -> list[pa.Table]:
-    """Pending items (but `exclude`) as Arrow tables of `block_rows` rows: each becomes one Ray Data block."""
-    table = plan.pending_listing(pending)
-    if exclude:
-        carried = pa.array(sorted(exclude), pa.string())
-        table = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=carried)))
-    table = table.drop_columns(["size", "version"])
-    return [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)] or [table]
-
-
 def carry_over(
     options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any], writer: ShardWriter
 ) -> set[str]:
@@ -117,6 +111,7 @@ def carry_over(
 
     assert options.since is not None
     previous = Output(options.since, options.storage_options)
+    assert plan.listing is not None, "--since compares the plan's listing, kept in memory for it"
     unchanged = unchanged_items(previous, plan, plan.pending_listing(pending))  # with each item's shard
     carried: set[str] = set()
     for batch in carried_batches(previous, unchanged, config=config):
@@ -182,20 +177,21 @@ def execute(
         remove_placement_group(group)
         group = None
     try:
-        stats = _score_on_ray(
-            options,
-            plan,
-            pending,
-            config,
-            checkpoint,
-            placement,
-            group,
-            writer,
-            carried,
-            logger,
-            on_rows,
-            started,
-        )
+        with decoded_block_size(_block_rows(options, placement), config):
+            stats = _score_on_ray(
+                options,
+                plan,
+                pending,
+                config,
+                checkpoint,
+                placement,
+                group,
+                writer,
+                carried,
+                logger,
+                on_rows,
+                started,
+            )
     finally:
         if group is not None:
             from ray.util.placement_group import remove_placement_group
@@ -205,39 +201,90 @@ def execute(
     return stats
 
 
+def _block_rows(options: ScoreOptions, placement: ActorPlacement) -> int:
+    """Rows per Ray Data block: the batch size, or on GPU with an automatic batch size GPU_BLOCK_ROWS."""
+    return options.batch_size or (GPU_BLOCK_ROWS if placement.gpu else CPU_BATCH_SIZE)
+
+
+def listing_source(output: Output) -> Any:
+    """Where the reading tasks read the saved listing: OUTPUT's URL when every node can read it (an
+    object store, or a local OUTPUT on a one-node cluster, the driver's); else, a local OUTPUT on a
+    cluster of several nodes, its bytes put once in Ray's object store (about 35 bytes per image)."""
+    import numpy as np
+    import ray
+
+    if protocol_of(output.url) != "file" or len([n for n in ray.nodes() if n["Alive"]]) <= 1:
+        return output.full_url(LISTING_FILE)
+    data = output.read_bytes(LISTING_FILE)
+    if data is None:
+        raise RuntimeError(f"the plan's listing is missing: {output.full_url(LISTING_FILE)}")
+    return ray.put(np.frombuffer(data, dtype=np.uint8))
+
+
+@contextmanager
+def decoded_block_size(block_rows: int, config: Mapping[str, Any]) -> Iterator[None]:
+    """Ray Data's target block size set to about `block_rows` decoded rows while the pipeline runs (its
+    default, 128 MiB, would join a shard of 1,000 crops into one block, scored by one actor while the
+    others wait; with --decode device a row carries an encoded crop instead of pixels); restored after,
+    for a long-lived process that runs other Ray Data work."""
+    from ray.data import DataContext
+
+    image_bytes = (
+        ENCODED_CROP_BYTES if config["decode"] == "device" else 3 * config["model_config"]["img_size"] ** 2
+    )
+    context = DataContext.get_current()
+    previous = context.target_max_block_size
+    context.target_max_block_size = block_rows * (image_bytes + ROW_SLACK_BYTES)
+    try:
+        yield
+    finally:
+        context.target_max_block_size = previous
+
+
 def _pipeline(
     options: ScoreOptions,
-    blocks: list[pa.Table],
+    tasks: list[dict[str, Any]],
+    listing: Any,
+    listing_key: str,
     config: dict[str, Any],
     checkpoint: str,
     placement: ActorPlacement,
     group: Any | None,
     block_rows: int,
 ) -> Any:
-    """The Ray Data dataset: items -> read_and_decode (light CPU tasks) -> ScoreActor pool."""
+    """The Ray Data dataset: shard descriptions -> read_shards (light CPU tasks) -> ScoreActor pool."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from fiqa_curator.workers.reading import read_and_decode
+    from fiqa_curator.flows.shard_reading import read_shards
     from fiqa_curator.workers.stages import ScoreActor
 
     gpus = placement.gpu
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
-        # keeps Ray from fusing the two stages, so decoding overlaps with the model instead of preceding it.
-        # With --align, reading also detects and warps faces: real CPU work, so it reserves a whole CPU.
-        read_and_decode,
-        batch_size=block_rows,
-        batch_format="numpy",
-        num_cpus=1 if config["align"] else 0.25,
+    # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
+    # keeps Ray from fusing the reading and scoring stages, so decoding overlaps with the model instead of
+    # preceding it. With --align, reading also detects and warps faces: real CPU work, a whole CPU.
+    reading_cpus = 1 if config["align"] else 0.25
+    # One task per shard (`shard_reading`): it reads the shard's items from the saved listing, then their
+    # bytes, and yields decoded blocks of `block_rows` (the target block size set by the caller keeps Ray
+    # Data from joining them into one block that one actor would score while the others wait).
+    dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        read_shards,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=reading_cpus,
         fn_kwargs={
+            "listing": listing,
+            "key": listing_key,
             "storage_options": options.storage_options,
-            "options_protocol": protocol_of(options.input),
-            "max_pixels": options.max_pixels,
-            "align": config["align"],
-            "img_size": config["model_config"]["img_size"],
-            "defer_jpeg": config["decode"] == "device",
+            "block_rows": block_rows,
+            "read_options": {
+                "options_protocol": protocol_of(options.input),
+                "max_pixels": options.max_pixels,
+                "align": config["align"],
+                "img_size": config["model_config"]["img_size"],
+                "defer_jpeg": config["decode"] == "device",
+            },
         },
     )
     actor_options = (
@@ -292,9 +339,12 @@ def _score_on_ray(
     """Run the pipeline and hand every batch to the writer as it arrives (`started`: when the execution
     began, for the start-up figure)."""
     device = "cuda" if placement.gpu else "cpu"
-    block_rows = options.batch_size or (GPU_BLOCK_ROWS if placement.gpu else CPU_BATCH_SIZE)
-    blocks = item_blocks(plan, pending, block_rows, exclude=carried)
-    dataset = _pipeline(options, blocks, config, checkpoint, placement, group, block_rows)
+    block_rows = _block_rows(options, placement)
+    tasks = shard_tasks(plan, pending, exclude=carried)
+    listing = listing_source(Output(options.output, options.storage_options))
+    dataset = _pipeline(
+        options, tasks, listing, plan.listing_fingerprint, config, checkpoint, placement, group, block_rows
+    )
     logger.info(
         "scoring %d images on %d %s actor(s)",
         sum(writer.expected.values()),

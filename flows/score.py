@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -27,12 +28,28 @@ from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import scoring_device, start_ray, stop_ray
 from fiqa_curator.flows.configuration import resolve_model, scoring_config
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
+from fiqa_curator.flows.listing_sort import sort_listing
 from fiqa_curator.flows.options import ScoreOptions
-from fiqa_curator.flows.plan import Plan, committed_shards, load_plan, make_plan, reconcile, save_plan
-from fiqa_curator.flows.sources import IMAGE_EXTENSIONS, InputError, discover
+from fiqa_curator.flows.plan import (
+    Plan,
+    committed_shards,
+    load_plan,
+    make_plan,
+    reconcile,
+    save_plan,
+    saved_listing_fits,
+)
+from fiqa_curator.flows.sources import IMAGE_EXTENSIONS, InputError, listing_parts
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.flows.tar_listing import SavedListing, ShardLister
-from fiqa_curator.schemas.layout import RUN_FILES, SUCCESS_FILE, RunRecord, StageFigures, shard_name
+from fiqa_curator.schemas.layout import (
+    LISTING_FILE,
+    RUN_FILES,
+    SUCCESS_FILE,
+    RunRecord,
+    StageFigures,
+    shard_name,
+)
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
 __all__ = ["RunSummary", "ScoreOptions", "StallError", "score_flow"]
@@ -75,28 +92,38 @@ def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
     # WebDataset shards: members reused from OUTPUT's saved plan when unchanged, else listed in Ray tasks
     # when big; an unreadable INPUT creates nothing
     tar_lister = ShardLister(lambda: start_ray(options.ray_address), SavedListing.of(output))
-    kind, listing = discover(options.input, options.storage_options, tar_lister)
-    if listing.num_rows == 0:
-        raise InputError(
-            f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    if tar_lister.reused:
-        logger.info(
-            "%d of %d tar shards unchanged since the saved plan: not read",
-            tar_lister.reused,
-            len(tar_lister.shards),
-        )
-    output.ensure_writable()
-    plan = make_plan(options.input, kind, listing, options.shard_size, config)
-    existing = load_plan(output)
-    committed = committed_shards(output)
-    decision = reconcile(existing, plan, overwrite=options.overwrite, has_results=bool(committed))
-    if decision == "fresh":
-        for stale in RUN_FILES:
-            output.remove(stale)
-        committed = set()
-        save_plan(output, plan)
-    tar_lister.save_index(output, plan.listing_fingerprint)
+    # the listing is spilled to local disk as it is listed and sorted there: the driver never holds it
+    with tempfile.TemporaryDirectory(prefix="fiqa-plan-") as folder:
+        kind, parts = listing_parts(options.input, options.storage_options, tar_lister)
+        listing = sort_listing(parts, folder)
+        if listing.rows == 0:
+            raise InputError(
+                f"no images found in INPUT {options.input} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        if tar_lister.reused:
+            logger.info(
+                "%d of %d tar shards unchanged since the saved plan: not read",
+                tar_lister.reused,
+                len(tar_lister.shards),
+            )
+        plan = make_plan(options.input, kind, listing, options.shard_size, config)  # repeated ids fail here
+        output.ensure_writable()
+        existing = load_plan(output)
+        committed = committed_shards(output)
+        decision = reconcile(existing, plan, overwrite=options.overwrite, has_results=bool(committed))
+        if decision == "fresh":
+            for stale in RUN_FILES:
+                output.remove(stale)
+            committed = set()
+            save_plan(output, plan)
+        elif existing is not None and not saved_listing_fits(output, existing):
+            # planned by older code (plan version 1, or one row group of a million rows): the same items,
+            # committed again in the row groups the scoring tasks read
+            output.commit_file(LISTING_FILE, plan.listing_file)
+        tar_lister.save_index(output, plan.listing_fingerprint)
+        # --since compares the listing with PREVIOUS's, in memory; otherwise the driver keeps none of it
+        plan.listing = plan.load_listing() if options.since else None
+        plan.listing_file = None  # removed with the folder: the scoring tasks read OUTPUT's
     output.clean_staging()
     pending = [i for i in range(plan.shard_count) if shard_name(i) not in committed]
     if pending:

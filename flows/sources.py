@@ -1,4 +1,6 @@
-"""Input discovery: what `fiqa score INPUT` means, turned into a sorted table of items to score.
+"""Input discovery: what `fiqa score INPUT` means, turned into the items to score (`listing_parts`:
+Arrow tables in no order, for a run to spill and sort on disk, `flows.listing_sort`; `discover`: one
+sorted table in memory).
 
 INPUT is any fsspec URL (local path, s3://...):
 - a folder/prefix: image files found recursively by extension (hidden files and folders ignored), plus
@@ -13,6 +15,9 @@ The members of WebDataset shards are enumerated by a `TarLister`: here one after
 the driver reads none of their bytes, and reuses the saved listing of unchanged ones (`flows.tar_listing`).
 
 `image_id` is stable: the '/'-separated path relative to INPUT, the manifest's id, or tar path + member key.
+
+A folder is listed whole (`fs.find`) before its items go on; a manifest goes a batch of rows at a time and
+tar shards a shard at a time, so that those listings never sit whole in memory.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import io
 import posixpath
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -141,13 +146,15 @@ def in_id_order(items: pa.Table) -> pa.Table:
     return (items.sort_by("image_id") if in_order is False else items).combine_chunks()
 
 
-def discover(
+def listing_parts(
     url: str,
     storage_options: Mapping[str, Any] | None = None,
     list_tars: TarLister | None = None,
-) -> tuple[str, pa.Table]:
-    """(kind, the items as a table with ITEM_SCHEMA, sorted by image_id) for INPUT; raises InputError when
-    it cannot be listed. WebDataset shards are enumerated by `list_tars` (default: in this process)."""
+) -> tuple[str, Iterator[pa.Table]]:
+    """(kind, INPUT's items as tables with ITEM_SCHEMA, in no particular order): a manifest a batch of
+    rows at a time, WebDataset shards a shard (or a few) at a time as `list_tars` (default: in this
+    process) gives them, so that a caller can spill them instead of holding the whole listing. Raises
+    InputError when INPUT cannot be listed (now, or while the parts are read)."""
     try:
         fs, root = filesystem(url, storage_options)
     except Exception as error:
@@ -160,28 +167,47 @@ def discover(
         raise InputError(f"cannot read INPUT {url}: {type(error).__name__}: {error}") from error
     if not exists:
         raise InputError(f"INPUT does not exist: {url}")
-    tars: list[TarShard] = []
     if is_dir:
-        kind = "folder"
         files, tars = _list_folder(fs, root)
-        items = items_to_table(files)
-    elif _extension(root) in (".csv", ".parquet"):
-        kind, items = "manifest", _read_manifest(fs, root)
-    elif _extension(root) == ".tar":
-        kind, items = "webdataset", items_to_table([])
-        tars = [_tar_shard(fs, root)]
-    else:
-        raise InputError(f"INPUT must be a folder, a .csv/.parquet manifest or a .tar shard: {url}")
+        return "folder", _parts([items_to_table(files)], tars, storage_options, list_tars)
+    if _extension(root) in (".csv", ".parquet"):
+        return "manifest", _manifest_parts(fs, root)
+    if _extension(root) == ".tar":
+        return "webdataset", _parts([], [_tar_shard(fs, root)], storage_options, list_tars)
+    raise InputError(f"INPUT must be a folder, a .csv/.parquet manifest or a .tar shard: {url}")
+
+
+def _parts(
+    tables: list[pa.Table],
+    tars: Sequence[TarShard],
+    storage_options: Mapping[str, Any] | None,
+    list_tars: TarLister | None,
+) -> Iterator[pa.Table]:
+    yield from tables
     if tars:
-        lister = list_tars or list_tars_in_process
-        items = pa.concat_tables([items, *lister(tars, storage_options)])
-    items = in_id_order(items)
+        yield from (list_tars or list_tars_in_process)(tars, storage_options)
+
+
+def discover(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    list_tars: TarLister | None = None,
+) -> tuple[str, pa.Table]:
+    """(kind, the items as one table with ITEM_SCHEMA, sorted by image_id) for INPUT, in memory (a run
+    spills and sorts them on disk instead: `flows.listing_sort`); raises InputError when it cannot be
+    listed or an image_id repeats."""
+    kind, parts = listing_parts(url, storage_options, list_tars)
+    items = in_id_order(pa.concat_tables([items_to_table([]), *parts]))
     ids = items.column("image_id")
     repeated = ids.slice(1).filter(pc.equal(ids.slice(1), ids.slice(0, max(0, len(ids) - 1))))
     if len(repeated):
-        duplicates = pc.unique(repeated).to_pylist()
-        raise InputError(f"{len(duplicates)} image_id values occur more than once, e.g. {duplicates[:5]}")
+        raise duplicate_ids(pc.unique(repeated).to_pylist(), len(pc.unique(repeated)))
     return kind, items
+
+
+def duplicate_ids(examples: Sequence[str], count: int) -> InputError:
+    """The error for a listing whose image ids repeat (`count` of them, `examples` the first few)."""
+    return InputError(f"{count} image_id values occur more than once, e.g. {list(examples[:5])}")
 
 
 def _tar_shard(fs: Any, path: str) -> TarShard:
@@ -276,35 +302,58 @@ def _list_tar(fs: Any, path: str, tar_id: str) -> list[InputItem]:
 MANIFEST_CHUNK = 100_000  # rows whose relative URIs are resolved at a time (Python strings for those only)
 
 
-def _read_manifest(fs: Any, path: str) -> pa.Table:
-    """A manifest's rows as items (ITEM_SCHEMA), column by column in Arrow: a CSV's cells stay strings
-    (an id "007" is not a number), a Parquet manifest's columns are cast to strings where needed."""
+MANIFEST_BATCH_ROWS = 1 << 18  # Parquet manifest rows read, checked and resolved at a time
+MANIFEST_CSV_BLOCK_BYTES = 16 << 20  # the same for a CSV manifest, in bytes (about 100,000 rows)
+
+
+def _manifest_parts(fs: Any, path: str) -> Iterator[pa.Table]:
+    """A manifest's rows as items (ITEM_SCHEMA, in the manifest's order), MANIFEST_BATCH_ROWS at a time:
+    a CSV's cells stay strings (an id "007" is not a number), a Parquet manifest's columns are cast to
+    strings where needed."""
+    first_row = 0
+    for table in _manifest_tables(fs, path):
+        if table.num_rows:
+            yield _manifest_items(fs, path, table, first_row)
+            first_row += table.num_rows
+
+
+def _manifest_tables(fs: Any, path: str) -> Iterator[pa.Table]:
+    """The manifest's raw rows, a batch at a time (InputError when it cannot be read)."""
     try:
-        data = with_retries(lambda: fs.cat_file(path))
-        if _extension(path) == ".parquet":
-            table = pq.read_table(io.BytesIO(data))
-        else:
-            header = next(csv.reader(io.StringIO(data[:65536].decode("utf-8-sig", "replace"))), [])
-            table = pa_csv.read_csv(
-                io.BytesIO(data),
-                parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-                convert_options=pa_csv.ConvertOptions(
-                    column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
-                ),
-            )
+        with with_retries(lambda: fs.open(path, "rb")) as handle:
+            if _extension(path) == ".parquet":
+                batches: Iterable[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
+                    batch_size=MANIFEST_BATCH_ROWS
+                )
+            else:
+                head = handle.read(65536)
+                header = next(csv.reader(io.StringIO(head.decode("utf-8-sig", "replace"))), [])
+                handle.seek(0)
+                batches = pa_csv.open_csv(
+                    handle,
+                    read_options=pa_csv.ReadOptions(block_size=MANIFEST_CSV_BLOCK_BYTES),
+                    parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                    convert_options=pa_csv.ConvertOptions(
+                        column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
+                    ),
+                )
+            for batch in batches:
+                yield pa.Table.from_batches([batch])
+    except InputError:
+        raise
     except Exception as error:
         raise InputError(f"cannot read manifest {path}: {type(error).__name__}: {error}") from error
-    del data  # the file's bytes, now columns
-    if table.num_rows and "uri" not in table.column_names:
+
+
+def _manifest_items(fs: Any, path: str, table: pa.Table, first_row: int) -> pa.Table:
+    """Manifest rows (from row `first_row`, counted from 0) as items, column by column in Arrow."""
+    if "uri" not in table.column_names:
         raise InputError(f"manifest {path} has no `uri` column (columns: {', '.join(table.column_names)})")
     count = table.num_rows
-    if count == 0:
-        return items_to_table([])
-
     given = pc.utf8_trim_whitespace(pc.fill_null(_strings(table, "uri"), ""))
     empty = pc.equal(given, "").to_numpy(zero_copy_only=False)
     if empty.any():
-        raise InputError(f"manifest {path}, row {int(np.argmax(empty)) + 1}: empty `uri`")
+        raise InputError(f"manifest {path}, row {first_row + int(np.argmax(empty)) + 1}: empty `uri`")
     uri = _resolve_uris(fs, path, given)
     raw_id = _strings(table, "image_id")
     image_id = given
@@ -321,13 +370,6 @@ def _read_manifest(fs: Any, path: str) -> pa.Table:
     # `fiqa score --since` can tell an unchanged image without touching the store
     version = _strings(table, "version")
     version = pa.repeat(pa.scalar(""), count) if version is None else pc.fill_null(version, "")
-    size = _manifest_sizes(path, table)
-    del table, given, raw_id  # the manifest as read: let it go before the sorted copies are made
-    # sorted here, a column at a time, so that source and url stay one array (a table's sort would copy
-    # each) and each unsorted column goes as its sorted copy comes
-    order = pc.sort_indices(image_id)
-    image_id, uri = image_id.take(order), uri.take(order)
-    identity, size, version = identity.take(order), size.take(order), version.take(order)
     return pa.table(
         {
             "image_id": image_id,
@@ -336,7 +378,7 @@ def _read_manifest(fs: Any, path: str) -> pa.Table:
             "offset": pa.repeat(pa.scalar(-1, pa.int64()), count),
             "length": pa.repeat(pa.scalar(-1, pa.int64()), count),
             "identity": identity,
-            "size": size,
+            "size": _manifest_sizes(path, table, first_row),
             "version": version,
         },
         schema=ITEM_SCHEMA,
@@ -375,7 +417,7 @@ def _resolve_uris(fs: Any, path: str, given: pa.Array) -> pa.Array:
     return uri
 
 
-def _manifest_sizes(path: str, table: pa.Table) -> pa.Array:
+def _manifest_sizes(path: str, table: pa.Table, first_row: int = 0) -> pa.Array:
     """The optional `size` column as int64, -1 where absent or empty."""
     if "size" not in table.column_names:
         return pa.repeat(pa.scalar(-1, pa.int64()), table.num_rows)
@@ -386,7 +428,7 @@ def _manifest_sizes(path: str, table: pa.Table) -> pa.Array:
     try:
         return pc.fill_null(pc.cast(column, pa.int64()), -1)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        for number, value in enumerate(column.to_pylist(), start=1):
+        for number, value in enumerate(column.to_pylist(), start=first_row + 1):
             try:
                 int(value) if value is not None else None
             except (TypeError, ValueError):

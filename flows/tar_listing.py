@@ -21,6 +21,10 @@ never lets a shard be reused.
 from __future__ import annotations
 
 import io
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fiqa_curator.flows.plan import PLAN_VERSION, Plan, listing_fingerprint, load_plan
+from fiqa_curator.flows.plan import PLAN_VERSION, Plan, file_fingerprint, load_plan
 from fiqa_curator.flows.sources import (
     ITEM_SCHEMA,
     InputError,
@@ -38,15 +42,18 @@ from fiqa_curator.flows.sources import (
 )
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.layout import LISTING_FILE, TARS_FILE
+from fiqa_curator.workers.io import with_retries
 
 TARS_SCHEMA = pa.schema(
     [("url", pa.string()), ("tar_id", pa.string()), ("size", pa.int64()), ("version", pa.string())]
 )
+logger = logging.getLogger(__name__)
 FINGERPRINT_KEY = b"fiqa.listing_fingerprint"  # TARS_FILE's metadata: the listing its shards went into
 
 # Shards are listed in Ray tasks when they hold at least this many bytes together (a shard of unknown
 # size counts as this big); fewer are read here faster than Ray's workers start.
 TASKS_FROM_BYTES = 64 * 1024**2
+MEMBER_BATCH_ROWS = 65_536  # rows of the saved listing read at a time when shards are reused
 IN_FLIGHT_PER_CPU = 4  # listing tasks submitted per CPU of the cluster: enough to hide the store's latency
 # A listing task waits on storage, then parses headers (Python's tarfile: CPU-bound); four per core keep
 # the cores busy while some wait (1,000 shards on 2 cores: 1.6x faster than the driver alone; bench_scale.py)
@@ -127,25 +134,41 @@ class SavedListing:
             return None
         return saved if saved.known else None
 
-    def members(self, shards: Sequence[TarShard]) -> pa.Table | None:
-        """The saved members of `shards` (all of them known), or None when the saved listing is not the one
-        its plan fingerprinted (then every shard is read again)."""
+    def members(self, shards: Sequence[TarShard]) -> Iterator[pa.Table] | None:
+        """The saved members of `shards` (all of them known), a batch at a time, or None when the saved
+        listing is not the one its plan fingerprinted (then every shard is read again). The listing is
+        copied to local disk and checked a slice at a time: a rerun of 100M images holds none of it."""
+        folder = tempfile.mkdtemp(prefix="fiqa-saved-listing-")
+        local = os.path.join(folder, "listing.parquet")
+        same, reason = False, "it is not the listing its plan fingerprinted"
         try:
-            raw = self.output.read_bytes(LISTING_FILE)
-            listing = (
-                pq.read_table(io.BytesIO(raw)).select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA) if raw else None
+            with_retries(lambda: self.output.fs.get_file(self.output.path(LISTING_FILE), local))
+            same = file_fingerprint(local) == self.fingerprint
+        except (OSError, ValueError, pa.ArrowException) as error:
+            reason = f"{type(error).__name__}: {error}"
+        finally:
+            if not same:
+                shutil.rmtree(folder, ignore_errors=True)
+        if not same:
+            logger.warning("OUTPUT's saved listing cannot be reused (%s): its tars are read again", reason)
+            return None
+        return _members_of(folder, local, [shard.url for shard in shards])
+
+
+def _members_of(folder: str, local: str, urls: list[str]) -> Iterator[pa.Table]:
+    """The tar members (offset >= 0) of `urls` in the listing file `local`; `folder` removed at the end."""
+    try:
+        wanted = pa.array(urls, pa.string())
+        for batch in pq.ParquetFile(local).iter_batches(
+            batch_size=MEMBER_BATCH_ROWS, columns=ITEM_SCHEMA.names
+        ):
+            part = pa.Table.from_batches([batch]).cast(ITEM_SCHEMA)
+            keep = pc.and_(
+                pc.is_in(part.column("url"), value_set=wanted), pc.greater_equal(part.column("offset"), 0)
             )
-        except (OSError, ValueError, pa.ArrowException):
-            return None
-        if listing is None:
-            return None
-        if listing_fingerprint(listing) != self.fingerprint:
-            return None
-        urls = pa.array([shard.url for shard in shards], pa.string())
-        keep = pc.and_(
-            pc.is_in(listing.column("url"), value_set=urls), pc.greater_equal(listing.column("offset"), 0)
-        )
-        return listing.filter(keep)
+            yield part.filter(keep)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ShardLister:
@@ -167,7 +190,7 @@ class ShardLister:
         members = self.saved.members(known) if known else None
         if members is not None:
             self.reused = len(known)
-            yield members
+            yield from members
             known_urls = {shard.url for shard in known}
             tars = [shard for shard in tars if shard.url not in known_urls]
         if not tars:

@@ -14,16 +14,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fiqa_curator.flows.listing_sort import sort_listing
 from fiqa_curator.flows.plan import (
     PLAN_VERSION,
     PlanConflict,
     listing_fingerprint_v1,
+    listing_group_rows,
     load_plan,
     make_plan,
+    read_listing_rows,
     reconcile,
     save_plan,
+    saved_listing_fits,
+    shard_items,
+    shard_tasks,
 )
-from fiqa_curator.flows.sources import ITEM_SCHEMA, InputError, InputItem, discover, items_to_table
+from fiqa_curator.flows.sources import (
+    ITEM_SCHEMA,
+    InputError,
+    InputItem,
+    discover,
+    items_to_table,
+    listing_parts,
+)
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.layout import LISTING_FILE, shard_name
 from fiqa_curator.workers.io import read_range, with_retries
@@ -439,17 +452,161 @@ def test_listing_fingerprint_sees_every_field_but_not_chunks_or_order() -> None:
         reconcile(old, grown, overwrite=False, has_results=True)
 
 
-def test_pending_listing_and_blocks_follow_the_shards(tmp_path: Path) -> None:
-    from fiqa_curator.flows.execution import item_blocks
-
+def test_pending_listing_follows_the_shards(tmp_path: Path) -> None:
     plan = make_plan("in", "folder", [InputItem(f"i{n:02d}", "s", "u") for n in range(10)], 4, {})
     pending = plan.pending_listing([2, 0])
     assert pending.column("image_id").to_pylist() == ["i08", "i09", "i00", "i01", "i02", "i03"]
     assert pending.column("shard").to_pylist() == ["shard-00002"] * 2 + ["shard-00000"] * 4
     assert plan.pending_listing([]).num_rows == 0 and "shard" in plan.pending_listing([]).column_names
-    blocks = item_blocks(plan, [0, 2], 4, exclude={"i01", "i09"})
-    assert [block.column("image_id").to_pylist() for block in blocks] == [["i00", "i02", "i03", "i08"]]
-    assert "size" not in blocks[0].column_names and blocks[0].column("shard")[3].as_py() == "shard-00002"
     save_plan(Output(str(tmp_path / "out")), plan)
     saved = pq.read_table(tmp_path / "out" / LISTING_FILE)
     assert saved.equals(plan.listing) and load_plan(Output(str(tmp_path / "out"))).version == PLAN_VERSION
+
+
+def test_scoring_tasks_read_their_shards_items_from_the_saved_listing(tmp_path: Path, monkeypatch) -> None:
+    """The driver hands Ray a description per shard; each task reads its items from OUTPUT's listing."""
+    import fiqa_curator.flows.plan as plan_module
+    from fiqa_curator.flows.shard_reading import read_shards
+
+    monkeypatch.setattr(plan_module, "LISTING_GROUP_MIN_ROWS", 1000)
+    items = [InputItem(f"i{n:04d}", "s", str(tmp_path / f"absent{n}.jpg"), size=n) for n in range(2500)]
+    plan = make_plan("in", "folder", items, 300, {})
+    output = Output(str(tmp_path / "out"))
+    save_plan(output, plan)
+    listing_url = output.full_url(LISTING_FILE)
+    # row groups hold whole shards, at least LISTING_GROUP_MIN_ROWS rows: 4 shards of 300 per group
+    groups = pq.ParquetFile(tmp_path / "out" / LISTING_FILE).metadata
+    assert [groups.row_group(i).num_rows for i in range(groups.num_row_groups)] == [1200, 1200, 100]
+    assert [listing_group_rows(size) for size in (1, 300, 1000, 5000)] == [1000, 1200, 1000, 5000]
+    assert saved_listing_fits(output, load_plan(output))
+
+    tasks = shard_tasks(plan, [8, 3])  # the last shard (100 items) and one inside the second group
+    assert tasks == [
+        {"shard": "shard-00008", "start": 2400, "stop": 2500, "only": ""},
+        {"shard": "shard-00003", "start": 900, "stop": 1200, "only": ""},
+    ]
+    expected = plan.pending_listing([8, 3]).drop_columns(["size", "version"])
+    read = pa.concat_tables([shard_items(task, listing_url, key=plan.listing_fingerprint) for task in tasks])
+    assert read.equals(expected)
+    assert (listing_url, plan.listing_fingerprint) in plan_module._FOOTERS  # read once per process
+    in_memory = pa.py_buffer((tmp_path / "out" / LISTING_FILE).read_bytes())  # a multi-node local OUTPUT
+    assert pa.concat_tables([shard_items(task, in_memory) for task in tasks]).equals(expected)
+
+    # the reading stage: one shard per task, its rows decoded a block at a time (here: unreadable files,
+    # each a row with its status and reason)
+    blocks = list(
+        read_shards(
+            pa.Table.from_pylist(tasks[1:]),
+            listing=listing_url,
+            key="",
+            storage_options=None,
+            block_rows=64,
+            read_options={"img_size": 112},
+        )
+    )
+    assert [len(block["item_id"]) for block in blocks] == [64, 64, 64, 64, 44]
+    assert [i for block in blocks for i in block["item_id"]] == [f"i{n:04d}" for n in range(900, 1200)]
+    assert {s for block in blocks for s in block["status"]} == {"read_error"}
+
+    # --since: a shard partly carried over names the ids left to score; one carried whole needs no task
+    carried = {f"i{n:04d}" for n in range(900, 1200) if n % 7} | {f"i{n:04d}" for n in range(2400, 2500)}
+    tasks = shard_tasks(plan, [3, 8], exclude=carried)
+    assert [task["shard"] for task in tasks] == ["shard-00003"]
+    read = shard_items(tasks[0], listing_url)
+    assert read.column("image_id").to_pylist() == [f"i{n:04d}" for n in range(900, 1200) if n % 7 == 0]
+    assert set(read.column("shard").to_pylist()) == {"shard-00003"}
+
+    # any row-group layout reads the same rows; one saved by older code is committed again on resume
+    pq.write_table(plan.listing, tmp_path / "out" / LISTING_FILE, row_group_size=7)
+    for start, stop in ((0, 300), (899, 1200), (2400, 2500)):
+        got = read_listing_rows(listing_url, start, stop)
+        assert got.equals(plan.listing.slice(start, stop - start))
+    assert not saved_listing_fits(output, load_plan(output))
+    assert not saved_listing_fits(output, replace(load_plan(output), version=1))
+    # a listing that is not the plan's (shorter) fails the task instead of scoring part of a shard
+    pq.write_table(plan.listing.slice(0, 2450), tmp_path / "short.parquet")
+    with pytest.raises(RuntimeError, match="holds 2450 rows"):
+        read_listing_rows(str(tmp_path / "short.parquet"), 2400, 2500)
+
+
+def test_a_listing_sorted_on_disk_plans_exactly_as_in_memory(tmp_path: Path, monkeypatch) -> None:
+    """A run spills its listing and DuckDB sorts it: the same order (UTF-8 bytes, as Arrow's), the same
+    fingerprint (so an OUTPUT planned in memory resumes), a saved listing in shard-aligned row groups."""
+    import random
+
+    import fiqa_curator.flows.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "FINGERPRINT_ROWS", 777)  # many slices, not aligned with the groups
+    monkeypatch.setattr(plan_module, "LISTING_GROUP_MIN_ROWS", 1000)
+    rng = random.Random(7)
+    alphabet = ["a", "B", "é", "e\u0301", "ß", "中", "😀", "/", "-", "_", "0", "Z", " "]
+    ids = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(5000)})
+    rng.shuffle(ids)
+    items = [InputItem(i, "s", f"u{n}", identity=None if n % 3 else "x", size=n) for n, i in enumerate(ids)]
+    table = items_to_table(items)
+    listing = sort_listing([table.slice(start, 1000) for start in range(0, len(ids), 1000)], str(tmp_path))
+    assert listing.rows == len(ids) > 3000
+    on_disk = make_plan("in", "manifest", listing, 300, {"a": 1})
+    in_memory = make_plan("in", "manifest", table, 300, {"a": 1})
+    assert on_disk.listing is None and on_disk.listing_fingerprint == in_memory.listing_fingerprint
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sorted.plan.parquet"]  # the rest removed
+    saved = pq.ParquetFile(on_disk.listing_file)
+    assert saved.read().equals(in_memory.listing)
+    groups = [saved.metadata.row_group(i).num_rows for i in range(saved.metadata.num_row_groups)]
+    assert set(groups[:-1]) == {1200} and sum(groups) == len(ids)
+    assert on_disk.load_listing().equals(in_memory.listing)
+
+    output = Output(str(tmp_path / "out"))
+    save_plan(output, make_plan("in", "manifest", sort_listing([table], str(tmp_path)), 300, {"a": 1}))
+    assert pq.read_table(tmp_path / "out" / LISTING_FILE).equals(in_memory.listing)
+    assert reconcile(load_plan(output), in_memory, overwrite=False, has_results=True) == "resume"
+    assert "listing_file" not in json.loads((tmp_path / "out" / "_plan.json").read_text())
+
+
+def test_repeated_ids_and_empty_listings_on_disk(tmp_path: Path, monkeypatch) -> None:
+    import fiqa_curator.flows.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "FINGERPRINT_ROWS", 4)
+    ids = [f"i{n:02d}" for n in range(20)] + ["i03", "i07", "i08", "i03"]  # i07 | i08 across a slice edge
+    parts = [
+        items_to_table([InputItem(i, "s", "u") for i in ids[start : start + 5]])
+        for start in (0, 5, 10, 15, 20)
+    ]
+    listing = sort_listing(parts, str(tmp_path))
+    with pytest.raises(
+        InputError, match=r"3 image_id values occur more than once, e.g. \['i03', 'i07', 'i08'\]"
+    ):
+        make_plan("in", "folder", listing, 5, {})
+    # an id repeated at the end of one slice and at the start of the next is one id, counted once
+    edge = sort_listing(
+        [items_to_table([InputItem(i, "s", "u") for i in ["a", "b", "c", "c", "c"]])], str(tmp_path)
+    )
+    with pytest.raises(InputError, match=r"^1 image_id values occur more than once, e.g. \['c'\]$"):
+        make_plan("in", "folder", edge, 5, {})
+    empty = sort_listing(iter([items_to_table([])]), str(tmp_path / "."))
+    assert empty.rows == 0 and pq.read_table(empty.path).schema.equals(ITEM_SCHEMA)
+
+
+def test_manifests_are_read_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """Row numbers in errors count from the manifest's start whichever batch they are in."""
+    import fiqa_curator.flows.sources as sources_module
+
+    monkeypatch.setattr(sources_module, "MANIFEST_BATCH_ROWS", 3)
+    monkeypatch.setattr(sources_module, "MANIFEST_CSV_BLOCK_BYTES", 40)
+    rows = "".join(f"img{n}.jpg,{n}\n" for n in range(10))
+    (tmp_path / "m.csv").write_text("uri,size\n" + rows)
+    kind, parts = listing_parts(str(tmp_path / "m.csv"))
+    parts = list(parts)
+    assert kind == "manifest" and len(parts) > 1 and sum(part.num_rows for part in parts) == 10
+    _, listing = discover(str(tmp_path / "m.csv"))
+    assert listing.column("size").to_pylist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    pq.write_table(
+        pa.table({"uri": [f"p{n}.jpg" for n in range(10)]}), tmp_path / "m.parquet", row_group_size=4
+    )
+    assert discover(str(tmp_path / "m.parquet"))[1].num_rows == 10
+    (tmp_path / "late.csv").write_text("uri,size\n" + rows + "x.jpg,big\n")
+    with pytest.raises(InputError, match=r"row 11: `size` is not an integer: 'big'"):
+        discover(str(tmp_path / "late.csv"))
+    (tmp_path / "blank.csv").write_text("uri\n" + "a.jpg\n" * 7 + "  \n")
+    with pytest.raises(InputError, match=r"row 8: empty `uri`"):
+        list(listing_parts(str(tmp_path / "blank.csv"))[1])
