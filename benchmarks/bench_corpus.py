@@ -64,6 +64,16 @@ def bare_rate(exit_depth: int, seconds: float = 20.0) -> float:
     return done / (time.perf_counter() - started)
 
 
+RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")
+
+
+def rss_parts(pid: int) -> dict[str, int]:
+    """The kernel's split of a process's RSS, in kB (/proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return {part: int(fields[part].split()[0]) for part in RSS_PARTS}
+
+
 def fiqa(args: list[str], env: dict, kill_when: Callable[[], bool] | None = None) -> dict:
     """Run `fiqa ARGS` in its own process group (killed with SIGKILL once `kill_when()` holds): its seconds,
     exit status, driver peak RSS, whether it was killed, and the tail of its output."""
@@ -78,13 +88,16 @@ def fiqa(args: list[str], env: dict, kill_when: Callable[[], bool] | None = None
     )
     driver = psutil.Process(process.pid)
     peak, killed = 0, False
+    parts = dict.fromkeys(RSS_PARTS, 0)  # each part's own peak
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak, killed
         while not done.is_set():
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, OSError):
                 peak = max(peak, driver.memory_info().rss)
+                for part, kb in rss_parts(process.pid).items():
+                    parts[part] = max(parts[part], kb * 1024)
             if kill_when is not None and not killed and kill_when():
                 os.killpg(process.pid, signal.SIGKILL)
                 killed = True
@@ -99,6 +112,9 @@ def fiqa(args: list[str], env: dict, kill_when: Callable[[], bool] | None = None
         "seconds": time.perf_counter() - started,
         "returncode": process.returncode,
         "driver_peak_rss_mb": peak / 2**20,
+        # RSS = the process's own memory (anon) + mapped files (libraries: torch, Ray) + pages of Ray's
+        # object store it read batches from (shmem: the store's memory, shared with every worker)
+        **{f"driver_peak_{part.lower()}_mb": value / 2**20 for part, value in parts.items()},
         "killed": killed,
         "tail": printed[-1500:],
     }
