@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import (
     ActorPlacement,
@@ -104,15 +106,15 @@ def watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any
 
 
 def carry_over(
-    options: ScoreOptions, plan: Plan, pending: list[int], config: Mapping[str, Any], writer: ShardWriter
+    options: ScoreOptions, plan: Plan, items: pa.Table, config: Mapping[str, Any], writer: ShardWriter
 ) -> set[str]:
-    """--since: hand the writer PREVIOUS's rows of unchanged images; returns the image ids carried."""
+    """--since: hand the writer PREVIOUS's rows of unchanged images among `items` (the pending items with
+    their shards, `Plan.pending_listing`); returns the image ids carried."""
     from fiqa_curator.flows.incremental import carried_batches, unchanged_items
 
     assert options.since is not None
     previous = Output(options.since, options.storage_options)
-    assert plan.listing is not None, "--since compares the plan's listing, kept in memory for it"
-    unchanged = unchanged_items(previous, plan, plan.pending_listing(pending))  # with each item's shard
+    unchanged = unchanged_items(previous, plan, items)
     carried: set[str] = set()
     for batch in carried_batches(previous, unchanged, config=config):
         writer.add(batch)
@@ -143,7 +145,9 @@ def execute(
     writer = ShardWriter(
         Output(options.output, options.storage_options), plan, pending, run_id=run_id, config=config
     )
-    carried = carry_over(options, plan, pending, config, writer) if options.since else set()
+    # --since compares the pending items with PREVIOUS's (the plan keeps its listing in memory for it)
+    items = plan.pending_listing(pending) if options.since else None
+    carried = carry_over(options, plan, items, config, writer) if items is not None else set()
     if carried:
         logger.info("carried over %d unchanged images from %s", len(carried), options.since)
     if not writer.missing():  # everything was carried over: nothing for Ray to do
@@ -188,6 +192,7 @@ def execute(
                 group,
                 writer,
                 carried,
+                items,
                 logger,
                 on_rows,
                 started,
@@ -332,6 +337,7 @@ def _score_on_ray(
     group: Any | None,
     writer: ShardWriter,
     carried: set[str],
+    items: pa.Table | None,
     logger: logging.Logger | logging.LoggerAdapter,
     on_rows: Callable[[int], None] | None,
     started: float,
@@ -340,7 +346,7 @@ def _score_on_ray(
     began, for the start-up figure)."""
     device = "cuda" if placement.gpu else "cpu"
     block_rows = _block_rows(options, placement)
-    tasks = shard_tasks(plan, pending, exclude=carried)
+    tasks = shard_tasks(plan, pending, exclude=carried, items=items)
     listing = listing_source(Output(options.output, options.storage_options))
     dataset = _pipeline(
         options, tasks, listing, plan.listing_fingerprint, config, checkpoint, placement, group, block_rows

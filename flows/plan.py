@@ -186,30 +186,25 @@ def make_plan(
     listing on local disk (`listing_sort.SortedListing`: read once, in slices, never whole)."""
     if shard_size < 1:
         raise UserError(f"shard size must be >= 1, got {shard_size}")
+    ordered, listing_file = None, None
     if isinstance(listing, SortedListing):
-        fingerprint, aligned = _plan_listing_file(listing, shard_size)
-        return Plan(
-            input_url=input_url,
-            input_kind=input_kind,
-            item_count=listing.rows,
-            shard_size=shard_size,
-            listing_fingerprint=fingerprint,
-            config_fingerprint=config_fingerprint(scoring_config),
-            scoring_config=dict(scoring_config),
-            listing_file=aligned,
-        )
-    table = listing if isinstance(listing, pa.Table) else items_to_table(list(listing))
-    # a listing from `discover` is in order already: the plan then shares its buffers, no second copy
-    ordered = in_id_order(table.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA))
+        count = listing.rows
+        fingerprint, listing_file = _plan_listing_file(listing, shard_size)
+    else:
+        table = listing if isinstance(listing, pa.Table) else items_to_table(list(listing))
+        # a listing from `discover` is in order already: the plan then shares its buffers, no second copy
+        ordered = in_id_order(table.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA))
+        count, fingerprint = ordered.num_rows, listing_fingerprint(ordered)
     return Plan(
         input_url=input_url,
         input_kind=input_kind,
-        item_count=ordered.num_rows,
+        item_count=count,
         shard_size=shard_size,
-        listing_fingerprint=listing_fingerprint(ordered),
+        listing_fingerprint=fingerprint,
         config_fingerprint=config_fingerprint(scoring_config),
         scoring_config=dict(scoring_config),
         listing=ordered,
+        listing_file=listing_file,
     )
 
 
@@ -363,14 +358,17 @@ def saved_listing_fits(output: Output, existing: Plan) -> bool:
     return sum(sizes) == existing.item_count and all(size == group for size in sizes[:-1])
 
 
-def shard_tasks(plan: Plan, pending: Sequence[int], exclude: Collection[str] = ()) -> list[dict[str, Any]]:
+def shard_tasks(
+    plan: Plan, pending: Sequence[int], exclude: Collection[str] = (), items: pa.Table | None = None
+) -> list[dict[str, Any]]:
     """One small description per pending shard for `shard_items`: its name, its rows in the listing and,
     when some of its items are in `exclude` (carried over by --since), the ids still to score as a JSON
     list ("" means all). A shard whose every item is excluded needs no task. With `exclude`, the plan's
-    listing must be in memory (it is, for --since); without, only the plan's counts are used."""
+    listing must be in memory (it is, for --since), or its pending items given (`items`, as
+    `Plan.pending_listing` makes them); without, only the plan's counts are used."""
     remaining: dict[str, list[str]] = {}
     if exclude:
-        items = plan.pending_listing(pending)
+        items = items if items is not None else plan.pending_listing(pending)
         carried = pc.is_in(items.column("image_id"), value_set=pa.array(sorted(exclude), pa.string()))
         touched = items.filter(carried).column("shard").unique().to_pylist()
         remaining = {shard: [] for shard in touched}
