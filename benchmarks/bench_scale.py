@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py writer [--rows 300000] [--shard-size 5000] [--rounds 3] [--baseline REV]
     python benchmarks/bench_scale.py plan [--rows 1000000 3000000] [--new-only-rows 10000000] [--baseline REV]
+    python benchmarks/bench_scale.py folder [--objects 100000 300000 1000000] [--baseline REV]
     python benchmarks/bench_scale.py tars [--tars 1000] [--per-tar 1000] [--rounds 2]
 
 writer: how many scored rows/s `ShardWriter` takes on one core. Every scored row comes back to the driver,
@@ -16,6 +17,11 @@ plan: what planning a Parquet manifest of N rows costs the driver (listing it: t
 it on local disk, older revisions `discover` it in memory; make_plan; save_plan: seconds and peak RSS over
 the interpreter's own, each run a fresh process), this tree against a checkout of the revision, the same
 manifest for both.
+
+folder: planning a folder of N small objects on the S3 server (SeaweedFS on loopback), this tree against
+the revision, each a fresh process: listing speed in objects/s (listing and sorting them), seconds and peak
+RSS of the whole planning. The sizes nest (N1 objects under corpus/x/y/z, N2 - N1 more under corpus/x/y,
+the rest under corpus/x), uploaded as the sizes grow, so each size is measured as soon as it exists.
 
 tars: planning a folder of WebDataset shards on the S3 server (SeaweedFS on loopback): the shards'
 members enumerated on the driver (`sources.list_tars_in_process`, what `fiqa score` did before) against
@@ -189,6 +195,7 @@ from fiqa_curator.flows.plan import make_plan, save_plan
 from fiqa_curator.flows.storage import Output
 
 manifest, output = sys.argv[1], sys.argv[2]
+options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
 before = rss()
 started = time.perf_counter()
 with tempfile.TemporaryDirectory() as folder:
@@ -196,12 +203,12 @@ with tempfile.TemporaryDirectory() as folder:
         from fiqa_curator.flows.listing_sort import sort_listing
         from fiqa_curator.flows.sources import listing_parts
 
-        kind, parts = listing_parts(manifest)
+        kind, parts = listing_parts(manifest, options)
         items = sort_listing(parts, folder)
     except ImportError:  # a revision that plans in memory
         from fiqa_curator.flows.sources import discover
 
-        kind, items = discover(manifest)
+        kind, items = discover(manifest, options)
     discovered = time.perf_counter()
     plan = make_plan(manifest, kind, items, 5000, {"exit_depth": 12})
     planned = time.perf_counter()
@@ -212,6 +219,7 @@ print(json.dumps({
     "discover_s": discovered - started, "make_plan_s": planned - discovered, "save_plan_s": saved - planned,
     "total_s": saved - started, "rss_before_mb": before, "peak_rss_mb": peak, "added_mb": peak - before,
     "rss_after_mb": rss(), "items": plan.item_count,
+    "objects_per_s": plan.item_count / (discovered - started),
 }))
 """
 
@@ -269,6 +277,59 @@ def plan_benchmark(args: argparse.Namespace) -> dict:
                 )
                 report.setdefault(str(rows), {})[name] = json.loads(run.stdout.strip().splitlines()[-1])
                 print(rows, name, report[str(rows)][name], flush=True)
+    return report
+
+
+FOLDER_PREFIXES = ("x/y/z", "x/y", "x")  # the nested prefixes of the folder benchmark's sizes
+
+
+def upload_objects(fs, prefix: str, first: int, count: int) -> None:
+    """`count` tiny objects named like a corpus's crops (`NNNN/NNNNNNN.jpg`) under `prefix`; their contents
+    do not matter to a listing."""
+    for start in range(first, first + count, 10_000):
+        stop = min(first + count, start + 10_000)
+        fs.pipe({f"{prefix}/{i // 1000:04d}/{i:07d}.jpg": b"%07d" % i for i in range(start, stop)})
+
+
+def folder_benchmark(args: argparse.Namespace) -> dict:
+    import s3fs
+
+    sys.path.insert(0, str(REPO))  # the tests' S3 server helper
+    from tests.s3server import start_s3_server
+
+    sizes = sorted(args.objects)
+    if len(sizes) > len(FOLDER_PREFIXES):
+        raise SystemExit(f"at most {len(FOLDER_PREFIXES)} sizes")
+    report: dict = {}
+    with tempfile.TemporaryDirectory() as work:
+        baseline_path = _checkout(args.baseline, Path(work) / "baseline")
+        server = start_s3_server(Path(work) / "s3")
+        try:
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
+            fs.mkdir("corpus")
+            uploaded = 0
+            options = json.dumps(server.storage_options)
+            for size, prefix in zip(sizes, FOLDER_PREFIXES[len(FOLDER_PREFIXES) - len(sizes) :], strict=True):
+                started = time.perf_counter()
+                upload_objects(fs, f"corpus/{prefix}/p{size}", uploaded, size - uploaded)
+                seconds = time.perf_counter() - started
+                print(f"{size}: uploaded {size - uploaded} objects in {seconds:.0f} s", flush=True)
+                uploaded = size
+                variants = {"this tree": None, f"baseline {args.baseline}": str(baseline_path)}
+                for name, path in variants.items():
+                    env = dict(os.environ, PYTHONPATH=path) if path else dict(os.environ)
+                    output = Path(work) / f"out-{size}-{name[:4]}"
+                    run = subprocess.run(
+                        [sys.executable, "-c", PLAN_CHILD, f"s3://corpus/{prefix}", str(output), options],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    report.setdefault(str(size), {})[name] = json.loads(run.stdout.strip().splitlines()[-1])
+                    print(size, name, report[str(size)][name], flush=True)
+        finally:
+            server.stop()
     return report
 
 
@@ -420,14 +481,22 @@ def main(argv: list[str] | None = None) -> dict:
     plan.add_argument("--new-only-rows", type=int, nargs="*", default=[], help="sizes for this tree alone")
     for command in (writer, plan):
         command.add_argument("--baseline", default="e79e068", help="the git revision to compare with")
+    folder = commands.add_parser("folder", help="planning a folder of N objects on the S3 server")
+    folder.add_argument("--objects", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    folder.add_argument("--baseline", default="b52b6ee", help="the git revision to compare with")
     tars = commands.add_parser("tars", help="planning WebDataset shards on S3: on the driver vs in Ray tasks")
     tars.add_argument("--tars", type=int, default=1000)
     tars.add_argument("--per-tar", type=int, default=1000)
     tars.add_argument("--rounds", type=int, default=2)
-    for command in (writer, plan, tars):
+    for command in (writer, plan, folder, tars):
         command.add_argument("--json")
     args = parser.parse_args(argv)
-    benchmarks = {"writer": writer_benchmark, "plan": plan_benchmark, "tars": tars_benchmark}
+    benchmarks = {
+        "writer": writer_benchmark,
+        "plan": plan_benchmark,
+        "folder": folder_benchmark,
+        "tars": tars_benchmark,
+    }
     report = benchmarks[args.command](args)
     print(json.dumps(report, indent=1))
     if args.json:

@@ -1,13 +1,13 @@
 """A run's listing on local disk instead of in the driver's memory: spilled as it is listed, sorted by
 image_id out of core.
 
-A corpus of 100M images lists into tens of gigabytes of Arrow columns; the driver holds none of it (but
-for a folder INPUT, which the store lists whole: `sources._list_folder`).
-`sort_listing` writes the unsorted parts (`sources.listing_parts`: manifest batches, tar shards' members
-as their tasks finish) to a local Parquet file, then DuckDB sorts it into another with a bounded memory
-budget (spilling to its own temporary folder). `plan.make_plan` then reads the sorted file once, in
-slices, to fingerprint it, find repeated ids and write it again in row groups aligned with the shards;
-that file is what OUTPUT keeps (`_plan/listing.parquet`) and what the scoring tasks read.
+A corpus of 100M images lists into tens of gigabytes of Arrow columns; the driver holds none of it.
+`sort_listing` writes the unsorted parts (`sources.listing_parts`: a folder's objects or a manifest's rows
+a batch at a time, tar shards' members as their tasks finish) to a local Parquet file, then DuckDB sorts it
+into another with a bounded memory budget (spilling to its own temporary folder). `plan.make_plan` then
+reads the sorted file once, in slices, to fingerprint it, find repeated ids and write it again in row
+groups aligned with the shards; that file is what OUTPUT keeps (`_plan/listing.parquet`) and what the
+scoring tasks read.
 
 DuckDB orders VARCHAR by its UTF-8 bytes, as Arrow's sort does: a listing sorted either way is the same
 table, with the same fingerprint (tested), so an OUTPUT planned in memory resumes from one planned here.

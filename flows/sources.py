@@ -16,8 +16,9 @@ the driver reads none of their bytes, and reuses the saved listing of unchanged 
 
 `image_id` is stable: the '/'-separated path relative to INPUT, the manifest's id, or tar path + member key.
 
-A folder is listed whole (`fs.find`) before its items go on; a manifest goes a batch of rows at a time and
-tar shards a shard at a time, so that those listings never sit whole in memory.
+No listing sits whole in memory: a folder goes a batch of objects at a time (on S3 one page of
+`list_objects_v2` after another, each page retried on its own; elsewhere a directory at a time,
+`fs.walk`), a manifest a batch of rows at a time and tar shards a shard at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from fsspec.asyn import sync
 
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.workers.io import filesystem, with_retries
@@ -59,6 +62,10 @@ OTHER_IMAGE_EXTENSIONS = (
 IMAGE_EXTENSIONS = DECODABLE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
 IDENTITY_EXTENSIONS = ("cls", "id", "identity")
 MAX_IDENTITY_BYTES = 1024
+# A folder's images go on as tables of this many (the store's pages are 1,000 objects): big enough that a
+# table's overhead is nothing, small enough that a corpus's listing never gathers in memory.
+FOLDER_BATCH_ROWS = 1 << 16
+S3_PAGE_KEYS = 1000  # keys per `list_objects_v2` page: the most S3 gives
 
 
 class InputError(UserError):
@@ -168,8 +175,7 @@ def listing_parts(
     if not exists:
         raise InputError(f"INPUT does not exist: {url}")
     if is_dir:
-        files, tars = _list_folder(fs, root)
-        return "folder", _parts([items_to_table(files)], tars, storage_options, list_tars)
+        return "folder", _folder_parts(fs, root, storage_options, list_tars)
     if _extension(root) in (".csv", ".parquet"):
         return "manifest", _manifest_parts(fs, root)
     if _extension(root) == ".tar":
@@ -221,17 +227,19 @@ def _tar_shard(fs: Any, path: str) -> TarShard:
     )
 
 
-def _list_folder(fs: Any, root: str) -> tuple[list[InputItem], list[TarShard]]:
-    """The image files under `root` as items, and the WebDataset shards there (listed later)."""
-    try:
-        found = with_retries(lambda: fs.find(root, detail=True))
-    except Exception as error:
-        raise InputError(f"cannot list INPUT {root}: {type(error).__name__}: {error}") from error
+def _folder_parts(
+    fs: Any,
+    root: str,
+    storage_options: Mapping[str, Any] | None,
+    list_tars: TarLister | None,
+) -> Iterator[pa.Table]:
+    """The image files under `root` as tables of at most FOLDER_BATCH_ROWS items (at least one table, maybe
+    empty), then the members of the WebDataset shards found there (kept aside meanwhile: a shard is a file
+    of thousands of images, so there are few)."""
     items: list[InputItem] = []
     tars: list[TarShard] = []
-    for path, info in sorted(found.items()):
-        if info.get("type") == "directory":
-            continue
+    for info in _folder_objects(fs, root):
+        path = info["name"]
         relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
         if _is_hidden(relative):
             continue
@@ -240,9 +248,59 @@ def _list_folder(fs: Any, root: str) -> tuple[list[InputItem], list[TarShard]]:
         if extension in IMAGE_EXTENSIONS:
             full = _full_url(fs, path)
             items.append(InputItem(relative, full, full, size=size, version=_version(info)))
+            if len(items) == FOLDER_BATCH_ROWS:
+                yield items_to_table(items)
+                items = []
         elif extension == ".tar":
             tars.append(TarShard(_full_url(fs, path), relative, size, _version(info)))
-    return items, tars
+    yield items_to_table(items)
+    yield from _parts([], tars, storage_options, list_tars)
+
+
+def _folder_objects(fs: Any, root: str) -> Iterator[Mapping[str, Any]]:
+    """The files under `root` as fsspec info dicts (`name`, `size`, ETag or mtime), in no particular order,
+    never all in memory at once; raises InputError when the store cannot list them."""
+    try:
+        if _is_s3(fs):
+            yield from _s3_objects(fs, root)
+            return
+        # a directory at a time, each listing retried on its own: what is in memory is the largest
+        # directory's listing and the folders still to visit (fsspec's `walk`, with retries)
+        folders = [root]
+        while folders:
+            folder = folders.pop()
+            for info in with_retries(partial(fs.ls, folder, detail=True)):
+                name = info["name"].rstrip("/")
+                if info.get("type") != "directory":
+                    yield info
+                elif name != folder.rstrip("/") and not posixpath.basename(name).startswith("."):
+                    folders.append(name)  # a hidden folder's files would all be left out: not visited
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"cannot list INPUT {root}: {type(error).__name__}: {error}") from error
+
+
+def _is_s3(fs: Any) -> bool:
+    # s3fs's own `find` gathers every object of the prefix (a dict per object, ~1 KB each) before returning
+    return "s3" in fs.protocol and hasattr(fs, "_call_s3") and not getattr(fs, "version_aware", False)
+
+
+def _s3_objects(fs: Any, root: str) -> Iterator[Mapping[str, Any]]:
+    """Every object under `root` on S3, one `list_objects_v2` page (1,000 keys) at a time; a page that fails
+    is asked for again (`with_retries`) from the same continuation token, so a transient error costs one
+    page, not the listing. The info dicts have the keys s3fs's `find` gives (name, size, ETag)."""
+    bucket, key, _ = fs.split_path(root)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_KEYS, **fs.req_kw}
+    while True:
+        page = with_retries(lambda: sync(fs.loop, fs._call_s3, "list_objects_v2", **request))
+        for entry in page.get("Contents", []):
+            if not entry["Key"].endswith("/"):  # a "folder" marker object some tools write
+                yield {**entry, "name": f"{bucket}/{entry['Key']}", "size": entry["Size"], "type": "file"}
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def list_tars_in_process(

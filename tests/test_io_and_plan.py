@@ -13,6 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from fiqa_curator.flows.listing_sort import sort_listing
 from fiqa_curator.flows.plan import (
@@ -40,6 +41,16 @@ from fiqa_curator.flows.sources import (
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.layout import LISTING_FILE, shard_name
 from fiqa_curator.workers.io import read_range, with_retries
+
+
+def _tar_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
@@ -610,3 +621,85 @@ def test_manifests_are_read_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> No
     (tmp_path / "blank.csv").write_text("uri\n" + "a.jpg\n" * 7 + "  \n")
     with pytest.raises(InputError, match=r"row 8: empty `uri`"):
         list(listing_parts(str(tmp_path / "blank.csv"))[1])
+
+
+def test_folders_are_listed_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """A folder's images come in tables of FOLDER_BATCH_ROWS, its shards' members after them; hidden
+    folders are not visited (what they hold would be left out anyway)."""
+    import fiqa_curator.flows.sources as sources_module
+
+    monkeypatch.setattr(sources_module, "FOLDER_BATCH_ROWS", 3)
+    for name in ["a/1.jpg", "a/2.jpg", "b/c/3.png", "4.jpg", "5.webp", "6.txt", ".cache/7.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * len(name))
+    (tmp_path / "b" / "s.tar").write_bytes(_tar_of({"k.jpg": b"img"}))
+    listed: list[str] = []
+    original_ls = LocalFileSystem.ls
+
+    def counted_ls(self, path, *args, **kwargs):
+        listed.append(Path(path).name)
+        return original_ls(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", counted_ls)
+    kind, parts = listing_parts(str(tmp_path))
+    sizes = [part.num_rows for part in parts]
+    assert kind == "folder" and sizes == [3, 2, 1]  # 5 images in tables of 3, then the shard's member
+    assert ".cache" not in listed and {"a", "b", "c"} <= set(listed)
+    _, listing = discover(str(tmp_path))
+    assert listing.column("image_id").to_pylist() == [
+        "4.jpg",
+        "5.webp",
+        "a/1.jpg",
+        "a/2.jpg",
+        "b/c/3.png",
+        "b/s.tar/k",
+    ]
+    assert listing.column("size").to_pylist()[:2] == [5, 6]
+
+
+def test_s3_folders_are_listed_page_by_page_with_retries(s3_server, s3_bucket: str, monkeypatch) -> None:
+    """On S3 a folder is listed a page at a time (pages of 2 keys here); a page that fails once is asked for
+    again from its continuation token: the listing is whole, each object once, with its ETag as version."""
+    import s3fs
+
+    import fiqa_curator.flows.sources as sources_module
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)
+    names = ["in/a/1.jpg", "in/a/2.jpg", "in/b/3.png", "in/4.jpg", "in/5.jpg", "in/notes.txt", "in/.x/6.jpg"]
+    for name in names:
+        fs.pipe(f"{s3_bucket}/{name}", name.encode())
+    fs.pipe(f"{s3_bucket}/in/b/s.tar", _tar_of({"k.jpg": b"img"}))
+    fs.pipe(f"{s3_bucket}/other/7.jpg", b"not under INPUT")
+    monkeypatch.setattr(sources_module, "S3_PAGE_KEYS", 2)
+    monkeypatch.setattr(sources_module, "FOLDER_BATCH_ROWS", 2)
+    calls: list[dict] = []
+    call_s3 = s3fs.S3FileSystem._call_s3
+
+    async def flaky_call_s3(self, method, *args, **kwargs):
+        if method == "list_objects_v2" and "Delimiter" not in kwargs:
+            calls.append(kwargs)
+            if len(calls) == 2:
+                raise ConnectionError("connection reset by peer")
+        return await call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", flaky_call_s3)
+    monkeypatch.setattr(sources_module, "with_retries", lambda action: with_retries(action, base_delay=0.001))
+    kind, parts = listing_parts(f"s3://{s3_bucket}/in", s3_server.storage_options)
+    parts = list(parts)
+    assert kind == "folder" and [part.num_rows for part in parts] == [2, 2, 1, 1]
+    pages = [call for call in calls if "Delimiter" not in call]  # not `isdir`'s own listing
+    assert len(pages) == 5 and pages[1] == pages[2]  # 8 keys in pages of 2; the failed page asked again
+    assert all(call["MaxKeys"] == 2 and call["Prefix"] == "in/" for call in pages)
+    listing = pa.concat_tables(parts).sort_by("image_id")
+    assert listing.column("image_id").to_pylist() == [
+        "4.jpg",
+        "5.jpg",
+        "a/1.jpg",
+        "a/2.jpg",
+        "b/3.png",
+        "b/s.tar/k",
+    ]
+    found = fs.find(f"{s3_bucket}/in", detail=True)
+    assert listing.column("url").to_pylist()[0] == f"s3://{s3_bucket}/in/4.jpg"
+    assert listing.column("version").to_pylist()[0] == found[f"{s3_bucket}/in/4.jpg"]["ETag"].strip('"')
+    assert listing.column("size").to_pylist()[:3] == [len("in/4.jpg"), len("in/5.jpg"), len("in/a/1.jpg")]
