@@ -65,6 +65,7 @@ def bare_rate(exit_depth: int, seconds: float = 20.0) -> float:
 
 
 RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")
+TRACE_EVERY_S = 10.0
 
 
 def rss_parts(pid: int) -> dict[str, int]:
@@ -89,6 +90,7 @@ def fiqa(args: list[str], env: dict, kill_when: Callable[[], bool] | None = None
     driver = psutil.Process(process.pid)
     peak, killed = 0, False
     parts = dict.fromkeys(RSS_PARTS, 0)  # each part's own peak
+    trace: list[list[float]] = []  # [seconds, anon MB, file MB, shmem MB] every TRACE_EVERY_S: growth shows
     done = threading.Event()
 
     def sample() -> None:
@@ -96,8 +98,12 @@ def fiqa(args: list[str], env: dict, kill_when: Callable[[], bool] | None = None
         while not done.is_set():
             with contextlib.suppress(psutil.Error, OSError):
                 peak = max(peak, driver.memory_info().rss)
-                for part, kb in rss_parts(process.pid).items():
+                now = rss_parts(process.pid)
+                for part, kb in now.items():
                     parts[part] = max(parts[part], kb * 1024)
+                seconds = time.perf_counter() - started
+                if not trace or seconds - trace[-1][0] >= TRACE_EVERY_S:
+                    trace.append([round(seconds, 1), *(round(now[part] / 1024) for part in RSS_PARTS)])
             if kill_when is not None and not killed and kill_when():
                 os.killpg(process.pid, signal.SIGKILL)
                 killed = True
@@ -115,6 +121,7 @@ def fiqa(args: list[str], env: dict, kill_when: Callable[[], bool] | None = None
         # RSS = the process's own memory (anon) + mapped files (libraries: torch, Ray) + pages of Ray's
         # object store it read batches from (shmem: the store's memory, shared with every worker)
         **{f"driver_peak_{part.lower()}_mb": value / 2**20 for part, value in parts.items()},
+        "rss_trace": trace,
         "killed": killed,
         "tail": printed[-1500:],
     }

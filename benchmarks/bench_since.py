@@ -140,16 +140,16 @@ def old_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, 
     return matched, rows, carried
 
 
-def new_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, int, set[str]]:
+def new_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, int, pa.Array]:
     """Today's `carry_over` but the writer."""
     started = time.perf_counter()
     unchanged = unchanged_items(previous, plan, plan.pending_listing(pending))
     matched = time.perf_counter() - started
-    rows, carried = 0, set()
+    rows, carried = 0, []
     for batch in carried_batches(previous, unchanged, config=CONFIG):
         rows += len(batch["image_id"])
-        carried.update(batch["item_id"].tolist())
-    return matched, rows, carried
+        carried.append(pa.array(batch["item_id"], pa.string()))
+    return matched, rows, pc.unique(pa.chunked_array(carried, pa.string()))
 
 
 # ---- the synthetic OUTPUT ---------------------------------------------------------------------------------
@@ -251,7 +251,8 @@ def child(variant: str, root: Path, shard_size: int) -> None:
     matched, rows, carried = (new_carry if variant == "new" else old_carry)(previous, plan, pending)
     total = time.perf_counter() - started
     peak = _peak_mb()
-    digest = hashlib.sha256("\n".join(sorted(carried)).encode()).hexdigest()[:16]
+    carried = sorted(carried.to_pylist() if isinstance(carried, pa.Array) else carried)
+    digest = hashlib.sha256("\n".join(carried).encode()).hexdigest()[:16]
     print(
         json.dumps(
             {

@@ -18,11 +18,12 @@ from fiqa_curator.schemas.errors import UserError
 LOG_FORMAT_ENV = "FIQA_LOG_FORMAT"  # "json": set by `fiqa --log-json`
 
 
-def scoring_device(device: str, address: str | None) -> str:
+def scoring_device(device: str, address: str | None, local_gpu: bool | None = None) -> str:
     """ "cpu" or "cuda": where the actors will score. Decided before planning
     because "auto" precision, which is part of the configuration, depends on it. A cluster named by
     address is asked for its GPUs (joining it now); a local run looks at this machine. An autoscaling
-    cluster with no GPU node up yet reads as CPU: pass --device cuda there."""
+    cluster with no GPU node up yet reads as CPU: pass --device cuda there. `local_gpu`: whether torch sees
+    a GPU here, when the caller knows (the model check tells it); else torch is asked."""
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device != "auto":
@@ -32,9 +33,11 @@ def scoring_device(device: str, address: str | None) -> str:
         import ray
 
         return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    import torch
+    if local_gpu is None:
+        import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        local_gpu = torch.cuda.is_available()
+    return "cuda" if local_gpu else "cpu"
 
 
 def init_ray(address: str | None) -> bool:

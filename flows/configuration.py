@@ -1,37 +1,166 @@
 """The scoring configuration: the model a run loads and everything its numbers depend on.
 
-`scoring_config` turns checked options and the loaded model into the record whose fingerprint decides
-whether two runs' rows may be mixed (resuming, `--since`): model hash and architecture, exit depth, fusion
-and its weights, precision, decoding place, alignment, the size limit, the table's schema version.
+`ModelCheck` loads and checks the model in a child process and hands back only what the driver needs of
+it (`ModelFacts`: the architecture, the weights' hash, whether this machine has a GPU): the driver
+never imports torch (about 450 MB of its memory and 3 s of its start), and the check runs while Prefect's
+server and Ray start. `scoring_config` turns checked options and those facts into the record whose
+fingerprint decides whether two runs' rows may be mixed (resuming, `--since`): model hash and
+architecture, exit depth, fusion and its weights, precision, decoding place, alignment, the size limit,
+the table's schema version.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.quality_table import SCHEMA_VERSION
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
-from fiqa_curator.workers.checkpoint import LoadedModel, load_model
 from fiqa_curator.workers.config import ViTFIQAConfig
 from fiqa_curator.workers.fusion import parse_fusion
 
 
-def resolve_model(options: ScoreOptions) -> tuple[LoadedModel, str]:
-    """(the loaded model, its checkpoint URL): loaded once on the driver, so that a bad checkpoint or
-    config fails here, before any work."""
-    checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
-    arch: Any = options.architecture_file
-    if options.mode and not options.arch:
-        raise UserError("--mode goes with --arch (a preset); a JSON config states its own mode")
-    if options.arch:
-        arch = ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
-    return load_model(checkpoint, arch, storage_options=options.storage_options), checkpoint
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the driver needs of the model, which it does not load: its architecture, the hash of its
+    weights, and whether torch sees a GPU on this machine (for `--device auto` without a Ray cluster)."""
+
+    config: ViTFIQAConfig
+    sha256: str
+    local_gpu: bool
 
 
-def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]:
+def check_model(checkpoint: str, arch: Any, storage_options: Mapping[str, Any]) -> ModelFacts:
+    """Load the model as the actors will and check it (`workers.checkpoint.load_model`): what runs in the
+    child process. Raises CheckpointError / UserError for a bad checkpoint or architecture."""
+    import torch
+
+    from fiqa_curator.workers.checkpoint import load_model
+
+    loaded = load_model(checkpoint, arch, storage_options=storage_options)
+    return ModelFacts(loaded.config, loaded.sha256, torch.cuda.is_available())
+
+
+class ModelCheck:
+    """`check_model` for a run's options in the driver's model-check process, asked now; `result()` waits for
+    the answer (and raises what the check raised)."""
+
+    def __init__(self, options: ScoreOptions) -> None:
+        self.checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
+        arch: Any = options.architecture_file
+        if options.mode and not options.arch:
+            raise UserError("--mode goes with --arch (a preset); a JSON config states its own mode")
+        if options.arch:
+            arch = ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
+        request = (self.checkpoint, arch, dict(options.storage_options))
+        self._answer = _ASKING.submit(_ask, request)
+
+    def result(self) -> ModelFacts:
+        return self._answer.result()
+
+    def close(self) -> None:
+        """Not needed after all (the run failed before the flow asked for it)."""
+        self._answer.cancel()
+
+
+class _CheckerProcess:
+    """`python -m fiqa_curator.flows.configuration`: a plain child process (not `multiprocessing`, whose
+    spawn runs the parent's main script again, which a user's script without a `__main__` guard does not
+    survive) that answers check requests, pickled and length-prefixed, on its stdin and stdout, until its
+    stdin closes (the driver exits). One per driver, kept for its next run: a process that runs many flows
+    (the tests, a served deployment) pays the start and torch's import once."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fiqa_curator.flows.configuration"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    def ask(self, request: tuple[Any, ...]) -> ModelFacts:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            _send(self.process.stdin, request)
+            ok, answer = _receive(self.process.stdout)
+        except (OSError, EOFError) as error:
+            code = self.process.poll()
+            raise RuntimeError(
+                f"the model-check process ended (exit code {code}) before answering: see its messages above"
+            ) from error
+        if not ok:
+            raise answer
+        return answer
+
+
+_ASKING = ThreadPoolExecutor(1, thread_name_prefix="fiqa-model-check")  # one question at a time
+_CHECKER: list[_CheckerProcess] = []  # started on first use
+
+
+def _ask(request: tuple[Any, ...]) -> ModelFacts:
+    if _CHECKER and _CHECKER[0].process.poll() is not None:
+        _CHECKER.clear()  # it died (killed, out of memory): a new one
+    if not _CHECKER:
+        _CHECKER.append(_CheckerProcess())
+    try:
+        return _CHECKER[0].ask(request)
+    except RuntimeError:
+        _CHECKER.clear()
+        raise
+
+
+def _send(stream: Any, value: Any) -> None:
+    data = pickle.dumps(value)
+    stream.write(len(data).to_bytes(8, "big") + data)
+    stream.flush()
+
+
+def _receive(stream: Any) -> Any:
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError("the other side closed the pipe")
+    return pickle.loads(stream.read(int.from_bytes(header, "big")))
+
+
+def _serve() -> None:
+    """The model-check process: answer requests until stdin closes. Its stdout carries only the answers
+    (anything printed goes to stderr)."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    requests = sys.stdin.buffer
+    while True:
+        try:
+            request = _receive(requests)
+        except EOFError:
+            return
+        try:
+            answer: tuple[bool, Any] = (True, check_model(*request))
+        except Exception as error:
+            answer = (False, error)
+        try:
+            _send(answers, answer)
+        except (pickle.PicklingError, TypeError, AttributeError):  # an error that does not pickle
+            _send(answers, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
+
+
+def resolve_model(options: ScoreOptions, started: ModelCheck | None = None) -> tuple[ModelFacts, str]:
+    """(the model's facts, its checkpoint URL): the model checked once before any work (in a child
+    process: `ModelCheck`, the one `started` early when given), so that a bad checkpoint or config fails
+    here."""
+    check = started or ModelCheck(options)
+    return check.result(), check.checkpoint
+
+
+def scoring_config(loaded: Any, options: ScoreOptions) -> dict[str, Any]:
     """What the numbers depend on: the fingerprint of this decides whether results may be mixed.
+    `loaded`: the model's `ModelFacts` (or a `LoadedModel`: anything with its `config` and `sha256`).
     `options.device` must be resolved ("cpu" or "cuda"; `flows.cluster.scoring_device`): it decides "auto"
     precision."""
     exit_depth = options.exit_depth or loaded.config.depth
@@ -70,3 +199,11 @@ def scoring_config(loaded: LoadedModel, options: ScoreOptions) -> dict[str, Any]
         "precision": precision,
         "decode": options.decode,
     }
+
+
+if __name__ == "__main__":
+    # through the module's importable name, so that the answers pickle as
+    # fiqa_curator.flows.configuration.ModelFacts, not __main__.ModelFacts
+    from fiqa_curator.flows.configuration import _serve as serve
+
+    serve()

@@ -2,7 +2,7 @@
 over from a previous run (`--since`).
 
     a description per pending shard -> read_shards (light CPU tasks, one per shard: the shard's items
-        read from the plan's listing saved in OUTPUT, their bytes read and decoded) -> ScoreActor pool
+        read from the plan's listing saved in OUTPUT, their bytes read and decoded) -> ScoreStage actor pool
         -> batches back on the driver -> ShardWriter (each shard committed when its last row arrives)
 
 The driver hands Ray one small row per shard, not the items: what it does before scoring grows with the
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import (
@@ -43,7 +44,7 @@ from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import StallError
 from fiqa_curator.schemas.layout import LISTING_FILE
 from fiqa_curator.workers.io import protocol_of
-from fiqa_curator.workers.scoring import CPU_BATCH_SIZE
+from fiqa_curator.workers.settings import CPU_BATCH_SIZE
 
 # Rows per Ray Data block on GPU with an automatic batch size; the actor splits them by memory.
 GPU_BLOCK_ROWS = 1024
@@ -107,19 +108,20 @@ def watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any
 
 def carry_over(
     options: ScoreOptions, plan: Plan, items: pa.Table, config: Mapping[str, Any], writer: ShardWriter
-) -> set[str]:
+) -> pa.Array:
     """--since: hand the writer PREVIOUS's rows of unchanged images among `items` (the pending items with
-    their shards, `Plan.pending_listing`); returns the image ids carried."""
+    their shards, `Plan.pending_listing`); returns the image ids carried, as Arrow strings (tens of millions
+    of them as Python strings in a set would be gigabytes on the driver)."""
     from fiqa_curator.flows.incremental import carried_batches, unchanged_items
 
     assert options.since is not None
     previous = Output(options.since, options.storage_options)
     unchanged = unchanged_items(previous, plan, items)
-    carried: set[str] = set()
+    carried: list[pa.Array] = []
     for batch in carried_batches(previous, unchanged, config=config):
         writer.add(batch)
-        carried.update(batch["item_id"].tolist())
-    return carried
+        carried.append(pa.array(batch["item_id"], pa.string()))
+    return pc.unique(pa.chunked_array(carried, pa.string()))  # an item has a row per face: counted once
 
 
 def execute(
@@ -147,8 +149,10 @@ def execute(
     )
     # --since compares the pending items with PREVIOUS's (the plan keeps its listing in memory for it)
     items = plan.pending_listing(pending) if options.since else None
-    carried = carry_over(options, plan, items, config, writer) if items is not None else set()
-    if carried:
+    carried = (
+        carry_over(options, plan, items, config, writer) if items is not None else pa.array([], pa.string())
+    )
+    if len(carried):
         logger.info("carried over %d unchanged images from %s", len(carried), options.since)
     if not writer.missing():  # everything was carried over: nothing for Ray to do
         return ExecutionStats(
@@ -263,7 +267,6 @@ def _pipeline(
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from fiqa_curator.flows.shard_reading import read_shards
-    from fiqa_curator.workers.stages import ScoreActor
 
     gpus = placement.gpu
     # A fractional CPU: reading is mostly waiting on storage, and a resource request unlike the actor's
@@ -302,7 +305,7 @@ def _pipeline(
             "ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning
         )
         return dataset.map_batches(
-            ScoreActor,
+            ScoreStage,
             batch_size=block_rows,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=placement.workers),
@@ -327,6 +330,19 @@ def _pipeline(
         )
 
 
+class ScoreStage:
+    """The scoring actor as Ray Data runs it: `workers.stages.ScoreActor`, imported in the actor's process,
+    so that the driver, which only names the class, never imports torch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        from fiqa_curator.workers.stages import ScoreActor
+
+        self._actor = ScoreActor(**kwargs)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self._actor(batch)
+
+
 def _score_on_ray(
     options: ScoreOptions,
     plan: Plan,
@@ -336,7 +352,7 @@ def _score_on_ray(
     placement: ActorPlacement,
     group: Any | None,
     writer: ShardWriter,
-    carried: set[str],
+    carried: pa.Array,
     items: pa.Table | None,
     logger: logging.Logger | logging.LoggerAdapter,
     on_rows: Callable[[int], None] | None,

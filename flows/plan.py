@@ -359,7 +359,10 @@ def saved_listing_fits(output: Output, existing: Plan) -> bool:
 
 
 def shard_tasks(
-    plan: Plan, pending: Sequence[int], exclude: Collection[str] = (), items: pa.Table | None = None
+    plan: Plan,
+    pending: Sequence[int],
+    exclude: Collection[str] | pa.Array = (),
+    items: pa.Table | None = None,
 ) -> list[dict[str, Any]]:
     """One small description per pending shard for `shard_items`: its name, its rows in the listing and,
     when some of its items are in `exclude` (carried over by --since), the ids still to score as a JSON
@@ -367,9 +370,11 @@ def shard_tasks(
     listing must be in memory (it is, for --since), or its pending items given (`items`, as
     `Plan.pending_listing` makes them); without, only the plan's counts are used."""
     remaining: dict[str, list[str]] = {}
-    if exclude:
+    if len(exclude):
         items = items if items is not None else plan.pending_listing(pending)
-        carried = pc.is_in(items.column("image_id"), value_set=pa.array(sorted(exclude), pa.string()))
+        if not isinstance(exclude, pa.Array):
+            exclude = pa.array(list(exclude), pa.string())
+        carried = pc.is_in(items.column("image_id"), value_set=exclude)
         touched = items.filter(carried).column("shard").unique().to_pylist()
         remaining = {shard: [] for shard in touched}
         to_score = items.filter(pc.invert(carried))

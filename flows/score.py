@@ -26,7 +26,7 @@ from prefect.cache_policies import NONE
 
 from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import scoring_device, start_ray, stop_ray
-from fiqa_curator.flows.configuration import resolve_model, scoring_config
+from fiqa_curator.flows.configuration import ModelCheck, resolve_model, scoring_config
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
 from fiqa_curator.flows.listing_sort import sort_listing
 from fiqa_curator.flows.options import ScoreOptions
@@ -54,6 +54,7 @@ from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
 __all__ = ["RunSummary", "ScoreOptions", "StallError", "score_flow"]
 _PRIVATE_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # see score_flow_run
+_STARTED_MODEL_CHECKS: dict[str, ModelCheck] = {}  # started by score_flow before the flow run, by reference
 
 
 @dataclass
@@ -183,7 +184,6 @@ def _versions() -> dict[str, str]:
 
     import prefect
     import ray
-    import torch
 
     try:
         ours = version("fiqa-curator")
@@ -192,7 +192,7 @@ def _versions() -> dict[str, str]:
     return {
         "fiqa_curator": ours,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": version("torch"),  # not imported: the driver never loads torch (flows.configuration)
         "ray": ray.__version__,
         "prefect": prefect.__version__,
         "pyarrow": pa.__version__,
@@ -302,18 +302,18 @@ def score_flow_run(
 ) -> RunSummary:
     """The flow itself. Prefect records flow parameters (in its database, on a real server), and
     credentials must never end up there: storage options stay in this process and the flow receives
-    only an opaque reference to them."""
-    if storage_options_ref is not None:
+    only an opaque reference to them (which also names the model check `score_flow` started early)."""
+    if storage_options_ref in _PRIVATE_STORAGE_OPTIONS:
         options = options.model_copy(
             update={"storage_options": _PRIVATE_STORAGE_OPTIONS[storage_options_ref]}
         )
     timeline.mark("flow started")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    loaded, checkpoint = resolve_model(options)
+    loaded, checkpoint = resolve_model(options, _STARTED_MODEL_CHECKS.pop(storage_options_ref or "", None))
     timeline.mark("model checked")
     try:
-        device = scoring_device(options.device, options.ray_address)
+        device = scoring_device(options.device, options.ray_address, loaded.local_gpu)
         options = options.model_copy(update={"device": device})
         config = scoring_config(loaded, options)
         del loaded  # actors load their own copy; the driver only needed the checks and the hash
@@ -359,17 +359,22 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
     # Ray starts meanwhile (each takes seconds; `_run.json`'s timeline), unless OUTPUT holds a finished run
     # (a rerun that may have nothing to score: Ray then starts only if it does).
     prefect_api = start_prefect_api_in_background()
-    reference = uuid.uuid4().hex if options.storage_options else None
+    reference = uuid.uuid4().hex
     try:
+        # the model is loaded and checked in a child process meanwhile (flows.configuration.ModelCheck)
+        _STARTED_MODEL_CHECKS[reference] = ModelCheck(options)
         if not _finished(options):
             start_ray(options.ray_address)
         prefect_api.result()
         timeline.mark("prefect ready")
-        if reference:
+        if options.storage_options:
             _PRIVATE_STORAGE_OPTIONS[reference] = dict(options.storage_options)
         return score_flow_run(options.model_copy(update={"storage_options": {}}), reference, on_rows)
     finally:
         _PRIVATE_STORAGE_OPTIONS.pop(reference, None)
+        unused = _STARTED_MODEL_CHECKS.pop(reference, None)
+        if unused is not None:  # the flow did not get to it (Prefect failed to start, say)
+            unused.close()
         stop_ray()  # when the flow did not get to (it failed before its own `stop_ray`)
 
 

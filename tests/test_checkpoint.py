@@ -170,3 +170,34 @@ def test_presets_load_released_sized_checkpoints(preset: str, depth: int) -> Non
     assert loaded.config == config
     assert sum(p.numel() for p in loaded.model.parameters()) == sum(p.numel() for p in model.parameters())
     fsspec.filesystem("memory").rm(url)
+
+
+def test_the_model_is_checked_in_a_child_process(tmp_path: Path) -> None:
+    """`fiqa score` loads and checks the model in a spawned child (the driver never imports torch): the
+    facts it hands back are the model's own, and a bad checkpoint fails with the same error as in process."""
+    from fiqa_curator.flows.configuration import ModelCheck, resolve_model
+    from fiqa_curator.flows.options import ScoreOptions
+    from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
+
+    facts, checkpoint = resolve_model(ScoreOptions(input="in", output="out"))
+    loaded = load_model(BUNDLED_CHECKPOINT)
+    assert checkpoint == str(BUNDLED_CHECKPOINT)
+    assert (facts.sha256, facts.config) == (loaded.sha256, loaded.config)
+    assert facts.local_gpu == torch.cuda.is_available()
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    check = ModelCheck(ScoreOptions(input="in", output="out", checkpoint=str(tmp_path / "bad.pt")))
+    with pytest.raises(CheckpointError) as in_child:
+        check.result()
+    with pytest.raises(CheckpointError) as in_process:
+        load_model(tmp_path / "bad.pt")
+    assert str(in_child.value) == str(in_process.value)
+    with pytest.raises(ValueError, match="--mode goes with --arch"):
+        ModelCheck(ScoreOptions(input="in", output="out", mode="crfiqa"))
+    # the check process is kept between runs; one that died (killed, out of memory) is replaced
+    from fiqa_curator.flows import configuration
+
+    checker = configuration._CHECKER[0].process
+    checker.kill()
+    checker.wait()
+    assert resolve_model(ScoreOptions(input="in", output="out"))[0] == facts
+    assert configuration._CHECKER[0].process.pid != checker.pid

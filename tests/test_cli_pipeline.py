@@ -27,9 +27,30 @@ pytestmark = pytest.mark.slow
 FIQA = str(Path(sys.executable).parent / "fiqa")
 
 
-def fiqa(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+# `fiqa` as a Python process that says whether it had imported torch when scoring was over (the report's
+# attention figure, after Ray has stopped, loads the model): the driver must not (the model is checked in a
+# child process and scored in Ray's actors; flows.configuration)
+DRIVER_WITHOUT_TORCH = """
+import sys
+import fiqa_curator.flows.score as score
+from fiqa_curator.flows.cli import main
+
+report_task = score.report_task
+
+def probed_report_task(*args, **kwargs):
+    print("torch imported by the driver:", "torch" in sys.modules)
+    return report_task(*args, **kwargs)
+
+score.report_task = probed_report_task
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def fiqa(
+    *args: str, env: dict | None = None, timeout: float = 600, probe_torch: bool = False
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [FIQA, *args],
+        [sys.executable, "-c", DRIVER_WITHOUT_TORCH, *args] if probe_torch else [FIQA, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,9 +103,11 @@ def test_s3_in_and_out_with_aws_environment(tmp_path: Path, s3_server, s3_bucket
         "4",
         "--no-progress",
         env=env,
+        probe_torch=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "done: 7 images (decode_error 1, ok 6)" in result.stdout
+    assert "torch imported by the driver: False" in result.stdout
     assert s3_server.storage_options["secret"] not in result.stdout + result.stderr  # never log credentials
     assert fs.exists(f"{s3_bucket}/out/run-1/_SUCCESS")
     rows = read_quality_table(f"s3://{s3_bucket}/out/run-1", s3_server.storage_options)

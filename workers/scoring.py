@@ -18,9 +18,9 @@ from fiqa_curator.workers.checkpoint import LoadedModel
 from fiqa_curator.workers.fusion import Fusion, parse_fusion
 from fiqa_curator.workers.model import ExitOutput
 from fiqa_curator.workers.preprocess import normalize
+from fiqa_curator.workers.settings import CPU_BATCH_SIZE
 
 DEFAULT_FUSIONS = ("f", "fw", "final")
-CPU_BATCH_SIZE = 64  # CPU throughput is flat above a few dozen images; larger batches only cost memory
 AUTO_BATCH_CAP = 2048  # a GPU is saturated well before this for ViT-S/B at 112x112
 PROBE_IMAGES = 32
 
