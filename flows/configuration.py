@@ -71,12 +71,17 @@ class ModelCheck:
         self._answer.cancel()
 
 
+class ModelCheckDied(RuntimeError):
+    """The model-check process ended without answering (killed, out of memory, a broken install)."""
+
+
 class _CheckerProcess:
     """`python -m fiqa_curator.flows.configuration`: a plain child process (not `multiprocessing`, whose
     spawn runs the parent's main script again, which a user's script without a `__main__` guard does not
-    survive) that answers check requests, pickled and length-prefixed, on its stdin and stdout, until its
-    stdin closes (the driver exits). One per driver, kept for its next run: a process that runs many flows
-    (the tests, a served deployment) pays the start and torch's import once."""
+    survive) that answers check requests, pickled and length-prefixed, on its stdin and stdout. It exits
+    after its answer (torch and the model, ~450 MB, are not kept beside the driver while it scores), or,
+    with FIQA_KEEP_MODEL_CHECK=1, stays for the driver's next run until its stdin closes: a process that
+    runs many flows (the tests) pays its start and torch's import once."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
@@ -92,7 +97,7 @@ class _CheckerProcess:
             ok, answer = _receive(self.process.stdout)
         except (OSError, EOFError) as error:
             code = self.process.poll()
-            raise RuntimeError(
+            raise ModelCheckDied(
                 f"the model-check process ended (exit code {code}) before answering: see its messages above"
             ) from error
         if not ok:
@@ -104,16 +109,23 @@ _ASKING = ThreadPoolExecutor(1, thread_name_prefix="fiqa-model-check")  # one qu
 _CHECKER: list[_CheckerProcess] = []  # started on first use
 
 
+KEEP_CHECKER_ENV = "FIQA_KEEP_MODEL_CHECK"  # "1": keep the model-check process for this process's next run
+
+
 def _ask(request: tuple[Any, ...]) -> ModelFacts:
+    keep = os.environ.get(KEEP_CHECKER_ENV) == "1"
     if _CHECKER and _CHECKER[0].process.poll() is not None:
         _CHECKER.clear()  # it died (killed, out of memory): a new one
     if not _CHECKER:
         _CHECKER.append(_CheckerProcess())
     try:
-        return _CHECKER[0].ask(request)
-    except RuntimeError:
+        return _CHECKER[0].ask((keep, *request))
+    except ModelCheckDied:
         _CHECKER.clear()
         raise
+    finally:
+        if not keep and _CHECKER:
+            _CHECKER.pop().process.wait(timeout=60)  # it exits after its answer
 
 
 def _send(stream: Any, value: Any) -> None:
@@ -124,14 +136,16 @@ def _send(stream: Any, value: Any) -> None:
 
 def _receive(stream: Any) -> Any:
     header = stream.read(8)
-    if len(header) < 8:
+    size = int.from_bytes(header, "big")
+    data = stream.read(size) if len(header) == 8 else b""
+    if len(header) < 8 or len(data) < size:
         raise EOFError("the other side closed the pipe")
-    return pickle.loads(stream.read(int.from_bytes(header, "big")))
+    return pickle.loads(data)
 
 
 def _serve() -> None:
-    """The model-check process: answer requests until stdin closes. Its stdout carries only the answers
-    (anything printed goes to stderr)."""
+    """The model-check process: answer requests (keep, checkpoint, arch, storage options) until one says not
+    to keep it, or stdin closes. Its stdout carries only the answers (anything printed goes to stderr)."""
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     requests = sys.stdin.buffer
@@ -140,14 +154,17 @@ def _serve() -> None:
             request = _receive(requests)
         except EOFError:
             return
+        keep, *check = request
         try:
-            answer: tuple[bool, Any] = (True, check_model(*request))
+            answer: tuple[bool, Any] = (True, check_model(*check))
         except Exception as error:
             answer = (False, error)
         try:
             _send(answers, answer)
         except (pickle.PicklingError, TypeError, AttributeError):  # an error that does not pickle
             _send(answers, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
+        if not keep:
+            return
 
 
 def resolve_model(options: ScoreOptions, started: ModelCheck | None = None) -> tuple[ModelFacts, str]:

@@ -18,6 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Ray's background threads may log after pytest has closed its capture streams; such a failed log call
 # must not print a traceback over the test summary.
 logging.raiseExceptions = False
+# The flows run in this process check their model in one child process, kept between runs (instead of a new
+# one importing torch for each of the suite's dozens of runs): flows.configuration
+os.environ["FIQA_KEEP_MODEL_CHECK"] = "1"
 
 
 def reference_fixture_root() -> Path:

@@ -172,7 +172,7 @@ def test_presets_load_released_sized_checkpoints(preset: str, depth: int) -> Non
     fsspec.filesystem("memory").rm(url)
 
 
-def test_the_model_is_checked_in_a_child_process(tmp_path: Path) -> None:
+def test_the_model_is_checked_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
     """`fiqa score` loads and checks the model in a spawned child (the driver never imports torch): the
     facts it hands back are the model's own, and a bad checkpoint fails with the same error as in process."""
     from fiqa_curator.flows.configuration import ModelCheck, resolve_model
@@ -201,3 +201,11 @@ def test_the_model_is_checked_in_a_child_process(tmp_path: Path) -> None:
     checker.wait()
     assert resolve_model(ScoreOptions(input="in", output="out"))[0] == facts
     assert configuration._CHECKER[0].process.pid != checker.pid
+    # by default (`fiqa score`: one run per process) it exits after its answer: torch is not kept beside
+    # the driver while it scores
+    monkeypatch.delenv("FIQA_KEEP_MODEL_CHECK")
+    kept = configuration._CHECKER[0].process
+    assert resolve_model(ScoreOptions(input="in", output="out"))[0] == facts
+    assert not configuration._CHECKER and kept.wait(timeout=30) == 0
+    assert resolve_model(ScoreOptions(input="in", output="out"))[0] == facts  # a new one, gone again
+    assert not configuration._CHECKER
