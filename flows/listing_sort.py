@@ -16,7 +16,11 @@ table, with the same fingerprint (tested), so an OUTPUT planned in memory resume
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -28,6 +32,45 @@ from fiqa_curator.flows.sources import ITEM_SCHEMA
 # the listing is about 1.5 GB of columns: this bounds what the driver adds for it.
 SORT_MEMORY = "256MiB"
 SORT_THREADS = max(1, min(4, os.cpu_count() or 1))
+PLANNING_FOLDER_PREFIX = "fiqa-plan-"  # then this host's name and the planning process's id
+
+
+@contextmanager
+def planning_folder(root: str | None = None) -> Iterator[str]:
+    """A private folder for one run's listing under `root` (default: the system's temporary folder, TMPDIR),
+    removed afterwards. A run killed with `kill -9` cannot remove its own (a 100M-image listing leaves
+    about 10 GB), so the folders of this host's planning processes that no longer exist are removed first
+    (`remove_abandoned_folders`)."""
+    root = root or tempfile.gettempdir()
+    remove_abandoned_folders(root)
+    prefix = f"{PLANNING_FOLDER_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as folder:
+        yield folder
+
+
+def remove_abandoned_folders(root: str) -> list[str]:
+    """Remove the planning folders under `root` whose process is gone: named for this host (another host
+    or container sharing the folder may have a live process of the same id) and a process id that no
+    process here has. Returns the folders removed."""
+    mine = f"{PLANNING_FOLDER_PREFIX}{socket.gethostname()}-"
+    removed = []
+    for entry in os.scandir(root):
+        pid = entry.name[len(mine) :].split("-", 1)[0]
+        ours = entry.name.startswith(mine) and pid.isdigit() and entry.is_dir(follow_symlinks=False)
+        if ours and not _process_exists(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import platform
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -28,7 +27,7 @@ from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import scoring_device, start_ray, stop_ray
 from fiqa_curator.flows.configuration import ModelCheck, resolve_model, scoring_config
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
-from fiqa_curator.flows.listing_sort import sort_listing
+from fiqa_curator.flows.listing_sort import planning_folder, sort_listing
 from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.flows.plan import (
     Plan,
@@ -94,7 +93,7 @@ def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
     # when big; an unreadable INPUT creates nothing
     tar_lister = ShardLister(lambda: start_ray(options.ray_address), SavedListing.of(output))
     # the listing is spilled to local disk as it is listed and sorted there: the driver never holds it
-    with tempfile.TemporaryDirectory(prefix="fiqa-plan-") as folder:
+    with planning_folder() as folder:
         kind, parts = listing_parts(options.input, options.storage_options, tar_lister)
         listing = sort_listing(parts, folder)
         if listing.rows == 0:

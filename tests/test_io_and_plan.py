@@ -704,3 +704,29 @@ def test_s3_folders_are_listed_page_by_page_with_retries(s3_server, s3_bucket: s
     assert listing.column("url").to_pylist()[0] == f"s3://{s3_bucket}/in/4.jpg"
     assert listing.column("version").to_pylist()[0] == found[f"{s3_bucket}/in/4.jpg"]["ETag"].strip('"')
     assert listing.column("size").to_pylist()[:3] == [len("in/4.jpg"), len("in/5.jpg"), len("in/a/1.jpg")]
+
+
+def test_planning_folders_of_killed_runs_are_removed(tmp_path: Path) -> None:
+    """A run killed with `kill -9` leaves its planning folder: the next run on this host removes it, and
+    leaves those of live processes and of other hosts alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from fiqa_curator.flows.listing_sort import planning_folder
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    dead = tmp_path / f"fiqa-plan-{host}-{int(gone.stdout)}-abc"
+    alive = tmp_path / f"fiqa-plan-{host}-{os.getpid()}-def"
+    elsewhere = tmp_path / f"fiqa-plan-{host}x-{int(gone.stdout)}-ghi"
+    for folder in (dead, alive, elsewhere):
+        (folder / "sort").mkdir(parents=True)
+        (folder / "sort" / "unsorted.parquet").write_bytes(b"x" * 100)
+    with planning_folder(str(tmp_path)) as folder:
+        assert Path(folder).name.startswith(f"fiqa-plan-{host}-{os.getpid()}-")
+        assert not dead.exists() and alive.exists() and elsewhere.exists()
+    assert not Path(folder).exists()
