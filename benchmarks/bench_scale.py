@@ -266,18 +266,19 @@ def plan_benchmark(args: argparse.Namespace) -> dict:
             if rows in args.rows:
                 variants[f"baseline {args.baseline}"] = str(baseline_path)
             for name, path in variants.items():
-                env = dict(os.environ, PYTHONPATH=path) if path else dict(os.environ)
                 output = Path(work) / f"out-{rows}-{name[:4]}"
-                run = subprocess.run(
-                    [sys.executable, "-c", PLAN_CHILD, str(manifest), str(output)],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                report.setdefault(str(rows), {})[name] = json.loads(run.stdout.strip().splitlines()[-1])
+                report.setdefault(str(rows), {})[name] = _plan_in_child(str(manifest), output, path)
                 print(rows, name, report[str(rows)][name], flush=True)
     return report
+
+
+def _plan_in_child(source: str, output: Path, pythonpath: str | None, options: str | None = None) -> dict:
+    """PLAN_CHILD's figures for planning `source` into `output` in a fresh process (the package from
+    `pythonpath` when given: a revision's checkout)."""
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else dict(os.environ)
+    command = [sys.executable, "-c", PLAN_CHILD, source, str(output), *([options] if options else [])]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 FOLDER_PREFIXES = ("x/y/z", "x/y", "x")  # the nested prefixes of the folder benchmark's sizes
@@ -331,17 +332,10 @@ def folder_benchmark(args: argparse.Namespace) -> dict:
                 uploaded = size
                 variants = {"this tree": None, f"baseline {args.baseline}": str(baseline_path)}
                 for name, path in variants.items():
-                    env = dict(os.environ, PYTHONPATH=path) if path else dict(os.environ)
                     output = Path(work) / f"out-{size}-{name[:4]}"
-                    run = subprocess.run(
-                        [sys.executable, "-c", PLAN_CHILD, f"s3://corpus/{prefix}", str(output), options],
-                        env=env,
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    )
-                    report.setdefault(str(size), {})[name] = json.loads(run.stdout.strip().splitlines()[-1])
-                    print(size, name, report[str(size)][name], flush=True)
+                    figures = _plan_in_child(f"s3://corpus/{prefix}", output, path, options)
+                    report.setdefault(str(size), {})[name] = figures
+                    print(size, name, figures, flush=True)
         finally:
             server.stop()
     return report
