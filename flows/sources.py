@@ -254,6 +254,7 @@ def _folder_parts(
         elif extension == ".tar":
             tars.append(TarShard(_full_url(fs, path), relative, size, _version(info)))
     yield items_to_table(items)
+    tars.sort(key=lambda shard: shard.tar_id)  # listed in no particular order: the shards go in by name
     yield from _parts([], tars, storage_options, list_tars)
 
 

@@ -209,8 +209,9 @@ class ShardLister:
         unchanged = self.saved is not None and self.saved.fingerprint == fingerprint
         if not self.shards or (unchanged and self.reused == len(self.shards)):
             return
+        shards = sorted(self.shards, key=lambda shard: shard.tar_id)  # the same file whatever the order
         index = pa.table(
-            {name: [getattr(shard, name) for shard in self.shards] for name in TARS_SCHEMA.names}, TARS_SCHEMA
+            {name: [getattr(shard, name) for shard in shards] for name in TARS_SCHEMA.names}, TARS_SCHEMA
         ).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
         buffer = io.BytesIO()
         pq.write_table(index, buffer)

@@ -34,12 +34,15 @@ from fiqa_curator.flows.sources import (
     ITEM_SCHEMA,
     InputError,
     InputItem,
+    TarShard,
     discover,
     items_to_table,
+    list_tars_in_process,
     listing_parts,
 )
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.schemas.layout import LISTING_FILE, shard_name
+from fiqa_curator.flows.tar_listing import ShardLister
+from fiqa_curator.schemas.layout import LISTING_FILE, TARS_FILE, shard_name
 from fiqa_curator.workers.io import read_range, with_retries
 
 
@@ -656,6 +659,37 @@ def test_folders_are_listed_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> No
         "b/s.tar/k",
     ]
     assert listing.column("size").to_pylist()[:2] == [5, 6]
+
+
+def test_shards_are_listed_by_name_whatever_order_the_store_gives(tmp_path: Path, monkeypatch) -> None:
+    """A store lists a directory in no particular order (CI's disk gave train-0001 before train-0000): the
+    shards still go to the tar lister, and so into OUTPUT's index of shards, sorted by name."""
+    for shard in ["train-0000.tar", "train-0001.tar", "sub/train-0002.tar"]:
+        (tmp_path / shard).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / shard).write_bytes(_tar_of({"k.jpg": b"img"}))
+    original_ls = LocalFileSystem.ls
+
+    def reversed_ls(self, path, *args, **kwargs):
+        return sorted(original_ls(self, path, *args, **kwargs), key=lambda info: info["name"], reverse=True)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", reversed_ls)
+    given: list[str] = []
+
+    def list_tars(tars, storage_options):
+        given.extend(shard.tar_id for shard in tars)
+        return list_tars_in_process(tars, storage_options)
+
+    _, parts = listing_parts(str(tmp_path), list_tars=list_tars)
+    assert sum(part.num_rows for part in parts) == 3
+    assert given == ["sub/train-0002.tar", "train-0000.tar", "train-0001.tar"]
+
+    lister = ShardLister(ensure_ray=lambda: None)
+    for name in reversed(given):  # a lister given its shards in any order (as Ray tasks finish)
+        list(lister([TarShard(str(tmp_path / name), name, (tmp_path / name).stat().st_size, "v")], None))
+    output = Output(str(tmp_path / "out"))
+    lister.save_index(output, "fingerprint")
+    saved = pq.read_table(tmp_path / "out" / TARS_FILE).column("tar_id").to_pylist()
+    assert saved == ["sub/train-0002.tar", "train-0000.tar", "train-0001.tar"]
 
 
 def test_s3_folders_are_listed_page_by_page_with_retries(s3_server, s3_bucket: str, monkeypatch) -> None:
