@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fiqa_curator.flows import sources
+from fiqa_curator.flows import execution, sources
+from fiqa_curator.flows.execution import forget_block_stats
 from fiqa_curator.flows.plan import PlanConflict
 from fiqa_curator.flows.sources import InputError
 from fiqa_curator.schemas import SCHEMA_VERSION
@@ -377,11 +378,23 @@ def test_cpu_actors_are_spread_strictly_while_there_are_nodes_enough(ray_cluster
             remove_placement_group(group)
 
 
-def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score) -> None:
+def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score, monkeypatch) -> None:
     checkpoint, config = _tiny_checkpoint(tmp_path)
     folder = _jpeg_folder(tmp_path, 6)
     (folder / "bad.jpg").write_bytes(b"\xff\xd8 broken")
+    # Ray Data's records of every block (kept per operator until the run ends) are dropped as the batches
+    # come: with none kept, every batch's block record is found and dropped, or Ray moved them elsewhere
+    monkeypatch.setattr(execution, "KEPT_BLOCK_STATS", 0)
+    batches, dropped = [], []
+
+    def counted_forget(dataset):
+        batches.append(1)
+        dropped.append(forget_block_stats(dataset))
+        return dropped[-1]
+
+    monkeypatch.setattr(execution, "forget_block_stats", counted_forget)
     _, rows = run_score(folder, tmp_path / "out", checkpoint=checkpoint, model_config=config, shard_size=4)
+    assert batches and sum(dropped) >= len(batches)
     con = duckdb.connect()
     glob = str(tmp_path / "out" / "scores" / "*.parquet")
     status_counts = dict(con.sql(f"select status, count(*) from '{glob}' group by status").fetchall())
