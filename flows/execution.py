@@ -333,9 +333,9 @@ def _pipeline(
         )
 
 
-def forget_block_stats(dataset: Any, keep: int | None = None) -> int:
+def forget_block_stats(dataset: Any) -> int:
     """Drop the records Ray Data keeps of every block each operator has output, once an operator holds more
-    than `keep` (default KEPT_BLOCK_STATS); returns how many were dropped.
+    than KEPT_BLOCK_STATS; returns how many were dropped.
 
     Why: a running dataset's map operators keep a `BlockStats` per output block for `Dataset.stats()` until
     the execution ends, about 2.7 KB each. With CPU blocks of 64 rows that is 86 MB of the driver's memory
@@ -343,12 +343,11 @@ def forget_block_stats(dataset: Any, keep: int | None = None) -> int:
     0.5 GB): docs/benchmarks.md. fiqa reads none of it (its figures are its own). Ray offers no setting
     for this, so this reaches a private attribute (`MapOperator._output_blocks_stats`, Ray 2.60); when a
     Ray upgrade renames it this drops nothing and test_analysts_read_the_table_with_duckdb fails."""
-    keep = KEPT_BLOCK_STATS if keep is None else keep
     executor = getattr(dataset, "_current_executor", None)
     dropped = 0
     for operator in getattr(executor, "_topology", None) or ():
         records = getattr(operator, "_output_blocks_stats", None)
-        if isinstance(records, list) and len(records) > keep:
+        if isinstance(records, list) and len(records) > KEPT_BLOCK_STATS:
             dropped += len(records)
             records.clear()  # one call under the GIL: the executor's thread only appends to it
     return dropped

@@ -385,16 +385,15 @@ def test_analysts_read_the_table_with_duckdb(tmp_path: Path, run_score, monkeypa
     # Ray Data's records of every block (kept per operator until the run ends) are dropped as the batches
     # come: with none kept, every batch's block record is found and dropped, or Ray moved them elsewhere
     monkeypatch.setattr(execution, "KEPT_BLOCK_STATS", 0)
-    batches, dropped = [], []
+    dropped: list[int] = []  # per batch
 
     def counted_forget(dataset):
-        batches.append(1)
         dropped.append(forget_block_stats(dataset))
         return dropped[-1]
 
     monkeypatch.setattr(execution, "forget_block_stats", counted_forget)
     _, rows = run_score(folder, tmp_path / "out", checkpoint=checkpoint, model_config=config, shard_size=4)
-    assert batches and sum(dropped) >= len(batches)
+    assert dropped and sum(dropped) >= len(dropped)
     con = duckdb.connect()
     glob = str(tmp_path / "out" / "scores" / "*.parquet")
     status_counts = dict(con.sql(f"select status, count(*) from '{glob}' group by status").fetchall())
