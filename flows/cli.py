@@ -270,15 +270,54 @@ def _cmd_select(args: argparse.Namespace) -> int:
         drop_fraction=args.drop_fraction,
         min_quality=args.min_quality,
         by=args.by,
+        drop_outliers=args.drop_outliers,
+        drop_duplicates=args.drop_duplicates,
+        min_identity_images=args.min_identity_images,
         storage_options=parse_storage_options(args.storage_options),
         memory_limit=args.memory_limit,
     )
     threshold = "none (nothing dropped)" if selection.threshold is None else f"{selection.threshold:.6g}"
     console.print(f"{selection.rule}; threshold {threshold}")
+    identity = (
+        f", {selection.dropped_outliers} identity outliers, {selection.dropped_duplicates} near-duplicates, "
+        f"{selection.dropped_small_identities} of identities left too small"
+        if args.drop_outliers or args.drop_duplicates or args.min_identity_images is not None
+        else ""
+    )
     console.print(
-        f"keep {selection.kept}, drop {selection.dropped_low_quality} for quality and "
+        f"keep {selection.kept}, drop {selection.dropped_low_quality} for quality{identity} and "
         f"{selection.dropped_unscored} that could not be scored -> {selection.output}/keep.parquet, "
         f"drop.parquet, selection.json"
+    )
+    return 0
+
+
+def _cmd_identities(args: argparse.Namespace) -> int:
+    from fiqa_curator.flows.identities import find_identities
+
+    summary = find_identities(
+        args.output,
+        embeddings=args.embeddings,
+        by=args.by,
+        outlier_similarity=args.outlier_similarity,
+        duplicate_similarity=args.duplicate_similarity,
+        merge_similarity=args.merge_similarity,
+        weighted=not args.unweighted,
+        storage_options=parse_storage_options(args.storage_options),
+        memory_limit=args.memory_limit,
+    )
+    thresholds = summary.thresholds
+    console.print(
+        f"{summary.images} images in {summary.identities} identities ({summary.usable} with a score and an "
+        f"embedding from {summary.embeddings}); images without an identity, left out: "
+        f"{summary.without_identity}"
+    )
+    for name in ("outlier", "duplicate", "merge"):
+        console.print(f"  {name} threshold {getattr(thresholds, name):.4f}: {thresholds.source[name]}")
+    console.print(
+        f"outliers {summary.outliers}, near-duplicates {summary.duplicates}, kept {summary.kept}; "
+        f"merge candidates {summary.merge_candidates} identities ({summary.nearest_method} search) -> "
+        f"{summary.output}/identity_images.parquet, identities.parquet, identities.json"
     )
     return 0
 
@@ -542,7 +581,7 @@ def _add_report(commands: Any) -> None:
 def _add_select(commands: Any) -> None:
     select = commands.add_parser("select", help="keep/drop lists from a quality table")
     select.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
-    rule = select.add_mutually_exclusive_group(required=True)
+    rule = select.add_mutually_exclusive_group()
     rule.add_argument(
         "--drop-fraction", type=float, help="drop this fraction of the scored images, lowest first"
     )
@@ -550,9 +589,59 @@ def _add_select(commands: Any) -> None:
     select.add_argument(
         "--by", default="quality", help="quality | quality_fw | quality_f | quality_final | exit_<k>"
     )
+    select.add_argument(
+        "--drop-outliers", action="store_true", help="drop identity outliers (from `fiqa identities`)"
+    )
+    select.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="drop near-duplicates within an identity but the best-quality copy (from `fiqa identities`)",
+    )
+    select.add_argument(
+        "--min-identity-images",
+        type=int,
+        metavar="N",
+        help="drop identities left with fewer than N images after every other rule",
+    )
     select.add_argument("--storage-options", help="fsspec options as JSON")
     _add_memory_limit(select)
     select.set_defaults(handler=_cmd_select)
+
+
+def _add_identities(commands: Any) -> None:
+    identities = commands.add_parser(
+        "identities",
+        help="outliers, near-duplicates and merge candidates per identity, weighted by quality",
+        description="Compare every image with its identity's quality-weighted centre; write "
+        "OUTPUT/curation/identity_images.parquet, identities.parquet and identities.json. Thresholds "
+        "left unset are derived from the data (README: Identities).",
+    )
+    identities.add_argument("output", metavar="OUTPUT", help="a fiqa score OUTPUT (local or URL)")
+    identities.add_argument(
+        "--embeddings",
+        metavar="FILE",
+        help="Parquet (file or folder, any fsspec URL) with image_id and embedding from any face-recognition "
+        "model; default: the quality table's own `embedding` column (fiqa score --embeddings)",
+    )
+    identities.add_argument(
+        "--by",
+        default="quality",
+        help="the score that weighs the centres: quality | quality_f | ... | exit_<k>",
+    )
+    for name, meaning in (
+        ("outlier", "an image below this cosine similarity to its identity's centre is an outlier"),
+        ("duplicate", "two images of an identity at or above this cosine similarity are near-duplicates"),
+        ("merge", "identities whose centres reach this cosine similarity are merge candidates"),
+    ):
+        identities.add_argument(
+            f"--{name}-similarity", type=float, metavar="COSINE", help=f"{meaning} (default: derived)"
+        )
+    identities.add_argument(
+        "--unweighted", action="store_true", help="every image counts the same in its centre (to compare)"
+    )
+    identities.add_argument("--storage-options", help="fsspec options as JSON")
+    _add_memory_limit(identities)
+    identities.set_defaults(handler=_cmd_identities)
 
 
 def _add_query(commands: Any) -> None:
@@ -605,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_report(commands)
     _add_select(commands)
+    _add_identities(commands)
     _add_query(commands)
     _add_inspect(commands)
     _add_check_reference(commands)

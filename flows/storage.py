@@ -8,6 +8,8 @@ names of OUTPUT's files are declared in `schemas.layout`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 import uuid
 from collections.abc import Callable, Mapping
@@ -88,6 +90,19 @@ class Output:
             for entry in entries
             if entry.get("type") == "file" and entry["name"].rstrip("/") != folder
         )
+
+    def table_fingerprint(self) -> str:
+        """The quality table's file names and sizes, hashed: results derived from the table (`fiqa
+        identities`) record it, so that a command reading them refuses them once the table changed."""
+        folder = self.path(SCORES)
+        self.fs.invalidate_cache(folder)
+        entries = with_retries(lambda: self.fs.ls(folder, detail=True))
+        files = sorted(
+            (posixpath.basename(entry["name"].rstrip("/")), int(entry.get("size") or 0))
+            for entry in entries
+            if entry.get("type") == "file"
+        )
+        return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
     def list_dirs(self, relative: str = "") -> list[str]:
         """Names of the folders directly under `relative` (object stores: common prefixes)."""

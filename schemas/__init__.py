@@ -4,6 +4,7 @@
 - `status`: every status a row can have;
 - `batch`: the columns of the batches that travel between the pipeline's stages, with their placeholders;
 - `layout`: OUTPUT's files and the run record (`_run.json`);
+- `identities`: the files `fiqa identities` writes under `OUTPUT/curation/`;
 - `errors`: `UserError`, what the command line reports as one line with exit status 2.
 
 Names are imported lazily: a reading task that needs `Status` does not pay for pydantic or pyarrow.

@@ -9,7 +9,9 @@
       _SUCCESS                    written last: the table is complete
       report/                     index.html and summary.json (`fiqa report`, the end of `fiqa score`)
       evaluation/                 `fiqa evaluate --output OUTPUT/evaluation`, shown by the report
-      curation/                   `fiqa select`: keep.parquet, drop.parquet, selection.json
+      curation/                   `fiqa select`: keep.parquet, drop.parquet, selection.json;
+                                  `fiqa identities`: identity_images.parquet, identities.parquet,
+                                  identities.json (schemas.identities)
 
 Paths are relative to OUTPUT and '/'-separated (OUTPUT may be any fsspec URL). `flows.storage.Output`
 reads and writes them; `RunRecord` is the run record's one definition, for the writer and every reader.
@@ -34,6 +36,9 @@ REPORT_PAGE = "report/index.html"
 REPORT_SUMMARY = "report/summary.json"
 EVALUATION = "evaluation"
 CURATION = "curation"
+IDENTITY_IMAGES_FILE = f"{CURATION}/identity_images.parquet"  # per image (schemas.identities)
+IDENTITIES_FILE = f"{CURATION}/identities.parquet"  # per identity
+IDENTITY_SUMMARY_FILE = f"{CURATION}/identities.json"  # thresholds, how they were chosen, counts
 # What a fresh plan replaces (a run of another plan, with --overwrite).
 RUN_FILES = (SCORES, PLAN_FILE, LISTING_FILE, TARS_FILE, RUN_FILE, SUCCESS_FILE)
 

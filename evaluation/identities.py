@@ -1,0 +1,227 @@
+"""The arithmetic of identity-aware curation, on arrays of embeddings grouped by identity.
+
+Rows arrive sorted by identity; `starts` holds the first row of each identity (a run of equal labels).
+Everything is vectorised over rows and identities (numpy `reduceat`, batched matrix products); no Python
+loop runs once per row. `flows.identities` streams a quality table through these functions one chunk of
+whole identities at a time and writes the results.
+
+- **Quality-weighted centre.** An identity's centre is the normalised sum of its unit embeddings, each
+  weighted by the image's quality *rank* in the table (`cume_dist`, in (0, 1]): the best image counts
+  about as much as one, the worst next to nothing. Why: a low-quality face's embedding is an unreliable
+  sample of the identity (that is what the quality score predicts: its utility for recognition), and
+  degraded embeddings drift together towards a common "bad image" direction rather than scattering
+  around the identity. A rank, not the raw score, because scores of different models (and exits) live on
+  different scales; the weight of an image does not depend on which model scored it, only on the order.
+- **Leave-one-out similarity.** An image is compared with its identity's centre computed *without it*, so
+  that it never vouches for itself: in an identity of three images, one wrong image would otherwise be a
+  third of its own reference. For large identities it equals the plain centre's similarity.
+- **Outliers**, with one refit: images below the threshold are left out of the centre, the centre is
+  computed again, and the final similarities are taken to that centre (an M-estimate with a hard cut,
+  so that a few mislabelled images do not drag the reference towards themselves).
+- **Near-duplicates**: within an identity, images are visited from the best quality down; an image is a
+  duplicate when its cosine similarity to an image already kept reaches the threshold, and points to
+  the best such image. Kept images are never near-duplicates of each other.
+- **Nearest identities**: the centres' nearest neighbours by inner product, exact (faiss `IndexFlatIP`)
+  up to `EXACT_LIMIT` identities and an inverted-file index (`IndexIVFFlat`) beyond, so that millions of
+  identities take seconds, not hours.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+EXACT_LIMIT = 50_000  # identities searched exhaustively; beyond, an IVF index (bench_identities.py)
+IVF_PROBES = 32  # inverted lists visited per query
+IVF_TRAINING_PER_LIST = 40  # k-means training points per inverted list (faiss warns below 39)
+MAX_CELLS = 1 << 24  # similarity cells of one batched product in `near_duplicates` (64 MB of float32)
+
+
+def unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows scaled to unit length as float32, which rows could be: finite and of non-zero length).
+    Rows that cannot are zeros."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    valid = np.isfinite(norms) & (norms > 0)
+    units = np.zeros_like(vectors)
+    units[valid] = vectors[valid] / norms[valid, None]
+    return units, valid
+
+
+def group_of(starts: np.ndarray, rows: int) -> np.ndarray:
+    """The identity index of every row, from the identities' first rows."""
+    return np.repeat(np.arange(len(starts)), np.diff(np.append(starts, rows)))
+
+
+def weighted_sums(units: np.ndarray, weights: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per identity, the weighted sum of its unit embeddings (float64: sums of many rows)."""
+    if len(starts) == 0:
+        return np.zeros((0, units.shape[1]))
+    return np.add.reduceat(units.astype(np.float64) * weights[:, None], starts, axis=0)
+
+
+def similarity_to_centre(
+    units: np.ndarray, weights: np.ndarray, starts: np.ndarray, members: np.ndarray
+) -> np.ndarray:
+    """Every row's cosine similarity to its identity's weighted centre without the row itself (rows of
+    weight 0 are not in the centre, so they meet the whole of it). NaN where the rest of the identity
+    holds no member (`members`: rows that count in the centre, i.e. weight > 0) or the row has no
+    embedding."""
+    group = group_of(starts, len(units))
+    sums = weighted_sums(units, weights, starts)
+    others = np.add.reduceat(members.astype(np.int64), starts)[group] - members  # members besides the row
+    row_sum = sums[group]
+    dot = np.einsum("ij,ij->i", units.astype(np.float64), row_sum)
+    own = weights * members
+    norm2 = np.einsum("ij,ij->i", row_sum, row_sum) - 2 * own * dot + own * own
+    with np.errstate(invalid="ignore", divide="ignore"):
+        similarity = (dot - own) / np.sqrt(np.maximum(norm2, 0))
+    bad = (others < 1) | ~(norm2 > 0) | ~np.any(units, axis=1)
+    similarity[bad] = np.nan
+    return np.clip(similarity, -1.0, 1.0)
+
+
+@dataclass
+class Judged:
+    """What `judge` finds for a chunk of identities."""
+
+    similarity: np.ndarray  # per row: final leave-one-out similarity to the refitted centre (NaN: none)
+    outlier: np.ndarray  # per row
+    centres: np.ndarray  # per identity: unit centre without the outliers (zeros: no usable image)
+
+
+def judge(
+    units: np.ndarray, usable: np.ndarray, weights: np.ndarray, starts: np.ndarray, threshold: float
+) -> Judged:
+    """Similarities, outliers (similarity below `threshold`, after one refit without them) and centres.
+
+    When every usable image of an identity falls below the threshold on the first fit (two images that
+    disagree, say), the refit has nothing left: those images keep their first similarity and stay
+    outliers, and the identity's centre is the first fit's."""
+    first_weights = np.where(usable, weights, 0.0)
+    first = similarity_to_centre(units, first_weights, starts, usable)
+    rejected = usable & (first < threshold)
+    kept = usable & ~rejected
+    refit_weights = np.where(kept, weights, 0.0)
+    second = similarity_to_centre(units, refit_weights, starts, kept)
+    group = group_of(starts, len(units))
+    refit_members = np.add.reduceat(kept.astype(np.int64), starts) if len(starts) else np.zeros(0, int)
+    no_refit = refit_members[group] == 0
+    similarity = np.where(no_refit, first, second)
+    similarity[~usable] = np.nan
+    outlier = usable & (similarity < threshold)
+    sums = weighted_sums(units, refit_weights, starts)
+    fallback = weighted_sums(units, first_weights, starts)
+    sums[refit_members == 0] = fallback[refit_members == 0]
+    centres, _ = unit_rows(sums)
+    return Judged(similarity=similarity.astype(np.float32), outlier=outlier, centres=centres)
+
+
+def near_duplicates(
+    units: np.ndarray,
+    quality: np.ndarray,
+    starts: np.ndarray,
+    eligible: np.ndarray,
+    threshold: float,
+    max_cells: int = MAX_CELLS,
+) -> np.ndarray:
+    """For every row, the row it is a near-duplicate of (-1: none). Within an identity, eligible rows are
+    visited by quality, best first (ties: row order, i.e. image_id); a row whose similarity to a row
+    already kept is at least `threshold` is a duplicate of the best such row, otherwise it is kept.
+
+    Identities are padded to the next power of two of their eligible count and handled in batches of
+    equal padded size, one matrix product per batch and one vectorised step per position."""
+    duplicate_of = np.full(len(units), -1, dtype=np.int64)
+    rows = np.flatnonzero(eligible)
+    if len(rows) < 2:
+        return duplicate_of
+    group = group_of(starts, len(units))[rows]
+    rows = rows[np.lexsort((rows, -quality[rows], group))]  # by identity, then best quality first
+    group = group_of(starts, len(units))[rows]
+    first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    sizes = np.diff(np.append(first, len(rows)))
+    rank = np.arange(len(rows)) - np.repeat(first, sizes)
+    padded = np.maximum(2, 1 << np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64))
+    for size in np.unique(padded[sizes >= 2]):
+        chosen = np.flatnonzero((padded == size) & (sizes >= 2))
+        step = max(1, max_cells // int(size * size))
+        for at in range(0, len(chosen), step):
+            _greedy(
+                units, rows, first, sizes, rank, chosen[at : at + step], int(size), threshold, duplicate_of
+            )
+    return duplicate_of
+
+
+def _greedy(
+    units: np.ndarray,
+    rows: np.ndarray,
+    first: np.ndarray,
+    sizes: np.ndarray,
+    rank: np.ndarray,
+    batch: np.ndarray,
+    size: int,
+    threshold: float,
+    duplicate_of: np.ndarray,
+) -> None:
+    """`near_duplicates` for one batch of identities of the same padded size."""
+    slots = np.full((len(batch), size), -1, dtype=np.int64)  # the row in each (identity, position)
+    member = np.concatenate([np.arange(first[b], first[b] + sizes[b]) for b in batch])
+    owner = np.repeat(np.arange(len(batch)), sizes[batch])
+    slots[owner, rank[member]] = rows[member]
+    valid = slots >= 0
+    stacked = np.where(valid[..., None], units[np.maximum(slots, 0)], 0.0).astype(np.float32)
+    close = np.matmul(stacked, stacked.transpose(0, 2, 1)) >= threshold
+    kept = np.zeros_like(valid)
+    for position in range(size):
+        earlier = close[:, position, :position] & kept[:, :position]
+        found = earlier.any(axis=1)
+        kept[:, position] = valid[:, position] & ~found
+        hit = valid[:, position] & found
+        if hit.any():
+            best = earlier[hit].argmax(axis=1)  # the first kept match: the best quality
+            duplicate_of[slots[hit, position]] = slots[np.flatnonzero(hit), best]
+
+
+@dataclass
+class Neighbours:
+    index: np.ndarray  # per centre: the nearest other centre (-1: none)
+    similarity: np.ndarray  # its inner product (NaN: none)
+    method: str  # "exact" or "ivf<lists>,probe<n>"
+
+
+def nearest_identities(centres: np.ndarray, threads: int | None = None) -> Neighbours:
+    """Each unit centre's nearest other centre by cosine similarity (faiss)."""
+    import faiss
+
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    count, dimension = centres.shape
+    index_out = np.full(count, -1, dtype=np.int64)
+    similarity_out = np.full(count, np.nan, dtype=np.float32)
+    if count < 2:
+        return Neighbours(index_out, similarity_out, "exact")
+    data = np.ascontiguousarray(centres, dtype=np.float32)
+    if count <= EXACT_LIMIT:
+        index = faiss.IndexFlatIP(dimension)
+        method = "exact"
+    else:
+        lists = int(min(65_536, max(64, 2 * math.sqrt(count))))
+        quantizer = faiss.IndexFlatIP(dimension)
+        index = faiss.IndexIVFFlat(quantizer, dimension, lists, faiss.METRIC_INNER_PRODUCT)
+        training = np.random.default_rng(0).choice(count, min(count, IVF_TRAINING_PER_LIST * lists), False)
+        index.train(data[np.sort(training)])
+        index.nprobe = IVF_PROBES
+        method = f"ivf{lists},probe{IVF_PROBES}"
+    index.add(data)
+    similarity, found = index.search(data, 2)
+    own = np.arange(count)
+    # the first hit is normally the centre itself; with exact ties it may come second
+    pick = np.where(found[:, 0] == own, 1, 0)
+    index_out[:] = found[own, pick]
+    similarity_out[:] = similarity[own, pick]
+    missing = (index_out < 0) | (index_out == own)
+    index_out[missing] = -1
+    similarity_out[missing] = np.nan
+    return Neighbours(index_out, similarity_out, method)

@@ -1,0 +1,481 @@
+"""`fiqa identities`: mislabelled images, near-duplicates and identities filed twice, weighted by quality.
+
+Input: a finished quality table whose rows carry an `identity`, and embeddings: the table's own
+`embedding` column (`fiqa score --embeddings`) or any face-recognition model's, joined by `image_id`
+(`--embeddings FILE`: Parquet with `image_id` and `embedding`, a file or a folder, any fsspec URL).
+Output under OUTPUT/curation/ (`schemas.identities`): identity_images.parquet, identities.parquet and
+identities.json (the thresholds, where each came from, counts).
+
+How it runs, in memory that does not grow with the table:
+1. DuckDB joins the table with the embeddings, ranks every usable image's quality (the weights, see
+   `evaluation.identities`) and writes a local work file sorted by identity (its sort spills to disk
+   under `--memory-limit`).
+2. Thresholds the user did not set are estimated from evenly spread row groups of that file
+   (`estimate_thresholds`, below).
+3. The file is read once, a chunk of whole identities at a time: leave-one-out similarities, outliers
+   with one refit, near-duplicates, and each identity's centre. Per-image results go to a second local
+   file, per-identity counts and centres stay (an identity costs its name and one float32 vector).
+4. faiss finds each centre's nearest other centre; DuckDB sorts the per-image results by image_id
+   (so that `fiqa select` and analysts can read them alongside the quality table) and both files are
+   committed to OUTPUT.
+
+Default thresholds, derived from the data because cosine similarities of different face-recognition
+models live on different scales (dlib's different people sit near 0.9, ArcFace's near 0):
+- outlier: halfway between the median *genuine* similarity (an image to its own identity's centre,
+  leave-one-out) and the median *impostor* similarity (an image to the centre of a random other
+  identity). A mislabelled image is an impostor to the centre of the label it was given: it is flagged
+  when it looks more like a typical stranger than like a typical member. Medians, not tail quantiles,
+  because the sample is contaminated by the very problems being looked for (mislabelled images among
+  the genuine, an identity filed twice among the impostors) and because a tail quantile of a mixture
+  of clean and degraded images says more about the degradations than about identities.
+- merge: the median similarity of images to their own identity's centre. Two centres more alike than a
+  typical image is to its own centre describe one person (a centre averages many images, so two halves
+  of one identity are closer to each other than a single image is to either).
+- duplicate: a quarter of the merge threshold's distance from 1 (cosine `1 - (1 - merge) / 4`): much
+  closer than two different photographs of one person usually are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fiqa_curator.evaluation.identities import (
+    judge,
+    near_duplicates,
+    nearest_identities,
+    similarity_to_centre,
+    unit_rows,
+)
+from fiqa_curator.flows.curation import score_expression
+from fiqa_curator.flows.storage import Output
+from fiqa_curator.flows.table_sql import connect, files_pattern, memory_limit_bytes, quote, scalar
+from fiqa_curator.schemas.errors import UserError
+from fiqa_curator.schemas.identities import IDENTITIES_SCHEMA, IDENTITY_IMAGES_SCHEMA
+from fiqa_curator.schemas.layout import (
+    IDENTITIES_FILE,
+    IDENTITY_IMAGES_FILE,
+    IDENTITY_SUMMARY_FILE,
+    SCORES,
+)
+from fiqa_curator.schemas.status import Status
+from fiqa_curator.workers.io import filesystem
+
+CHUNK_ROWS = 65_536  # rows read from the work file at a time (whole identities are processed together)
+SAMPLE_ROWS = 200_000  # rows the default thresholds are estimated from
+DUPLICATE_SHARE = 0.25  # the duplicate threshold's distance from 1, as a share of the merge threshold's
+IMPOSTOR_POOL = 1_024  # recent identity centres an image may be compared with as an impostor
+SEED = 20261202
+
+
+@dataclass
+class Thresholds:
+    outlier: float
+    duplicate: float
+    merge: float
+    source: dict[str, str] = field(default_factory=dict)  # per threshold: "set" or how it was derived
+
+
+@dataclass
+class IdentitySummary:
+    output: str
+    table: str  # Output.table_fingerprint() of the quality table the results describe
+    embeddings: str
+    by: str
+    weighted: bool
+    images: int  # rows with an identity
+    without_identity: int
+    usable: int
+    identities: int
+    outliers: int
+    duplicates: int
+    kept: int
+    merge_candidates: int
+    thresholds: Thresholds
+    nearest_method: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _embedding_relation(
+    connection: duckdb.DuckDBPyConnection, output: Output, embeddings: str | None, storage: Mapping
+) -> tuple[str, str]:
+    """(a FROM clause giving `image_id`, `embedding` FLOAT[] per image, a description of the source)."""
+    if embeddings is None:
+        names = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
+        if "embedding" not in names:
+            raise UserError(
+                "the quality table has no `embedding` column: score with `fiqa score --embeddings`, or pass "
+                "--embeddings FILE (Parquet with image_id and embedding, from any face-recognition model)"
+            )
+        return "(SELECT image_id, CAST(embedding AS FLOAT[]) AS embedding FROM scores)", "the quality table"
+    fs, path = filesystem(embeddings, storage)
+    if fs.isdir(path):
+        inner = path.rstrip("/") + "/" + SCORES
+        path = (inner if fs.isdir(inner) else path.rstrip("/")) + "/*.parquet"
+    elif not fs.exists(path):
+        raise UserError(f"--embeddings {embeddings}: no such file")
+    url = fs.unstrip_protocol(path).removeprefix("file://")
+    if "://" in url and fs is not output.fs:
+        connection.register_filesystem(fs)
+    source = f"read_parquet({quote(url)})"
+    try:
+        names = {row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    except duckdb.Error as error:
+        raise UserError(f"--embeddings {embeddings}: not readable as Parquet: {error}") from None
+    if not {"image_id", "embedding"} <= names:
+        raise UserError(f"--embeddings {embeddings}: needs `image_id` and `embedding` columns")
+    repeated = scalar(connection, f"SELECT count(*) - count(DISTINCT image_id) FROM {source}")
+    if repeated:
+        raise UserError(f"--embeddings {embeddings}: {repeated} image_id(s) appear more than once")
+    relation = (
+        "(SELECT CAST(image_id AS VARCHAR) AS image_id, CAST(embedding AS FLOAT[]) AS embedding "
+        f"FROM {source})"
+    )
+    return relation, embeddings
+
+
+def _write_work_file(
+    connection: duckdb.DuckDBPyConnection, score: str, embedding_relation: str, path: str, weighted: bool
+) -> tuple[int, int, int]:
+    """The work file, sorted by identity then image_id; returns (rows with an identity, rows without one,
+    the embeddings' dimension). Weights: the quality's rank among usable images, or 1 (`weighted` off)."""
+    lengths = connection.execute(
+        f"SELECT min(len(embedding)), max(len(embedding)) FROM {embedding_relation} "
+        f"WHERE embedding IS NOT NULL"
+    ).fetchone()
+    if lengths[0] is None:
+        raise UserError("no image has an embedding")
+    if lengths[0] != lengths[1] or lengths[0] == 0:
+        raise UserError(f"embeddings must all have one length; found {lengths[0]} to {lengths[1]}")
+    without = scalar(connection, "SELECT count(*) FROM scores WHERE coalesce(identity, '') = ''")
+    ok = quote(Status.OK.value)
+    rank = "cume_dist() OVER (PARTITION BY usable ORDER BY quality)" if weighted else "1.0"
+    connection.execute(
+        f"""COPY (
+            SELECT image_id, identity, ok, quality, usable,
+                   CASE WHEN usable THEN {rank} END AS weight,
+                   embedding
+            FROM (
+                SELECT s.image_id, s.identity, s.status = {ok} AS ok,
+                       CASE WHEN isfinite({score}) THEN {score} END AS quality,
+                       coalesce(s.status = {ok} AND isfinite({score}) AND e.embedding IS NOT NULL, false)
+                           AS usable,
+                       e.embedding
+                FROM scores s LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
+                WHERE coalesce(s.identity, '') <> ''
+            )
+            ORDER BY identity, image_id
+        ) TO {quote(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {CHUNK_ROWS})"""
+    )
+    rows = pq.ParquetFile(path).metadata.num_rows
+    if rows == 0:
+        raise UserError("no image of the quality table has an identity (the manifest's `identity` column)")
+    return rows, int(without), int(lengths[0])
+
+
+@dataclass
+class Chunk:
+    """Whole identities read from the work file."""
+
+    table: pa.Table
+    starts: np.ndarray  # each identity's first row
+    units: np.ndarray
+    usable: np.ndarray
+    weights: np.ndarray
+    quality: np.ndarray
+
+
+def _chunk(table: pa.Table, dimension: int) -> Chunk:
+    identity = table.column("identity").combine_chunks()
+    changed = pc.not_equal(identity.slice(1), identity.slice(0, len(identity) - 1)).to_numpy(
+        zero_copy_only=False
+    )
+    starts = np.flatnonzero(np.r_[True, changed]) if len(identity) else np.zeros(0, np.int64)
+    vectors = np.zeros((table.num_rows, dimension), dtype=np.float32)
+    embedding = table.column("embedding").combine_chunks()
+    present = embedding.is_valid().to_numpy(zero_copy_only=False)
+    if present.any():
+        values = embedding.flatten().to_numpy(zero_copy_only=False)
+        vectors[present] = values.reshape(-1, dimension)
+    units, finite = unit_rows(vectors)
+    usable = table.column("usable").to_numpy(zero_copy_only=False) & finite
+    weights = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+    weights = np.where(usable, np.nan_to_num(weights), 0.0)
+    quality = table.column("quality").to_numpy(zero_copy_only=False).astype(np.float64)
+    return Chunk(table, starts, units, usable, weights, np.nan_to_num(quality, nan=-np.inf))
+
+
+def _whole_identities(path: str, dimension: int, row_groups: list[int] | None = None) -> Iterator[Chunk]:
+    """The work file a chunk of whole identities at a time (the last identity of a read waits for the
+    next read, since it may continue there). With `row_groups`, only those, each on its own, its first
+    and last identity dropped (they may be cut): for estimates."""
+    reader = pq.ParquetFile(path)
+    if row_groups is not None:
+        for group in row_groups:
+            chunk = _chunk(reader.read_row_group(group), dimension)
+            if len(chunk.starts) > 2:
+                inner = reader.read_row_group(group).slice(
+                    int(chunk.starts[1]), int(chunk.starts[-1] - chunk.starts[1])
+                )
+                yield _chunk(inner, dimension)
+        return
+    carried: pa.Table | None = None
+    for batch in reader.iter_batches(batch_size=CHUNK_ROWS):
+        table = pa.Table.from_batches([batch])
+        if carried is not None:
+            table = pa.concat_tables([carried, table])
+        identity = table.column("identity")
+        last = identity[-1]
+        tail = pc.sum(pc.equal(identity, last)).as_py()
+        carried = table.slice(table.num_rows - tail)
+        if table.num_rows > tail:
+            yield _chunk(table.slice(0, table.num_rows - tail), dimension)
+    if carried is not None and carried.num_rows:
+        yield _chunk(carried, dimension)
+
+
+def estimate_thresholds(path: str, dimension: int) -> tuple[float, float, int]:
+    """(median impostor similarity, median genuine similarity, images sampled) from row groups spread
+    evenly over the work file. Genuine: an image's leave-one-out similarity to its own identity's centre
+    (quality-weighted). Impostor: its similarity to the centre of an identity drawn at random among the
+    last IMPOSTOR_POOL identities seen (names are sorted, so neighbours in the file are unrelated)."""
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    wanted = max(1, math.ceil(SAMPLE_ROWS / CHUNK_ROWS))
+    picked = sorted({round(k * (groups - 1) / max(1, wanted - 1)) for k in range(min(groups, wanted))})
+    rng = np.random.default_rng(SEED)
+    genuine: list[np.ndarray] = []
+    impostor: list[np.ndarray] = []
+    pool = np.zeros((0, dimension), dtype=np.float32)
+    pool_names: np.ndarray = np.zeros(0, dtype=object)
+    for chunk in _whole_identities(path, dimension, picked if groups > 1 else None):
+        similarity = similarity_to_centre(chunk.units, chunk.weights, chunk.starts, chunk.usable)
+        genuine.append(similarity[np.isfinite(similarity)])
+        sums = np.add.reduceat(chunk.units * chunk.weights[:, None], chunk.starts, axis=0)
+        centres, has = unit_rows(sums)
+        names = np.asarray(
+            chunk.table.column("identity").take(pa.array(chunk.starts)).to_pylist(), dtype=object
+        )
+        pool = np.concatenate([pool, centres[has]])[-IMPOSTOR_POOL:]
+        pool_names = np.concatenate([pool_names, names[has]])[-IMPOSTOR_POOL:]
+        if len(pool) < 2:
+            continue
+        rows = np.flatnonzero(chunk.usable)
+        own = np.repeat(names, np.diff(np.append(chunk.starts, chunk.table.num_rows)))[rows]
+        drawn = rng.integers(0, len(pool), size=len(rows))
+        same = pool_names[drawn] == own
+        drawn[same] = (drawn[same] + 1) % len(pool)  # another identity (pool names are distinct)
+        impostor.append(np.einsum("ij,ij->i", chunk.units[rows], pool[drawn]))
+    genuine_all = np.concatenate(genuine) if genuine else np.zeros(0)
+    impostor_all = np.concatenate(impostor) if impostor else np.zeros(0)
+    if len(impostor_all) == 0 or len(genuine_all) == 0:
+        raise UserError(
+            "too few identities with usable images to derive the thresholds: set --outlier-similarity, "
+            "--duplicate-similarity and --merge-similarity"
+        )
+    return (
+        float(np.median(impostor_all)),
+        float(np.median(genuine_all)),
+        len(impostor_all),
+    )
+
+
+def _thresholds(
+    path: str, dimension: int, outlier: float | None, duplicate: float | None, merge: float | None
+) -> Thresholds:
+    source = {}
+    if None not in (outlier, duplicate, merge):
+        return Thresholds(outlier, duplicate, merge, dict.fromkeys(("outlier", "duplicate", "merge"), "set"))
+    impostor, genuine, sampled = estimate_thresholds(path, dimension)
+    if outlier is None:
+        outlier = (impostor + genuine) / 2
+        source["outlier"] = (
+            f"halfway between the median similarity of {sampled} images to their own identity's centre "
+            f"({genuine:.4f}) and to a random other identity's ({impostor:.4f})"
+        )
+    if merge is None:
+        merge = genuine
+        source["merge"] = f"median similarity of {sampled} images to their own identity's centre"
+    if duplicate is None:
+        duplicate = 1 - DUPLICATE_SHARE * (1 - merge)
+        source["duplicate"] = f"1 - {DUPLICATE_SHARE:g} x (1 - merge threshold)"
+    for name in ("outlier", "duplicate", "merge"):
+        source.setdefault(name, "set")
+    return Thresholds(float(outlier), float(duplicate), float(merge), source)
+
+
+@dataclass
+class _PerIdentity:
+    names: list[pa.Array] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)  # images, usable, outliers, duplicates, kept
+    centres: list[np.ndarray] = field(default_factory=list)
+    has_centre: list[np.ndarray] = field(default_factory=list)
+
+
+def _judge_all(
+    path: str, dimension: int, thresholds: Thresholds, images_path: str
+) -> tuple[_PerIdentity, dict[str, int]]:
+    """Pass over the work file: per-image results into `images_path`, per-identity counts and centres."""
+    per = _PerIdentity()
+    totals = {"usable": 0, "outliers": 0, "duplicates": 0, "kept": 0}
+    with pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer:
+        for chunk in _whole_identities(path, dimension):
+            judged = judge(chunk.units, chunk.usable, chunk.weights, chunk.starts, thresholds.outlier)
+            eligible = chunk.usable & ~judged.outlier
+            duplicate = near_duplicates(
+                chunk.units, chunk.quality, chunk.starts, eligible, thresholds.duplicate
+            )
+            ids = chunk.table.column("image_id").combine_chunks()
+            is_duplicate = duplicate >= 0
+            duplicate_of = ids.take(pa.array(np.maximum(duplicate, 0))).to_pylist()
+            duplicate_of = pa.array(duplicate_of, pa.string(), mask=~is_duplicate)
+            similarity = pa.array(judged.similarity, pa.float32(), mask=~np.isfinite(judged.similarity))
+            quality = chunk.table.column("quality").cast(pa.float32())
+            writer.write_table(
+                pa.table(
+                    [
+                        ids,
+                        chunk.table.column("identity").combine_chunks(),
+                        quality.combine_chunks(),
+                        similarity,
+                        pa.array(judged.outlier),
+                        duplicate_of,
+                    ],
+                    schema=IDENTITY_IMAGES_SCHEMA,
+                )
+            )
+            ok = chunk.table.column("ok").to_numpy(zero_copy_only=False)
+            kept = ok & ~judged.outlier & ~is_duplicate
+            flags = np.stack([np.ones(len(ok)), chunk.usable, judged.outlier, is_duplicate, kept], axis=1)
+            per.counts.append(np.add.reduceat(flags.astype(np.int64), chunk.starts, axis=0))
+            per.names.append(chunk.table.column("identity").combine_chunks().take(pa.array(chunk.starts)))
+            per.centres.append(judged.centres)
+            per.has_centre.append(np.add.reduceat(chunk.usable.astype(np.int64), chunk.starts) > 0)
+            for name, values in (
+                ("usable", chunk.usable),
+                ("outliers", judged.outlier),
+                ("duplicates", is_duplicate),
+                ("kept", kept),
+            ):
+                totals[name] += int(values.sum())
+    return per, totals
+
+
+def find_identities(
+    output_url: str,
+    *,
+    embeddings: str | None = None,
+    by: str = "quality",
+    outlier_similarity: float | None = None,
+    duplicate_similarity: float | None = None,
+    merge_similarity: float | None = None,
+    weighted: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+    memory_limit: str | None = None,
+) -> IdentitySummary:
+    """Write OUTPUT/curation/identity_images.parquet, identities.parquet and identities.json. With
+    `weighted` off every usable image counts the same in its centre (for comparison)."""
+    import time
+
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    memory_limit_bytes(memory_limit)  # bad options fail before anything is read
+    for name, value in (
+        ("outlier", outlier_similarity),
+        ("duplicate", duplicate_similarity),
+        ("merge", merge_similarity),
+    ):
+        if value is not None and not -1 <= value <= 1:
+            raise UserError(f"--{name}-similarity must be a cosine similarity in [-1, 1], got {value}")
+    storage = dict(storage_options or {})
+    output = Output(output_url, storage)
+    output.require_table(finished=True)
+    with tempfile.TemporaryDirectory(prefix="fiqa-identities-") as folder:
+        work = os.path.join(folder, "work.parquet")
+        with connect(output, memory_limit=memory_limit) as connection:
+            connection.execute(
+                f"CREATE VIEW scores AS SELECT * FROM read_parquet({quote(files_pattern(output))})"
+            )
+            score = score_expression(connection, by)
+            relation, source = _embedding_relation(connection, output, embeddings, storage)
+            rows, without, dimension = _write_work_file(connection, score, relation, work, weighted)
+        seconds["join_and_sort"] = time.perf_counter() - started
+        thresholds = _thresholds(work, dimension, outlier_similarity, duplicate_similarity, merge_similarity)
+        seconds["thresholds"] = time.perf_counter() - started - sum(seconds.values())
+        unsorted = os.path.join(folder, "images-by-identity.parquet")
+        per, totals = _judge_all(work, dimension, thresholds, unsorted)
+        os.remove(work)
+        seconds["judge"] = time.perf_counter() - started - sum(seconds.values())
+        names = pa.concat_arrays(per.names) if per.names else pa.array([], pa.string())
+        counts = np.concatenate(per.counts) if per.counts else np.zeros((0, 5), np.int64)
+        has_centre = np.concatenate(per.has_centre) if per.has_centre else np.zeros(0, bool)
+        centres = np.concatenate(per.centres) if per.centres else np.zeros((0, dimension), np.float32)
+        per = _PerIdentity()  # the chunks' copies go
+        with_centre = np.flatnonzero(has_centre)
+        neighbours = nearest_identities(centres[with_centre])
+        del centres
+        nearest = np.full(len(names), -1, dtype=np.int64)
+        found = neighbours.index >= 0
+        nearest[with_centre[found]] = with_centre[neighbours.index[found]]
+        nearest_similarity = np.full(len(names), np.nan, dtype=np.float32)
+        nearest_similarity[with_centre] = neighbours.similarity
+        seconds["nearest"] = time.perf_counter() - started - sum(seconds.values())
+        has_nearest = nearest >= 0
+        merge = has_nearest & (np.nan_to_num(nearest_similarity, nan=-2) >= thresholds.merge)
+        identities = pa.table(
+            [
+                names,
+                *(pa.array(counts[:, k]) for k in range(5)),
+                pa.array(
+                    names.take(pa.array(np.maximum(nearest, 0))).to_pylist(), pa.string(), mask=~has_nearest
+                ),
+                pa.array(nearest_similarity, pa.float32(), mask=~has_nearest),
+                pa.array(merge),
+            ],
+            schema=IDENTITIES_SCHEMA,
+        )
+        identities_path = os.path.join(folder, "identities.parquet")
+        pq.write_table(identities, identities_path, compression="zstd")
+        images_path = os.path.join(folder, "identity_images.parquet")
+        # DuckDB sorts (spilling under the memory limit); pyarrow writes, so that the file's schema is
+        # the contract's whatever the data (DuckDB would mark columns without nulls "not null")
+        with (
+            connect(memory_limit=memory_limit) as connection,
+            pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer,
+        ):
+            sorted_rows = connection.sql(f"SELECT * FROM read_parquet({quote(unsorted)}) ORDER BY image_id")
+            for batch in sorted_rows.to_arrow_reader(CHUNK_ROWS):
+                writer.write_table(pa.Table.from_batches([batch]).cast(IDENTITY_IMAGES_SCHEMA))
+        output.commit_file(IDENTITY_IMAGES_FILE, images_path)
+        output.commit_file(IDENTITIES_FILE, identities_path)
+        seconds["write"] = time.perf_counter() - started - sum(seconds.values())
+    summary = IdentitySummary(
+        output=output.full_url("curation"),
+        table=output.table_fingerprint(),
+        embeddings=source,
+        by=by,
+        weighted=weighted,
+        images=rows,
+        without_identity=without,
+        usable=totals["usable"],
+        identities=len(names),
+        outliers=totals["outliers"],
+        duplicates=totals["duplicates"],
+        kept=totals["kept"],
+        merge_candidates=int(merge.sum()),
+        thresholds=thresholds,
+        nearest_method=neighbours.method,
+        seconds={name: round(value, 3) for name, value in seconds.items()},
+    )
+    output.commit_bytes(IDENTITY_SUMMARY_FILE, json.dumps(asdict(summary), indent=1).encode())
+    return summary
