@@ -6,7 +6,8 @@ loop runs once per row. `flows.identities` streams a quality table through these
 whole identities at a time and writes the results.
 
 - **Quality-weighted centre.** An identity's centre is the normalised sum of its unit embeddings, each
-  weighted by the image's quality *rank* in the table (`cume_dist`, in (0, 1]): the best image counts
+  weighted by the image's quality *rank* in the table (its `cume_dist`, in (0, 1], at a resolution of
+  1/65,536 of the score's range: `flows.identities.QualityRanks`): the best image counts
   about as much as one, the worst next to nothing. Why: a low-quality face's embedding is an unreliable
   sample of the identity (that is what the quality score predicts: its utility for recognition), and
   degraded embeddings drift together towards a common "bad image" direction rather than scattering
@@ -22,8 +23,9 @@ whole identities at a time and writes the results.
   duplicate when its cosine similarity to an image already kept reaches the threshold, and points to
   the best such image. Kept images are never near-duplicates of each other.
 - **Nearest identities**: the centres' nearest neighbours by inner product, exact (faiss `IndexFlatIP`)
-  up to `EXACT_LIMIT` identities and an inverted-file index (`IndexIVFFlat`) beyond, so that millions of
-  identities take seconds, not hours.
+  up to `EXACT_LIMIT` identities and an inverted-file index (`IndexIVFFlat`, 2 sqrt(n) lists, 32 probed)
+  beyond, so that millions of identities take minutes, not hours; it may miss a nearest neighbour that the
+  exact search finds (recall measured by benchmarks/bench_identities.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EXACT_LIMIT = 50_000  # identities searched exhaustively; beyond, an IVF index (bench_identities.py)
+EXACT_LIMIT = 200_000  # identities searched exhaustively (about a minute here); beyond, an IVF index
 IVF_PROBES = 32  # inverted lists visited per query
 IVF_TRAINING_PER_LIST = 40  # k-means training points per inverted list (faiss warns below 39)
 MAX_CELLS = 1 << 24  # similarity cells of one batched product in `near_duplicates` (64 MB of float32)

@@ -115,6 +115,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"pAUC lower is better): best {best['option']} {best['pauc']:.4f}; advisor: exit depth "
             f"{chosen['exit_depth']} with {chosen['option']} ({chosen['pauc']:.4f}){saved}"
         )
+    if result.identities is not None:
+        found = result.identities
+        by_severity = ", ".join(
+            f"{severity}: {outliers}/{total}"
+            for severity, (outliers, total) in sorted(result.outliers_by_severity.items())
+        )
+        console.print(
+            f"[bold]identities[/] (dlib's embeddings, centres weighted by quality): {found.identities} "
+            f"identities; {found.outliers} images look more like a stranger than like their own identity "
+            f"(by severity {by_severity}); {found.duplicates} near-duplicates of a better copy; "
+            f"{found.merge_candidates} merge candidates -> fiqa identities, fiqa select --drop-outliers"
+        )
     if result.raw_summary is not None:
         raw = Table(
             title="raw photographs scored with --align --all-faces (one row per face; nothing dropped)"

@@ -7,7 +7,9 @@ the real pipeline by the bundled demo model.
 3. scores the unaligned photographs of OUTPUT/data/raw with `--align --all-faces` into OUTPUT/raw-quality
    (detection, alignment, a photo with two faces, photos with no face, a broken file);
 4. evaluates the scores against dlib's face recogniser (EDC, `erc` protocol: every exit, F/FW fusions, the
-   exit-depth advisor) into OUTPUT/quality/evaluation and adds it to the report;
+   exit-depth advisor) into OUTPUT/quality/evaluation, checks every identity against its quality-weighted
+   centre with dlib's embeddings (`fiqa identities`: outliers, near-duplicates, merge candidates) into
+   OUTPUT/quality/curation, and adds both to the report;
 5. summarises how well the scores separate clean from heavily degraded faces.
 
 Offline: faces and models ship inside installed packages; nothing is downloaded.
@@ -26,7 +28,7 @@ import pyarrow.parquet as pq
 
 from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.flows.score import RunSummary, score_flow
-from fiqa_curator.schemas.layout import EVALUATION, SCORES
+from fiqa_curator.schemas.layout import EVALUATION, IDENTITY_IMAGES_FILE, SCORES
 from fiqa_curator.schemas.status import Status
 
 NOTICE = (
@@ -46,6 +48,8 @@ class DemoResult:
     raw_summary: RunSummary | None = None
     separation: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+    identities: Any = None  # flows.identities.IdentitySummary
+    outliers_by_severity: dict[int, tuple[int, int]] = field(default_factory=dict)  # severity: (outliers, of)
 
 
 def separation(rows: list[dict[str, Any]], column: str = "quality") -> dict[str, Any]:
@@ -162,7 +166,16 @@ def run_demo(
             protocol="erc",
             output=str(output / "quality" / EVALUATION),
         )
-        write_report(quality)  # again, now with the evaluation section
+        from fiqa_curator.flows.identities import find_identities
+
+        result.identities = find_identities(quality, embeddings=str(data / "fr_embeddings.parquet"))
+        flagged = pq.read_table(output / "quality" / IDENTITY_IMAGES_FILE, columns=["image_id", "outlier"])
+        outlier = dict(zip(*flagged.to_pydict().values(), strict=True))
+        for row in rows:
+            severity = row["severity"]
+            found, total = result.outliers_by_severity.get(severity, (0, 0))
+            result.outliers_by_severity[severity] = (found + bool(outlier.get(row["image_id"])), total + 1)
+        write_report(quality)  # again, now with the evaluation and identity sections
     if raw and (data / "raw").is_dir():
         raw_options = ScoreOptions.make(
             input=str(data / "raw"),

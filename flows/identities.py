@@ -7,9 +7,9 @@ Output under OUTPUT/curation/ (`schemas.identities`): identity_images.parquet, i
 identities.json (the thresholds, where each came from, counts).
 
 How it runs, in memory that does not grow with the table:
-1. DuckDB joins the table with the embeddings, ranks every usable image's quality (the weights, see
-   `evaluation.identities`) and writes a local work file sorted by identity (its sort spills to disk
-   under `--memory-limit`).
+1. DuckDB ranks the scored images' quality with one histogram pass (`QualityRanks`: the weights, see
+   `evaluation.identities`; no sort of the table), joins the table with the embeddings and writes a local
+   work file sorted by identity (its join and sort spill to disk under `--memory-limit`).
 2. Thresholds the user did not set are estimated from evenly spread row groups of that file
    (`estimate_thresholds`, below).
 3. The file is read once, a chunk of whole identities at a time: leave-one-out similarities, outliers
@@ -41,7 +41,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ from fiqa_curator.evaluation.identities import (
 )
 from fiqa_curator.flows.curation import score_expression
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.flows.table_sql import connect, files_pattern, memory_limit_bytes, quote, scalar
+from fiqa_curator.flows.table_sql import connect, double, files_pattern, memory_limit_bytes, quote, scalar
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.identities import IDENTITIES_SCHEMA, IDENTITY_IMAGES_SCHEMA
 from fiqa_curator.schemas.layout import (
@@ -72,6 +72,7 @@ from fiqa_curator.schemas.layout import (
 from fiqa_curator.schemas.status import Status
 from fiqa_curator.workers.io import filesystem
 
+RANK_BUCKETS = 1 << 16  # resolution of the quality ranks (QualityRanks)
 CHUNK_ROWS = 65_536  # rows read from the work file at a time (whole identities are processed together)
 SAMPLE_ROWS = 200_000  # rows the default thresholds are estimated from
 DUPLICATE_SHARE = 0.25  # the duplicate threshold's distance from 1, as a share of the merge threshold's
@@ -105,6 +106,7 @@ class IdentitySummary:
     thresholds: Thresholds
     nearest_method: str
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # the process's peak by each stage's end
 
 
 def _embedding_relation(
@@ -145,11 +147,51 @@ def _embedding_relation(
     return relation, embeddings
 
 
+@dataclass
+class QualityRanks:
+    """The share of the table's scored images at or below each score, at the resolution of RANK_BUCKETS
+    buckets over the score's range: `cume_dist` without sorting the table (one histogram pass)."""
+
+    low: float
+    high: float
+    cumulative: np.ndarray  # per bucket: share of scored images in it or below
+
+    def __call__(self, quality: np.ndarray) -> np.ndarray:
+        if self.high <= self.low:
+            return np.ones(len(quality))
+        scaled = (np.nan_to_num(quality, nan=self.low) - self.low) / (self.high - self.low)
+        bucket = np.clip((scaled * RANK_BUCKETS).astype(np.int64), 0, RANK_BUCKETS - 1)
+        return self.cumulative[bucket]
+
+
+def quality_ranks(connection: duckdb.DuckDBPyConnection, score: str) -> QualityRanks | None:
+    """The scored images' ranks by `score` (None: the table has no scored image)."""
+    finite = f"(status = {quote(Status.OK.value)} AND coalesce(isfinite({score}), false))"
+    low, high, count = connection.execute(
+        f"SELECT min({score}), max({score}), count(*) FROM scores WHERE {finite}"
+    ).fetchone()
+    if not count:
+        return None
+    if high <= low:
+        return QualityRanks(float(low), float(high), np.ones(RANK_BUCKETS))
+    bucket = (
+        f"least({RANK_BUCKETS - 1}, CAST(floor(({score} - {double(low)}) / ({double(high)} - {double(low)}) "
+        f"* {RANK_BUCKETS}) AS BIGINT))"
+    )
+    counts = np.zeros(RANK_BUCKETS)
+    for index, number in connection.execute(
+        f"SELECT {bucket} AS b, count(*) FROM scores WHERE {finite} GROUP BY b"
+    ).fetchall():
+        counts[int(index)] = number
+    return QualityRanks(float(low), float(high), np.cumsum(counts) / count)
+
+
 def _write_work_file(
-    connection: duckdb.DuckDBPyConnection, score: str, embedding_relation: str, path: str, weighted: bool
-) -> tuple[int, int, int]:
-    """The work file, sorted by identity then image_id; returns (rows with an identity, rows without one,
-    the embeddings' dimension). Weights: the quality's rank among usable images, or 1 (`weighted` off)."""
+    connection: duckdb.DuckDBPyConnection, score: str, embedding_relation: str, path: str
+) -> tuple[int, int, int, int]:
+    """The work file, sorted by identity then image_id (uncompressed: embeddings do not compress, and the
+    file is read once more and deleted); returns (rows with an identity, rows without one, identities,
+    the embeddings' dimension)."""
     lengths = connection.execute(
         f"SELECT min(len(embedding)), max(len(embedding)) FROM {embedding_relation} "
         f"WHERE embedding IS NOT NULL"
@@ -158,30 +200,27 @@ def _write_work_file(
         raise UserError("no image has an embedding")
     if lengths[0] != lengths[1] or lengths[0] == 0:
         raise UserError(f"embeddings must all have one length; found {lengths[0]} to {lengths[1]}")
-    without = scalar(connection, "SELECT count(*) FROM scores WHERE coalesce(identity, '') = ''")
+    without, identities = connection.execute(
+        "SELECT count(*) FILTER (WHERE coalesce(identity, '') = ''), "
+        "count(DISTINCT identity) FILTER (WHERE coalesce(identity, '') <> '') FROM scores"
+    ).fetchone()
     ok = quote(Status.OK.value)
-    rank = "cume_dist() OVER (PARTITION BY usable ORDER BY quality)" if weighted else "1.0"
     connection.execute(
         f"""COPY (
-            SELECT image_id, identity, ok, quality, usable,
-                   CASE WHEN usable THEN {rank} END AS weight,
-                   embedding
-            FROM (
-                SELECT s.image_id, s.identity, s.status = {ok} AS ok,
-                       CASE WHEN isfinite({score}) THEN {score} END AS quality,
-                       coalesce(s.status = {ok} AND isfinite({score}) AND e.embedding IS NOT NULL, false)
-                           AS usable,
-                       e.embedding
-                FROM scores s LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
-                WHERE coalesce(s.identity, '') <> ''
-            )
-            ORDER BY identity, image_id
-        ) TO {quote(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {CHUNK_ROWS})"""
+            SELECT s.image_id, s.identity, s.status = {ok} AS ok,
+                   CASE WHEN isfinite({score}) THEN {score} END AS quality,
+                   coalesce(s.status = {ok} AND isfinite({score}) AND e.embedding IS NOT NULL, false)
+                       AS usable,
+                   e.embedding
+            FROM scores s LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
+            WHERE coalesce(s.identity, '') <> ''
+            ORDER BY s.identity, s.image_id
+        ) TO {quote(path)} (FORMAT parquet, COMPRESSION uncompressed, ROW_GROUP_SIZE {CHUNK_ROWS})"""
     )
     rows = pq.ParquetFile(path).metadata.num_rows
     if rows == 0:
         raise UserError("no image of the quality table has an identity (the manifest's `identity` column)")
-    return rows, int(without), int(lengths[0])
+    return rows, int(without), int(identities), int(lengths[0])
 
 
 @dataclass
@@ -196,7 +235,10 @@ class Chunk:
     quality: np.ndarray
 
 
-def _chunk(table: pa.Table, dimension: int) -> Chunk:
+Weigh = Callable[[np.ndarray], np.ndarray]  # quality -> weight (QualityRanks, or all ones)
+
+
+def _chunk(table: pa.Table, dimension: int, weigh: Weigh) -> Chunk:
     identity = table.column("identity").combine_chunks()
     changed = pc.not_equal(identity.slice(1), identity.slice(0, len(identity) - 1)).to_numpy(
         zero_copy_only=False
@@ -210,25 +252,25 @@ def _chunk(table: pa.Table, dimension: int) -> Chunk:
         vectors[present] = values.reshape(-1, dimension)
     units, finite = unit_rows(vectors)
     usable = table.column("usable").to_numpy(zero_copy_only=False) & finite
-    weights = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
-    weights = np.where(usable, np.nan_to_num(weights), 0.0)
     quality = table.column("quality").to_numpy(zero_copy_only=False).astype(np.float64)
+    weights = np.where(usable, weigh(quality), 0.0)
     return Chunk(table, starts, units, usable, weights, np.nan_to_num(quality, nan=-np.inf))
 
 
-def _whole_identities(path: str, dimension: int, row_groups: list[int] | None = None) -> Iterator[Chunk]:
+def _whole_identities(
+    path: str, dimension: int, weigh: Weigh, row_groups: list[int] | None = None
+) -> Iterator[Chunk]:
     """The work file a chunk of whole identities at a time (the last identity of a read waits for the
     next read, since it may continue there). With `row_groups`, only those, each on its own, its first
     and last identity dropped (they may be cut): for estimates."""
     reader = pq.ParquetFile(path)
     if row_groups is not None:
         for group in row_groups:
-            chunk = _chunk(reader.read_row_group(group), dimension)
+            table = reader.read_row_group(group)
+            chunk = _chunk(table, dimension, weigh)
             if len(chunk.starts) > 2:
-                inner = reader.read_row_group(group).slice(
-                    int(chunk.starts[1]), int(chunk.starts[-1] - chunk.starts[1])
-                )
-                yield _chunk(inner, dimension)
+                inner = table.slice(int(chunk.starts[1]), int(chunk.starts[-1] - chunk.starts[1]))
+                yield _chunk(inner, dimension, weigh)
         return
     carried: pa.Table | None = None
     for batch in reader.iter_batches(batch_size=CHUNK_ROWS):
@@ -240,12 +282,12 @@ def _whole_identities(path: str, dimension: int, row_groups: list[int] | None = 
         tail = pc.sum(pc.equal(identity, last)).as_py()
         carried = table.slice(table.num_rows - tail)
         if table.num_rows > tail:
-            yield _chunk(table.slice(0, table.num_rows - tail), dimension)
+            yield _chunk(table.slice(0, table.num_rows - tail), dimension, weigh)
     if carried is not None and carried.num_rows:
-        yield _chunk(carried, dimension)
+        yield _chunk(carried, dimension, weigh)
 
 
-def estimate_thresholds(path: str, dimension: int) -> tuple[float, float, int]:
+def estimate_thresholds(path: str, dimension: int, weigh: Weigh) -> tuple[float, float, int]:
     """(median impostor similarity, median genuine similarity, images sampled) from row groups spread
     evenly over the work file. Genuine: an image's leave-one-out similarity to its own identity's centre
     (quality-weighted). Impostor: its similarity to the centre of an identity drawn at random among the
@@ -253,12 +295,27 @@ def estimate_thresholds(path: str, dimension: int) -> tuple[float, float, int]:
     groups = pq.ParquetFile(path).metadata.num_row_groups
     wanted = max(1, math.ceil(SAMPLE_ROWS / CHUNK_ROWS))
     picked = sorted({round(k * (groups - 1) / max(1, wanted - 1)) for k in range(min(groups, wanted))})
+    genuine, impostor = _similarity_samples(path, dimension, weigh, picked if groups > 1 else None)
+    if groups > 1 and (not len(genuine) or not len(impostor)):  # sampled row groups held 1-2 identities each
+        genuine, impostor = _similarity_samples(path, dimension, weigh, None)
+    if len(impostor) == 0 or len(genuine) == 0:
+        raise UserError(
+            "too few identities with usable images to derive the thresholds: set --outlier-similarity, "
+            "--duplicate-similarity and --merge-similarity"
+        )
+    return float(np.median(impostor)), float(np.median(genuine)), len(impostor)
+
+
+def _similarity_samples(
+    path: str, dimension: int, weigh: Weigh, row_groups: list[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine, impostor) similarities of the usable images of `row_groups` (None: the whole file)."""
     rng = np.random.default_rng(SEED)
     genuine: list[np.ndarray] = []
     impostor: list[np.ndarray] = []
     pool = np.zeros((0, dimension), dtype=np.float32)
     pool_names: np.ndarray = np.zeros(0, dtype=object)
-    for chunk in _whole_identities(path, dimension, picked if groups > 1 else None):
+    for chunk in _whole_identities(path, dimension, weigh, row_groups):
         similarity = similarity_to_centre(chunk.units, chunk.weights, chunk.starts, chunk.usable)
         genuine.append(similarity[np.isfinite(similarity)])
         sums = np.add.reduceat(chunk.units * chunk.weights[:, None], chunk.starts, axis=0)
@@ -276,27 +333,24 @@ def estimate_thresholds(path: str, dimension: int) -> tuple[float, float, int]:
         same = pool_names[drawn] == own
         drawn[same] = (drawn[same] + 1) % len(pool)  # another identity (pool names are distinct)
         impostor.append(np.einsum("ij,ij->i", chunk.units[rows], pool[drawn]))
-    genuine_all = np.concatenate(genuine) if genuine else np.zeros(0)
-    impostor_all = np.concatenate(impostor) if impostor else np.zeros(0)
-    if len(impostor_all) == 0 or len(genuine_all) == 0:
-        raise UserError(
-            "too few identities with usable images to derive the thresholds: set --outlier-similarity, "
-            "--duplicate-similarity and --merge-similarity"
-        )
     return (
-        float(np.median(impostor_all)),
-        float(np.median(genuine_all)),
-        len(impostor_all),
+        np.concatenate(genuine) if genuine else np.zeros(0),
+        np.concatenate(impostor) if impostor else np.zeros(0),
     )
 
 
 def _thresholds(
-    path: str, dimension: int, outlier: float | None, duplicate: float | None, merge: float | None
+    path: str,
+    dimension: int,
+    weigh: Weigh,
+    outlier: float | None,
+    duplicate: float | None,
+    merge: float | None,
 ) -> Thresholds:
     source = {}
     if None not in (outlier, duplicate, merge):
         return Thresholds(outlier, duplicate, merge, dict.fromkeys(("outlier", "duplicate", "merge"), "set"))
-    impostor, genuine, sampled = estimate_thresholds(path, dimension)
+    impostor, genuine, sampled = estimate_thresholds(path, dimension, weigh)
     if outlier is None:
         outlier = (impostor + genuine) / 2
         source["outlier"] = (
@@ -316,20 +370,33 @@ def _thresholds(
 
 @dataclass
 class _PerIdentity:
-    names: list[pa.Array] = field(default_factory=list)
-    counts: list[np.ndarray] = field(default_factory=list)  # images, usable, outliers, duplicates, kept
-    centres: list[np.ndarray] = field(default_factory=list)
-    has_centre: list[np.ndarray] = field(default_factory=list)
+    """Filled in identity order by `_judge_all`: arrays sized once (the identities are counted first), so
+    that a million identities cost their centres once, not once per copy."""
+
+    names: list[pa.Array]
+    counts: np.ndarray  # (identities, 5): images, usable, outliers, duplicates, kept
+    centres: np.ndarray  # (identities, dimension) float32, unit length; zeros: no usable image
+    has_centre: np.ndarray
+    filled: int = 0
+
+    @classmethod
+    def empty(cls, identities: int, dimension: int) -> _PerIdentity:
+        return cls(
+            names=[],
+            counts=np.zeros((identities, 5), np.int64),
+            centres=np.zeros((identities, dimension), np.float32),
+            has_centre=np.zeros(identities, bool),
+        )
 
 
 def _judge_all(
-    path: str, dimension: int, thresholds: Thresholds, images_path: str
+    path: str, dimension: int, weigh: Weigh, thresholds: Thresholds, images_path: str, identities: int
 ) -> tuple[_PerIdentity, dict[str, int]]:
     """Pass over the work file: per-image results into `images_path`, per-identity counts and centres."""
-    per = _PerIdentity()
+    per = _PerIdentity.empty(identities, dimension)
     totals = {"usable": 0, "outliers": 0, "duplicates": 0, "kept": 0}
     with pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer:
-        for chunk in _whole_identities(path, dimension):
+        for chunk in _whole_identities(path, dimension, weigh):
             judged = judge(chunk.units, chunk.usable, chunk.weights, chunk.starts, thresholds.outlier)
             eligible = chunk.usable & ~judged.outlier
             duplicate = near_duplicates(
@@ -357,10 +424,12 @@ def _judge_all(
             ok = chunk.table.column("ok").to_numpy(zero_copy_only=False)
             kept = ok & ~judged.outlier & ~is_duplicate
             flags = np.stack([np.ones(len(ok)), chunk.usable, judged.outlier, is_duplicate, kept], axis=1)
-            per.counts.append(np.add.reduceat(flags.astype(np.int64), chunk.starts, axis=0))
+            span = slice(per.filled, per.filled + len(chunk.starts))
+            per.counts[span] = np.add.reduceat(flags.astype(np.int64), chunk.starts, axis=0)
             per.names.append(chunk.table.column("identity").combine_chunks().take(pa.array(chunk.starts)))
-            per.centres.append(judged.centres)
-            per.has_centre.append(np.add.reduceat(chunk.usable.astype(np.int64), chunk.starts) > 0)
+            per.centres[span] = judged.centres
+            per.has_centre[span] = np.add.reduceat(chunk.usable.astype(np.int64), chunk.starts) > 0
+            per.filled = span.stop
             for name, values in (
                 ("usable", chunk.usable),
                 ("outliers", judged.outlier),
@@ -368,7 +437,16 @@ def _judge_all(
                 ("kept", kept),
             ):
                 totals[name] += int(values.sum())
+    if per.filled != identities:  # DuckDB's distinct count and the sorted file disagree: never expected
+        raise RuntimeError(f"{per.filled} identities in the work file, {identities} counted")
     return per, totals
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def find_identities(
@@ -389,6 +467,7 @@ def find_identities(
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    peak_mb: dict[str, float] = {}  # this process's peak RSS by the end of each stage
     memory_limit_bytes(memory_limit)  # bad options fail before anything is read
     for name, value in (
         ("outlier", outlier_similarity),
@@ -408,28 +487,37 @@ def find_identities(
             )
             score = score_expression(connection, by)
             relation, source = _embedding_relation(connection, output, embeddings, storage)
-            rows, without, dimension = _write_work_file(connection, score, relation, work, weighted)
-        seconds["join_and_sort"] = time.perf_counter() - started
-        thresholds = _thresholds(work, dimension, outlier_similarity, duplicate_similarity, merge_similarity)
-        seconds["thresholds"] = time.perf_counter() - started - sum(seconds.values())
+            ranks = quality_ranks(connection, score) if weighted else None
+            rows, without, count, dimension = _write_work_file(connection, score, relation, work)
+        weigh: Weigh = ranks if ranks is not None else (lambda quality: np.ones(len(quality)))
+
+        def stage(name: str) -> None:
+            seconds[name] = time.perf_counter() - started - sum(seconds.values())
+            peak_mb[name] = _peak_rss_mb()
+
+        stage("join_and_sort")
+        thresholds = _thresholds(
+            work, dimension, weigh, outlier_similarity, duplicate_similarity, merge_similarity
+        )
+        stage("thresholds")
         unsorted = os.path.join(folder, "images-by-identity.parquet")
-        per, totals = _judge_all(work, dimension, thresholds, unsorted)
+        per, totals = _judge_all(work, dimension, weigh, thresholds, unsorted, count)
         os.remove(work)
-        seconds["judge"] = time.perf_counter() - started - sum(seconds.values())
+        stage("judge")
         names = pa.concat_arrays(per.names) if per.names else pa.array([], pa.string())
-        counts = np.concatenate(per.counts) if per.counts else np.zeros((0, 5), np.int64)
-        has_centre = np.concatenate(per.has_centre) if per.has_centre else np.zeros(0, bool)
-        centres = np.concatenate(per.centres) if per.centres else np.zeros((0, dimension), np.float32)
-        per = _PerIdentity()  # the chunks' copies go
+        counts, has_centre = per.counts, per.has_centre
         with_centre = np.flatnonzero(has_centre)
-        neighbours = nearest_identities(centres[with_centre])
+        # every identity usually has a centre: then the array itself, not a copy, goes to the index
+        centres = per.centres if len(with_centre) == len(has_centre) else per.centres[with_centre]
+        per.centres = np.zeros((0, dimension), np.float32)
+        neighbours = nearest_identities(centres)
         del centres
         nearest = np.full(len(names), -1, dtype=np.int64)
         found = neighbours.index >= 0
         nearest[with_centre[found]] = with_centre[neighbours.index[found]]
         nearest_similarity = np.full(len(names), np.nan, dtype=np.float32)
         nearest_similarity[with_centre] = neighbours.similarity
-        seconds["nearest"] = time.perf_counter() - started - sum(seconds.values())
+        stage("nearest")
         has_nearest = nearest >= 0
         merge = has_nearest & (np.nan_to_num(nearest_similarity, nan=-2) >= thresholds.merge)
         identities = pa.table(
@@ -458,7 +546,7 @@ def find_identities(
                 writer.write_table(pa.Table.from_batches([batch]).cast(IDENTITY_IMAGES_SCHEMA))
         output.commit_file(IDENTITY_IMAGES_FILE, images_path)
         output.commit_file(IDENTITIES_FILE, identities_path)
-        seconds["write"] = time.perf_counter() - started - sum(seconds.values())
+        stage("write")
     summary = IdentitySummary(
         output=output.full_url("curation"),
         table=output.table_fingerprint(),
@@ -476,6 +564,7 @@ def find_identities(
         thresholds=thresholds,
         nearest_method=neighbours.method,
         seconds={name: round(value, 3) for name, value in seconds.items()},
+        peak_rss_mb=peak_mb,
     )
     output.commit_bytes(IDENTITY_SUMMARY_FILE, json.dumps(asdict(summary), indent=1).encode())
     return summary

@@ -289,10 +289,91 @@ def attention_section(data: ReportData, faces: Faces) -> str | None:
     return _img(_png(figure), "quality-token attention at every exit") + f"<ol>{legend}</ol>"
 
 
+def _judged_cards(shown: Sequence[tuple[str, float | None, float | None]], faces: Faces) -> str:
+    """Thumbnails with image id, quality (q) and similarity to the identity's centre (s)."""
+    cards = []
+    for image_id, quality, similarity in shown:
+        face = faces.get(image_id)
+        picture = (
+            _img(_thumbnail(face), image_id) if face is not None else '<div class="missing">no preview</div>'
+        )
+        numbers = f"q {_fmt(quality)} · s {_fmt(similarity)}"
+        cards.append(
+            f"<figure>{picture}<figcaption>{html.escape(image_id)}<br>{numbers}</figcaption></figure>"
+        )
+    return f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>none</p>"
+
+
+def _side_by_side(left: tuple[str, str], right: tuple[str, str]) -> str:
+    return (
+        '<div class="pair">'
+        + "".join(f"<div><h5>{html.escape(title)}</h5>{body}</div>" for title, body in (left, right))
+        + "</div>"
+    )
+
+
+def identity_curation_part(data: ReportData, faces: Faces) -> str:
+    """What `fiqa identities` found: figures, the identities with most outliers, the merge candidates."""
+    curation = data.curation
+    assert curation is not None
+    summary = curation.summary
+    thresholds = summary["thresholds"]
+    weighting = "centres weighted by quality rank" if summary.get("weighted", True) else "unweighted centres"
+    parts = [
+        "<h3>Identity curation (fiqa identities)</h3>",
+        f"<p>{html.escape(str(summary['embeddings']))}; {weighting}; similarities are cosine, each image "
+        "against its identity's centre computed without it.</p>",
+        _table(
+            ["identities", "images", "outliers", "near-duplicates", "kept", "merge candidates"],
+            [
+                (
+                    summary["identities"],
+                    summary["images"],
+                    summary["outliers"],
+                    summary["duplicates"],
+                    summary["kept"],
+                    summary["merge_candidates"],
+                )
+            ],
+            "curation-counts",
+        ),
+        _table(
+            ["threshold", "cosine", "from"],
+            [
+                (name, f"{thresholds[name]:.4f}", thresholds["source"][name])
+                for name in ("outlier", "duplicate", "merge")
+            ],
+            "curation-thresholds",
+        ),
+    ]
+    if curation.worst:
+        parts.append("<h4>Identities with the largest share of outliers</h4>")
+    for identity, usable, outliers, near, far in curation.worst:
+        parts.append(f"<h5>{html.escape(identity)}: {outliers} of {usable} images are outliers</h5>")
+        parts.append(
+            _side_by_side(
+                ("nearest the centre", _judged_cards(near, faces)),
+                ("farthest from the centre", _judged_cards(far, faces)),
+            )
+        )
+    if curation.merges:
+        parts.append("<h4>Merge candidates: one person under two labels?</h4>")
+    for first, second, similarity, first_images, second_images in curation.merges:
+        parts.append(
+            f"<h5>{html.escape(first)} and {html.escape(second)}: centres at cosine {similarity:.4f}</h5>"
+        )
+        parts.append(
+            _side_by_side(
+                (first, _judged_cards(first_images, faces)), (second, _judged_cards(second_images, faces))
+            )
+        )
+    return "".join(parts)
+
+
 def identities_section(data: ReportData, faces: Faces) -> str | None:
     identities = data.identities
     if identities is None:
-        return None
+        return identity_curation_part(data, faces) if data.curation is not None else None
     body = _table(
         ["identities", "images per identity (median)", "max"],
         [(identities.count, f"{identities.median_images:g}", identities.max_images)],
@@ -317,6 +398,8 @@ def identities_section(data: ReportData, faces: Faces) -> str | None:
         identities.too_few,
         "identity-few",
     )
+    if data.curation is not None:
+        body += identity_curation_part(data, faces)
     return body
 
 
@@ -383,6 +466,7 @@ td,th{border:1px solid #ccc;padding:.2rem .5rem;font-size:.85rem}
 .gallery{display:flex;flex-wrap:wrap;gap:.5rem} \
 figure{margin:0;width:120px;font-size:.7rem;word-break:break-all}
 figure img{width:112px;height:112px} .missing{width:112px;height:112px;background:#eee}
+.pair{display:flex;flex-wrap:wrap;gap:1.5rem} h5{margin:.4rem 0}
 img{max-width:100%;height:auto} section{overflow-x:auto}
 """
 

@@ -1,6 +1,7 @@
 """What the report shows, computed before anything is drawn (`collect`): counts, failures, per-exit
 score histograms, agreement between exits, thresholds, the images the galleries pick, identity statistics,
-the evaluation written beside the table, and the summary (`report/summary.json`, the Prefect artifact).
+the identity curation `fiqa identities` wrote (when it describes this very table), the evaluation written
+beside the table, and the summary (`report/summary.json`, the Prefect artifact).
 
 Every figure is computed by DuckDB over the table's Parquet files (`flows.table_sql`), in memory that does
 not grow with the table: counts, histograms and identity statistics are aggregates; thresholds are exact
@@ -35,7 +36,14 @@ from fiqa_curator.flows.table_sql import (
     scalar,
 )
 from fiqa_curator.schemas.errors import UserError
-from fiqa_curator.schemas.layout import EVALUATION, LISTING_FILE, RunRecord
+from fiqa_curator.schemas.layout import (
+    EVALUATION,
+    IDENTITIES_FILE,
+    IDENTITY_IMAGES_FILE,
+    IDENTITY_SUMMARY_FILE,
+    LISTING_FILE,
+    RunRecord,
+)
 from fiqa_curator.schemas.quality_table import exit_score_matrix
 from fiqa_curator.schemas.status import Status
 
@@ -48,6 +56,8 @@ MIN_IMAGES_PER_IDENTITY = 2
 BOTTOM_SHARE = 0.1  # the agreement section compares each exit's bottom 10% with the fused score's
 SAMPLE_ROWS = 100_000  # rows behind the agreement figures and the size plot
 IDENTITY_LIST = 100  # identities listed per list (the page and the summary); the counts are complete
+CURATED_IDENTITIES = 6  # identities (and merge pairs) the identity-curation galleries show
+CURATED_IMAGES = 4  # images per side of each
 QUALITY_BINS, EXIT_BINS = 50, 30
 
 # Scored rows: status ok and a finite fused score (a NaN from a broken checkpoint must not break a plot).
@@ -92,6 +102,20 @@ class Identities:
     too_few_count: int = 0
 
 
+Judged = tuple[str, float | None, float | None]  # (image_id, quality, similarity to its identity's centre)
+
+
+@dataclass
+class IdentityCuration:
+    """What `fiqa identities` found (OUTPUT/curation/), for the report: its figures, the identities with
+    the largest share of outliers (the images nearest their centre and farthest from it), and the merge
+    candidates (each side's best images)."""
+
+    summary: dict[str, Any]  # identities.json
+    worst: list[tuple[str, int, int, list[Judged], list[Judged]]]  # (identity, usable, outliers, near, far)
+    merges: list[tuple[str, str, float, list[Judged], list[Judged]]]  # (a, b, similarity, a's, b's)
+
+
 @dataclass
 class AttentionGrid:
     """The quality token's attention over the patches at every exit, for a few shown images."""
@@ -127,6 +151,7 @@ class ReportData:
     galleries: list[tuple[str, list[Shown]]] = field(default_factory=list)
     attention: list[Shown] = field(default_factory=list)  # the images the attention grid shows
     identities: Identities | None = None
+    curation: IdentityCuration | None = None  # OUTPUT/curation/ from `fiqa identities`
     evaluation: dict[str, Any] | None = None  # OUTPUT/evaluation/result.json
     evaluation_images: dict[str, bytes] = field(default_factory=dict)
     attention_grid: AttentionGrid | None = None  # needs the faces: `attention_grid`
@@ -147,6 +172,11 @@ class ReportData:
                 "mostly_below_count": self.identities.mostly_below_count,
                 "too_few_after_curation": [row[0] for row in self.identities.too_few],
                 "too_few_after_curation_count": self.identities.too_few_count,
+            }
+        if self.curation is not None:
+            summary["identity_curation"] = {
+                key: self.curation.summary[key]
+                for key in ("identities", "outliers", "duplicates", "kept", "merge_candidates")
             }
         if self.evaluation:
             advisor = self.advisor()
@@ -296,6 +326,58 @@ def _identities(connection: duckdb.DuckDBPyConnection, threshold: float) -> Iden
     )
 
 
+def _identity_curation(output: Output, connection: duckdb.DuckDBPyConnection) -> IdentityCuration | None:
+    """OUTPUT/curation/ from `fiqa identities`, when it describes the table as it is now (a rescored table
+    makes it stale: it is then left out, with a warning)."""
+    raw = output.read_bytes(IDENTITY_SUMMARY_FILE)
+    if raw is None:
+        return None
+    summary = json.loads(raw)
+    if summary.get("table") != output.table_fingerprint():
+        logger.warning("the identity results in %s are of an earlier table: not in the report", output.url)
+        return None
+    images = f"read_parquet({quote(local_or_url(output, IDENTITY_IMAGES_FILE))})"
+    people = f"read_parquet({quote(local_or_url(output, IDENTITIES_FILE))})"
+    worst = connection.execute(
+        f"""SELECT identity, usable, outliers FROM {people} WHERE usable >= 2 AND outliers > 0
+            ORDER BY outliers / usable DESC, outliers DESC, identity LIMIT {CURATED_IDENTITIES}"""
+    ).fetchall()
+    pairs = connection.execute(
+        f"""SELECT DISTINCT least(identity, nearest_identity) AS a, greatest(identity, nearest_identity) AS b,
+                   nearest_similarity FROM {people} WHERE merge_candidate
+            ORDER BY nearest_similarity DESC, a, b LIMIT {CURATED_IDENTITIES}"""
+    ).fetchall()
+    wanted = sorted({name for name, _, _ in worst} | {name for a, b, _ in pairs for name in (a, b)})
+    shown: dict[tuple[str, str], list[Judged]] = {}
+    if wanted:
+        names = ", ".join(quote(name) for name in wanted)
+        for side, order, condition in (
+            ("near", "similarity DESC", "similarity IS NOT NULL"),
+            ("far", "similarity ASC", "similarity IS NOT NULL"),
+            ("best", "quality DESC", "NOT outlier AND quality IS NOT NULL"),
+        ):
+            rows = connection.execute(
+                f"""SELECT identity, image_id, quality, similarity FROM {images}
+                    WHERE identity IN ({names}) AND {condition}
+                    QUALIFY row_number() OVER (PARTITION BY identity ORDER BY {order}, image_id)
+                        <= {CURATED_IMAGES}
+                    ORDER BY identity, {order}, image_id"""
+            ).fetchall()
+            for identity, image_id, quality, similarity in rows:
+                shown.setdefault((side, identity), []).append((str(image_id), quality, similarity))
+    return IdentityCuration(
+        summary=summary,
+        worst=[
+            (str(n), int(u), int(o), shown.get(("near", n), []), shown.get(("far", n), []))
+            for n, u, o in worst
+        ],
+        merges=[
+            (str(a), str(b), float(sim), shown.get(("best", a), []), shown.get(("best", b), []))
+            for a, b, sim in pairs
+        ],
+    )
+
+
 def _evaluation(output: Output) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
     """OUTPUT/evaluation/ (written by `fiqa evaluate --output OUTPUT/evaluation`): its result and plots."""
     raw = output.read_bytes(f"{EVALUATION}/result.json")
@@ -339,6 +421,7 @@ def collect(
         scored, depth = connection.execute("SELECT count(*), max(exit_depth) FROM scored").fetchone()
         data.scored, data.depth = int(scored), int(depth or 0)
         data.evaluation, data.evaluation_images = _evaluation(output)
+        data.curation = _identity_curation(output, connection)
         if not data.scored:
             return data
         _figures(connection, data)
@@ -387,6 +470,11 @@ def shown_ids(data: ReportData) -> list[str]:
     for _, shown in data.galleries:
         seen.update((image_id, None) for image_id, _ in shown)
     seen.update((image_id, None) for image_id, _ in data.attention)
+    if data.curation is not None:
+        for _, _, _, near, far in data.curation.worst:
+            seen.update((image_id, None) for image_id, _, _ in [*near, *far])
+        for _, _, _, first, second in data.curation.merges:
+            seen.update((image_id, None) for image_id, _, _ in [*first, *second])
     return list(seen)
 
 

@@ -288,6 +288,13 @@ def test_identities_reads_the_tables_own_embeddings_and_refuses_bad_ones(tmp_pat
         find_identities(str(plain), embeddings=str(tmp_path / "ragged.parquet"))
     with pytest.raises(UserError, match="no such file"):
         find_identities(str(plain), embeddings=str(tmp_path / "missing.parquet"))
+    nameless = table.set_column(
+        table.schema.get_field_index("identity"), "identity", pa.nulls(table.num_rows, pa.string())
+    )
+    nobody = write_output(tmp_path / "nobody", nameless)
+    pq.write_table(embeddings, tmp_path / "fr.parquet")
+    with pytest.raises(UserError, match="no image of the quality table has an identity"):
+        find_identities(str(nobody), embeddings=str(tmp_path / "fr.parquet"))
     with pytest.raises(UserError, match="in \\[-1, 1\\]"):
         find_identities(str(plain), embeddings=str(tmp_path / "fr.parquet"), outlier_similarity=2.0)
 
@@ -358,3 +365,38 @@ def test_label_noise_on_real_faces_with_dlib_embeddings(tmp_path: Path) -> None:
         assert figures["auc"]["degraded"] >= 0.9  # mislabelled heavy degradations: still mostly apart
     thresholds = result["weighted"]["thresholds"]
     assert 0.85 < thresholds["outlier"] < thresholds["merge"] < thresholds["duplicate"] < 1.0  # dlib's scale
+
+
+def test_report_shows_the_worst_identities_and_merge_candidates(tmp_path: Path) -> None:
+    from fiqa_curator.flows.report import build_report
+
+    table, embeddings, _ = planted_table()
+    hostile = '<img src=x onerror="alert(1)">'
+    labels = table.column("identity").to_pylist()
+    labels = [hostile if label == "p01" else label for label in labels]  # the identity with the outlier
+    table = table.set_column(
+        table.schema.get_field_index("identity"), "identity", pa.array(labels, pa.string())
+    )
+    out = write_output(tmp_path / "out", table)
+    pq.write_table(embeddings, tmp_path / "fr.parquet")
+    page, summary = build_report(str(out))
+    assert "Identity curation" not in page  # nothing to show before `fiqa identities`
+    find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"))
+    page, summary = build_report(str(out))
+    section = page.split('<section id="identities">')[1].split("</section>")[0]
+    assert "Identity curation (fiqa identities)" in section
+    assert hostile not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in section
+    assert "1 of 11 images are outliers" in section  # the identity with the mislabelled image
+    assert section.count("nearest the centre") == 1 and "p00/img09.jpg" in section.split("farthest")[1]
+    assert "p04 and p04b: centres at cosine" in section
+    assert summary["identity_curation"] == {
+        "identities": 13,
+        "outliers": 1,
+        "duplicates": 1,
+        "kept": 116,
+        "merge_candidates": 2,
+    }
+    # a rescored table makes the results stale: the report leaves them out
+    pq.write_table(table.slice(0, 3), out / "scores" / "shard-00002.parquet")
+    page, summary = build_report(str(out))
+    assert "Identity curation" not in page and "identity_curation" not in summary
