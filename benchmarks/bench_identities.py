@@ -3,11 +3,12 @@
     python benchmarks/bench_identities.py [--sizes 1000000:100000 10000000:1000000] [--dimension 128]
         [--memory-limit 4GB] [--unweighted-too] [--json FILE]
 
-Each size IMAGES:IDENTITIES builds a quality table (image_id, identity, status, quality; shards of
-500,000 rows) and an embeddings folder (image_id, embedding FLOAT[dimension]) under a scratch folder,
-then runs `fiqa identities OUTPUT --embeddings FOLDER` as a fresh process and reports its wall time,
-its stages (`identities.json`) and its peak RSS (the child's ru_maxrss). Sizes run in the order given, so
-1x and 10x are side by side in one run.
+Each size IMAGES:IDENTITIES builds a quality table (the columns these commands read: image_id, source,
+identity, status, error, quality; shards of 500,000 rows) and an embeddings folder (image_id, embedding
+FLOAT[dimension]) under a scratch folder, then runs `fiqa identities OUTPUT --embeddings FOLDER` as a fresh
+process and reports its wall time, its stages (`identities.json`) and its peak RSS (the child's ru_maxrss),
+then `fiqa select OUTPUT --drop-outliers --drop-duplicates --min-identity-images 3` the same way. Sizes run
+in the order given, so 1x and 10x are side by side in one run.
 
 The data has a generative model in which quality means something: identity i has a random direction
 c_i; an image of quality q (uniform in [0, 1]) is c_i + sigma(q) * noise, sigma falling from 2.0 at q = 0
@@ -87,8 +88,10 @@ def build(folder: Path, images: int, identities: int, dimension: int, seed: int 
         table = pa.table(
             {
                 "image_id": ids,
+                "source": ids,
                 "identity": names,
                 "status": pa.array(["ok"] * len(rows)),
+                "error": pa.nulls(len(rows), pa.string()),
                 "quality": pa.array(quality[rows]),
             }
         )
@@ -190,6 +193,38 @@ def run_identities(output: Path, embeddings: Path, memory_limit: str | None, wei
     }
 
 
+def run_select(output: Path, memory_limit: str | None) -> dict:
+    """`fiqa select OUTPUT --drop-outliers --drop-duplicates --min-identity-images 3` in a fresh process."""
+    command = [
+        sys.executable,
+        "-c",
+        CHILD,
+        "select",
+        str(output),
+        "--drop-outliers",
+        "--drop-duplicates",
+        "--min-identity-images",
+        "3",
+    ]
+    if memory_limit:
+        command += ["--memory-limit", memory_limit]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"fiqa select failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    selection = json.loads((output / "curation" / "selection.json").read_text())
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(int(done.stderr.rsplit("MAXRSS_KIB", 1)[1].split()[0]) / 1024, 1),
+        "kept": selection["kept"],
+        "dropped": {
+            key: selection[key]
+            for key in ("dropped_outliers", "dropped_duplicates", "dropped_small_identities")
+        },
+    }
+
+
 def nearest_recall(centres: np.ndarray, queries: int = 2_000, twins: int = 2_000) -> dict:
     """The nearest-identity search on the largest size's identity directions plus `twins` noisy copies of
     some of them (one person filed twice: the pairs a merge must find; their cosine is about 0.77 here):
@@ -250,6 +285,8 @@ def main() -> None:
             figures["quality"] = score(folder / "quality", plant)
             entry["weighted" if weighted else "unweighted"] = figures
             print(json.dumps({"images": images, "weighted": weighted, **figures}), flush=True)
+        entry["select"] = run_select(folder / "quality", args.memory_limit)
+        print(json.dumps({"images": images, "select": entry["select"]}), flush=True)
         results["sizes"].append(entry)
         largest = plant["centres"]
         shutil.rmtree(folder, ignore_errors=True)
