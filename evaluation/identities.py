@@ -39,6 +39,8 @@ EXACT_LIMIT = 200_000  # identities searched exhaustively (about a minute here);
 IVF_PROBES = 32  # inverted lists visited per query
 IVF_TRAINING_PER_LIST = 40  # k-means training points per inverted list (faiss warns below 39)
 MAX_CELLS = 1 << 24  # similarity cells of one batched product in `near_duplicates` (64 MB of float32)
+LARGE_IDENTITY = 4_096  # larger identities are deduplicated in blocks (`_greedy_blocks`)
+BLOCK = 512
 
 
 def unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,16 +73,19 @@ def similarity_to_centre(
     weight 0 are not in the centre, so they meet the whole of it). NaN where the rest of the identity
     holds no member (`members`: rows that count in the centre, i.e. weight > 0) or the row has no
     embedding."""
+    if len(starts) == 0:
+        return np.zeros(0)
     group = group_of(starts, len(units))
     sums = weighted_sums(units, weights, starts)
     others = np.add.reduceat(members.astype(np.int64), starts)[group] - members  # members besides the row
-    row_sum = sums[group]
-    dot = np.einsum("ij,ij->i", units.astype(np.float64), row_sum)
-    own = weights * members
-    norm2 = np.einsum("ij,ij->i", row_sum, row_sum) - 2 * own * dot + own * own
+    wide = units.astype(np.float64)
+    # the rest of the identity, subtracted as vectors: expanding |S - w u|^2 would cancel catastrophically
+    # when the others' weights are tiny next to the row's own
+    rest = sums[group] - (weights * members)[:, None] * wide
+    norm = np.linalg.norm(rest, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        similarity = (dot - own) / np.sqrt(np.maximum(norm2, 0))
-    bad = (others < 1) | ~(norm2 > 0) | ~np.any(units, axis=1)
+        similarity = np.einsum("ij,ij->i", wide, rest) / norm
+    bad = (others < 1) | ~(norm > 0) | ~np.any(units, axis=1)
     similarity[bad] = np.nan
     return np.clip(similarity, -1.0, 1.0)
 
@@ -111,7 +116,8 @@ def judge(
     group = group_of(starts, len(units))
     refit_members = np.add.reduceat(kept.astype(np.int64), starts) if len(starts) else np.zeros(0, int)
     no_refit = refit_members[group] == 0
-    similarity = np.where(no_refit, first, second)
+    # the refit's lone survivor has no one left to be compared with: it keeps its first similarity
+    similarity = np.where(no_refit | np.isnan(second), first, second)
     similarity[~usable] = np.nan
     outlier = usable & (similarity < threshold)
     sums = weighted_sums(units, refit_weights, starts)
@@ -146,8 +152,11 @@ def near_duplicates(
     sizes = np.diff(np.append(first, len(rows)))
     rank = np.arange(len(rows)) - np.repeat(first, sizes)
     padded = np.maximum(2, 1 << np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64))
-    for size in np.unique(padded[sizes >= 2]):
-        chosen = np.flatnonzero((padded == size) & (sizes >= 2))
+    for big in np.flatnonzero(sizes > LARGE_IDENTITY):  # one at a time, in blocks: memory not size^2
+        members = rows[first[big] : first[big] + sizes[big]]
+        _greedy_blocks(units, members, threshold, duplicate_of)
+    for size in np.unique(padded[(sizes >= 2) & (sizes <= LARGE_IDENTITY)]):
+        chosen = np.flatnonzero((padded == size) & (sizes >= 2) & (sizes <= LARGE_IDENTITY))
         step = max(1, max_cells // int(size * size))
         for at in range(0, len(chosen), step):
             _greedy(
@@ -184,6 +193,32 @@ def _greedy(
         if hit.any():
             best = earlier[hit].argmax(axis=1)  # the first kept match: the best quality
             duplicate_of[slots[hit, position]] = slots[np.flatnonzero(hit), best]
+
+
+def _greedy_blocks(
+    units: np.ndarray, members: np.ndarray, threshold: float, duplicate_of: np.ndarray
+) -> None:
+    """`near_duplicates` for one large identity (`members` in visiting order), BLOCK rows at a time: each
+    block against the images kept so far, then within itself; memory BLOCK x kept, not size^2."""
+    kept = np.zeros((0, units.shape[1]), dtype=np.float32)
+    kept_rows = np.zeros(0, dtype=np.int64)
+    for start in range(0, len(members), BLOCK):
+        block = members[start : start + BLOCK]
+        vectors = units[block].astype(np.float32)
+        earlier = (vectors @ kept.T) >= threshold if len(kept) else np.zeros((len(block), 0), bool)
+        found = earlier.any(axis=1)
+        if found.any():
+            duplicate_of[block[found]] = kept_rows[earlier[found].argmax(axis=1)]  # the best kept match
+        inside = (vectors @ vectors.T) >= threshold
+        new = np.zeros(len(block), dtype=bool)
+        for position in np.flatnonzero(~found):
+            match = inside[position, :position] & new[:position]
+            if match.any():
+                duplicate_of[block[position]] = block[match.argmax()]
+            else:
+                new[position] = True
+        kept = np.concatenate([kept, vectors[new]])
+        kept_rows = np.concatenate([kept_rows, block[new]])
 
 
 @dataclass

@@ -213,16 +213,21 @@ def select(
         joins = ""
         if identity_rules:
             images = quote(local_or_url(output, IDENTITY_IMAGES_FILE))
+            # a near-duplicate goes only while the copy it points to stays: when an earlier rule dropped
+            # the copy (a quality rule by another score, a tie at the cut), the duplicate is kept instead
             connection.execute(
-                f"CREATE TEMP VIEW identity_flags AS SELECT image_id, outlier, duplicate_of "
-                f"FROM read_parquet({images})"
+                f"""CREATE TEMP TABLE identity_flags AS
+                    SELECT f.image_id, f.outlier, f.duplicate_of, coalesce(c.stays, false) AS copy_stays
+                    FROM read_parquet({images}) f
+                    LEFT JOIN (SELECT image_id, {scored} AND NOT ({low}) AS stays FROM scores) c
+                        ON c.image_id = f.duplicate_of"""
             )
             joins = " LEFT JOIN identity_flags USING (image_id)"
             if drop_outliers:
                 outlier = "coalesce(outlier, false)"
                 rules.append("drop identity outliers")
             if drop_duplicates:
-                duplicate = "duplicate_of IS NOT NULL"
+                duplicate = "(duplicate_of IS NOT NULL AND copy_stays)"
                 rules.append("drop near-duplicates but the best copy")
         survives = f"{scored} AND NOT ({low}) AND NOT ({outlier}) AND NOT ({duplicate})"
         if min_identity_images is not None:

@@ -40,8 +40,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,6 +76,8 @@ from fiqa_curator.workers.io import filesystem
 RANK_BUCKETS = 1 << 16  # resolution of the quality ranks (QualityRanks)
 CHUNK_ROWS = 65_536  # rows read from the work file at a time (whole identities are processed together)
 SAMPLE_ROWS = 200_000  # rows the default thresholds are estimated from
+ROW_OVERHEAD_BYTES = 96  # a work row's bytes besides its embedding (ids, flags, score), for partitioning
+PARTITION_SHARE = 0.25  # a work partition's bytes, as a share of the memory limit
 DUPLICATE_SHARE = 0.25  # the duplicate threshold's distance from 1, as a share of the merge threshold's
 IMPOSTOR_POOL = 1_024  # recent identity centres an image may be compared with as an impostor
 SEED = 20261202
@@ -105,6 +108,7 @@ class IdentitySummary:
     merge_candidates: int
     thresholds: Thresholds
     nearest_method: str
+    work_partitions: int  # the partitions of whole identities the work was cut into (memory)
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # the process's peak by each stage's end
 
@@ -186,12 +190,15 @@ def quality_ranks(connection: duckdb.DuckDBPyConnection, score: str) -> QualityR
     return QualityRanks(float(low), float(high), np.cumsum(counts) / count)
 
 
-def _write_work_file(
-    connection: duckdb.DuckDBPyConnection, score: str, embedding_relation: str, path: str
-) -> tuple[int, int, int, int]:
-    """The work file, sorted by identity then image_id (uncompressed: embeddings do not compress, and the
-    file is read once more and deleted); returns (rows with an identity, rows without one, identities,
-    the embeddings' dimension)."""
+def _write_work_files(
+    connection: duckdb.DuckDBPyConnection, score: str, embedding_relation: str, folder: str, memory: int
+) -> tuple[int, int, int, int, list[str]]:
+    """The rows with an identity and their embeddings, in partitions of whole identities (by a hash of
+    the name) small enough to sort in `memory`: streamed by DuckDB's join into local files, uncompressed
+    (embeddings do not compress, and the files are read once more and deleted). A join sorted as a whole
+    would carry every embedding through one sort, which ran out of memory at 10M images under 2 GB.
+    Returns (rows with an identity, rows without one, identities, the embeddings' dimension, the
+    partitions' folders)."""
     lengths = connection.execute(
         f"SELECT min(len(embedding)), max(len(embedding)) FROM {embedding_relation} "
         f"WHERE embedding IS NOT NULL"
@@ -200,27 +207,46 @@ def _write_work_file(
         raise UserError("no image has an embedding")
     if lengths[0] != lengths[1] or lengths[0] == 0:
         raise UserError(f"embeddings must all have one length; found {lengths[0]} to {lengths[1]}")
-    without, identities = connection.execute(
-        "SELECT count(*) FILTER (WHERE coalesce(identity, '') = ''), "
+    dimension = int(lengths[0])
+    rows, without, identities = connection.execute(
+        "SELECT count(*) FILTER (WHERE coalesce(identity, '') <> ''), "
+        "count(*) FILTER (WHERE coalesce(identity, '') = ''), "
         "count(DISTINCT identity) FILTER (WHERE coalesce(identity, '') <> '') FROM scores"
     ).fetchone()
+    if not rows:
+        raise UserError("no image of the quality table has an identity (the manifest's `identity` column)")
+    row_bytes = 4 * dimension + ROW_OVERHEAD_BYTES
+    partitions = max(1, math.ceil(rows * row_bytes / (memory * PARTITION_SHARE)))
     ok = quote(Status.OK.value)
+    connection.execute("SET preserve_insertion_order = false")  # a streaming join needs no order
     connection.execute(
         f"""COPY (
             SELECT s.image_id, s.identity, s.status = {ok} AS ok,
                    CASE WHEN isfinite({score}) THEN {score} END AS quality,
                    coalesce(s.status = {ok} AND isfinite({score}) AND e.embedding IS NOT NULL, false)
                        AS usable,
-                   e.embedding
+                   e.embedding, hash(s.identity) % {partitions} AS part
             FROM scores s LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
             WHERE coalesce(s.identity, '') <> ''
-            ORDER BY s.identity, s.image_id
-        ) TO {quote(path)} (FORMAT parquet, COMPRESSION uncompressed, ROW_GROUP_SIZE {CHUNK_ROWS})"""
+        ) TO {quote(folder)} (FORMAT parquet, COMPRESSION uncompressed, PARTITION_BY (part))"""
     )
-    rows = pq.ParquetFile(path).metadata.num_rows
-    if rows == 0:
-        raise UserError("no image of the quality table has an identity (the manifest's `identity` column)")
-    return rows, int(without), int(identities), int(lengths[0])
+    parts = sorted(
+        (os.path.join(folder, name) for name in os.listdir(folder) if name.startswith("part=")),
+        key=lambda path: int(path.rsplit("=", 1)[1]),
+    )
+    return int(rows), int(without), int(identities), dimension, parts
+
+
+def _sorted_batches(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> Iterator[pa.RecordBatch]:
+    """The work partitions one after the other, each sorted by identity then image_id (in memory or
+    spilled by DuckDB): every identity's rows arrive together."""
+    for part in parts:
+        pattern = quote(os.path.join(part, "*.parquet"))
+        reader = connection.sql(
+            f"SELECT image_id, identity, ok, quality, usable, embedding FROM read_parquet({pattern}) "
+            "ORDER BY identity, image_id"
+        ).to_arrow_reader(CHUNK_ROWS)
+        yield from reader
 
 
 @dataclass
@@ -257,23 +283,11 @@ def _chunk(table: pa.Table, dimension: int, weigh: Weigh) -> Chunk:
     return Chunk(table, starts, units, usable, weights, np.nan_to_num(quality, nan=-np.inf))
 
 
-def _whole_identities(
-    path: str, dimension: int, weigh: Weigh, row_groups: list[int] | None = None
-) -> Iterator[Chunk]:
-    """The work file a chunk of whole identities at a time (the last identity of a read waits for the
-    next read, since it may continue there). With `row_groups`, only those, each on its own, its first
-    and last identity dropped (they may be cut): for estimates."""
-    reader = pq.ParquetFile(path)
-    if row_groups is not None:
-        for group in row_groups:
-            table = reader.read_row_group(group)
-            chunk = _chunk(table, dimension, weigh)
-            if len(chunk.starts) > 2:
-                inner = table.slice(int(chunk.starts[1]), int(chunk.starts[-1] - chunk.starts[1]))
-                yield _chunk(inner, dimension, weigh)
-        return
+def _whole_identities(batches: Iterable[pa.RecordBatch], dimension: int, weigh: Weigh) -> Iterator[Chunk]:
+    """`batches` (sorted by identity) a chunk of whole identities at a time: the last identity of a
+    batch waits for the next, since it may continue there."""
     carried: pa.Table | None = None
-    for batch in reader.iter_batches(batch_size=CHUNK_ROWS):
+    for batch in batches:
         table = pa.Table.from_batches([batch])
         if carried is not None:
             table = pa.concat_tables([carried, table])
@@ -287,35 +301,38 @@ def _whole_identities(
         yield _chunk(carried, dimension, weigh)
 
 
-def estimate_thresholds(path: str, dimension: int, weigh: Weigh) -> tuple[float, float, int]:
-    """(median impostor similarity, median genuine similarity, images sampled) from row groups spread
-    evenly over the work file. Genuine: an image's leave-one-out similarity to its own identity's centre
+def estimate_thresholds(
+    batches: Iterable[pa.RecordBatch], dimension: int, weigh: Weigh
+) -> tuple[float, float, int]:
+    """(median impostor similarity, median genuine similarity, images sampled) from the first whole
+    identities of `batches` up to SAMPLE_ROWS images (the work partitions are random sets of identities,
+    by a hash of their names). Genuine: an image's leave-one-out similarity to its own identity's centre
     (quality-weighted). Impostor: its similarity to the centre of an identity drawn at random among the
-    last IMPOSTOR_POOL identities seen (names are sorted, so neighbours in the file are unrelated)."""
-    groups = pq.ParquetFile(path).metadata.num_row_groups
-    wanted = max(1, math.ceil(SAMPLE_ROWS / CHUNK_ROWS))
-    picked = sorted({round(k * (groups - 1) / max(1, wanted - 1)) for k in range(min(groups, wanted))})
-    genuine, impostor = _similarity_samples(path, dimension, weigh, picked if groups > 1 else None)
-    if groups > 1 and (not len(genuine) or not len(impostor)):  # sampled row groups held 1-2 identities each
-        genuine, impostor = _similarity_samples(path, dimension, weigh, None)
+    last IMPOSTOR_POOL identities seen (names are sorted, so neighbours are unrelated)."""
+    genuine, impostor = _similarity_samples(batches, dimension, weigh)
     if len(impostor) == 0 or len(genuine) == 0:
         raise UserError(
-            "too few identities with usable images to derive the thresholds: set --outlier-similarity, "
-            "--duplicate-similarity and --merge-similarity"
+            "too few identities with usable images to derive the thresholds: set --outlier-similarity "
+            "and --merge-similarity"
         )
     return float(np.median(impostor)), float(np.median(genuine)), len(impostor)
 
 
 def _similarity_samples(
-    path: str, dimension: int, weigh: Weigh, row_groups: list[int] | None
+    batches: Iterable[pa.RecordBatch], dimension: int, weigh: Weigh
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(genuine, impostor) similarities of the usable images of `row_groups` (None: the whole file)."""
+    """(genuine, impostor) similarities of the usable images of the first whole identities of `batches`,
+    up to SAMPLE_ROWS images."""
     rng = np.random.default_rng(SEED)
     genuine: list[np.ndarray] = []
     impostor: list[np.ndarray] = []
     pool = np.zeros((0, dimension), dtype=np.float32)
     pool_names: np.ndarray = np.zeros(0, dtype=object)
-    for chunk in _whole_identities(path, dimension, weigh, row_groups):
+    seen = 0
+    for chunk in _whole_identities(batches, dimension, weigh):
+        if seen >= SAMPLE_ROWS:
+            break
+        seen += chunk.table.num_rows
         similarity = similarity_to_centre(chunk.units, chunk.weights, chunk.starts, chunk.usable)
         genuine.append(similarity[np.isfinite(similarity)])
         sums = np.add.reduceat(chunk.units * chunk.weights[:, None], chunk.starts, axis=0)
@@ -340,7 +357,7 @@ def _similarity_samples(
 
 
 def _thresholds(
-    path: str,
+    batches: Callable[[], Iterable[pa.RecordBatch]],
     dimension: int,
     weigh: Weigh,
     outlier: float | None,
@@ -348,9 +365,15 @@ def _thresholds(
     merge: float | None,
 ) -> Thresholds:
     source = {}
-    if None not in (outlier, duplicate, merge):
-        return Thresholds(outlier, duplicate, merge, dict.fromkeys(("outlier", "duplicate", "merge"), "set"))
-    impostor, genuine, sampled = estimate_thresholds(path, dimension, weigh)
+    if outlier is not None and merge is not None:  # the duplicate threshold's default needs merge only
+        if duplicate is None:
+            duplicate = 1 - DUPLICATE_SHARE * (1 - merge)
+            source["duplicate"] = f"1 - {DUPLICATE_SHARE:g} x (1 - merge threshold)"
+        source.setdefault("duplicate", "set")
+        return Thresholds(
+            float(outlier), float(duplicate), float(merge), {"outlier": "set", "merge": "set", **source}
+        )
+    impostor, genuine, sampled = estimate_thresholds(batches(), dimension, weigh)
     if outlier is None:
         outlier = (impostor + genuine) / 2
         source["outlier"] = (
@@ -390,13 +413,18 @@ class _PerIdentity:
 
 
 def _judge_all(
-    path: str, dimension: int, weigh: Weigh, thresholds: Thresholds, images_path: str, identities: int
+    batches: Iterable[pa.RecordBatch],
+    dimension: int,
+    weigh: Weigh,
+    thresholds: Thresholds,
+    images_path: str,
+    identities: int,
 ) -> tuple[_PerIdentity, dict[str, int]]:
     """Pass over the work file: per-image results into `images_path`, per-identity counts and centres."""
     per = _PerIdentity.empty(identities, dimension)
     totals = {"usable": 0, "outliers": 0, "duplicates": 0, "kept": 0}
     with pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer:
-        for chunk in _whole_identities(path, dimension, weigh):
+        for chunk in _whole_identities(batches, dimension, weigh):
             judged = judge(chunk.units, chunk.usable, chunk.weights, chunk.starts, thresholds.outlier)
             eligible = chunk.usable & ~judged.outlier
             duplicate = near_duplicates(
@@ -422,7 +450,8 @@ def _judge_all(
                 )
             )
             ok = chunk.table.column("ok").to_numpy(zero_copy_only=False)
-            kept = ok & ~judged.outlier & ~is_duplicate
+            scored = ok & chunk.table.column("quality").is_valid().to_numpy(zero_copy_only=False)
+            kept = scored & ~judged.outlier & ~is_duplicate  # what select keeps with both identity rules
             flags = np.stack([np.ones(len(ok)), chunk.usable, judged.outlier, is_duplicate, kept], axis=1)
             span = slice(per.filled, per.filled + len(chunk.starts))
             per.counts[span] = np.add.reduceat(flags.astype(np.int64), chunk.starts, axis=0)
@@ -479,17 +508,24 @@ def find_identities(
     storage = dict(storage_options or {})
     output = Output(output_url, storage)
     output.require_table(finished=True)
-    with tempfile.TemporaryDirectory(prefix="fiqa-identities-") as folder:
-        work = os.path.join(folder, "work.parquet")
-        with connect(output, memory_limit=memory_limit) as connection:
-            connection.execute(
-                f"CREATE VIEW scores AS SELECT * FROM read_parquet({quote(files_pattern(output))})"
-            )
-            score = score_expression(connection, by)
-            relation, source = _embedding_relation(connection, output, embeddings, storage)
-            ranks = quality_ranks(connection, score) if weighted else None
-            rows, without, count, dimension = _write_work_file(connection, score, relation, work)
+    with (
+        tempfile.TemporaryDirectory(prefix="fiqa-identities-") as folder,
+        connect(output, memory_limit=memory_limit) as connection,
+    ):
+        work = os.path.join(folder, "work")
+        connection.execute(
+            f"CREATE VIEW scores AS SELECT * FROM read_parquet({quote(files_pattern(output))})"
+        )
+        score = score_expression(connection, by)
+        relation, source = _embedding_relation(connection, output, embeddings, storage)
+        ranks = quality_ranks(connection, score) if weighted else None
+        rows, without, count, dimension, parts = _write_work_files(
+            connection, score, relation, work, memory_limit_bytes(memory_limit)
+        )
         weigh: Weigh = ranks if ranks is not None else (lambda quality: np.ones(len(quality)))
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            return _sorted_batches(connection, parts)
 
         def stage(name: str) -> None:
             seconds[name] = time.perf_counter() - started - sum(seconds.values())
@@ -497,12 +533,12 @@ def find_identities(
 
         stage("join_and_sort")
         thresholds = _thresholds(
-            work, dimension, weigh, outlier_similarity, duplicate_similarity, merge_similarity
+            batches, dimension, weigh, outlier_similarity, duplicate_similarity, merge_similarity
         )
         stage("thresholds")
         unsorted = os.path.join(folder, "images-by-identity.parquet")
-        per, totals = _judge_all(work, dimension, weigh, thresholds, unsorted, count)
-        os.remove(work)
+        per, totals = _judge_all(batches(), dimension, weigh, thresholds, unsorted, count)
+        shutil.rmtree(work)
         stage("judge")
         names = pa.concat_arrays(per.names) if per.names else pa.array([], pa.string())
         counts, has_centre = per.counts, per.has_centre
@@ -520,7 +556,7 @@ def find_identities(
         stage("nearest")
         has_nearest = nearest >= 0
         merge = has_nearest & (np.nan_to_num(nearest_similarity, nan=-2) >= thresholds.merge)
-        identities = pa.table(
+        by_name = pa.table(
             [
                 names,
                 *(pa.array(counts[:, k]) for k in range(5)),
@@ -531,16 +567,13 @@ def find_identities(
                 pa.array(merge),
             ],
             schema=IDENTITIES_SCHEMA,
-        )
+        ).sort_by("identity")  # the partitions came in hash order
         identities_path = os.path.join(folder, "identities.parquet")
-        pq.write_table(identities, identities_path, compression="zstd")
+        pq.write_table(by_name, identities_path, compression="zstd")
         images_path = os.path.join(folder, "identity_images.parquet")
         # DuckDB sorts (spilling under the memory limit); pyarrow writes, so that the file's schema is
         # the contract's whatever the data (DuckDB would mark columns without nulls "not null")
-        with (
-            connect(memory_limit=memory_limit) as connection,
-            pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer,
-        ):
+        with pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer:
             sorted_rows = connection.sql(f"SELECT * FROM read_parquet({quote(unsorted)}) ORDER BY image_id")
             for batch in sorted_rows.to_arrow_reader(CHUNK_ROWS):
                 writer.write_table(pa.Table.from_batches([batch]).cast(IDENTITY_IMAGES_SCHEMA))
@@ -563,6 +596,7 @@ def find_identities(
         merge_candidates=int(merge.sum()),
         thresholds=thresholds,
         nearest_method=neighbours.method,
+        work_partitions=len(parts),
         seconds={name: round(value, 3) for name, value in seconds.items()},
         peak_rss_mb=peak_mb,
     )

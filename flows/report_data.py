@@ -343,9 +343,9 @@ def _identity_curation(output: Output, connection: duckdb.DuckDBPyConnection) ->
             ORDER BY outliers / usable DESC, outliers DESC, identity LIMIT {CURATED_IDENTITIES}"""
     ).fetchall()
     pairs = connection.execute(
-        f"""SELECT DISTINCT least(identity, nearest_identity) AS a, greatest(identity, nearest_identity) AS b,
-                   nearest_similarity FROM {people} WHERE merge_candidate
-            ORDER BY nearest_similarity DESC, a, b LIMIT {CURATED_IDENTITIES}"""
+        f"""SELECT least(identity, nearest_identity) AS a, greatest(identity, nearest_identity) AS b,
+                   max(nearest_similarity) AS similarity FROM {people} WHERE merge_candidate
+            GROUP BY a, b ORDER BY similarity DESC, a, b LIMIT {CURATED_IDENTITIES}"""
     ).fetchall()
     wanted = sorted({name for name, _, _ in worst} | {name for a, b, _ in pairs for name in (a, b)})
     shown: dict[tuple[str, str], list[Judged]] = {}

@@ -92,13 +92,18 @@ class Output:
         )
 
     def table_fingerprint(self) -> str:
-        """The quality table's file names and sizes, hashed: results derived from the table (`fiqa
+        """The quality table's file names, sizes and versions, hashed: results derived from the table (`fiqa
         identities`) record it, so that a command reading them refuses them once the table changed."""
         folder = self.path(SCORES)
         self.fs.invalidate_cache(folder)
         entries = with_retries(lambda: self.fs.ls(folder, detail=True))
         files = sorted(
-            (posixpath.basename(entry["name"].rstrip("/")), int(entry.get("size") or 0))
+            (
+                posixpath.basename(entry["name"].rstrip("/")),
+                int(entry.get("size") or 0),
+                # a version where the store keeps one: a file rewritten at the same size still differs
+                str(entry.get("ETag") or entry.get("mtime") or entry.get("LastModified") or ""),
+            )
             for entry in entries
             if entry.get("type") == "file"
         )

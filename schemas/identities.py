@@ -9,8 +9,8 @@ identity_images.parquet, one row per image of the quality table that has an iden
 | identity     | string          | its identity label                                                       |
 | quality      | float32, null   | the score the centres were weighted by (`--by`)                          |
 | similarity   | float32, null   | cosine similarity to its identity's quality-weighted centre, computed    |
-|              |                 | without the image itself; null without an embedding or a usable score,   |
-|              |                 | or when the image is its identity's only usable one                      |
+|              |                 | without the image itself; null without an embedding or a usable score   |
+|              |                 | (status ok, finite), or when the image is its identity's only usable one |
 | outlier      | bool            | similarity below the outlier threshold (identities.json)                 |
 | duplicate_of | string, null    | the image_id of the better copy kept when this image is a near-duplicate |
 
@@ -23,7 +23,9 @@ identities.parquet, one row per identity, sorted by identity:
 | usable             | int64         | scored (status ok) images with an embedding                        |
 | outliers           | int64         |                                                                    |
 | duplicates         | int64         |                                                                    |
-| kept               | int64         | scored images that are neither outliers nor duplicates             |
+| kept               | int64         | scored images (status ok, a finite score) that are neither         |
+|                    |               | outliers nor duplicates: what `fiqa select --drop-outliers         |
+|                    |               | --drop-duplicates` keeps of the identity without a quality rule    |
 | nearest_identity   | string, null  | the identity whose centre is nearest to this one's                 |
 | nearest_similarity | float32, null | cosine similarity of the two centres                               |
 | merge_candidate    | bool          | nearest_similarity at or above the merge threshold                 |

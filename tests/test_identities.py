@@ -29,11 +29,14 @@ def _groups(rng: np.random.Generator, sizes: list[int], dimension: int = 8):
     return units, starts
 
 
-def test_leave_one_out_similarity_equals_a_loop() -> None:
+@pytest.mark.parametrize("tiny", [False, True])  # tiny: others weigh 1e-5 of the row (float cancellation)
+def test_leave_one_out_similarity_equals_a_loop(tiny: bool) -> None:
     rng = np.random.default_rng(1)
     sizes = [1, 2, 3, 7, 1, 20]
-    units, starts = _groups(rng, sizes)
+    units, starts = _groups(rng, sizes, dimension=512 if tiny else 8)
     weights = rng.random(len(units))
+    if tiny:
+        weights = np.where(rng.random(len(units)) < 0.5, 1.0, 1e-5)
     members = rng.random(len(units)) > 0.2
     weights[~members] = 0.0
     found = core.similarity_to_centre(units, weights, starts, members)
@@ -43,8 +46,8 @@ def test_leave_one_out_similarity_equals_a_loop() -> None:
             if not others:
                 assert np.isnan(found[row]), (g, row)
                 continue
-            centre = sum(weights[k] * units[k] for k in others)
-            expected = units[row] @ centre / np.linalg.norm(centre)
+            centre = sum(weights[k] * units[k].astype(np.float64) for k in others)
+            expected = units[row].astype(np.float64) @ centre / np.linalg.norm(centre)
             assert found[row] == pytest.approx(expected, abs=1e-6), (g, row)
 
 
@@ -81,8 +84,13 @@ def _greedy_loop(units, quality, starts, eligible, threshold):
     return duplicate_of
 
 
-@pytest.mark.parametrize("max_cells", [1 << 24, 64])  # one product per size, or one identity at a time
-def test_near_duplicates_equal_the_greedy_loop(max_cells: int) -> None:
+@pytest.mark.parametrize(
+    "max_cells, large",  # one product per size; one identity at a time; large ones in blocks of 4
+    [(1 << 24, 4096), (64, 4096), (1 << 24, 3)],
+)
+def test_near_duplicates_equal_the_greedy_loop(max_cells: int, large: int, monkeypatch) -> None:
+    monkeypatch.setattr(core, "LARGE_IDENTITY", large)
+    monkeypatch.setattr(core, "BLOCK", 4)
     rng = np.random.default_rng(3)
     sizes = [1, 2, 3, 4, 5, 9, 17, 2, 33]
     base = rng.normal(size=(sum(sizes), 6))
@@ -199,7 +207,8 @@ def test_identities_finds_the_planted_problems(tmp_path: Path, capsys) -> None:
         "nearest_similarity": None,
         "merge_candidate": False,
     }
-    assert people["p05"]["usable"] == 8 and people["p05"]["kept"] == 9  # the NaN score is ok, not judged
+    # the decode error and the NaN score: neither judged nor kept (select drops both)
+    assert people["p05"]["usable"] == 8 and people["p05"]["kept"] == 8
     assert people["p02"]["kept"] == 9 and people["p06"]["images"] == 9
     summary = json.loads((out / "curation" / "identities.json").read_text())
     thresholds = summary["thresholds"]
@@ -249,17 +258,13 @@ def test_select_drops_by_identity_rules_with_the_first_reason(tmp_path: Path, ca
     assert selection["dropped_small_identities"] == 18 and selection["kept"] == len(keep)
     assert "p06/img00.jpg" in {row["image_id"] for row in keep}  # no identity: no identity rule applies
 
-    # a quality rule first: an image both low and an outlier says "low"
-    lowest = min(
-        (row["quality"], row["image_id"])
-        for row in table.to_pylist()
-        if row["image_id"] != "p05/img00.jpg" and row["quality"] is not None and np.isfinite(row["quality"])
-    )[1]
-    select(str(out), min_quality=table.to_pydict()["quality"][index[lowest]] + 1e-6, drop_outliers=True)
+    # a quality rule comes first: the outlier, also below the quality threshold, says "low"
+    outlier_quality = table.to_pydict()["quality"][index["p00/img09.jpg"]]
+    select(str(out), min_quality=outlier_quality + 1e-6, drop_outliers=True)
     drop = {
         row["image_id"]: row["reason"] for row in pq.read_table(out / "curation" / "drop.parquet").to_pylist()
     }
-    assert drop[lowest].startswith("quality <")
+    assert drop["p00/img09.jpg"] == f"quality < {outlier_quality + 1e-6:g}"
 
     # results of another table are refused
     pq.write_table(table.slice(0, 5), out / "scores" / "shard-00002.parquet")
@@ -393,10 +398,58 @@ def test_report_shows_the_worst_identities_and_merge_candidates(tmp_path: Path) 
         "identities": 13,
         "outliers": 1,
         "duplicates": 1,
-        "kept": 116,
+        "kept": 115,
         "merge_candidates": 2,
     }
     # a rescored table makes the results stale: the report leaves them out
     pq.write_table(table.slice(0, 3), out / "scores" / "shard-00002.parquet")
     page, summary = build_report(str(out))
     assert "Identity curation" not in page and "identity_curation" not in summary
+
+
+def test_results_do_not_depend_on_partitions_or_read_batches(tmp_path: Path, monkeypatch) -> None:
+    from fiqa_curator.flows import identities as command
+
+    table, embeddings, _ = planted_table()
+    out = write_output(tmp_path / "out", table)
+    pq.write_table(embeddings, tmp_path / "fr.parquet")
+    fixed = {"outlier_similarity": 0.45, "merge_similarity": 0.7}
+    derived = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet")).thresholds
+    first = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"), **fixed)
+    names = ("identity_images.parquet", "identities.parquet")
+    expected = [pq.read_table(out / "curation" / name) for name in names]
+    monkeypatch.setattr(command, "CHUNK_ROWS", 7)  # identities cut across reads: carried over
+    monkeypatch.setattr(command, "PARTITION_SHARE", 1e-7)  # about 40 partitions of whole identities
+    cut = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"), **fixed)
+    assert first.work_partitions == 1 and cut.work_partitions > 10
+    for name, table_before in zip(names, expected, strict=True):
+        assert pq.read_table(out / "curation" / name).equals(table_before), name
+    assert cut.outliers == first.outliers == 1 and cut.duplicates == first.duplicates > 0
+    again = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet")).thresholds
+    for name in ("outlier", "merge", "duplicate"):  # the impostor draws come in another order
+        assert getattr(again, name) == pytest.approx(getattr(derived, name), abs=0.03), name
+
+
+def test_a_duplicate_stays_when_its_copy_was_dropped_by_an_earlier_rule(tmp_path: Path) -> None:
+    table, embeddings, index = planted_table()
+    exits = table.column("exit_scores").to_pylist()  # lists; null for the decode error
+    exits[index["p02/img01.jpg"]][0] = -5.0  # the copy kept by `fiqa identities` is low by exit 1...
+    exits[index["p02/img03.jpg"]][0] = 5.0  # ...its near-duplicate high
+    column = table.schema.get_field_index("exit_scores")
+    table = table.set_column(
+        column, table.schema.field(column), pa.array(exits, table.schema.field(column).type)
+    )
+    out = write_output(tmp_path / "out", table)
+    pq.write_table(embeddings, tmp_path / "fr.parquet")
+    find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"))
+    selection = select(str(out), min_quality=-1.0, by="exit_1", drop_duplicates=True)
+    drop = {
+        row["image_id"]: row["reason"] for row in pq.read_table(out / "curation" / "drop.parquet").to_pylist()
+    }
+    assert drop["p02/img01.jpg"] == "exit_1 < -1"
+    assert "p02/img03.jpg" not in drop and selection.dropped_duplicates == 0  # one copy of the two stays
+    selection = select(str(out), min_quality=-10.0, by="exit_1", drop_duplicates=True)
+    drop = {
+        row["image_id"]: row["reason"] for row in pq.read_table(out / "curation" / "drop.parquet").to_pylist()
+    }
+    assert drop["p02/img03.jpg"] == "near-duplicate of p02/img01.jpg" and selection.dropped_duplicates == 1
