@@ -47,6 +47,10 @@ CHILD = (
     "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)"
 )
 MISLABELLED, NEAR_COPIES, FILED_TWICE = 0.02, 0.01, 0.001
+# rows per row group of the embeddings files, as DuckDB and Spark write them (~120k): DuckDB reads a row
+# group's column whole, so pyarrow's default (1M rows: 0.5 GB of 128-d embeddings) would need that much
+# per reading thread
+EMBEDDING_ROW_GROUP = 65_536
 
 
 def build(folder: Path, images: int, identities: int, dimension: int, seed: int = 0) -> dict:
@@ -101,6 +105,7 @@ def build(folder: Path, images: int, identities: int, dimension: int, seed: int 
             pa.table({"image_id": ids, "embedding": embedding}),
             folder / "embeddings" / f"part-{shard:05d}.parquet",
             compression="none",
+            row_group_size=EMBEDDING_ROW_GROUP,
         )
     (folder / "quality" / "_SUCCESS").write_bytes(b"")
 
