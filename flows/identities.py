@@ -78,9 +78,6 @@ CHUNK_ROWS = 65_536  # rows read from the work file at a time (whole identities 
 SAMPLE_ROWS = 200_000  # rows the default thresholds are estimated from
 ROW_OVERHEAD_BYTES = 96  # a work row's bytes besides its embedding (ids, flags, score), for partitioning
 PARTITION_SHARE = 0.25  # a work partition's bytes, as a share of the memory limit
-# rows per row group of the work partitions: DuckDB buffers one per open partition while it writes, outside
-# its memory limit (at 122,880 rows, its default, 20 partitions of 128-d rows held 1.3 GB more than the limit)
-PARTITION_ROW_GROUP = 8_192
 DUPLICATE_SHARE = 0.25  # the duplicate threshold's distance from 1, as a share of the merge threshold's
 IMPOSTOR_POOL = 1_024  # recent identity centres an image may be compared with as an impostor
 SEED = 20261202
@@ -231,8 +228,7 @@ def _write_work_files(
                    e.embedding, hash(s.identity) % {partitions} AS part
             FROM scores s LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
             WHERE coalesce(s.identity, '') <> ''
-        ) TO {quote(folder)} (FORMAT parquet, COMPRESSION uncompressed, ROW_GROUP_SIZE {PARTITION_ROW_GROUP},
-            PARTITION_BY (part))"""
+        ) TO {quote(folder)} (FORMAT parquet, COMPRESSION uncompressed, PARTITION_BY (part))"""
     )
     parts = sorted(
         (os.path.join(folder, name) for name in os.listdir(folder) if name.startswith("part=")),
