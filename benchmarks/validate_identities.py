@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fiqa_curator.demo_kit.identity_noise import SEVERITY_GROUPS, check
+from fiqa_curator.flows.identities import find_identities
 
 
 def _summary(values: list[float]) -> str:
@@ -49,7 +50,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fiqa-validate-") as work:
         for seed in args.seeds:
             runs.append(
-                check(quality, data / "fr_embeddings.parquet", severity, Path(work) / "out", seed=seed)
+                check(
+                    quality,
+                    data / "fr_embeddings.parquet",
+                    severity,
+                    Path(work) / "out",
+                    find_identities,
+                    seed=seed,
+                )
             )
     print(f"{runs[0]['images']} images, {runs[0]['swapped']} mislabelled per seed, seeds {args.seeds}")
     for weighting in ("weighted", "unweighted"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,15 +150,15 @@ def check(
     embeddings: Path,
     severity: Mapping[str, int],
     work: Path,
+    find_identities: Callable[..., Any],
     *,
     swap_share: float = 0.05,
     split: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Noise on `quality`'s labels, then `fiqa identities` with and without quality weights: the figures
-    of both (`measure`), keyed "weighted" and "unweighted"."""
-    from fiqa_curator.flows.identities import find_identities
-
+    """Noise on `quality`'s labels, then `find_identities` (`flows.identities.find_identities`, passed
+    in: the demo kit sits below the flows) with and without quality weights: the figures of both
+    (`measure`), keyed "weighted" and "unweighted"."""
     table = pq.read_table(quality / "scores", columns=["image_id", "identity"]).to_pydict()
     noise = add_label_noise(table["identity"], swap_share=swap_share, split=split, seed=seed)
     output = relabelled_output(quality, work, dict(zip(table["image_id"], noise.labels, strict=True)))

@@ -355,7 +355,9 @@ def test_label_noise_on_real_faces_with_dlib_embeddings(tmp_path: Path) -> None:
         tmp_path / "fr.parquet",
     )
     severity = dict(zip(sample.image_ids, sample.severity.tolist(), strict=True))
-    result = check(quality, tmp_path / "fr.parquet", severity, tmp_path / "noisy", seed=0, split=2)
+    result = check(
+        quality, tmp_path / "fr.parquet", severity, tmp_path / "noisy", find_identities, seed=0, split=2
+    )
     assert result["images"] == 8 * 34 and result["swapped"] == 14
     for name in ("weighted", "unweighted"):
         figures = result[name]
