@@ -172,22 +172,26 @@ def score(output: Path, plant: dict) -> dict:
     }
 
 
-def run_identities(output: Path, embeddings: Path, memory_limit: str | None, weighted: bool) -> dict:
-    command = [sys.executable, "-c", CHILD, "identities", str(output), "--embeddings", str(embeddings)]
-    if memory_limit:
-        command += ["--memory-limit", memory_limit]
-    if not weighted:
-        command.append("--unweighted")
+def run_child(*arguments: str) -> tuple[float, float]:
+    """`fiqa ARGUMENTS` in a fresh process: (wall seconds, its peak RSS in MB)."""
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"fiqa identities failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    peak = int(done.stderr.rsplit("MAXRSS_KIB", 1)[1].split()[0])
+        raise SystemExit(f"fiqa {arguments[0]} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    peak_kib = int(done.stderr.rsplit("MAXRSS_KIB", 1)[1].split()[0])
+    return round(seconds, 1), round(peak_kib / 1024, 1)
+
+
+def run_identities(output: Path, embeddings: Path, memory_limit: str | None, weighted: bool) -> dict:
+    arguments = ["identities", str(output), "--embeddings", str(embeddings)]
+    arguments += ["--memory-limit", memory_limit] if memory_limit else []
+    arguments += [] if weighted else ["--unweighted"]
+    seconds, peak = run_child(*arguments)
     summary = json.loads((output / "curation" / "identities.json").read_text())
     return {
-        "seconds": round(seconds, 1),
-        "peak_rss_mb": round(peak / 1024, 1),
+        "seconds": seconds,
+        "peak_rss_mb": peak,
         "stages": summary["seconds"],
         "peak_rss_mb_by_stage_end": summary.get("peak_rss_mb", {}),
         "thresholds": {k: round(v, 4) for k, v in summary["thresholds"].items() if k != "source"},
@@ -200,28 +204,12 @@ def run_identities(output: Path, embeddings: Path, memory_limit: str | None, wei
 
 def run_select(output: Path, memory_limit: str | None) -> dict:
     """`fiqa select OUTPUT --drop-outliers --drop-duplicates --min-identity-images 3` in a fresh process."""
-    command = [
-        sys.executable,
-        "-c",
-        CHILD,
-        "select",
-        str(output),
-        "--drop-outliers",
-        "--drop-duplicates",
-        "--min-identity-images",
-        "3",
-    ]
-    if memory_limit:
-        command += ["--memory-limit", memory_limit]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"fiqa select failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    arguments = ["select", str(output), "--drop-outliers", "--drop-duplicates", "--min-identity-images", "3"]
+    seconds, peak = run_child(*arguments, *(["--memory-limit", memory_limit] if memory_limit else []))
     selection = json.loads((output / "curation" / "selection.json").read_text())
     return {
-        "seconds": round(seconds, 1),
-        "peak_rss_mb": round(int(done.stderr.rsplit("MAXRSS_KIB", 1)[1].split()[0]) / 1024, 1),
+        "seconds": seconds,
+        "peak_rss_mb": peak,
         "kept": selection["kept"],
         "dropped": {
             key: selection[key]

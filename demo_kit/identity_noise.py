@@ -88,22 +88,14 @@ def _precision_recall(flagged: np.ndarray, truth: np.ndarray) -> dict[str, float
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
     """How often a positive scores above a negative (ties count half); NaN without both."""
+    from scipy.stats import rankdata
+
     score = np.asarray(score, dtype=np.float64)
     pos, neg = score[positive], score[~positive]
     if not len(pos) or not len(neg):
         return float("nan")
-    ranks = _average_ranks(np.concatenate([pos, neg]))
+    ranks = rankdata(np.concatenate([pos, neg]))  # ties get their average rank
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    _, inverse = np.unique(values, return_inverse=True)
-    sums = np.bincount(inverse, weights=ranks)
-    counts = np.bincount(inverse)
-    return sums[inverse] / counts[inverse]
 
 
 def measure(

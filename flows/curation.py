@@ -214,13 +214,19 @@ def select(
         if identity_rules:
             images = quote(local_or_url(output, IDENTITY_IMAGES_FILE))
             # a near-duplicate goes only while the copy it points to stays: when an earlier rule dropped
-            # the copy (a quality rule by another score, a tie at the cut), the duplicate is kept instead
-            connection.execute(
-                f"""CREATE TEMP TABLE identity_flags AS
-                    SELECT f.image_id, f.outlier, f.duplicate_of, coalesce(c.stays, false) AS copy_stays
-                    FROM read_parquet({images}) f
-                    LEFT JOIN (SELECT image_id, {scored} AND NOT ({low}) AS stays FROM scores) c
+            # the copy (a quality rule by another score, a tie at the cut), the duplicate is kept instead.
+            # That join is materialised once, and only when duplicates are dropped.
+            copies = (
+                f"""LEFT JOIN (SELECT image_id, {scored} AND NOT ({low}) AS stays FROM scores) c
                         ON c.image_id = f.duplicate_of"""
+                if drop_duplicates
+                else ""
+            )
+            connection.execute(
+                f"""CREATE TEMP {"TABLE" if drop_duplicates else "VIEW"} identity_flags AS
+                    SELECT f.image_id, f.outlier, f.duplicate_of,
+                           {"coalesce(c.stays, false)" if drop_duplicates else "false"} AS copy_stays
+                    FROM read_parquet({images}) f {copies}"""
             )
             joins = " LEFT JOIN identity_flags USING (image_id)"
             if drop_outliers:

@@ -240,22 +240,22 @@ def thresholds_section(data: ReportData, faces: Faces) -> str | None:
     )
 
 
+def _card(image_id: str, numbers: str, faces: Faces) -> str:
+    """A thumbnail (or "no preview") captioned with its image id and `numbers`, both escaped."""
+    face = faces.get(image_id)
+    picture = (
+        _img(_thumbnail(face), image_id) if face is not None else '<div class="missing">no preview</div>'
+    )
+    caption = f"{html.escape(image_id)}<br>{html.escape(numbers)}"
+    return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
+
+
 def galleries_section(data: ReportData, faces: Faces) -> str | None:
     if not data.galleries:
         return None
     parts = []
     for title, shown in data.galleries:
-        cards = []
-        for image_id, quality in shown:
-            face = faces.get(image_id)
-            picture = (
-                _img(_thumbnail(face), image_id)
-                if face is not None
-                else '<div class="missing">no preview</div>'
-            )
-            cards.append(
-                f"<figure>{picture}<figcaption>{html.escape(image_id)}<br>{quality:.4f}</figcaption></figure>"
-            )
+        cards = [_card(image_id, f"{quality:.4f}", faces) for image_id, quality in shown]
         parts.append(f'<h3>{html.escape(title)}</h3><div class="gallery">{"".join(cards)}</div>')
     return "".join(parts)
 
@@ -291,16 +291,10 @@ def attention_section(data: ReportData, faces: Faces) -> str | None:
 
 def _judged_cards(shown: Sequence[tuple[str, float | None, float | None]], faces: Faces) -> str:
     """Thumbnails with image id, quality (q) and similarity to the identity's centre (s)."""
-    cards = []
-    for image_id, quality, similarity in shown:
-        face = faces.get(image_id)
-        picture = (
-            _img(_thumbnail(face), image_id) if face is not None else '<div class="missing">no preview</div>'
-        )
-        numbers = f"q {_fmt(quality)} · s {_fmt(similarity)}"
-        cards.append(
-            f"<figure>{picture}<figcaption>{html.escape(image_id)}<br>{numbers}</figcaption></figure>"
-        )
+    cards = [
+        _card(image_id, f"q {_fmt(quality)} · s {_fmt(similarity)}", faces)
+        for image_id, quality, similarity in shown
+    ]
     return f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>none</p>"
 
 
