@@ -11,6 +11,7 @@ the table's schema version.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -18,14 +19,18 @@ import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.quality_table import SCHEMA_VERSION
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
-from fiqa_curator.workers.config import ViTFIQAConfig
-from fiqa_curator.workers.fusion import parse_fusion
+from fiqa_curator.workers.config import PRESETS, ViTFIQAConfig
+from fiqa_curator.workers.fusion import Fusion, parse_fusion
+from fiqa_curator.workers.io import filesystem
 
 
 @dataclass(frozen=True)
@@ -180,18 +185,7 @@ def scoring_config(loaded: Any, options: ScoreOptions) -> dict[str, Any]:
     `loaded`: the model's `ModelFacts` (or a `LoadedModel`: anything with its `config` and `sha256`).
     `options.device` must be resolved ("cpu" or "cuda"; `flows.cluster.scoring_device`): it decides "auto"
     precision."""
-    exit_depth = options.exit_depth or loaded.config.depth
-    if not 1 <= exit_depth <= loaded.config.depth:
-        raise UserError(f"--exit-depth must be in 1..{loaded.config.depth}, got {exit_depth}")
-    if options.embeddings and exit_depth != loaded.config.depth:
-        raise UserError(
-            f"--embeddings needs the full depth ({loaded.config.depth}): the embedding is the output "
-            f"of the whole model, and exit depth {exit_depth} stops before it"
-        )
-    if options.decode == "device" and options.align:
-        raise UserError(
-            "--decode device is for aligned crops; with --align photos are decoded where faces are found"
-        )
+    exit_depth, fusion, weights = check_options_against(loaded.config, options)
     if options.precision == "auto" and options.device not in ("cpu", "cuda"):
         raise ValueError(
             "resolve the device (scoring_device) before the configuration: auto precision depends on it"
@@ -199,8 +193,6 @@ def scoring_config(loaded: Any, options: ScoreOptions) -> dict[str, Any]:
     precision = (
         ("bf16" if options.device == "cuda" else "fp32") if options.precision == "auto" else options.precision
     )
-    fusion = parse_fusion(options.fusion)
-    weights = fusion.weights(exit_depth)  # rejects a wrong number of user weights now
     return {
         "model_sha256": loaded.sha256,
         "model_config": loaded.config.to_dict(),
@@ -216,6 +208,66 @@ def scoring_config(loaded: Any, options: ScoreOptions) -> dict[str, Any]:
         "precision": precision,
         "decode": options.decode,
     }
+
+
+def check_options_against(config: ViTFIQAConfig, options: ScoreOptions) -> tuple[int, Fusion, np.ndarray]:
+    """(exit depth, fusion, its weights) of `options` for a model of this architecture; UserError for options
+    the model cannot take (an exit past its last block, a fusion weight count that is not the depth)."""
+    exit_depth = options.exit_depth or config.depth
+    if not 1 <= exit_depth <= config.depth:
+        raise UserError(f"--exit-depth must be in 1..{config.depth}, got {exit_depth}")
+    if options.embeddings and exit_depth != config.depth:
+        raise UserError(
+            f"--embeddings needs the full depth ({config.depth}): the embedding is the output "
+            f"of the whole model, and exit depth {exit_depth} stops before it"
+        )
+    if options.decode == "device" and options.align:
+        raise UserError(
+            "--decode device is for aligned crops; with --align photos are decoded where faces are found"
+        )
+    fusion = parse_fusion(options.fusion)
+    return exit_depth, fusion, fusion.weights(exit_depth)  # rejects a wrong number of user weights
+
+
+def check_before_start(options: ScoreOptions) -> None:
+    """What can be checked of the model options in a blink, before the run starts Prefect's server, Ray and
+    the model check (seconds each): the checkpoint and the model config exist, and, when the architecture is
+    declared (a preset, a JSON config, the `config.json` beside a local checkpoint), the options fit it.
+    The model check (`ModelCheck`) still loads the weights and checks them against the declaration."""
+    checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
+    try:
+        fs, path = filesystem(checkpoint, options.storage_options)
+        exists = fs.exists(path)
+    except Exception:  # unreachable storage, a bad URL: the model check reports it with the full story
+        exists = True
+    if not exists:
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    declared = declared_architecture(options, checkpoint)
+    if declared is not None:
+        check_options_against(declared, options)
+
+
+def declared_architecture(options: ScoreOptions, checkpoint: str) -> ViTFIQAConfig | None:
+    """The architecture the options or the checkpoint's folder declare, read without torch; None when only
+    the weights tell (a checkpoint alone), or when a declared depth is left to the weights."""
+    if options.mode and not options.arch:
+        raise UserError("--mode goes with --arch (a preset); a JSON config states its own mode")
+    if options.arch:
+        return ViTFIQAConfig.preset(options.arch, mode=options.mode or "token")
+    path = options.architecture_file
+    if path is None:
+        local = "://" not in checkpoint or checkpoint.startswith("file://")
+        sidecar = Path(checkpoint.removeprefix("file://")).parent / "config.json"
+        if not (local and sidecar.is_file()):
+            return None
+        path = str(sidecar)
+    if not Path(path).is_file():
+        raise UserError(f"no such model config or preset: {path} (presets: {', '.join(sorted(PRESETS))})")
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+        return ViTFIQAConfig.from_dict(values) if isinstance(values, dict) and "depth" in values else None
+    except (ValueError, TypeError):
+        return None  # the model check says what is wrong with it
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from prefect.cache_policies import NONE
 
 from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import scoring_device, start_ray, stop_ray
-from fiqa_curator.flows.configuration import ModelCheck, resolve_model, scoring_config
+from fiqa_curator.flows.configuration import ModelCheck, check_before_start, resolve_model, scoring_config
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
 from fiqa_curator.flows.listing_sort import planning_folder, sort_listing
 from fiqa_curator.flows.options import ScoreOptions
@@ -38,7 +38,7 @@ from fiqa_curator.flows.plan import (
     save_plan,
     saved_listing_fits,
 )
-from fiqa_curator.flows.sources import IMAGE_EXTENSIONS, InputError, listing_parts
+from fiqa_curator.flows.sources import IMAGE_EXTENSIONS, InputError, check_input_exists, listing_parts
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.flows.tar_listing import SavedListing, ShardLister
 from fiqa_curator.schemas.layout import (
@@ -354,6 +354,11 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
     from fiqa_curator.flows.prefect_server import start_prefect_api_in_background
 
     timeline.begin_run()
+    # a typo in a path or an option fails now, in about a second, not after the ten that Prefect's server,
+    # Ray and the model check take to start
+    check_before_start(options)
+    check_input_exists(options.input, options.storage_options)
+    Output(options.output, options.storage_options).ensure_writable()
     # Prefect's temporary server, started and waited for with a timeout of our own, on a helper thread:
     # Ray starts meanwhile (each takes seconds; `_run.json`'s timeline), unless OUTPUT holds a finished run
     # (a rerun that may have nothing to score: Ray then starts only if it does).

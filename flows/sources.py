@@ -153,6 +153,20 @@ def in_id_order(items: pa.Table) -> pa.Table:
     return (items.sort_by("image_id") if in_order is False else items).combine_chunks()
 
 
+def check_input_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """InputError when INPUT plainly does not exist: checked in a blink before a run starts anything
+    (`listing_parts` checks again, with retries, and lists it). A storage that does not answer now is left
+    to `listing_parts`, which retries and reports it."""
+    try:
+        fs, root = filesystem(url, storage_options)
+        root = root.rstrip("/") or root
+        exists = fs.exists(root) or fs.isdir(root)  # not isdir first: on S3 it lists the whole folder
+    except Exception:
+        return
+    if not exists:
+        raise InputError(f"INPUT does not exist: {url}")
+
+
 def listing_parts(
     url: str,
     storage_options: Mapping[str, Any] | None = None,

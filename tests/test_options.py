@@ -114,3 +114,49 @@ def test_serve_passes_on_only_the_flags_given() -> None:
     assert NightlyScoring.model_validate(given).exit_depth == 6
     with pytest.raises(UserError, match="--batch-size"):  # refused when served, not at the first night's run
         serve_parameters(parser.parse_args(["serve", "in/", "root/", "--batch-size", "0"]))
+
+
+def _refuse_to_start(*args: object, **kwargs: object) -> None:
+    raise AssertionError("started before the options were checked")
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"input": "{tmp}/absent"}, "INPUT does not exist"),
+        ({"checkpoint": "{tmp}/nope.pt", "arch": "vit_s_qs"}, "checkpoint not found"),
+        ({"architecture_file": "{tmp}/none.json"}, "no such model config"),
+        ({"output": "/proc/fiqa-cannot-write-here"}, "OUTPUT is not writable"),
+        ({"exit_depth": 13}, r"--exit-depth must be in 1\.\.12"),  # the bundled model's config.json
+        ({"arch": "vit_s_qs", "exit_depth": 13}, r"--exit-depth must be in 1\.\.12"),  # a preset's depth
+        ({"fusion": "1,2"}, "2 fusion weights given for 12 exits"),
+        ({"mode": "crfiqa"}, "--mode goes with --arch"),
+    ],
+)
+def test_options_a_run_cannot_take_fail_before_prefect_ray_and_the_model_check_start(
+    tmp_path, monkeypatch, given: dict[str, object], message: str
+) -> None:
+    import fiqa_curator.flows.prefect_server as prefect_server
+    import fiqa_curator.flows.score as score
+
+    (tmp_path / "in").mkdir()
+    monkeypatch.setattr(prefect_server, "start_prefect_api_in_background", _refuse_to_start)
+    monkeypatch.setattr(score, "ModelCheck", _refuse_to_start)
+    monkeypatch.setattr(score, "start_ray", _refuse_to_start)
+    values = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out")}
+    values.update({k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in given.items()})
+    with pytest.raises(UserError, match=message):
+        score.score_flow(ScoreOptions(**values))
+
+
+def test_a_checkpoint_without_a_declared_architecture_is_left_to_the_model_check(tmp_path) -> None:
+    from fiqa_curator.flows.configuration import check_before_start, declared_architecture
+
+    (tmp_path / "model.pt").write_bytes(b"weights")  # no config.json beside it: only the weights tell
+    options = ScoreOptions(input="in", output="out", checkpoint=str(tmp_path / "model.pt"), exit_depth=40)
+    assert declared_architecture(options, options.checkpoint) is None
+    check_before_start(options)  # the depth is unknown here: the model check judges --exit-depth 40
+    (tmp_path / "config.json").write_text('{"depth": 6, "embed_dim": 64, "num_heads": 4}')
+    assert declared_architecture(options, options.checkpoint).depth == 6
+    with pytest.raises(UserError, match=r"--exit-depth must be in 1\.\.6, got 40"):
+        check_before_start(options)
