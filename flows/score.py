@@ -358,7 +358,7 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
     # Ray and the model check take to start
     check_before_start(options)
     check_input_exists(options.input, options.storage_options)
-    Output(options.output, options.storage_options).ensure_writable()
+    Output(options.output, options.storage_options).check_writable()
     # Prefect's temporary server, started and waited for with a timeout of our own, on a helper thread:
     # Ray starts meanwhile (each takes seconds; `_run.json`'s timeline), unless OUTPUT holds a finished run
     # (a rerun that may have nothing to score: Ray then starts only if it does).

@@ -52,6 +52,25 @@ class Output:
                 f"OUTPUT is not writable: {self.url}: {type(error).__name__}: {error}"
             ) from error
 
+    def check_writable(self) -> None:
+        """`ensure_writable` for a check ahead of the work, which may still fail before any (INPUT without
+        images): on a local disk, the folders it had to create are removed again, so that a failed command
+        leaves no empty OUTPUT behind (object stores have no folders; the probe object is removed)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        created: list[str] = []  # the folders ensure_writable will create, deepest last
+        if "file" in protocols:
+            folder = self.path(STAGING)
+            while folder and not self.fs.exists(folder):
+                created.insert(0, folder)
+                parent = posixpath.dirname(folder)
+                folder = "" if parent == folder else parent
+        self.ensure_writable()
+        for folder in reversed(created):
+            try:
+                self.fs.rmdir(folder)  # only if empty: whatever another process put there stays
+            except OSError:
+                break
+
     def commit_bytes(self, relative: str, data: bytes) -> None:
         """Write `data` so that `relative` appears only once it is complete."""
         self._commit(relative, lambda staged: self.fs.pipe_file(staged, data))

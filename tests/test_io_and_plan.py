@@ -221,6 +221,18 @@ def test_output_urls_with_glob_characters_are_refused() -> None:
         Output("memory://runs/o[1]")
 
 
+def test_checking_output_ahead_of_the_work_leaves_no_folder_it_created(tmp_path: Path) -> None:
+    from fiqa_curator.flows.storage import OutputError
+
+    Output(str(tmp_path / "a" / "b" / "out")).check_writable()
+    assert list(tmp_path.iterdir()) == []  # a, a/b, out and out/_staging: created to prove it, removed
+    (tmp_path / "out" / "kept").mkdir(parents=True)
+    Output(str(tmp_path / "out")).check_writable()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["kept"]
+    with pytest.raises(OutputError, match="OUTPUT is not writable"):
+        Output("/proc/fiqa-cannot-write-here").check_writable()
+
+
 def test_storage_options_only_reach_their_own_store(tmp_path: Path) -> None:
     """A manifest may name https:// images next to s3:// ones: S3 credentials must not go to the web server
     (and would break the request). A real HTTP server on loopback serves the image."""
