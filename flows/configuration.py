@@ -3,10 +3,13 @@
 `ModelCheck` loads and checks the model in a child process and hands back only what the driver needs of
 it (`ModelFacts`: the architecture, the weights' hash, whether this machine has a GPU): the driver
 never imports torch (about 450 MB of its memory and 3 s of its start), and the check runs while Prefect's
-server and Ray start. `scoring_config` turns checked options and those facts into the record whose
-fingerprint decides whether two runs' rows may be mixed (resuming, `--since`): model hash and
-architecture, exit depth, fusion and its weights, precision, decoding place, alignment, the size limit,
-the table's schema version.
+server and Ray start. The same process answers the report's one other question for the model
+(`AttentionMaps`: the quality token's attention over a few faces), while the report draws the rest.
+`check_before_start` checks what needs no model (paths, and options against a declared architecture) in
+a blink. `scoring_config` turns checked options and those facts into the record whose fingerprint
+decides whether two runs' rows may be mixed (resuming, `--since`): model hash and architecture, exit
+depth, fusion and its weights, precision, decoding place, alignment, the size limit, the table's schema
+version.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class ModelCheck:
             raise UserError("--mode goes with --arch (a preset); a JSON config states its own mode")
         if options.arch:
             arch = ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
-        request = (self.checkpoint, arch, dict(options.storage_options))
+        request = ("check", self.checkpoint, arch, dict(options.storage_options))
         self._answer = _ASKING.submit(_ask, request)
 
     def result(self) -> ModelFacts:
@@ -74,6 +77,41 @@ class ModelCheck:
     def close(self) -> None:
         """Not needed after all (the run failed before the flow asked for it)."""
         self._answer.cancel()
+
+
+class AttentionMaps:
+    """`attention_maps` for a few faces in the model process, asked now; `result()` waits for the maps (and
+    raises what the model process raised: a checkpoint moved since the run, say)."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        config: Mapping[str, Any],
+        storage_options: Mapping[str, Any] | None,
+        faces: np.ndarray,
+        exit_depth: int,
+    ) -> None:
+        request = ("attention", checkpoint, dict(config), dict(storage_options or {}), faces, exit_depth)
+        self._answer = _ASKING.submit(_ask, request)
+
+    def result(self) -> np.ndarray:
+        return self._answer.result()
+
+
+def attention_maps(
+    checkpoint: str,
+    config: Mapping[str, Any],
+    storage_options: Mapping[str, Any],
+    faces: np.ndarray,
+    exit_depth: int,
+) -> np.ndarray:
+    """(faces, exits, grid, grid): the quality token's attention over the patches at every exit up to
+    `exit_depth`, for uint8 faces (N, H, W, 3) of the model's input size; what runs in the model process."""
+    from fiqa_curator.workers.checkpoint import load_model
+    from fiqa_curator.workers.preprocess import normalize
+
+    loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(dict(config)), storage_options=storage_options)
+    return loaded.model.quality_token_attention(normalize(faces), exit_depth).numpy()
 
 
 class ModelCheckDied(RuntimeError):
@@ -95,7 +133,7 @@ class _CheckerProcess:
             stdout=subprocess.PIPE,
         )
 
-    def ask(self, request: tuple[Any, ...]) -> ModelFacts:
+    def ask(self, request: tuple[Any, ...]) -> Any:
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
             _send(self.process.stdin, request)
@@ -117,8 +155,35 @@ _CHECKER: list[_CheckerProcess] = []  # started on first use
 KEEP_CHECKER_ENV = "FIQA_KEEP_MODEL_CHECK"  # "1": keep the model-check process for this process's next run
 
 
-def _ask(request: tuple[Any, ...]) -> ModelFacts:
-    keep = os.environ.get(KEEP_CHECKER_ENV) == "1"
+def warm_model_process() -> None:
+    """Start the model process now and import torch and timm there (~4 s), for a question that comes soon:
+    the report's attention maps, asked once scoring is over; the start then overlaps the run's finalizing
+    and the report's other sections. `release_model_process` lets it go if no question comes."""
+    _ASKING.submit(_ask, ("warm",), keep=True)
+
+
+def release_model_process() -> None:
+    """Let a warmed model process go (it exits when its stdin closes), unless FIQA_KEEP_MODEL_CHECK keeps it;
+    after any question already asked (one at a time, in order)."""
+    _ASKING.submit(_release)
+
+
+def _release() -> None:
+    if _CHECKER and os.environ.get(KEEP_CHECKER_ENV) != "1":
+        checker = _CHECKER.pop()
+        if checker.process.stdin is not None:
+            checker.process.stdin.close()
+        checker.process.wait(timeout=60)
+
+
+def _warm() -> bool:
+    import fiqa_curator.workers.checkpoint  # noqa: F401  (torch and timm: what every question needs)
+
+    return True
+
+
+def _ask(request: tuple[Any, ...], keep: bool = False) -> Any:
+    keep = keep or os.environ.get(KEEP_CHECKER_ENV) == "1"
     if _CHECKER and _CHECKER[0].process.poll() is not None:
         _CHECKER.clear()  # it died (killed, out of memory): a new one
     if not _CHECKER:
@@ -148,9 +213,12 @@ def _receive(stream: Any) -> Any:
     return pickle.loads(data)
 
 
+_JOBS = {"check": check_model, "attention": attention_maps, "warm": _warm}  # what the model process answers
+
+
 def _serve() -> None:
-    """The model-check process: answer requests (keep, checkpoint, arch, storage options) until one says not
-    to keep it, or stdin closes. Its stdout carries only the answers (anything printed goes to stderr)."""
+    """The model-check process: answer requests (keep, job, its arguments: `_JOBS`) until one says not to keep
+    it, or stdin closes. Its stdout carries only the answers (anything printed goes to stderr)."""
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     requests = sys.stdin.buffer
@@ -159,9 +227,9 @@ def _serve() -> None:
             request = _receive(requests)
         except EOFError:
             return
-        keep, *check = request
+        keep, job, *arguments = request
         try:
-            answer: tuple[bool, Any] = (True, check_model(*check))
+            answer: tuple[bool, Any] = (True, _JOBS[job](*arguments))
         except Exception as error:
             answer = (False, error)
         try:

@@ -25,6 +25,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from fiqa_curator.flows.configuration import AttentionMaps, ModelCheckDied
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.flows.table_sql import (
     connect,
@@ -46,6 +47,7 @@ from fiqa_curator.schemas.layout import (
 )
 from fiqa_curator.schemas.quality_table import exit_score_matrix
 from fiqa_curator.schemas.status import Status
+from fiqa_curator.workers.config import ViTFIQAConfig
 
 logger = logging.getLogger(__name__)
 QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3)
@@ -118,11 +120,22 @@ class IdentityCuration:
 
 @dataclass
 class AttentionGrid:
-    """The quality token's attention over the patches at every exit, for a few shown images."""
+    """The quality token's attention over the patches at every exit, for a few shown images: asked of the
+    driver's model process (`flows.configuration.AttentionMaps`), which loads the model while the report
+    draws its other sections."""
 
     shown: list[tuple[str, float]]  # (image_id, quality)
-    maps: np.ndarray  # (images, exits, grid, grid)
+    asked: AttentionMaps
     seen: int  # pixels the patches cover (108 of 112 with 9-pixel patches)
+
+    def maps(self) -> np.ndarray | None:
+        """(images, exits, grid, grid), waited for; None, with a warning, when the model process could not
+        compute them (the checkpoint moved or is not readable from here any more, another architecture)."""
+        try:
+            return self.asked.result()
+        except (UserError, ModelCheckDied) as error:
+            logger.warning("no attention figure: %s", error)
+            return None
 
 
 Shown = tuple[str, float]  # (image_id, quality) of an image a gallery or the attention figure shows
@@ -535,25 +548,17 @@ def faces_of(
 def attention_grid(
     data: ReportData, faces: Mapping[str, np.ndarray | None], storage_options: Mapping[str, Any] | None
 ) -> AttentionGrid | None:
-    """The attention maps of the lowest and highest images at every exit (token and full models only);
-    None when the model has no quality token or its checkpoint cannot be read from here any more."""
+    """The attention maps of the lowest and highest images at every exit (token and full models only),
+    asked now of the model process (torch costs ~650 MB and seconds, for a figure of four images: not in
+    the driver); None when the model has no quality token or the run record names no checkpoint."""
     config, checkpoint = data.run.model_config_dict, data.run.checkpoint
     if not config or not checkpoint or config.get("mode") == "crfiqa":
         return None
     shown = [(image_id, score) for image_id, score in data.attention if faces.get(image_id) is not None]
     if not shown:
         return None
-    # only now: torch costs ~650 MB and seconds, for a figure of four images
-    from fiqa_curator.workers.checkpoint import load_model
-    from fiqa_curator.workers.config import ViTFIQAConfig
-    from fiqa_curator.workers.preprocess import normalize
-
-    try:
-        loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(config), storage_options=storage_options)
-    except UserError as error:  # moved, not readable from here, or another architecture: no such figure
-        logger.warning("no attention figure: %s", error)
-        return None
-    depth = int(data.run.config.get("exit_depth", loaded.config.depth))
+    architecture = ViTFIQAConfig.from_dict(config)
+    depth = int(data.run.config.get("exit_depth", architecture.depth))
     stack = np.stack([faces[image_id] for image_id, _ in shown])
-    maps = loaded.model.quality_token_attention(normalize(stack), depth).numpy()
-    return AttentionGrid(shown, maps, loaded.config.grid_size * loaded.config.patch_size)
+    asked = AttentionMaps(checkpoint, config, storage_options, stack, depth)
+    return AttentionGrid(shown, asked, architecture.grid_size * architecture.patch_size)

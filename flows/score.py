@@ -25,7 +25,14 @@ from prefect.cache_policies import NONE
 
 from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import scoring_device, start_ray, stop_ray
-from fiqa_curator.flows.configuration import ModelCheck, check_before_start, resolve_model, scoring_config
+from fiqa_curator.flows.configuration import (
+    ModelCheck,
+    check_before_start,
+    release_model_process,
+    resolve_model,
+    scoring_config,
+    warm_model_process,
+)
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
 from fiqa_curator.flows.listing_sort import planning_folder, sort_listing
 from fiqa_curator.flows.options import ScoreOptions
@@ -334,6 +341,8 @@ def score_flow_run(
         stats = execute_task(options, planned, config, checkpoint, run_id, on_rows)
         timings["execute"] = time.perf_counter() - started
         timeline.mark("scored")
+        if options.report:  # its attention figure asks the model process: started now, ready when asked
+            warm_model_process()
     finally:
         stop_ray()  # before finalizing: the report needs no Ray
     summary = finalize_task(options, planned, config, run_id, stats, timings)
@@ -379,6 +388,7 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
         unused = _STARTED_MODEL_CHECKS.pop(reference, None)
         if unused is not None:  # the flow did not get to it (Prefect failed to start, say)
             unused.close()
+        release_model_process()  # warmed for a report that did not ask (a model without a quality token)
         stop_ray()  # when the flow did not get to (it failed before its own `stop_ray`)
 
 

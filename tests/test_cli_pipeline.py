@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 FIQA = str(Path(sys.executable).parent / "fiqa")
 
 
-# `fiqa` as a Python process that says whether it had imported torch when scoring was over (the report's
-# attention figure, after Ray has stopped, loads the model): the driver must not (the model is checked in a
-# child process and scored in Ray's actors; flows.configuration)
+# `fiqa` as a Python process that says whether it had imported torch when scoring was over, and after its
+# report: the driver must not (the model is checked, and the report's attention maps drawn, in a child
+# process, and images are scored in Ray's actors; flows.configuration)
 DRIVER_WITHOUT_TORCH = """
 import sys
 import fiqa_curator.flows.score as score
@@ -39,7 +39,10 @@ report_task = score.report_task
 
 def probed_report_task(*args, **kwargs):
     print("torch imported by the driver:", "torch" in sys.modules)
-    return report_task(*args, **kwargs)
+    try:
+        return report_task(*args, **kwargs)
+    finally:
+        print("torch imported by the driver's report:", "torch" in sys.modules)
 
 score.report_task = probed_report_task
 sys.exit(main(sys.argv[1:]))
@@ -108,6 +111,9 @@ def test_s3_in_and_out_with_aws_environment(tmp_path: Path, s3_server, s3_bucket
     assert result.returncode == 0, result.stdout + result.stderr
     assert "done: 7 images (decode_error 1, ok 6)" in result.stdout
     assert "torch imported by the driver: False" in result.stdout
+    assert "torch imported by the driver's report: False" in result.stdout
+    page = fs.cat(f"{s3_bucket}/out/run-1/report/index.html").decode()
+    assert '<section id="attention">' in page  # drawn from the model on S3, loaded in the model process
     assert s3_server.storage_options["secret"] not in result.stdout + result.stderr  # never log credentials
     assert fs.exists(f"{s3_bucket}/out/run-1/_SUCCESS")
     rows = read_quality_table(f"s3://{s3_bucket}/out/run-1", s3_server.storage_options)
