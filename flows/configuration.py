@@ -54,6 +54,8 @@ def check_model(checkpoint: str, arch: Any, storage_options: Mapping[str, Any]) 
     from fiqa_curator.workers.checkpoint import load_model
 
     loaded = load_model(checkpoint, arch, storage_options=storage_options)
+    _LOADED.clear()  # kept for the report's attention maps, when the process is kept for them
+    _LOADED[_model_key(checkpoint, loaded.config.to_dict())] = loaded.model
     return ModelFacts(loaded.config, loaded.sha256, torch.cuda.is_available())
 
 
@@ -61,7 +63,10 @@ class ModelCheck:
     """`check_model` for a run's options in the driver's model-check process, asked now; `result()` waits for
     the answer (and raises what the check raised)."""
 
-    def __init__(self, options: ScoreOptions) -> None:
+    def __init__(self, options: ScoreOptions, *, keep_for_report: bool = False) -> None:
+        """keep_for_report: the process stays, idle, with torch imported and the model loaded (~0.5 GB and
+        the model's size), until the report's `AttentionMaps` (or `release_model_process`): without it, the
+        report would start a new one after scoring, ~5 s of torch and timm's imports and the load."""
         self.checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
         arch: Any = options.architecture_file
         if options.mode and not options.arch:
@@ -69,7 +74,7 @@ class ModelCheck:
         if options.arch:
             arch = ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
         request = ("check", self.checkpoint, arch, dict(options.storage_options))
-        self._answer = _ASKING.submit(_ask, request)
+        self._answer = _ASKING.submit(_ask, request, keep=keep_for_report)
 
     def result(self) -> ModelFacts:
         return self._answer.result()
@@ -107,11 +112,31 @@ def attention_maps(
 ) -> np.ndarray:
     """(faces, exits, grid, grid): the quality token's attention over the patches at every exit up to
     `exit_depth`, for uint8 faces (N, H, W, 3) of the model's input size; what runs in the model process."""
-    from fiqa_curator.workers.checkpoint import load_model
     from fiqa_curator.workers.preprocess import normalize
 
-    loaded = load_model(checkpoint, ViTFIQAConfig.from_dict(dict(config)), storage_options=storage_options)
-    return loaded.model.quality_token_attention(normalize(faces), exit_depth).numpy()
+    model = _model_for(checkpoint, config, storage_options)
+    return model.quality_token_attention(normalize(faces), exit_depth).numpy()
+
+
+# in the model process: the model its check loaded, for the report's attention maps
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def _model_key(checkpoint: str, config: Mapping[str, Any]) -> tuple[str, str]:
+    return checkpoint, json.dumps(dict(config), sort_keys=True)
+
+
+def _model_for(checkpoint: str, config: Mapping[str, Any], storage_options: Mapping[str, Any]) -> Any:
+    """The ViTFIQA network of this checkpoint and architecture: the one the model check loaded when it is
+    the same, else loaded now (and kept instead)."""
+    from fiqa_curator.workers.checkpoint import load_model
+
+    key = _model_key(checkpoint, config)
+    if key not in _LOADED:
+        _LOADED.clear()
+        architecture = ViTFIQAConfig.from_dict(dict(config))
+        _LOADED[key] = load_model(checkpoint, architecture, storage_options=storage_options).model
+    return _LOADED[key]
 
 
 class ModelCheckDied(RuntimeError):
@@ -155,16 +180,9 @@ _CHECKER: list[_CheckerProcess] = []  # started on first use
 KEEP_CHECKER_ENV = "FIQA_KEEP_MODEL_CHECK"  # "1": keep the model-check process for this process's next run
 
 
-def warm_model_process() -> None:
-    """Start the model process now and import torch and timm there (~4 s), for a question that comes soon:
-    the report's attention maps, asked once scoring is over; the start then overlaps the run's finalizing
-    and the report's other sections. `release_model_process` lets it go if no question comes."""
-    _ASKING.submit(_ask, ("warm",), keep=True)
-
-
 def release_model_process() -> None:
-    """Let a warmed model process go (it exits when its stdin closes), unless FIQA_KEEP_MODEL_CHECK keeps it;
-    after any question already asked (one at a time, in order)."""
+    """Let a model process kept for the report go (it exits when its stdin closes), unless
+    FIQA_KEEP_MODEL_CHECK keeps it; after any question already asked (one at a time, in order)."""
     _ASKING.submit(_release)
 
 
@@ -174,12 +192,6 @@ def _release() -> None:
         if checker.process.stdin is not None:
             checker.process.stdin.close()
         checker.process.wait(timeout=60)
-
-
-def _warm() -> bool:
-    import fiqa_curator.workers.checkpoint  # noqa: F401  (torch and timm: what every question needs)
-
-    return True
 
 
 def _ask(request: tuple[Any, ...], keep: bool = False) -> Any:
@@ -213,7 +225,7 @@ def _receive(stream: Any) -> Any:
     return pickle.loads(data)
 
 
-_JOBS = {"check": check_model, "attention": attention_maps, "warm": _warm}  # what the model process answers
+_JOBS = {"check": check_model, "attention": attention_maps}  # what the model process answers
 
 
 def _serve() -> None:

@@ -31,7 +31,6 @@ from fiqa_curator.flows.configuration import (
     release_model_process,
     resolve_model,
     scoring_config,
-    warm_model_process,
 )
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
 from fiqa_curator.flows.listing_sort import planning_folder, sort_listing
@@ -341,8 +340,6 @@ def score_flow_run(
         stats = execute_task(options, planned, config, checkpoint, run_id, on_rows)
         timings["execute"] = time.perf_counter() - started
         timeline.mark("scored")
-        if options.report:  # its attention figure asks the model process: started now, ready when asked
-            warm_model_process()
     finally:
         stop_ray()  # before finalizing: the report needs no Ray
     summary = finalize_task(options, planned, config, run_id, stats, timings)
@@ -375,7 +372,8 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
     reference = uuid.uuid4().hex
     try:
         # the model is loaded and checked in a child process meanwhile (flows.configuration.ModelCheck)
-        _STARTED_MODEL_CHECKS[reference] = ModelCheck(options)
+        # (kept, idle, for the report's attention figure: it needs the same model)
+        _STARTED_MODEL_CHECKS[reference] = ModelCheck(options, keep_for_report=options.report)
         if not _finished(options):
             start_ray(options.ray_address)
         prefect_api.result()
@@ -388,7 +386,7 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
         unused = _STARTED_MODEL_CHECKS.pop(reference, None)
         if unused is not None:  # the flow did not get to it (Prefect failed to start, say)
             unused.close()
-        release_model_process()  # warmed for a report that did not ask (a model without a quality token)
+        release_model_process()  # kept for a report that did not ask (no quality token, a failed run)
         stop_ray()  # when the flow did not get to (it failed before its own `stop_ray`)
 
 

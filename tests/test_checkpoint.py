@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -211,24 +212,34 @@ def test_the_model_is_checked_in_a_child_process(tmp_path: Path, monkeypatch) ->
     assert not configuration._CHECKER
 
 
-def test_the_reports_attention_maps_come_from_the_model_process(monkeypatch) -> None:
+def test_the_reports_attention_maps_come_from_the_model_process(tmp_path: Path, monkeypatch) -> None:
     """The report asks the model process for its attention figure (the driver never imports torch): the
-    maps are the model's own; a process warmed for the question answers it and exits, and one warmed for a
-    question that never comes is let go."""
+    maps are the model's own; a process kept after the model check for the question answers it with the
+    model the check loaded and exits, and one kept for a question that never comes is let go."""
     from fiqa_curator.flows import configuration
+    from fiqa_curator.flows.options import ScoreOptions
     from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
     from fiqa_curator.workers.preprocess import normalize
 
     monkeypatch.delenv("FIQA_KEEP_MODEL_CHECK")
     loaded = load_model(BUNDLED_CHECKPOINT)
     faces = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
-    configuration.warm_model_process()
-    asked = configuration.AttentionMaps(str(BUNDLED_CHECKPOINT), loaded.config.to_dict(), None, faces, 5)
+    checkpoint = tmp_path / "model.pt"
+    shutil.copy(BUNDLED_CHECKPOINT, checkpoint)
+    shutil.copy(BUNDLED_CHECKPOINT.with_name("config.json"), tmp_path / "config.json")
+    options = ScoreOptions(input="in", output="out", checkpoint=str(checkpoint))
+    check = configuration.ModelCheck(options, keep_for_report=True)
+    assert check.result().config == loaded.config
+    kept = configuration._CHECKER[0].process
+    assert kept.poll() is None  # kept, idle, for the report
+    checkpoint.unlink()  # the answer comes from the model the check loaded, not from the file again
+    asked = configuration.AttentionMaps(str(checkpoint), loaded.config.to_dict(), None, faces, 5)
     expected = loaded.model.quality_token_attention(normalize(faces), 5).numpy()
     np.testing.assert_array_equal(asked.result(), expected)
     assert expected.shape == (3, 5, loaded.config.grid_size, loaded.config.grid_size)
-    assert not configuration._CHECKER  # it answered, then exited
-    configuration.warm_model_process()
+    assert not configuration._CHECKER and kept.wait(timeout=30) == 0  # it answered, then exited
+    configuration.ModelCheck(ScoreOptions(input="in", output="out"), keep_for_report=True).result()
+    kept = configuration._CHECKER[0].process
     configuration.release_model_process()
     configuration._ASKING.submit(lambda: None).result()  # after the questions already asked
-    assert not configuration._CHECKER
+    assert not configuration._CHECKER and kept.wait(timeout=30) == 0
