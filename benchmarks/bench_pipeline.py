@@ -13,9 +13,12 @@ then for each exit depth (default 12 and 4):
   plain     (--plain) the same job as a plain Ray Data script (`plain_ray_data.py`: read_binary_files,
             map_batches with a callable class on an actor pool, write_parquet), same images, model, exit
             depth, batch size and threads, timed as a whole process like the pipeline, the two
-            interleaved (which goes first alternates from one exit depth to the next).
+            interleaved (which goes first alternates from one run to the next); with --rounds N each
+            is run N times and the medians are reported, with every round's pair (the difference of
+            whole-process times is fiqa's fixed cost over the plain script's on small inputs).
 
-    python benchmarks/bench_pipeline.py [--images 3000] [--batch 64] [--depths 12 4] [--plain] [--json F]
+    python benchmarks/bench_pipeline.py [--images 3000] [--batch 64] [--depths 12 4] [--plain]
+                                        [--rounds 1] [--json F]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,6 +117,7 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[12, 4])
     parser.add_argument("--bare-batches", type=int, default=6, help="batches timed for the bare model")
     parser.add_argument("--plain", action="store_true", help="also time the plain Ray Data script")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each command; medians reported")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -152,13 +157,31 @@ def main() -> None:
         plain_out = str(work / f"plain-{depth}")
         plain_command = [sys.executable, plain_script, str(work / "images"), plain_out, *job]
         plain_command += ["--threads", str(os.cpu_count())]  # what fiqa's one CPU actor gets: every CPU
-        plain_wall = plain_peak = None
-        if args.plain and position % 2:
-            plain_wall, plain_peak = run_process(plain_command)
-        wall, peak = run_pipeline(fiqa_args)
-        if args.plain and not position % 2:
-            plain_wall, plain_peak = run_process(plain_command)
-        record = json.loads((out / "_run.json").read_text())
+        walls, peaks, plain_walls, plain_peaks, records = [], [], [], [], []
+        for round_ in range(args.rounds):
+            plain_first = (position + round_) % 2 == 1
+            for folder in (out, Path(plain_out)):  # every round starts from nothing, like the first
+                shutil.rmtree(folder, ignore_errors=True)
+            if args.plain and plain_first:
+                plain_measured = run_process(plain_command)
+            fiqa_measured = run_pipeline(fiqa_args)
+            if args.plain and not plain_first:
+                plain_measured = run_process(plain_command)
+            walls.append(fiqa_measured[0])
+            peaks.append(fiqa_measured[1])
+            records.append(json.loads((out / "_run.json").read_text()))
+            if args.plain:
+                plain_walls.append(plain_measured[0])
+                plain_peaks.append(plain_measured[1])
+                print(
+                    f"     round {round_ + 1}: fiqa {walls[-1]:.1f} s, plain {plain_walls[-1]:.1f} s "
+                    f"({'plain' if plain_first else 'fiqa'} first), "
+                    f"difference {walls[-1] - plain_walls[-1]:+.1f} s"
+                )
+        wall, peak = float(np.median(walls)), max(peaks)
+        plain_wall = float(np.median(plain_walls)) if plain_walls else None
+        plain_peak = max(plain_peaks) if plain_peaks else None
+        record = records[int(np.argsort(walls)[len(walls) // 2])]  # the median round's record
         pipeline = record["images_per_second"]
         steady = record["stages"]["steady_images_per_second"]
         result = {
@@ -181,6 +204,10 @@ def main() -> None:
                 plain_wall_s=plain_wall,
                 plain_wall_images_per_s=args.images / plain_wall,
                 plain_peak_pss_bytes=plain_peak,
+                rounds=args.rounds,
+                fiqa_wall_s_rounds=walls,
+                plain_wall_s_rounds=plain_walls,
+                startup_difference_s=float(np.median(np.subtract(walls, plain_walls))),
                 plain_rows=written,
                 fiqa_vs_plain=plain_wall / wall,
             )
@@ -196,7 +223,8 @@ def main() -> None:
                 f"     plain Ray Data script: {plain_wall:.1f} s whole process "
                 f"({args.images / plain_wall:.2f} img/s, {written} rows, "
                 f"peak PSS {plain_peak / 2**30:.2f} G); fiqa {wall:.1f} s: "
-                f"fiqa/plain speed {plain_wall / wall:.2f}x"
+                f"fiqa/plain speed {plain_wall / wall:.2f}x; median difference "
+                f"{result['startup_difference_s']:+.1f} s over {args.rounds} round(s)"
             )
     if args.json:
         Path(args.json).write_text(

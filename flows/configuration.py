@@ -64,9 +64,9 @@ class ModelCheck:
     the answer (and raises what the check raised)."""
 
     def __init__(self, options: ScoreOptions, *, keep_for_report: bool = False) -> None:
-        """keep_for_report: the process stays, idle, with torch imported and the model loaded (~0.5 GB and
-        the model's size), until the report's `AttentionMaps` (or `release_model_process`): without it, the
-        report would start a new one after scoring, ~5 s of torch and timm's imports and the load."""
+        """keep_for_report: the process stays, idle, with torch imported and the model loaded (~0.7 GB and
+        the model's size), until the report's `AttentionMaps` or `release_model_process`: the report then
+        needs no new start (~5 s of torch and timm's imports and the load)."""
         self.checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
         arch: Any = options.architecture_file
         if options.mode and not options.arch:
@@ -180,6 +180,16 @@ _CHECKER: list[_CheckerProcess] = []  # started on first use
 KEEP_CHECKER_ENV = "FIQA_KEEP_MODEL_CHECK"  # "1": keep the model-check process for this process's next run
 
 
+def warm_model_process(
+    checkpoint: str, config: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Start the model process now (when none was kept), import torch and timm there and load this model,
+    for a question that comes soon: the report's attention maps, asked once scoring is over; the ~5 s of
+    its start then overlap the run's finalizing and the report's other sections. `release_model_process`
+    lets it go if no question comes."""
+    _ASKING.submit(_ask, ("warm", checkpoint, dict(config), dict(storage_options or {})), keep=True)
+
+
 def release_model_process() -> None:
     """Let a model process kept for the report go (it exits when its stdin closes), unless
     FIQA_KEEP_MODEL_CHECK keeps it; after any question already asked (one at a time, in order)."""
@@ -192,6 +202,14 @@ def _release() -> None:
         if checker.process.stdin is not None:
             checker.process.stdin.close()
         checker.process.wait(timeout=60)
+
+
+def _warm(checkpoint: str, config: Mapping[str, Any], storage_options: Mapping[str, Any]) -> bool:
+    try:
+        _model_for(checkpoint, config, storage_options)
+    except Exception:  # the question, when it comes, loads it again and says what is wrong
+        return False
+    return True
 
 
 def _ask(request: tuple[Any, ...], keep: bool = False) -> Any:
@@ -225,7 +243,7 @@ def _receive(stream: Any) -> Any:
     return pickle.loads(data)
 
 
-_JOBS = {"check": check_model, "attention": attention_maps}  # what the model process answers
+_JOBS = {"check": check_model, "attention": attention_maps, "warm": _warm}  # what the model process answers
 
 
 def _serve() -> None:

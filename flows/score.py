@@ -31,6 +31,7 @@ from fiqa_curator.flows.configuration import (
     release_model_process,
     resolve_model,
     scoring_config,
+    warm_model_process,
 )
 from fiqa_curator.flows.execution import ExecutionStats, StallError, execute
 from fiqa_curator.flows.listing_sort import planning_folder, sort_listing
@@ -59,6 +60,7 @@ from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 
 __all__ = ["RunSummary", "ScoreOptions", "StallError", "score_flow"]
 _PRIVATE_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # see score_flow_run
+KEEP_MODEL_PROCESS_IMAGES = 20_000  # a run with at most this many images to score keeps it for the report
 _STARTED_MODEL_CHECKS: dict[str, ModelCheck] = {}  # started by score_flow before the flow run, by reference
 
 
@@ -328,6 +330,12 @@ def score_flow_run(
         planned = plan_task(options, config)
         timings["plan"] = time.perf_counter() - started
         timeline.mark("planned")
+        # the model process waits, idle, for the report's attention figure through a short run (~0.7 GB,
+        # ~3 s less at its end); a longer one lets it go now and starts it again once scoring is over
+        to_score = sum(planned.plan.shard_length(index) for index in planned.pending)
+        keep_model_process = options.report and to_score <= KEEP_MODEL_PROCESS_IMAGES
+        if not keep_model_process:
+            release_model_process()
 
         if options.since:  # a PREVIOUS of another configuration fails now, before any work
             from fiqa_curator.flows.incremental import check_previous
@@ -340,6 +348,8 @@ def score_flow_run(
         stats = execute_task(options, planned, config, checkpoint, run_id, on_rows)
         timings["execute"] = time.perf_counter() - started
         timeline.mark("scored")
+        if options.report and not keep_model_process:
+            warm_model_process(checkpoint, config["model_config"], options.storage_options)
     finally:
         stop_ray()  # before finalizing: the report needs no Ray
     summary = finalize_task(options, planned, config, run_id, stats, timings)
@@ -372,7 +382,7 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
     reference = uuid.uuid4().hex
     try:
         # the model is loaded and checked in a child process meanwhile (flows.configuration.ModelCheck)
-        # (kept, idle, for the report's attention figure: it needs the same model)
+        # (kept, for the report's attention figure, while the run is short: see after planning)
         _STARTED_MODEL_CHECKS[reference] = ModelCheck(options, keep_for_report=options.report)
         if not _finished(options):
             start_ray(options.ray_address)

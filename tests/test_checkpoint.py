@@ -214,8 +214,9 @@ def test_the_model_is_checked_in_a_child_process(tmp_path: Path, monkeypatch) ->
 
 def test_the_reports_attention_maps_come_from_the_model_process(tmp_path: Path, monkeypatch) -> None:
     """The report asks the model process for its attention figure (the driver never imports torch): the
-    maps are the model's own; a process kept after the model check for the question answers it with the
-    model the check loaded and exits, and one kept for a question that never comes is let go."""
+    maps are the model's own; a process kept after the model check (a short run), or started again and
+    warmed once scoring is over (a long one), answers with the model it loaded and exits; one kept for a
+    question that never comes is let go."""
     from fiqa_curator.flows import configuration
     from fiqa_curator.flows.options import ScoreOptions
     from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
@@ -238,6 +239,15 @@ def test_the_reports_attention_maps_come_from_the_model_process(tmp_path: Path, 
     np.testing.assert_array_equal(asked.result(), expected)
     assert expected.shape == (3, 5, loaded.config.grid_size, loaded.config.grid_size)
     assert not configuration._CHECKER and kept.wait(timeout=30) == 0  # it answered, then exited
+    # a longer run lets it go after planning and starts it again when scoring is over: warmed with the model
+    shutil.copy(BUNDLED_CHECKPOINT, checkpoint)
+    configuration.warm_model_process(str(checkpoint), loaded.config.to_dict())
+    configuration._ASKING.submit(lambda: None).result()  # warmed
+    checkpoint.unlink()
+    asked = configuration.AttentionMaps(str(checkpoint), loaded.config.to_dict(), None, faces, 5)
+    np.testing.assert_array_equal(asked.result(), expected)
+    assert not configuration._CHECKER
+    # and one kept for a question that never comes is let go
     configuration.ModelCheck(ScoreOptions(input="in", output="out"), keep_for_report=True).result()
     kept = configuration._CHECKER[0].process
     configuration.release_model_process()
