@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="fiqa-bench-"))
     make_inputs(work / "images", args.images)
     config = ViTFIQAConfig.preset("vit_s_qs")

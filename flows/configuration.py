@@ -33,7 +33,6 @@ from fiqa_curator.schemas.quality_table import SCHEMA_VERSION
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
 from fiqa_curator.workers.config import PRESETS, ViTFIQAConfig
 from fiqa_curator.workers.fusion import Fusion, parse_fusion
-from fiqa_curator.workers.io import filesystem
 
 
 @dataclass(frozen=True)
@@ -156,6 +155,9 @@ class _CheckerProcess:
             [sys.executable, "-m", "fiqa_curator.flows.configuration"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            # its own session: a Ctrl-C in the terminal is the driver's to handle (it may wait through a
+            # run, idle); it exits when the driver closes its stdin or dies
+            start_new_session=True,
         )
 
     def ask(self, request: tuple[Any, ...]) -> Any:
@@ -201,7 +203,11 @@ def _release() -> None:
         checker = _CHECKER.pop()
         if checker.process.stdin is not None:
             checker.process.stdin.close()
-        checker.process.wait(timeout=60)
+        try:
+            checker.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # busy or stuck: it answers no one any more
+            checker.process.kill()
+            checker.process.wait()
 
 
 def _warm(checkpoint: str, config: Mapping[str, Any], storage_options: Mapping[str, Any]) -> bool:
@@ -333,12 +339,10 @@ def check_before_start(options: ScoreOptions) -> None:
     declared (a preset, a JSON config, the `config.json` beside a local checkpoint), the options fit it.
     The model check (`ModelCheck`) still loads the weights and checks them against the declaration."""
     checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
-    try:
-        fs, path = filesystem(checkpoint, options.storage_options)
-        exists = fs.exists(path)
-    except Exception:  # unreachable storage, a bad URL: the model check reports it with the full story
-        exists = True
-    if not exists:
+    # on local disks only: remote stores may say "not found" for an outage or a refusal (fsspec's HTTP does),
+    # and the model check reads the checkpoint anyway and tells the whole story
+    local = "://" not in checkpoint or checkpoint.startswith("file://")
+    if local and not Path(checkpoint.removeprefix("file://")).exists():
         raise UserError(f"checkpoint not found: {checkpoint}")
     declared = declared_architecture(options, checkpoint)
     if declared is not None:
@@ -359,6 +363,8 @@ def declared_architecture(options: ScoreOptions, checkpoint: str) -> ViTFIQAConf
         if not (local and sidecar.is_file()):
             return None
         path = str(sidecar)
+    if path in PRESETS:  # `--model-config vit_s_qs` names a preset, as `load_model` takes it
+        return ViTFIQAConfig.preset(path)
     if not Path(path).is_file():
         raise UserError(f"no such model config or preset: {path} (presets: {', '.join(sorted(PRESETS))})")
     try:

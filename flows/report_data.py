@@ -25,7 +25,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from fiqa_curator.flows.configuration import AttentionMaps, ModelCheckDied
+from fiqa_curator.flows.configuration import AttentionMaps
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.flows.table_sql import (
     connect,
@@ -36,7 +36,6 @@ from fiqa_curator.flows.table_sql import (
     quote,
     scalar,
 )
-from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.layout import (
     EVALUATION,
     IDENTITIES_FILE,
@@ -133,8 +132,8 @@ class AttentionGrid:
         compute them (the checkpoint moved or is not readable from here any more, another architecture)."""
         try:
             return self.asked.result()
-        except (UserError, ModelCheckDied) as error:
-            logger.warning("no attention figure: %s", error)
+        except Exception as error:  # a figure of four images must not cost the report
+            logger.warning("no attention figure: %s: %s", type(error).__name__, error)
             return None
 
 
@@ -557,8 +556,12 @@ def attention_grid(
     shown = [(image_id, score) for image_id, score in data.attention if faces.get(image_id) is not None]
     if not shown:
         return None
-    architecture = ViTFIQAConfig.from_dict(config)
-    depth = int(data.run.config.get("exit_depth", architecture.depth))
+    try:
+        architecture = ViTFIQAConfig.from_dict(config)
+        depth = int(data.run.config.get("exit_depth", architecture.depth))
+    except (ValueError, TypeError) as error:  # a run record from another version, edited by hand
+        logger.warning("no attention figure: the run's model config: %s", error)
+        return None
     stack = np.stack([faces[image_id] for image_id, _ in shown])
     asked = AttentionMaps(checkpoint, config, storage_options, stack, depth)
     return AttentionGrid(shown, asked, architecture.grid_size * architecture.patch_size)

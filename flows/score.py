@@ -323,6 +323,10 @@ def score_flow_run(
         device = scoring_device(options.device, options.ray_address, loaded.local_gpu)
         options = options.model_copy(update={"device": device})
         config = scoring_config(loaded, options)
+        # the report's attention figure asks the model process (models with a quality token only)
+        attention_figure = options.report and loaded.config.mode != "crfiqa"
+        if not attention_figure:
+            release_model_process()
         del loaded  # actors load their own copy; the driver only needed the checks and the hash
         timings["load_model"] = time.perf_counter() - started
 
@@ -333,7 +337,7 @@ def score_flow_run(
         # the model process waits, idle, for the report's attention figure through a short run (~0.7 GB,
         # ~3 s less at its end); a longer one lets it go now and starts it again once scoring is over
         to_score = sum(planned.plan.shard_length(index) for index in planned.pending)
-        keep_model_process = options.report and to_score <= KEEP_MODEL_PROCESS_IMAGES
+        keep_model_process = attention_figure and to_score <= KEEP_MODEL_PROCESS_IMAGES
         if not keep_model_process:
             release_model_process()
 
@@ -348,7 +352,7 @@ def score_flow_run(
         stats = execute_task(options, planned, config, checkpoint, run_id, on_rows)
         timings["execute"] = time.perf_counter() - started
         timeline.mark("scored")
-        if options.report and not keep_model_process:
+        if attention_figure and not keep_model_process:
             warm_model_process(checkpoint, config["model_config"], options.storage_options)
     finally:
         stop_ray()  # before finalizing: the report needs no Ray

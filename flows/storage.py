@@ -64,12 +64,14 @@ class Output:
                 created.insert(0, folder)
                 parent = posixpath.dirname(folder)
                 folder = "" if parent == folder else parent
-        self.ensure_writable()
-        for folder in reversed(created):
-            try:
-                self.fs.rmdir(folder)  # only if empty: whatever another process put there stays
-            except OSError:
-                break
+        try:
+            self.ensure_writable()
+        finally:  # also when the probe could not be written (a full disk, a quota)
+            for folder in reversed(created):
+                try:
+                    self.fs.rmdir(folder)  # only if empty: whatever another process put there stays
+                except OSError:
+                    break
 
     def commit_bytes(self, relative: str, data: bytes) -> None:
         """Write `data` so that `relative` appears only once it is complete."""

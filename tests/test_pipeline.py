@@ -587,3 +587,25 @@ def test_raw_photos_with_align_through_the_pipeline(
         assert len(row["face_box"]) == 4 and row["face_confidence"] > 0
     again, rows_again = run_score(raw, tmp_path / "out", **options)
     assert again.scored_now == 0 and rows_again.keys() == rows.keys()
+
+
+def test_a_long_run_lets_the_model_process_go_and_starts_it_again_for_its_report(
+    tmp_path: Path, run_score, monkeypatch
+) -> None:
+    """Over `KEEP_MODEL_PROCESS_IMAGES` (0 here), the model check's process is let go after planning and
+    started again once scoring is over; the report still gets its attention figure from it, and nothing is
+    left running. (The tests otherwise keep one process for the session: FIQA_KEEP_MODEL_CHECK.)"""
+    import fiqa_curator.flows.score as score
+    from fiqa_curator.flows import configuration
+
+    monkeypatch.setattr(score, "KEEP_MODEL_PROCESS_IMAGES", 0)
+    monkeypatch.delenv("FIQA_KEEP_MODEL_CHECK")
+    asked: list[str] = []
+    warm = configuration.warm_model_process
+    monkeypatch.setattr(score, "warm_model_process", lambda *a, **k: (asked.append("warm"), warm(*a, **k)))
+    checkpoint, config = _tiny_checkpoint(tmp_path)
+    run_score(_jpeg_folder(tmp_path, 3), tmp_path / "out", checkpoint=checkpoint, model_config=config)
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert asked == ["warm"] and '<section id="attention">' in page
+    configuration._ASKING.submit(lambda: None).result()  # every question asked has been answered
+    assert not configuration._CHECKER  # it answered the report, then exited
