@@ -31,7 +31,7 @@ from fiqa_curator.flows.options import ScoreOptions
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.quality_table import SCHEMA_VERSION
 from fiqa_curator.workers.assets import BUNDLED_CHECKPOINT
-from fiqa_curator.workers.config import PRESETS, ViTFIQAConfig
+from fiqa_curator.workers.config import PRESETS, ViTFIQAConfig, find_sidecar_config, local_path
 from fiqa_curator.workers.fusion import Fusion, parse_fusion
 
 
@@ -67,12 +67,7 @@ class ModelCheck:
         the model's size), until the report's `AttentionMaps` or `release_model_process`: the report then
         needs no new start (~5 s of torch and timm's imports and the load)."""
         self.checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
-        arch: Any = options.architecture_file
-        if options.mode and not options.arch:
-            raise UserError("--mode goes with --arch (a preset); a JSON config states its own mode")
-        if options.arch:
-            arch = ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
-        request = ("check", self.checkpoint, arch, dict(options.storage_options))
+        request = ("check", self.checkpoint, _arch_option(options), dict(options.storage_options))
         self._answer = _ASKING.submit(_ask, request, keep=keep_for_report)
 
     def result(self) -> ModelFacts:
@@ -333,6 +328,16 @@ def check_options_against(config: ViTFIQAConfig, options: ScoreOptions) -> tuple
     return exit_depth, fusion, fusion.weights(exit_depth)  # rejects a wrong number of user weights
 
 
+def _arch_option(options: ScoreOptions) -> ViTFIQAConfig | str | None:
+    """The architecture as `load_model` takes it from the options: a preset (with its mode when given), a
+    preset's name or a JSON config's path, or None (the weights and a `config.json` beside them tell)."""
+    if options.mode and not options.arch:
+        raise UserError("--mode goes with --arch (a preset); a JSON config states its own mode")
+    if options.arch:
+        return ViTFIQAConfig.preset(options.arch, mode=options.mode) if options.mode else options.arch
+    return options.architecture_file
+
+
 def check_before_start(options: ScoreOptions) -> None:
     """What can be checked of the model options in a blink, before the run starts Prefect's server, Ray and
     the model check (seconds each): the checkpoint and the model config exist, and, when the architecture is
@@ -341,8 +346,8 @@ def check_before_start(options: ScoreOptions) -> None:
     checkpoint = options.checkpoint or str(BUNDLED_CHECKPOINT)
     # on local disks only: remote stores may say "not found" for an outage or a refusal (fsspec's HTTP does),
     # and the model check reads the checkpoint anyway and tells the whole story
-    local = "://" not in checkpoint or checkpoint.startswith("file://")
-    if local and not Path(checkpoint.removeprefix("file://")).exists():
+    path = local_path(checkpoint)
+    if path is not None and not path.exists():
         raise UserError(f"checkpoint not found: {checkpoint}")
     declared = declared_architecture(options, checkpoint)
     if declared is not None:
@@ -352,19 +357,14 @@ def check_before_start(options: ScoreOptions) -> None:
 def declared_architecture(options: ScoreOptions, checkpoint: str) -> ViTFIQAConfig | None:
     """The architecture the options or the checkpoint's folder declare, read without torch; None when only
     the weights tell (a checkpoint alone), or when a declared depth is left to the weights."""
-    if options.mode and not options.arch:
-        raise UserError("--mode goes with --arch (a preset); a JSON config states its own mode")
-    if options.arch:
-        return ViTFIQAConfig.preset(options.arch, mode=options.mode or "token")
-    path = options.architecture_file
+    arch = _arch_option(options)
+    if isinstance(arch, ViTFIQAConfig):
+        return arch
+    if arch in PRESETS:  # `--arch vit_s_qs`, or `--model-config vit_s_qs` as `load_model` takes it too
+        return ViTFIQAConfig.preset(arch)
+    path = arch if arch is not None else find_sidecar_config(checkpoint)
     if path is None:
-        local = "://" not in checkpoint or checkpoint.startswith("file://")
-        sidecar = Path(checkpoint.removeprefix("file://")).parent / "config.json"
-        if not (local and sidecar.is_file()):
-            return None
-        path = str(sidecar)
-    if path in PRESETS:  # `--model-config vit_s_qs` names a preset, as `load_model` takes it
-        return ViTFIQAConfig.preset(path)
+        return None
     if not Path(path).is_file():
         raise UserError(f"no such model config or preset: {path} (presets: {', '.join(sorted(PRESETS))})")
     try:

@@ -270,9 +270,9 @@ def attention_section(data: ReportData, faces: Faces) -> str | None:
     maps = grid.maps() if grid is not None else None
     if grid is None or maps is None:
         return None
-    figure = _attention_picture([faces[image_id] for image_id, _ in grid.shown], maps, grid.seen)
+    picture = _attention_picture([faces[image_id] for image_id, _ in grid.shown], maps, grid.seen)
     legend = "".join(f"<li>{html.escape(f'{image_id} ({score:.3f})')}</li>" for image_id, score in grid.shown)
-    return _img(figure, "quality-token attention at every exit") + f"<ol>{legend}</ol>"
+    return _img(picture, "quality-token attention at every exit") + f"<ol>{legend}</ol>"
 
 
 ATTENTION_TILE = 96  # pixels per face in the attention picture
@@ -307,9 +307,7 @@ def _attention_picture(faces: Sequence[np.ndarray], maps: np.ndarray, seen: int)
             canvas.paste(
                 Image.blend(face, heat, 0.55), (margin + column * (tile + gap), header + row * (tile + gap))
             )
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return _thumbnail(np.asarray(canvas))  # a data: URL of its PNG, as the galleries' faces
 
 
 def _judged_cards(shown: Sequence[tuple[str, float | None, float | None]], faces: Faces) -> str:

@@ -338,7 +338,7 @@ def score_flow_run(
         # ~3 s less at its end); a longer one lets it go now and starts it again once scoring is over
         to_score = sum(planned.plan.shard_length(index) for index in planned.pending)
         keep_model_process = attention_figure and to_score <= KEEP_MODEL_PROCESS_IMAGES
-        if not keep_model_process:
+        if attention_figure and not keep_model_process:
             release_model_process()
 
         if options.since:  # a PREVIOUS of another configuration fails now, before any work

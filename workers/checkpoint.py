@@ -21,7 +21,7 @@ import fsspec
 import torch
 
 from fiqa_curator.schemas.errors import UserError
-from fiqa_curator.workers.config import PRESETS, Mode, ViTFIQAConfig
+from fiqa_curator.workers.config import PRESETS, Mode, ViTFIQAConfig, find_sidecar_config
 from fiqa_curator.workers.model import ViTFIQA
 
 WRAPPER_PREFIX = "module."
@@ -236,14 +236,6 @@ def build_model(
     model.load_state_dict(clean, strict=True, assign=True)
     model.eval()
     return model, config, ignored
-
-
-def find_sidecar_config(url: str) -> Path | None:
-    """`<dir>/config.json` next to a local checkpoint, the layout of the official fixtures and our bundle."""
-    if "://" in url and not url.startswith("file://"):
-        return None
-    candidate = Path(url.removeprefix("file://")).parent / "config.json"
-    return candidate if candidate.is_file() else None
 
 
 def load_model(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 from fiqa_curator.schemas.errors import UserError
@@ -123,3 +124,17 @@ def _load_presets() -> dict[str, dict[str, Any]]:
 
 
 PRESETS: dict[str, dict[str, Any]] = _load_presets()
+
+
+def local_path(url: str) -> Path | None:
+    """The path of a URL on this machine's disks (a plain path or file://), None for any other store."""
+    if "://" in url and not url.startswith("file://"):
+        return None
+    return Path(url.removeprefix("file://"))
+
+
+def find_sidecar_config(url: str) -> Path | None:
+    """`<dir>/config.json` next to a local checkpoint, the layout of the official fixtures and our bundle."""
+    path = local_path(url)
+    candidate = path.parent / "config.json" if path is not None else None
+    return candidate if candidate is not None and candidate.is_file() else None
