@@ -61,7 +61,7 @@ from fiqa_curator.evaluation.identities import (
 )
 from fiqa_curator.flows.curation import score_expression
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.flows.table_sql import connect, double, files_pattern, memory_limit_bytes, quote, scalar
+from fiqa_curator.flows.table_sql import connect, double, files_pattern, memory_limit_bytes, quote
 from fiqa_curator.schemas.errors import UserError
 from fiqa_curator.schemas.identities import IDENTITIES_SCHEMA, IDENTITY_IMAGES_SCHEMA
 from fiqa_curator.schemas.layout import (
@@ -141,9 +141,6 @@ def _embedding_relation(
         raise UserError(f"--embeddings {embeddings}: not readable as Parquet: {error}") from None
     if not {"image_id", "embedding"} <= names:
         raise UserError(f"--embeddings {embeddings}: needs `image_id` and `embedding` columns")
-    repeated = scalar(connection, f"SELECT count(*) - count(DISTINCT image_id) FROM {source}")
-    if repeated:
-        raise UserError(f"--embeddings {embeddings}: {repeated} image_id(s) appear more than once")
     relation = (
         "(SELECT CAST(image_id AS VARCHAR) AS image_id, CAST(embedding AS FLOAT[]) AS embedding "
         f"FROM {source})"
@@ -191,14 +188,25 @@ def quality_ranks(connection: duckdb.DuckDBPyConnection, score: str) -> QualityR
 
 
 def _write_work_files(
-    connection: duckdb.DuckDBPyConnection, score: str, embedding_relation: str, folder: str, memory: int
+    connection: duckdb.DuckDBPyConnection,
+    score: str,
+    embedding_relation: str,
+    source: str,
+    folder: str,
+    memory: int,
 ) -> tuple[int, int, int, int, list[str]]:
     """The rows with an identity and their embeddings, in partitions of whole identities (by a hash of
-    the name) small enough to sort in `memory`: streamed by DuckDB's join into local files, uncompressed
-    (embeddings do not compress, and the files are read once more and deleted). A join sorted as a whole
-    would carry every embedding through one sort, which ran out of memory at 10M images under 2 GB.
+    the name) small enough to sort in `memory`, one local file each, uncompressed (embeddings do not
+    compress, and the files are read once more and deleted).
+
+    One join per partition: the partition's rows of the table are the join's hash table, the embeddings
+    stream past it, the output is the partition's file. Each join is bounded by the partition, not by the
+    table, so memory holds from 1M to 10M images (docs/benchmarks.md); the price is one read of the
+    embeddings per partition (partitions grow with rows / memory). Measured and replaced: one join written
+    with DuckDB's PARTITION_BY (its writers held about 0.8 KB per row beyond the memory limit: 3.3 GB at
+    10M images under 2 GB) and one streaming join scattered to the partitions' files in Python (2.1 GB).
     Returns (rows with an identity, rows without one, identities, the embeddings' dimension, the
-    partitions' folders)."""
+    partitions' files)."""
     lengths = connection.execute(
         f"SELECT min(len(embedding)), max(len(embedding)) FROM {embedding_relation} "
         f"WHERE embedding IS NOT NULL"
@@ -217,33 +225,45 @@ def _write_work_files(
         raise UserError("no image of the quality table has an identity (the manifest's `identity` column)")
     row_bytes = 4 * dimension + ROW_OVERHEAD_BYTES
     partitions = max(1, math.ceil(rows * row_bytes / (memory * PARTITION_SHARE)))
+    part_of = f"hash(identity) % {partitions}"
+    with_identity = "coalesce(identity, '') <> ''"
+    expected = dict(
+        connection.execute(
+            f"SELECT {part_of} AS part, count(*) FROM scores WHERE {with_identity} GROUP BY part"
+        ).fetchall()
+    )
     ok = quote(Status.OK.value)
     connection.execute("SET preserve_insertion_order = false")  # a streaming join needs no order
-    connection.execute(
-        f"""COPY (
-            SELECT s.image_id, s.identity, s.status = {ok} AS ok,
-                   CASE WHEN isfinite({score}) THEN {score} END AS quality,
-                   coalesce(s.status = {ok} AND isfinite({score}) AND e.embedding IS NOT NULL, false)
-                       AS usable,
-                   e.embedding, hash(s.identity) % {partitions} AS part
-            FROM scores s LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
-            WHERE coalesce(s.identity, '') <> ''
-        ) TO {quote(folder)} (FORMAT parquet, COMPRESSION uncompressed, PARTITION_BY (part))"""
-    )
-    parts = sorted(
-        (os.path.join(folder, name) for name in os.listdir(folder) if name.startswith("part=")),
-        key=lambda path: int(path.rsplit("=", 1)[1]),
-    )
-    return int(rows), int(without), int(identities), dimension, parts
+    os.makedirs(folder, exist_ok=True)
+    files = []
+    for part in sorted(expected):
+        path = os.path.join(folder, f"part-{part:06d}.parquet")
+        written = connection.execute(
+            f"""COPY (
+                SELECT s.image_id, s.identity, s.status = {ok} AS ok,
+                       CASE WHEN isfinite({score}) THEN {score} END AS quality,
+                       coalesce(s.status = {ok} AND isfinite({score}) AND e.embedding IS NOT NULL, false)
+                           AS usable,
+                       e.embedding
+                FROM (SELECT * FROM scores WHERE {with_identity} AND {part_of} = {part}) s
+                LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
+            ) TO {quote(path)} (FORMAT parquet, COMPRESSION uncompressed)"""
+        ).fetchone()[0]
+        if written != expected[part]:  # the table's image_ids are unique: the embeddings' are not
+            raise UserError(
+                f"embeddings from {source}: {written - expected[part]} extra row(s) for image_ids of the "
+                "table; each image_id must appear once"
+            )
+        files.append(path)
+    return int(rows), int(without), int(identities), dimension, files
 
 
 def _sorted_batches(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> Iterator[pa.RecordBatch]:
     """The work partitions one after the other, each sorted by identity then image_id (in memory or
     spilled by DuckDB): every identity's rows arrive together."""
     for part in parts:
-        pattern = quote(os.path.join(part, "*.parquet"))
         reader = connection.sql(
-            f"SELECT image_id, identity, ok, quality, usable, embedding FROM read_parquet({pattern}) "
+            f"SELECT image_id, identity, ok, quality, usable, embedding FROM read_parquet({quote(part)}) "
             "ORDER BY identity, image_id"
         ).to_arrow_reader(CHUNK_ROWS)
         yield from reader
@@ -520,7 +540,7 @@ def find_identities(
         relation, source = _embedding_relation(connection, output, embeddings, storage)
         ranks = quality_ranks(connection, score) if weighted else None
         rows, without, count, dimension, parts = _write_work_files(
-            connection, score, relation, work, memory_limit_bytes(memory_limit)
+            connection, score, relation, source, work, memory_limit_bytes(memory_limit)
         )
         weigh: Weigh = ranks if ranks is not None else (lambda quality: np.ones(len(quality)))
 

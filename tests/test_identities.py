@@ -285,8 +285,15 @@ def test_identities_reads_the_tables_own_embeddings_and_refuses_bad_ones(tmp_pat
         find_identities(str(plain))
     doubled = pa.concat_tables([embeddings, embeddings.slice(0, 2)])
     pq.write_table(doubled, tmp_path / "doubled.parquet")
-    with pytest.raises(UserError, match="2 image_id"):
+    with pytest.raises(UserError, match="2 extra row\\(s\\) for image_ids of the table"):
         find_identities(str(plain), embeddings=str(tmp_path / "doubled.parquet"))
+    assert not (plain / "curation").exists()
+    # repeats of images the table does not have are not the table's business
+    stranger = pa.table({"image_id": ["elsewhere.jpg"] * 2, "embedding": [vectors[0].as_py()] * 2})
+    pq.write_table(
+        pa.concat_tables([embeddings, stranger.cast(embeddings.schema)]), tmp_path / "more.parquet"
+    )
+    assert find_identities(str(plain), embeddings=str(tmp_path / "more.parquet")).outliers == 1
     ragged = pa.table({"image_id": ["p00/img00.jpg", "p00/img01.jpg"], "embedding": [[1.0, 0.0], [1.0]]})
     pq.write_table(ragged, tmp_path / "ragged.parquet")
     with pytest.raises(UserError, match="one length"):
