@@ -609,3 +609,52 @@ def test_a_long_run_lets_the_model_process_go_and_starts_it_again_for_its_report
     assert asked == ["warm"] and '<section id="attention">' in page
     configuration._ASKING.submit(lambda: None).result()  # every question asked has been answered
     assert not configuration._CHECKER  # it answered the report, then exited
+
+
+class _BatchRows:
+    """A scoring stage's stand-in (an actor, as ScoreStage is): the rows of each batch it is given."""
+
+    def __call__(self, batch: dict) -> dict:
+        return {"rows": np.array([len(batch["item_id"])])}
+
+
+def test_decoded_blocks_reach_the_scoring_actor_whole(tmp_path: Path, ray_cluster) -> None:
+    """The reading stage's blocks of `block_rows` decoded images arrive at the actor as they left: Ray
+    Data's block shaping (target bytes per block) neither joins nor cuts them. A target a little above a
+    block's bytes made it join two and cut them at 66 rows: batches of 64, 2, 64, 2 (a 2-image forward
+    costs twice per image what a 64-image one does)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from fiqa_curator.flows.plan import make_plan, save_plan, shard_tasks
+    from fiqa_curator.flows.shard_reading import read_shards
+    from fiqa_curator.flows.sources import InputItem
+    from fiqa_curator.flows.storage import Output
+    from fiqa_curator.schemas.layout import LISTING_FILE
+
+    rng = np.random.default_rng(0)
+    names = write_pngs(rng.integers(0, 255, (300, 112, 112, 3), dtype=np.uint8), tmp_path / "in")
+    items = [InputItem(name, "s", str(tmp_path / "in" / name)) for name in names]
+    plan = make_plan("in", "folder", items, 150, {})  # 2 shards of 150: blocks of 64, 64, 22
+    output = Output(str(tmp_path / "out"))
+    save_plan(output, plan)
+    with execution.decoded_block_size(64, {"decode": "cpu", "model_config": {"img_size": 112}}):
+        dataset = (
+            ray.data.from_items(shard_tasks(plan, [0, 1]), override_num_blocks=2)
+            .map_batches(
+                read_shards,
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=0.25,
+                fn_kwargs={
+                    "listing": output.full_url(LISTING_FILE),
+                    "key": plan.listing_fingerprint,
+                    "storage_options": None,
+                    "block_rows": 64,
+                    "read_options": {"img_size": 112},
+                },
+            )
+            .map_batches(_BatchRows, batch_size=64, batch_format="numpy", compute=ActorPoolStrategy(size=1))
+        )
+        sizes = sorted(int(row["rows"]) for row in dataset.take_all())
+    assert sizes == [22, 22, 64, 64, 64, 64]
