@@ -3,7 +3,10 @@
 Generates N synthetic 112x112 JPEGs and a ViT-S-sized random checkpoint (token mode, dim 512, depth 12),
 then for each exit depth (default 12 and 4):
   bare      QualityScorer.score on decoded uint8 batches already in memory: the model alone, same batch
-            size, same torch thread count as the scoring actor;
+            size, same torch thread count as the scoring actor, in a process of its own, every round
+            (next to the pipeline's runs, not once before them); twice: as the Python API runs by
+            default, and with the large buffers kept in the heap (`workers.allocator`, which the
+            scoring actor does); the steady rate is given against both;
   pipeline  `fiqa score` in its own process (Prefect + local Ray + Parquet): images/s of the execute stage
             (read, decode, score, write, overlapped; start-up of the Ray workers and the model included),
             the steady rate once the first batch is out, the time to that first batch, the whole command,
@@ -43,6 +46,7 @@ import torch
 from PIL import Image
 
 from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
+from fiqa_curator.workers.allocator import keep_large_buffers
 
 
 def make_inputs(folder: Path, count: int) -> None:
@@ -62,6 +66,31 @@ def bare_rate(scorer: QualityScorer, images: np.ndarray, exit_depth: int, batche
     start = time.perf_counter()
     scorer.score(chunk, exit_depth=exit_depth)
     return len(chunk) / (time.perf_counter() - start)
+
+
+def bare_child(work: Path, exit_depth: int, batches: int, batch: int, keep_buffers: bool) -> float:
+    """`bare_rate` in a fresh process (the allocator's settings are process-wide and cannot be undone)."""
+    command = [sys.executable, __file__, "--bare-child", str(work), str(exit_depth), str(batches), str(batch)]
+    done = subprocess.run([*command, "keep" if keep_buffers else "default"], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the bare model failed: {done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def bare_child_main(work: Path, exit_depth: int, batches: int, batch: int, mode: str) -> None:
+    if mode == "keep" and not keep_large_buffers():
+        raise SystemExit("the C library did not take the allocator settings")
+    scorer = QualityScorer(load_model(work / "model.pt", "vit_s_qs"), device="cpu", batch_size=batch)
+    decoded = np.stack(
+        [
+            np.asarray(Image.open(p).convert("RGB"))
+            for p in sorted((work / "images").iterdir())[: batch * batches]
+        ]
+    )
+    print(bare_rate(scorer, decoded, exit_depth, batches))
+
+
+SAMPLE_SECONDS = 3.0  # reading every process's PSS takes 7-8% of a core when done every second
 
 
 def tree_pss(process: psutil.Process) -> int:
@@ -96,7 +125,7 @@ def run_process(command: list[str]) -> tuple[float, int]:
         nonlocal peak
         while not done.is_set():
             peak = max(peak, tree_pss(watched))
-            time.sleep(1.0)
+            time.sleep(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -119,6 +148,9 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="also time the plain Ray Data script")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each command; medians reported")
     parser.add_argument("--json", help="also write the figures to this file")
+    if len(sys.argv) == 7 and sys.argv[1] == "--bare-child":
+        bare_child_main(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+        return
     args = parser.parse_args()
 
     if args.rounds < 1:
@@ -128,15 +160,7 @@ def main() -> None:
     config = ViTFIQAConfig.preset("vit_s_qs")
     torch.manual_seed(0)
     torch.save(ViTFIQA(config).state_dict(), work / "model.pt")
-    loaded = load_model(work / "model.pt", "vit_s_qs")
-    scorer = QualityScorer(loaded, device="cpu", batch_size=args.batch)
     threads = torch.get_num_threads()
-    decoded = np.stack(
-        [
-            np.asarray(Image.open(p).convert("RGB"))
-            for p in sorted((work / "images").iterdir())[: args.batch * args.bare_batches]
-        ]
-    )
 
     print(
         f"{args.images} JPEGs 112x112; ViT-S token (dim 512, depth 12); batch {args.batch}; "
@@ -148,7 +172,6 @@ def main() -> None:
     )
     results = []
     for position, depth in enumerate(args.depths):
-        bare = bare_rate(scorer, decoded, depth, args.bare_batches)
         out = work / f"out-{depth}"
         # the same model, exit depth and batch for both
         job = ["--checkpoint", str(work / "model.pt"), "--arch", "vit_s_qs", "--exit-depth", str(depth)]
@@ -159,9 +182,13 @@ def main() -> None:
         plain_out = str(work / f"plain-{depth}")
         plain_command = [sys.executable, plain_script, str(work / "images"), plain_out, *job]
         plain_command += ["--threads", str(os.cpu_count())]  # what fiqa's one CPU actor gets: every CPU
-        walls, peaks, plain_walls, plain_peaks, records = [], [], [], [], []
+        walls, peaks, plain_walls, plain_peaks, records, bares, kept_bares = [], [], [], [], [], [], []
         for round_ in range(args.rounds):
             plain_first = (position + round_) % 2 == 1
+            for keep in (plain_first, not plain_first):
+                (kept_bares if keep else bares).append(
+                    bare_child(work, depth, args.bare_batches, args.batch, keep_buffers=keep)
+                )
             for folder in (out, Path(plain_out)):  # every round starts from nothing, like the first
                 shutil.rmtree(folder, ignore_errors=True)
             if args.plain and plain_first:
@@ -180,6 +207,7 @@ def main() -> None:
                     f"({'plain' if plain_first else 'fiqa'} first), "
                     f"difference {walls[-1] - plain_walls[-1]:+.1f} s"
                 )
+        bare, kept_bare = float(np.median(bares)), float(np.median(kept_bares))
         wall, peak = float(np.median(walls)), max(peaks)
         plain_wall = float(np.median(plain_walls)) if plain_walls else None
         plain_peak = max(plain_peaks) if plain_peaks else None
@@ -193,6 +221,10 @@ def main() -> None:
             "ratio": pipeline / bare,
             "steady_images_per_s": steady,
             "steady_ratio": steady / bare,
+            "bare_kept_buffers_images_per_s": kept_bare,
+            "steady_ratio_kept_buffers": steady / kept_bare,
+            "bare_rounds": bares,
+            "bare_kept_buffers_rounds": kept_bares,
             "first_batch_s": record["stages"]["first_batch_seconds"],
             "wall_s": wall,
             "wall_images_per_s": args.images / wall,
@@ -218,6 +250,11 @@ def main() -> None:
             f"{depth:>4} {bare:>10.2f} {pipeline:>15.2f} {pipeline / bare:>6.2f} {steady:>13.2f} "
             f"{steady / bare:>6.2f} {record['stages']['first_batch_seconds']:>10.1f} s "
             f"{args.images / wall:>11.2f} {peak / 2**30:>7.2f} G"
+        )
+        print(
+            f"     bare with large buffers kept (as the actor): {kept_bare:.2f} img/s; steady ratio "
+            f"{steady / kept_bare:.2f}; bare per round {[round(b, 1) for b in bares]}, kept "
+            f"{[round(b, 1) for b in kept_bares]}"
         )
         print("     fiqa timeline (s since process start):", result["timeline"])
         if plain_wall is not None:
