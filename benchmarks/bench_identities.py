@@ -6,7 +6,7 @@
 Each size IMAGES:IDENTITIES builds a quality table (the columns these commands read: image_id, source,
 identity, status, error, quality; shards of 500,000 rows) and an embeddings folder (image_id, embedding
 FLOAT[dimension]) under a scratch folder, then runs `fiqa identities OUTPUT --embeddings FOLDER` as a fresh
-process and reports its wall time, its stages (`identities.json`) and its peak RSS (the child's ru_maxrss),
+process and reports its wall time, its stages (`identities.json`) and its peak RSS (the child's VmHWM),
 then `fiqa select OUTPUT --drop-outliers --drop-duplicates --min-identity-images 3` the same way. Sizes run
 in the order given, so 1x and 10x are side by side in one run.
 
@@ -42,9 +42,11 @@ import pyarrow.parquet as pq
 
 SHARD_ROWS = 500_000
 # the command in a fresh process that reports its own peak RSS (KiB) when it ends
+# the child's own peak: VmHWM, not ru_maxrss (which starts at this process's peak, inherited through fork)
 CHILD = (
-    "import resource, sys; from fiqa_curator.flows.cli import main; code = main(sys.argv[1:]); "
-    "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)"
+    "import sys; from fiqa_curator.flows.cli import main; code = main(sys.argv[1:]); "
+    "hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0]; "
+    "print('MAXRSS_KIB', hwm, file=sys.stderr); sys.exit(code)"
 )
 MISLABELLED, NEAR_COPIES, FILED_TWICE = 0.02, 0.01, 0.001
 # rows per row group of the embeddings files, as DuckDB and Spark write them (~120k): DuckDB reads a row

@@ -184,11 +184,15 @@ def writer_benchmark(args: argparse.Namespace) -> dict:
 
 # One planning run in a fresh process: only names every revision has, so that it runs against either.
 PLAN_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 
 def rss():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096 / 2**20
+
+def hwm():  # this process's own peak: ru_maxrss would start at the parent's, inherited through fork
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 import tempfile
 from fiqa_curator.flows.plan import make_plan, save_plan
@@ -214,7 +218,7 @@ with tempfile.TemporaryDirectory() as folder:
     planned = time.perf_counter()
     save_plan(Output(output), plan)
     saved = time.perf_counter()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = hwm()
 print(json.dumps({
     "discover_s": discovered - started, "make_plan_s": planned - discovered, "save_plan_s": saved - planned,
     "total_s": saved - started, "rss_before_mb": before, "peak_rss_mb": peak, "added_mb": peak - before,
@@ -343,7 +347,7 @@ def folder_benchmark(args: argparse.Namespace) -> dict:
 
 # One listing of the shards in a fresh process; `ray` lists them in Ray tasks on a private local Ray.
 TARS_CHILD = r"""
-import hashlib, json, resource, sys, time
+import hashlib, json, sys, time
 import s3fs.core
 
 read = {"bytes": 0, "requests": 0}
@@ -360,6 +364,10 @@ async def counted_cat_file(self, *args, **kwargs):
     return data
 
 s3fs.core._fetch_range, s3fs.core.S3FileSystem._cat_file = counted_fetch_range, counted_cat_file
+
+def hwm():  # this process's own peak: ru_maxrss would start at the parent's, inherited through fork
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 from fiqa_curator.flows.cluster import init_ray
 from fiqa_curator.flows.plan import listing_fingerprint
@@ -379,7 +387,7 @@ seconds = time.perf_counter() - started
 print(json.dumps({
     "seconds": seconds, "ray_start_s": ray_seconds, "items": items.num_rows,
     "driver_bytes_read": read["bytes"], "driver_read_requests": read["requests"],
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": hwm(),
     "fingerprint": listing_fingerprint(items),
 }))
 """

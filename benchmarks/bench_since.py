@@ -7,7 +7,7 @@ shard), and a current listing with 1% of its items changed or new (0.5% a new ve
 built once under --workdir and reused. Each variant then runs in a fresh process, interleaved: the current
 plan is made (not timed), then what `flows.execution.carry_over` does but the writer is timed: the pending
 items' table (or the old `shard_of` dict), `unchanged_items`, and draining `carried_batches`. Printed per
-size and variant: wall seconds (matching, draining, total), the process's peak RSS (`ru_maxrss`, its count
+size and variant: wall seconds (matching, draining, total), the process's peak RSS (VmHWM, its count
 restarted just before the timed part), its RSS before the timed part (the plan's items, which both variants
 hold) and the difference, the rows and images carried and a digest of their ids (which must agree between
 the variants).
@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -225,11 +224,13 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak (VmHWM): ru_maxrss would start at the parent's, inherited through fork."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def _reset_peak() -> bool:
-    """Restart the peak RSS count (`ru_maxrss`, Linux >= 4.0) at the current RSS, so that the peak
+    """Restart the peak RSS count (VmHWM, Linux >= 4.0) at the current RSS, so that the peak
     measured is the timed part's, not the plan's loading."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:

@@ -462,3 +462,20 @@ def test_a_duplicate_stays_when_its_copy_was_dropped_by_an_earlier_rule(tmp_path
         row["image_id"]: row["reason"] for row in pq.read_table(out / "curation" / "drop.parquet").to_pylist()
     }
     assert drop["p02/img03.jpg"] == "near-duplicate of p02/img01.jpg" and selection.dropped_duplicates == 1
+
+
+def test_the_peak_memory_recorded_is_the_commands_own_not_its_parents() -> None:
+    """`identities.json`'s peak RSS per stage: a command started by a process that held 600 MB (a
+    benchmark that built its data first) does not report that process's peak (ru_maxrss would)."""
+    import subprocess
+    import sys
+
+    held = bytearray(600 << 20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touched: resident
+    code = (
+        "import resource; from fiqa_curator.flows.identities import _peak_rss_mb; "
+        "print(_peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    own, inherited = map(float, subprocess.check_output([sys.executable, "-c", code], text=True).split())
+    del held
+    assert inherited > 600 and own < 400
