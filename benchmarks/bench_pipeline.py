@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, load_model
-from fiqa_curator.workers.allocator import keep_large_buffers
+from fiqa_curator.workers.allocator import keeps_large_buffers, large_buffer_environment
 
 
 def make_inputs(folder: Path, count: int) -> None:
@@ -69,17 +69,26 @@ def bare_rate(scorer: QualityScorer, images: np.ndarray, exit_depth: int, batche
 
 
 def bare_child(work: Path, exit_depth: int, batches: int, batch: int, keep_buffers: bool) -> float:
-    """`bare_rate` in a fresh process (the allocator's settings are process-wide and cannot be undone)."""
+    """`bare_rate` in a fresh process, with the scoring actor's allocator settings or without (they hold from
+    a process's start: `workers.allocator`). The model runs on the main thread here; the settings make the
+    actor's calling thread use the main arena too, so the two compare."""
     command = [sys.executable, __file__, "--bare-child", str(work), str(exit_depth), str(batches), str(batch)]
-    done = subprocess.run([*command, "keep" if keep_buffers else "default"], capture_output=True, text=True)
+    environment = {**os.environ, **(large_buffer_environment() if keep_buffers else {})}
+    done = subprocess.run(
+        [*command, "keep" if keep_buffers else "default"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=1800,
+    )
     if done.returncode:
         raise SystemExit(f"the bare model failed: {done.stderr[-2000:]}")
     return float(done.stdout.split()[-1])
 
 
 def bare_child_main(work: Path, exit_depth: int, batches: int, batch: int, mode: str) -> None:
-    if mode == "keep" and not keep_large_buffers():
-        raise SystemExit("the C library did not take the allocator settings")
+    if (mode == "keep") != keeps_large_buffers():
+        raise SystemExit(f"the bare model's process was not started as asked ({mode})")
     scorer = QualityScorer(load_model(work / "model.pt", "vit_s_qs"), device="cpu", batch_size=batch)
     decoded = np.stack(
         [

@@ -43,6 +43,7 @@ from fiqa_curator.flows.shard_writer import ShardWriter
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import StallError
 from fiqa_curator.schemas.layout import LISTING_FILE
+from fiqa_curator.workers.allocator import large_buffer_environment
 from fiqa_curator.workers.io import protocol_of
 from fiqa_curator.workers.settings import CPU_BATCH_SIZE
 
@@ -320,6 +321,7 @@ def _pipeline(
             compute=ActorPoolStrategy(size=placement.workers),
             num_gpus=placement.gpus_per_worker,
             num_cpus=0 if gpus else 1,
+            runtime_env=actor_runtime_env(gpus),
             **actor_options,
             fn_constructor_kwargs={
                 "checkpoint": checkpoint,
@@ -337,6 +339,12 @@ def _pipeline(
                 "max_pixels": options.max_pixels,
             },
         )
+
+
+def actor_runtime_env(gpus: bool) -> dict[str, Any] | None:
+    """The scoring actors' Ray runtime environment: on CPU, the forward pass's large buffers kept in the
+    actor's heap (`workers.allocator`: set when the process starts, hence an environment variable)."""
+    return None if gpus else {"env_vars": large_buffer_environment()}
 
 
 def forget_block_stats(dataset: Any) -> int:

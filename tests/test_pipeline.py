@@ -23,6 +23,7 @@ from fiqa_curator.flows.sources import InputError
 from fiqa_curator.schemas import SCHEMA_VERSION
 from fiqa_curator.schemas.layout import TARS_FILE
 from fiqa_curator.workers import QualityScorer, ViTFIQA, ViTFIQAConfig, decode_face, load_model
+from fiqa_curator.workers.allocator import keeps_large_buffers
 from tests.conftest import TOLERANCE, ReferenceFixture, read_quality_table
 from tests.reference_vitfiqa import randomize_state_dict, reference_forward
 
@@ -635,12 +636,12 @@ def test_decoded_blocks_reach_the_scoring_actor_whole(tmp_path: Path, ray_cluste
     rng = np.random.default_rng(0)
     names = write_pngs(rng.integers(0, 255, (300, 112, 112, 3), dtype=np.uint8), tmp_path / "in")
     items = [InputItem(name, "s", str(tmp_path / "in" / name)) for name in names]
-    plan = make_plan("in", "folder", items, 150, {})  # 2 shards of 150: blocks of 64, 64, 22
+    plan = make_plan("in", "folder", items, 300, {})  # one shard (two could join their last blocks)
     output = Output(str(tmp_path / "out"))
     save_plan(output, plan)
     with execution.decoded_block_size(64, {"decode": "cpu", "model_config": {"img_size": 112}}):
         dataset = (
-            ray.data.from_items(shard_tasks(plan, [0, 1]), override_num_blocks=2)
+            ray.data.from_items(shard_tasks(plan, [0]), override_num_blocks=1)
             .map_batches(
                 read_shards,
                 batch_size=1,
@@ -657,4 +658,40 @@ def test_decoded_blocks_reach_the_scoring_actor_whole(tmp_path: Path, ray_cluste
             .map_batches(_BatchRows, batch_size=64, batch_format="numpy", compute=ActorPoolStrategy(size=1))
         )
         sizes = sorted(int(row["rows"]) for row in dataset.take_all())
-    assert sizes == [22, 22, 64, 64, 64, 64]
+    assert sizes == [44, 64, 64, 64, 64]
+
+
+class _HeldInHeap:
+    """A scoring stage's stand-in: where a 100 MB buffer comes from on a thread of the actor other than
+    its main one (Ray Data calls the model on such a thread)."""
+
+    def __call__(self, batch: dict) -> dict:
+        from tests.test_allocator import MAPPED
+
+        namespace: dict = {}
+        exec(MAPPED.replace("print(mapped[0])", ""), namespace)  # the same measurement, in this process
+        return {"mapped": np.array([namespace["mapped"][0]]), "keeps": np.array([keeps_large_buffers()])}
+
+
+def test_the_scoring_actors_keep_large_buffers_in_the_heap(ray_cluster) -> None:
+    """The pipeline's actors start with the allocator settings (`execution.actor_runtime_env`), and a
+    large buffer on the thread that runs the model comes from the heap, not from a fresh mmap."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from tests.test_allocator import glibc_with_mallinfo2
+
+    if not glibc_with_mallinfo2():
+        pytest.skip("glibc >= 2.33 (mallinfo2) on Linux")
+    assert execution.actor_runtime_env(gpus=True) is None
+    rows = (
+        ray.data.from_items([{"x": 0}])
+        .map_batches(
+            _HeldInHeap,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=1),
+            runtime_env=execution.actor_runtime_env(gpus=False),
+        )
+        .take_all()
+    )
+    assert [bool(row["keeps"]) for row in rows] == [True] and int(rows[0]["mapped"]) < 100 << 20

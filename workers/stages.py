@@ -27,7 +27,7 @@ from fiqa_curator.schemas.batch import (
 )
 from fiqa_curator.schemas.status import Status
 from fiqa_curator.workers import device_decode
-from fiqa_curator.workers.allocator import keep_large_buffers
+from fiqa_curator.workers.allocator import keeps_large_buffers
 from fiqa_curator.workers.checkpoint import load_model
 from fiqa_curator.workers.config import ViTFIQAConfig
 from fiqa_curator.workers.preprocess import decode_face
@@ -74,8 +74,8 @@ class ScoreActor:
         self.scorer = QualityScorer(
             loaded, device=device, batch_size=batch_size, precision=precision, memory_share=memory_share
         )
-        # an actor's process is the model's: its large buffers kept in the heap (workers.allocator)
-        self.keeps_large_buffers = self.scorer.device.type == "cpu" and keep_large_buffers()
+        # started by the pipeline with its large buffers kept in the heap (workers.allocator), on CPU
+        self.keeps_large_buffers = keeps_large_buffers()
         self.max_pixels = max_pixels
         self.exit_depth = exit_depth or loaded.config.depth
         self.fusion = fusion
