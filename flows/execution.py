@@ -49,7 +49,7 @@ from fiqa_curator.workers.settings import CPU_BATCH_SIZE
 
 # Rows per Ray Data block on GPU with an automatic batch size; the actor splits them by memory.
 GPU_BLOCK_ROWS = 1024
-ROW_SLACK_BYTES = 1024  # a decoded row's columns besides its pixels (ids, URL, status)
+ROW_SLACK_BYTES = 1024  # an encoded row's columns besides its bytes (ids, URL, status): --decode device
 ENCODED_CROP_BYTES = 4096  # a 112x112 JPEG crop, about (docs/benchmarks.md)
 PLACEMENT_WAIT_S = 120  # for one-actor-per-node placement (milliseconds on an idle cluster)
 # Ray Data's per-block records an operator keeps for `Dataset.stats()` (`forget_block_stats`): at most this

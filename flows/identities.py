@@ -8,11 +8,13 @@ identities.json (the thresholds, where each came from, counts).
 
 How it runs, in memory that does not grow with the table:
 1. DuckDB ranks the scored images' quality with one histogram pass (`QualityRanks`: the weights, see
-   `evaluation.identities`; no sort of the table), joins the table with the embeddings and writes a local
-   work file sorted by identity (its join and sort spill to disk under `--memory-limit`).
-2. Thresholds the user did not set are estimated from evenly spread row groups of that file
+   `evaluation.identities`; no sort of the table), then joins the table with the embeddings one work
+   partition of whole identities at a time (a hash of the name), each into a local file small enough to
+   sort within `--memory-limit` (`_write_work_files`).
+2. Thresholds the user did not set are estimated from a sample of the partitions' identities
    (`estimate_thresholds`, below).
-3. The file is read once, a chunk of whole identities at a time: leave-one-out similarities, outliers
+3. The partitions are read once, each sorted by identity, a chunk of whole identities at a time:
+   leave-one-out similarities, outliers
    with one refit, near-duplicates, and each identity's centre. Per-image results go to a second local
    file, per-identity counts and centres stay (an identity costs its name and one float32 vector).
 4. faiss finds each centre's nearest other centre; DuckDB sorts the per-image results by image_id
@@ -71,7 +73,7 @@ from fiqa_curator.schemas.layout import (
     SCORES,
 )
 from fiqa_curator.schemas.status import Status
-from fiqa_curator.workers.io import filesystem
+from fiqa_curator.workers.io import filesystem, protocol_of
 
 RANK_BUCKETS = 1 << 16  # resolution of the quality ranks (QualityRanks)
 CHUNK_ROWS = 65_536  # rows read from the work file at a time (whole identities are processed together)
@@ -81,6 +83,7 @@ PARTITION_SHARE = 0.25  # a work partition's bytes, as a share of the memory lim
 DUPLICATE_SHARE = 0.25  # the duplicate threshold's distance from 1, as a share of the merge threshold's
 IMPOSTOR_POOL = 1_024  # recent identity centres an image may be compared with as an impostor
 SEED = 20261202
+TABLE_EMBEDDINGS = "the quality table"  # the embeddings' source when they are the table's own column
 
 
 @dataclass
@@ -124,7 +127,7 @@ def _embedding_relation(
                 "the quality table has no `embedding` column: score with `fiqa score --embeddings`, or pass "
                 "--embeddings FILE (Parquet with image_id and embedding, from any face-recognition model)"
             )
-        return "(SELECT image_id, CAST(embedding AS FLOAT[]) AS embedding FROM scores)", "the quality table"
+        return "(SELECT image_id, CAST(embedding AS FLOAT[]) AS embedding FROM scores)", TABLE_EMBEDDINGS
     fs, path = filesystem(embeddings, storage)
     if fs.isdir(path):
         inner = path.rstrip("/") + "/" + SCORES
@@ -187,6 +190,14 @@ def quality_ranks(connection: duckdb.DuckDBPyConnection, score: str) -> QualityR
     return QualityRanks(float(low), float(high), np.cumsum(counts) / count)
 
 
+def _local_copy(connection: duckdb.DuckDBPyConnection, relation: str, path: str) -> str:
+    """`relation` fetched once into a local uncompressed Parquet file; a FROM clause reading it."""
+    connection.execute(
+        f"COPY (SELECT * FROM {relation}) TO {quote(path)} (FORMAT parquet, COMPRESSION uncompressed)"
+    )
+    return f"read_parquet({quote(path)})"
+
+
 def _write_work_files(
     connection: duckdb.DuckDBPyConnection,
     score: str,
@@ -194,6 +205,7 @@ def _write_work_files(
     source: str,
     folder: str,
     memory: int,
+    remote: bool = False,
 ) -> tuple[int, int, int, int, list[str]]:
     """The rows with an identity and their embeddings, in partitions of whole identities (by a hash of
     the name) small enough to sort in `memory`, one local file each, uncompressed (embeddings do not
@@ -202,9 +214,11 @@ def _write_work_files(
     One join per partition: the partition's rows of the table are the join's hash table, the embeddings
     stream past it, the output is the partition's file. Each join is bounded by the partition, not by the
     table, so memory holds from 1M to 10M images (docs/benchmarks.md); the price is one read of the
-    embeddings per partition (partitions grow with rows / memory). Measured and replaced: one join written
-    with DuckDB's PARTITION_BY (its writers held about 0.8 KB per row beyond the memory limit: 3.3 GB at
-    10M images under 2 GB) and one streaming join scattered to the partitions' files in Python (2.1 GB).
+    embeddings per partition (partitions grow with rows / memory), so `remote` inputs (the table or the
+    embeddings on object storage) are first fetched once into local files. Measured and replaced: one
+    join written with DuckDB's PARTITION_BY (its writers held about 0.8 KB per row beyond the memory
+    limit: 3.3 GB at 10M images under 2 GB) and one streaming join scattered to the partitions' files in
+    Python (2.1 GB).
     Returns (rows with an identity, rows without one, identities, the embeddings' dimension, the
     partitions' files)."""
     lengths = connection.execute(
@@ -227,32 +241,39 @@ def _write_work_files(
     partitions = max(1, math.ceil(rows * row_bytes / (memory * PARTITION_SHARE)))
     part_of = f"hash(identity) % {partitions}"
     with_identity = "coalesce(identity, '') <> ''"
-    expected = dict(
-        connection.execute(
-            f"SELECT {part_of} AS part, count(*) FROM scores WHERE {with_identity} GROUP BY part"
-        ).fetchall()
+    table = f"(SELECT image_id, identity, status, {score} AS score FROM scores WHERE {with_identity})"
+    os.makedirs(folder, exist_ok=True)
+    if remote and partitions > 1:  # each partition reads both sides whole: from object storage once only
+        table = _local_copy(connection, table, os.path.join(folder, "table.parquet"))
+        embedding_relation = _local_copy(
+            connection, embedding_relation, os.path.join(folder, "embeddings.parquet")
+        )
+    expected: dict[int, int] = dict(
+        connection.execute(f"SELECT {part_of} AS part, count(*) FROM {table} GROUP BY part").fetchall()
     )
     ok = quote(Status.OK.value)
     connection.execute("SET preserve_insertion_order = false")  # a streaming join needs no order
-    os.makedirs(folder, exist_ok=True)
-    files = []
+    files: list[str] = []
     for part in sorted(expected):
         path = os.path.join(folder, f"part-{part:06d}.parquet")
         written = connection.execute(
             f"""COPY (
                 SELECT s.image_id, s.identity, s.status = {ok} AS ok,
-                       CASE WHEN isfinite({score}) THEN {score} END AS quality,
-                       coalesce(s.status = {ok} AND isfinite({score}) AND e.embedding IS NOT NULL, false)
+                       CASE WHEN isfinite(s.score) THEN s.score END AS quality,
+                       coalesce(s.status = {ok} AND isfinite(s.score) AND e.embedding IS NOT NULL, false)
                            AS usable,
                        e.embedding
-                FROM (SELECT * FROM scores WHERE {with_identity} AND {part_of} = {part}) s
+                FROM (SELECT * FROM {table} WHERE {part_of} = {part}) s
                 LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
             ) TO {quote(path)} (FORMAT parquet, COMPRESSION uncompressed)"""
         ).fetchone()[0]
         if written != expected[part]:  # the table's image_ids are unique: the embeddings' are not
+            extra = f"at least {written - expected[part]} extra row(s)"  # this partition's
             raise UserError(
-                f"embeddings from {source}: {written - expected[part]} extra row(s) for image_ids of the "
-                "table; each image_id must appear once"
+                f"--embeddings {source}: image_ids of the table appear more than once ({extra}); each "
+                "must appear once"
+                if source != TABLE_EMBEDDINGS
+                else f"the quality table repeats image_ids ({extra})"
             )
         files.append(path)
     return int(rows), int(without), int(identities), dimension, files
@@ -503,8 +524,10 @@ def _peak_rss_mb() -> float:
     except OSError:  # not Linux
         pass
     import resource
+    import sys
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def find_identities(
@@ -548,8 +571,11 @@ def find_identities(
         score = score_expression(connection, by)
         relation, source = _embedding_relation(connection, output, embeddings, storage)
         ranks = quality_ranks(connection, score) if weighted else None
+        remote = protocol_of(output.url) != "file" or (
+            embeddings is not None and protocol_of(embeddings) != "file"
+        )
         rows, without, count, dimension, parts = _write_work_files(
-            connection, score, relation, source, work, memory_limit_bytes(memory_limit)
+            connection, score, relation, source, work, memory_limit_bytes(memory_limit), remote
         )
         weigh: Weigh = ranks if ranks is not None else (lambda quality: np.ones(len(quality)))
 

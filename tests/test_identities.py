@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -285,9 +286,15 @@ def test_identities_reads_the_tables_own_embeddings_and_refuses_bad_ones(tmp_pat
         find_identities(str(plain))
     doubled = pa.concat_tables([embeddings, embeddings.slice(0, 2)])
     pq.write_table(doubled, tmp_path / "doubled.parquet")
-    with pytest.raises(UserError, match="2 extra row\\(s\\) for image_ids of the table"):
+    with pytest.raises(UserError, match="appear more than once \\(at least 2 extra row\\(s\\)\\)"):
         find_identities(str(plain), embeddings=str(tmp_path / "doubled.parquet"))
     assert not (plain / "curation").exists()
+    from fiqa_curator.flows import identities as command
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(command, "PARTITION_SHARE", 1e-7)  # a partition per few identities: found all the same
+        with pytest.raises(UserError, match="appear more than once"):
+            find_identities(str(plain), embeddings=str(tmp_path / "doubled.parquet"))
     # repeats of images the table does not have are not the table's business
     stranger = pa.table({"image_id": ["elsewhere.jpg"] * 2, "embedding": [vectors[0].as_py()] * 2})
     pq.write_table(
@@ -329,7 +336,28 @@ def test_identities_and_select_on_the_s3_server(s3_server, s3_bucket: str, tmp_p
     selection = select(out, drop_outliers=True, drop_duplicates=True, storage_options=S3_OPTIONS)
     assert selection.dropped_outliers == 1 and selection.dropped_duplicates == 1
     with fs.open(f"{s3_bucket}/out/curation/identity_images.parquet") as handle:
-        assert pq.read_table(handle).num_rows == 119
+        first = pq.read_table(handle)
+    assert first.num_rows == 119
+    from fiqa_curator.flows import identities as command
+
+    with pytest.MonkeyPatch.context() as patch:  # many partitions: both sides fetched once, then read locally
+        patch.setattr(command, "PARTITION_SHARE", 1e-7)
+        again = find_identities(
+            out,
+            embeddings=f"s3://{s3_bucket}/fr.parquet",
+            storage_options=S3_OPTIONS,
+            **summary_thresholds(summary),
+        )
+    assert again.work_partitions > 10
+    with fs.open(f"{s3_bucket}/out/curation/identity_images.parquet") as handle:
+        assert pq.read_table(handle).equals(first)
+
+
+def summary_thresholds(summary) -> dict[str, float]:
+    """The thresholds a run used, as options (a second run with them judges alike whatever its samples)."""
+    return {
+        f"{name}_similarity": getattr(summary.thresholds, name) for name in ("outlier", "duplicate", "merge")
+    }
 
 
 # ---- real faces: the validation, smaller ---------------------------------------------------------------
@@ -464,11 +492,11 @@ def test_a_duplicate_stays_when_its_copy_was_dropped_by_an_earlier_rule(tmp_path
     assert drop["p02/img03.jpg"] == "near-duplicate of p02/img01.jpg" and selection.dropped_duplicates == 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM: Linux only")
 def test_the_peak_memory_recorded_is_the_commands_own_not_its_parents() -> None:
     """`identities.json`'s peak RSS per stage: a command started by a process that held 600 MB (a
     benchmark that built its data first) does not report that process's peak (ru_maxrss would)."""
     import subprocess
-    import sys
 
     held = bytearray(600 << 20)
     held[::4096] = b"\x01" * len(held[::4096])  # touched: resident
