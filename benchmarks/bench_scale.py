@@ -182,6 +182,13 @@ def writer_benchmark(args: argparse.Namespace) -> dict:
     return report
 
 
+# The child scripts' peak memory: the process's own (VmHWM); ru_maxrss would start at the parent's peak,
+# inherited through fork.
+HWM_FUNCTION = """def hwm():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+"""
+
 # One planning run in a fresh process: only names every revision has, so that it runs against either.
 PLAN_CHILD = r"""
 import json, sys, time
@@ -190,10 +197,7 @@ def rss():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096 / 2**20
 
-def hwm():  # this process's own peak: ru_maxrss would start at the parent's, inherited through fork
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-
+{hwm}
 import tempfile
 from fiqa_curator.flows.plan import make_plan, save_plan
 from fiqa_curator.flows.storage import Output
@@ -225,7 +229,7 @@ print(json.dumps({
     "rss_after_mb": rss(), "items": plan.item_count,
     "objects_per_s": plan.item_count / (discovered - started),
 }))
-"""
+""".replace("{hwm}", HWM_FUNCTION)
 
 
 def _manifest(path: Path, rows: int) -> None:
@@ -365,10 +369,7 @@ async def counted_cat_file(self, *args, **kwargs):
 
 s3fs.core._fetch_range, s3fs.core.S3FileSystem._cat_file = counted_fetch_range, counted_cat_file
 
-def hwm():  # this process's own peak: ru_maxrss would start at the parent's, inherited through fork
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-
+{hwm}
 from fiqa_curator.flows.cluster import init_ray
 from fiqa_curator.flows.plan import listing_fingerprint
 from fiqa_curator.flows.sources import discover, list_tars_in_process
@@ -390,7 +391,7 @@ print(json.dumps({
     "peak_rss_mb": hwm(),
     "fingerprint": listing_fingerprint(items),
 }))
-"""
+""".replace("{hwm}", HWM_FUNCTION)
 
 
 def _face_crops(count: int) -> list[bytes]:

@@ -37,5 +37,5 @@ def large_buffer_environment(environ: Mapping[str, str] = os.environ) -> dict[st
 
 
 def keeps_large_buffers(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process was started with `large_buffer_environment` (for the run record and tests)."""
+    """Whether this process was started with `large_buffer_environment` (the scoring actor, benchmarks)."""
     return LARGE_BUFFER_TUNABLES in environ.get("GLIBC_TUNABLES", "")
