@@ -1,18 +1,22 @@
-"""`fiqa score --since PREVIOUS` at scale: finding and reading the rows to carry over, the Arrow matching of
-`flows.incremental` side by side with the Python loops it replaced (copied below as `old_*`).
+"""`fiqa score --since PREVIOUS` at scale: the driver's whole side of an incremental run, carried rows
+committed, against the code of another checkout (the one before the shard-by-shard carry-over: both
+listings and the carried rows in memory).
 
 Each size is a synthetic PREVIOUS OUTPUT of N images, one row each (12 exits, 0.1% read errors, shards of
 --shard-size), written as a run writes it (`flows.plan.make_plan`/`save_plan`, `build_quality_table` per
-shard), and a current listing with 1% of its items changed or new (0.5% a new version, 0.5% new images),
-built once under --workdir and reused. Each variant then runs in a fresh process, interleaved: the current
-plan is made (not timed), then what `flows.execution.carry_over` does but the writer is timed: the pending
-items' table (or the old `shard_of` dict), `unchanged_items`, and draining `carried_batches`. Printed per
-size and variant: wall seconds (matching, draining, total), the process's peak RSS (VmHWM, its count
-restarted just before the timed part), its RSS before the timed part (the plan's items, which both variants
-hold) and the difference, the rows and images carried and a digest of their ids (which must agree between
-the variants).
+shard), and the current OUTPUT's plan and saved listing with 1% of the items changed or new (0.5% a new
+version, 0.5% new images), built once under --workdir and reused. Each variant then runs in a fresh
+process, interleaved: the current plan is loaded from its OUTPUT as a run has it, then timed: the carry-over
+into a real `ShardWriter` (`flows.execution.carry_over`), then, standing in for the scoring pipeline, a
+synthetic scored row for every image left to score, fed to the writer shard by shard, so that every shard
+is committed. Printed per size and variant: wall seconds (carrying over, the rest, total), the process's
+peak RSS (VmHWM, restarted just before the timed part), its RSS before the timed part, the images carried,
+and the committed table's rows and a digest of its (image_id, run_id) pairs, which must agree between the
+variants.
 
     .venv/bin/python benchmarks/bench_since.py --rows 1000000,3000000
+    git worktree add /tmp/before b12b382
+    .venv/bin/python benchmarks/bench_since.py --rows 1000000 --variants now,before --before /tmp/before
 """
 
 from __future__ import annotations
@@ -23,33 +27,24 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fiqa_curator.flows.incremental import (
-    IncrementalError,
-    carried_batches,
-    check_previous,
-    unchanged_items,
-)
 from fiqa_curator.flows.options import DEFAULT_SHARD_SIZE
-from fiqa_curator.flows.plan import Plan, make_plan, save_plan
+from fiqa_curator.flows.plan import load_plan, make_plan, read_listing_rows, save_plan
 from fiqa_curator.flows.sources import InputItem, items_to_table
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas import build_quality_table
-from fiqa_curator.schemas.batch import FACE_ID_PATTERN, batch_from_table
-from fiqa_curator.schemas.layout import LISTING_FILE, SCORES, SUCCESS_FILE, shard_file, shard_name
+from fiqa_curator.schemas.layout import LISTING_FILE, SUCCESS_FILE, shard_file, shard_name
 from fiqa_curator.schemas.quality_table import SCORE_COLUMNS
 from fiqa_curator.schemas.status import Status
 
@@ -67,95 +62,14 @@ CONFIG = {
     "precision": "fp32",
     "decode": "cpu",
 }
-CURRENT_LISTING = "current.parquet"
-_ITEM_KEY = ("url", "offset", "length", "size", "version")
-
-
-# ---- the implementation before the Arrow matching, as it was ----------------------------------------------
-def old_unchanged_items(previous: Output, plan: Plan, items: Iterable[Any]) -> set[str]:
-    """image_ids of `items` whose listing entry in PREVIOUS is identical, with a known version."""
-    check_previous(previous, plan)
-    raw = previous.read_bytes(LISTING_FILE)
-    if raw is None:
-        raise IncrementalError(f"--since {previous.full_url()}: its listing ({LISTING_FILE}) is missing")
-    listing = pq.read_table(io.BytesIO(raw), columns=["image_id", *_ITEM_KEY]).to_pylist()
-    before = {row["image_id"]: tuple(row[k] for k in _ITEM_KEY) for row in listing}
-    return {
-        item.image_id
-        for item in items
-        if item.version
-        and before.get(item.image_id) == (item.url, item.offset, item.length, item.size, item.version)
-    }
-
-
-def old_carried_batches(
-    previous: Output,
-    item_ids: set[str],
-    shard_of_item: Mapping[str, str],
-    *,
-    config: Mapping[str, Any],
-) -> Iterator[dict[str, np.ndarray]]:
-    widths = {"exit_scores": int(config["exit_depth"]), "embedding": int(config["model_config"]["embed_dim"])}
-    wanted = pa.array(sorted(item_ids), pa.string())
-    for name in sorted(previous.list(SCORES)):
-        if not name.endswith(".parquet"):
-            continue
-        table = pq.read_table(io.BytesIO(previous.read_bytes(shard_file(name.removesuffix(".parquet")))))
-        ids = table.column("image_id")
-        owner = pc.replace_substring_regex(ids, FACE_ID_PATTERN, "") if config["align"] == "all" else ids
-        table = table.append_column("item_id", owner).filter(pc.is_in(owner, wanted))
-        if not table.num_rows:
-            continue
-        retry = pc.equal(table.column("status"), Status.READ_ERROR.value)
-        if pc.any(retry).as_py():
-            failed = pc.unique(table.filter(retry).column("item_id"))
-            table = table.filter(pc.invert(pc.is_in(table.column("item_id"), failed)))
-            if not table.num_rows:
-                continue
-        owners = table.column("item_id").to_pylist()
-        counts = Counter(owners)
-        batch = batch_from_table(table, widths)
-        batch["item_id"] = np.array(owners, dtype=object)
-        batch["item_rows"] = np.array([counts[o] for o in owners], dtype=np.int64)
-        batch["shard"] = np.array([shard_of_item[o] for o in owners], dtype=object)
-        yield batch
-
-
-def shard_items(plan: Plan, index: int) -> list[InputItem]:
-    """A shard's items as the objects the old code took."""
-    return [InputItem(**row) for row in plan.shard_listing(index).to_pylist()]
-
-
-def old_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, int, set[str]]:
-    """The old `carry_over` but the writer: (seconds to find the unchanged items, rows, items carried)."""
-    started = time.perf_counter()
-    shard_of = {item.image_id: shard_name(i) for i in pending for item in shard_items(plan, i)}
-    unchanged = old_unchanged_items(previous, plan, (item for i in pending for item in shard_items(plan, i)))
-    matched = time.perf_counter() - started
-    rows, carried = 0, set()
-    for batch in old_carried_batches(previous, unchanged, shard_of, config=CONFIG):
-        rows += len(batch["image_id"])
-        carried.update(str(item) for item in batch["item_id"])
-    return matched, rows, carried
-
-
-def new_carry(previous: Output, plan: Plan, pending: list[int]) -> tuple[float, int, pa.Array]:
-    """Today's `carry_over` but the writer."""
-    started = time.perf_counter()
-    unchanged = unchanged_items(previous, plan, plan.pending_listing(pending))
-    matched = time.perf_counter() - started
-    rows, carried = 0, []
-    for batch in carried_batches(previous, unchanged, config=CONFIG):
-        rows += len(batch["image_id"])
-        carried.append(pa.array(batch["item_id"], pa.string()))
-    return matched, rows, pc.unique(pa.chunked_array(carried, pa.string()))
+CURRENT = "current"  # the current run's OUTPUT: its plan and listing only, as after planning
 
 
 # ---- the synthetic OUTPUT ---------------------------------------------------------------------------------
 def build(root: Path, rows: int, shard_size: int) -> None:
-    """PREVIOUS under root/previous and the current listing (skipped when already there)."""
+    """PREVIOUS under root/previous and the current run's plan under root/current (skipped when there)."""
     previous = Output(str(root / "previous"))
-    if (root / CURRENT_LISTING).exists():
+    if (root / CURRENT / LISTING_FILE).exists():
         return
     rng = np.random.default_rng(0)
     sizes = rng.integers(20_000, 400_000, rows)
@@ -214,8 +128,11 @@ def build(root: Path, rows: int, shard_size: int) -> None:
         if n in added:
             url = f"s3://corpus/img/{n:09d}b.jpg"
             current.append(InputItem(f"img/{n:09d}b.jpg", url, url, size=1000, version="1"))
-    pq.write_table(items_to_table(current), root / (CURRENT_LISTING + ".part"))
-    os.replace(root / (CURRENT_LISTING + ".part"), root / CURRENT_LISTING)
+    del items
+    save_plan(
+        Output(str(root / CURRENT)),
+        make_plan("s3://corpus/", "folder", items_to_table(current), shard_size, CONFIG),
+    )
 
 
 def _rss_mb() -> float:
@@ -231,7 +148,7 @@ def _peak_mb() -> float:
 
 def _reset_peak() -> bool:
     """Restart the peak RSS count (VmHWM, Linux >= 4.0) at the current RSS, so that the peak
-    measured is the timed part's, not the plan's loading."""
+    measured is the timed part's, not the imports'."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
@@ -240,59 +157,113 @@ def _reset_peak() -> bool:
     return True
 
 
-def child(variant: str, root: Path, shard_size: int) -> None:
-    """One measured run, printing one JSON line."""
-    plan = make_plan("s3://corpus/", "folder", pq.read_table(root / CURRENT_LISTING), shard_size, CONFIG)
-    gc.collect()
-    previous = Output(str(root / "previous"))
+def _scored(ids: list[str], shard: str) -> dict[str, np.ndarray]:
+    """What the scoring pipeline would deliver for `ids`: one ok row each."""
+    count = len(ids)
+    rng = np.random.default_rng(count)
+    return {
+        "image_id": np.array(ids, dtype=object),
+        "source": np.array([f"s3://corpus/{i}" for i in ids], dtype=object),
+        "status": np.full(count, Status.OK.value, dtype=object),
+        "error": np.full(count, "", dtype=object),
+        "byte_size": np.full(count, 1000),
+        "width": np.full(count, 112),
+        "height": np.full(count, 112),
+        "resized": np.zeros(count, dtype=bool),
+        "exit_scores": rng.random((count, EXITS), dtype=np.float32),
+        **{name: rng.random(count, dtype=np.float32) for name in SCORE_COLUMNS},
+        "shard": np.full(count, shard, dtype=object),
+    }
+
+
+def child(root: Path) -> None:
+    """One measured run of the code on sys.path (this checkout's, or --before's), printing one JSON line."""
+    from fiqa_curator.flows import execution
+    from fiqa_curator.flows.shard_writer import ShardWriter
+
+    out = root / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(root / CURRENT, out)  # the plan and its listing, as after planning
+    output = Output(str(out))
+    plan = load_plan(output)
     pending = list(range(plan.shard_count))
+    listing_url = output.full_url(LISTING_FILE)
+    options = SimpleNamespace(since=str(root / "previous"), output=str(out), storage_options={})
+    config = {**CONFIG, "model_config": dict(CONFIG["model_config"])}
+    gc.collect()
     reset = _reset_peak()
-    rss_before, peak_before = _rss_mb(), _peak_mb()
+    rss_before = _rss_mb()
     started = time.perf_counter()
-    matched, rows, carried = (new_carry if variant == "new" else old_carry)(previous, plan, pending)
+    writer = ShardWriter(output, plan, pending, run_id="20260102T000000Z-now", config=config)
+    if hasattr(execution, "shard_task"):  # this code: shard by shard from the saved listing
+        tasks, carried = execution.carry_over(options, plan, pending, writer)
+    else:  # the code before: the listing in memory, as its flow loaded it for --since
+        from fiqa_curator.flows.plan import shard_tasks
+
+        plan.listing = pq.read_table(listing_url)
+        items = plan.pending_listing(pending)
+        carried_ids = execution.carry_over(options, plan, items, config, writer)
+        tasks, carried = shard_tasks(plan, pending, exclude=carried_ids, items=items), len(carried_ids)
+        del items
+    carried_s = time.perf_counter() - started
+    for task in tasks:  # the scoring pipeline's deliveries, a shard at a time
+        ids = (
+            json.loads(task["only"])
+            if task["only"]
+            else read_listing_rows(listing_url, task["start"], task["stop"]).column("image_id").to_pylist()
+        )
+        writer.add(_scored(ids, task["shard"]))
+    if writer.missing():
+        raise RuntimeError(f"shards left uncommitted: {len(writer.missing())}")
+    if hasattr(writer, "close"):
+        writer.close()
     total = time.perf_counter() - started
     peak = _peak_mb()
-    carried = sorted(carried.to_pylist() if isinstance(carried, pa.Array) else carried)
-    digest = hashlib.sha256("\n".join(carried).encode()).hexdigest()[:16]
+    import duckdb
+
+    rows, distinct, digest = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT image_id), bit_xor(hash(image_id || '|' || run_id)) "
+        f"FROM read_parquet('{out}/scores/*.parquet')"
+    ).fetchall()[0]
     print(
         json.dumps(
             {
-                "match_s": matched,
-                "drain_s": total - matched,
+                "carry_s": carried_s,
+                "rest_s": total - carried_s,
                 "total_s": total,
                 "peak_rss_mb": peak,
                 "rss_before_mb": rss_before,
-                "peak_in_timed_part": reset or peak > peak_before,
+                "peak_in_timed_part": reset,
+                "carried": carried,
                 "rows": rows,
-                "items": len(carried),
-                "digest": digest,
+                "distinct": distinct,
+                "digest": hashlib.sha256(str(digest).encode()).hexdigest()[:12],
             }
         )
     )
+    shutil.rmtree(out, ignore_errors=True)
 
 
-def run_child(variant: str, root: Path, shard_size: int, timeout: float) -> dict[str, Any] | None:
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        variant,
-        "--workdir",
-        str(root),
-        "--shard-size",
-        str(shard_size),
-    ]
+def run_child(root: Path, code: Path | None, timeout: float) -> dict[str, Any] | None:
+    environment = dict(os.environ)
+    if code is not None:  # a checkout's package first on the path
+        environment["PYTHONPATH"] = str(code.parent) + os.pathsep + environment.get("PYTHONPATH", "")
+    command = [sys.executable, __file__, "--child", "--workdir", str(root)]
     try:
-        out = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=timeout,
-        )
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
     except subprocess.TimeoutExpired:
         return None
+    if out.returncode:
+        raise RuntimeError(f"the run failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _package_dir(checkout: Path) -> Path:
+    """The `fiqa_curator` package of a checkout (its root: flows/, workers/, ... are the subpackages), as
+    a link in a folder of its own, for PYTHONPATH."""
+    link = Path(tempfile.mkdtemp(prefix="bench_since-code-")) / "fiqa_curator"
+    link.symlink_to(checkout.resolve())
+    return link
 
 
 def main() -> None:
@@ -303,49 +274,45 @@ def main() -> None:
         "--rows", default="1000000", help="sizes, comma-separated (e.g. 1000000,3000000,10000000)"
     )
     parser.add_argument(
-        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per file of PREVIOUS"
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per shard, both runs"
     )
-    parser.add_argument("--variants", default="new,old", help="which implementations, in order: new, old")
+    parser.add_argument("--variants", default="now", help="in order: now (this checkout), before (--before)")
+    parser.add_argument("--before", type=Path, help="a checkout of the code to compare with (variant before)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each variant per size, interleaved")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds before a run is given up")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is given up")
     parser.add_argument("--workdir", type=Path, help="where the synthetic OUTPUTs are built and kept")
-    parser.add_argument("--child", choices=("new", "old"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.workdir, args.shard_size)
+        child(args.workdir)
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_since-"))
     variants = args.variants.split(",")
+    code = {"now": None, "before": _package_dir(args.before) if "before" in variants else None}
     print(f"workdir {workdir}; shards of {args.shard_size}; {os.cpu_count()} CPUs")
-    header = f"{'rows':>10} {'variant':>7} {'match s':>8} {'drain s':>8} {'total s':>8} {'peak MB':>8} "
-    print(header + f"{'RSS before':>10} {'added MB':>8} {'rows carried':>12} {'images':>9} digest")
+    header = f"{'rows':>10} {'variant':>7} {'carry s':>8} {'rest s':>8} {'total s':>8} {'peak MB':>8} "
+    print(header + f"{'RSS before':>10} {'added MB':>8} {'carried':>9} {'table rows':>10} digest")
     for rows in (int(size) for size in args.rows.split(",")):
         root = workdir / f"rows-{rows}-shard-{args.shard_size}"
         started = time.perf_counter()
         build(root, rows, args.shard_size)
         print(f"{rows:>10} built in {time.perf_counter() - started:.1f} s", flush=True)
-        totals: dict[str, list[float]] = {variant: [] for variant in variants}
         for _ in range(args.repeats):
             for variant in variants:
-                result = run_child(variant, root, args.shard_size, args.timeout)
+                result = run_child(root, code[variant], args.timeout)
                 if result is None:
                     print(f"{rows:>10} {variant:>7} timed out after {args.timeout:g} s", flush=True)
                     continue
-                totals[variant].append(result["total_s"])
-                mark = (
-                    "" if result["peak_in_timed_part"] else " (peak: the plan's loading, before the timing)"
-                )
+                mark = "" if result["peak_in_timed_part"] else " (peak: since the process started)"
                 added = result["peak_rss_mb"] - result["rss_before_mb"]
+                once = "" if result["rows"] == result["distinct"] else " REPEATED IDS"
                 print(
-                    f"{rows:>10} {variant:>7} {result['match_s']:>8.2f} {result['drain_s']:>8.2f} "
+                    f"{rows:>10} {variant:>7} {result['carry_s']:>8.2f} {result['rest_s']:>8.2f} "
                     f"{result['total_s']:>8.2f} {result['peak_rss_mb']:>8.0f} "
                     f"{result['rss_before_mb']:>10.0f} {added:>8.0f} "
-                    f"{result['rows']:>12} {result['items']:>9} {result['digest']}{mark}",
+                    f"{result['carried']:>9} {result['rows']:>10} {result['digest']}{once}{mark}",
                     flush=True,
                 )
-        if all(totals.get(v) for v in ("new", "old")):
-            ratio = min(totals["old"]) / min(totals["new"])
-            print(f"{rows:>10} old/new total time: {ratio:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

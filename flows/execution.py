@@ -6,8 +6,9 @@ over from a previous run (`--since`).
         -> batches back on the driver -> ShardWriter (each shard committed when its last row arrives)
 
 The driver hands Ray one small row per shard, not the items: what it does before scoring grows with the
-shards, not the images (but for `--since`, which compares the listings in memory and names the images
-still to score in the shards it carries over in part).
+shards, not the images. `--since` (`carry_over`) goes through the listings shard by shard, a row group at
+a time (`incremental.carry_by_shard`); a shard carried over in part names its images still to score, and
+its carried rows wait in a local file (`ShardWriter.add_carried`) until the rest arrive.
 
 `execute` returns what happened as an `ExecutionStats`; the flow (`flows.score`) turns it into the run
 record.
@@ -25,9 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from fiqa_curator.flows import timeline
 from fiqa_curator.flows.cluster import (
     ActorPlacement,
@@ -37,12 +35,13 @@ from fiqa_curator.flows.cluster import (
     placement_nodes,
     spread_cpu_actors,
 )
+from fiqa_curator.flows.listing_sort import planning_folder
 from fiqa_curator.flows.options import ScoreOptions
-from fiqa_curator.flows.plan import Plan, shard_tasks
+from fiqa_curator.flows.plan import Plan, shard_task, shard_tasks
 from fiqa_curator.flows.shard_writer import ShardWriter
 from fiqa_curator.flows.storage import Output
 from fiqa_curator.schemas.errors import StallError
-from fiqa_curator.schemas.layout import LISTING_FILE
+from fiqa_curator.schemas.layout import LISTING_FILE, shard_name
 from fiqa_curator.workers.allocator import large_buffer_environment
 from fiqa_curator.workers.io import protocol_of
 from fiqa_curator.workers.settings import CPU_BATCH_SIZE
@@ -111,21 +110,29 @@ def watched(batches: Iterator[Any], stall_timeout: float | None) -> Iterator[Any
 
 
 def carry_over(
-    options: ScoreOptions, plan: Plan, items: pa.Table, config: Mapping[str, Any], writer: ShardWriter
-) -> pa.Array:
-    """--since: hand the writer PREVIOUS's rows of unchanged images among `items` (the pending items with
-    their shards, `Plan.pending_listing`); returns the image ids carried, as Arrow strings (tens of millions
-    of them as Python strings in a set would be gigabytes on the driver)."""
-    from fiqa_curator.flows.incremental import carried_batches, unchanged_items
+    options: ScoreOptions, plan: Plan, pending: list[int], writer: ShardWriter
+) -> tuple[list[dict[str, Any]], int]:
+    """--since: hand the writer PREVIOUS's rows of the unchanged images of the `pending` shards, shard by
+    shard (`incremental.carry_by_shard`); returns the shard tasks left to score (a shard carried in part
+    names its images still to score) and how many images were carried."""
+    from fiqa_curator.flows.incremental import carry_by_shard
 
     assert options.since is not None
     previous = Output(options.since, options.storage_options)
-    unchanged = unchanged_items(previous, plan, items)
-    carried: list[pa.Array] = []
-    for batch in carried_batches(previous, unchanged, config=config):
-        writer.add(batch)
-        carried.append(pa.array(batch["item_id"], pa.string()))
-    return pc.unique(pa.chunked_array(carried, pa.string()))  # an item has a row per face: counted once
+    listing = (
+        plan.listing
+        if plan.listing is not None
+        else Output(options.output, options.storage_options).full_url(LISTING_FILE)
+    )
+    tasks: list[dict[str, Any]] = []
+    carried = 0
+    for shard in carry_by_shard(previous, plan, pending, listing, options.storage_options):
+        if shard.carried:
+            writer.add_carried(shard_name(shard.index), shard.rows, shard.carried)
+            carried += shard.carried
+        if shard.carried < shard.items:
+            tasks.append(shard_task(plan, shard.index, shard.to_score if shard.carried else None))
+    return tasks, carried
 
 
 def execute(
@@ -141,26 +148,50 @@ def execute(
 ) -> ExecutionStats:
     """Score the pending shards (after carrying over what `--since` allows) and commit each as it
     completes."""
-    import ray
-    from ray.data import DataContext
-
     json_console_logs()  # Ray Data installed its console handler when imported
     started = time.perf_counter()
     if not pending:
         return ExecutionStats()
-    writer = ShardWriter(
-        Output(options.output, options.storage_options), plan, pending, run_id=run_id, config=config
-    )
-    # --since compares the pending items with PREVIOUS's (the plan keeps its listing in memory for it)
-    items = plan.pending_listing(pending) if options.since else None
-    carried = (
-        carry_over(options, plan, items, config, writer) if items is not None else pa.array([], pa.string())
-    )
-    if len(carried):
-        logger.info("carried over %d unchanged images from %s", len(carried), options.since)
-    if not writer.missing():  # everything was carried over: nothing for Ray to do
+    # the local folder where --since's carried rows wait; a run killed with kill -9 leaves its folder,
+    # which the next run on this host removes (`planning_folder`)
+    with planning_folder() as folder:
+        writer = ShardWriter(
+            Output(options.output, options.storage_options),
+            plan,
+            pending,
+            run_id=run_id,
+            config=config,
+            local_folder=folder,
+        )
+        try:
+            return _execute(options, plan, pending, config, checkpoint, writer, logger, on_rows, started)
+        finally:
+            writer.close()
+
+
+def _execute(
+    options: ScoreOptions,
+    plan: Plan,
+    pending: list[int],
+    config: dict[str, Any],
+    checkpoint: str,
+    writer: ShardWriter,
+    logger: logging.Logger | logging.LoggerAdapter,
+    on_rows: Callable[[int], None] | None,
+    started: float,
+) -> ExecutionStats:
+    import ray
+    from ray.data import DataContext
+
+    if options.since:
+        tasks, carried = carry_over(options, plan, pending, writer)
+        if carried:
+            logger.info("carried over %d unchanged images from %s", carried, options.since)
+    else:
+        tasks, carried = shard_tasks(plan, pending), 0
+    if not tasks:  # everything was carried over: nothing for Ray to do
         return ExecutionStats(
-            carried=len(carried),
+            carried=carried,
             shards=list(writer.committed),
             seconds=time.perf_counter() - started,
             write_seconds=writer.write_seconds,
@@ -193,14 +224,13 @@ def execute(
             stats = _score_on_ray(
                 options,
                 plan,
-                pending,
+                tasks,
                 config,
                 checkpoint,
                 placement,
                 group,
                 writer,
                 carried,
-                items,
                 logger,
                 on_rows,
                 started,
@@ -383,14 +413,13 @@ class ScoreStage:
 def _score_on_ray(
     options: ScoreOptions,
     plan: Plan,
-    pending: list[int],
+    tasks: list[dict[str, Any]],
     config: dict[str, Any],
     checkpoint: str,
     placement: ActorPlacement,
     group: Any | None,
     writer: ShardWriter,
-    carried: pa.Array,
-    items: pa.Table | None,
+    carried: int,
     logger: logging.Logger | logging.LoggerAdapter,
     on_rows: Callable[[int], None] | None,
     started: float,
@@ -399,14 +428,13 @@ def _score_on_ray(
     began, for the start-up figure)."""
     device = "cuda" if placement.gpu else "cpu"
     block_rows = _block_rows(options, placement)
-    tasks = shard_tasks(plan, pending, exclude=carried, items=items)
     listing = listing_source(Output(options.output, options.storage_options))
     dataset = _pipeline(
         options, tasks, listing, plan.listing_fingerprint, config, checkpoint, placement, group, block_rows
     )
     logger.info(
         "scoring %d images on %d %s actor(s)",
-        sum(writer.expected.values()),
+        sum(writer.missing().values()),
         placement.workers,
         "GPU" if placement.gpu else "CPU",
     )
@@ -430,7 +458,7 @@ def _score_on_ray(
     running = finished - first_batch_at if first_batch_at else 0.0
     return ExecutionStats(
         scored=scored,
-        carried=len(carried),
+        carried=carried,
         shards=list(writer.committed),
         first_batch_seconds=(first_batch_at or finished) - started,
         steady_images_per_second=(scored - first_count) / running if running > 0 else 0.0,

@@ -37,10 +37,10 @@ PLANNING_FOLDER_PREFIX = "fiqa-plan-"  # then this host's name and the planning 
 
 @contextmanager
 def planning_folder(root: str | None = None) -> Iterator[str]:
-    """A private folder for one run's listing under `root` (default: the system's temporary folder, TMPDIR),
-    removed afterwards. A run killed with `kill -9` cannot remove its own (a 100M-image listing leaves
-    about 10 GB), so the folders of this host's planning processes that no longer exist are removed first
-    (`remove_abandoned_folders`)."""
+    """A private folder for one run's local files under `root` (default: the system's temporary folder,
+    TMPDIR), removed afterwards: the listing while it is planned, --since's carried rows while scoring. A
+    run killed with `kill -9` cannot remove its own (a 100M-image listing leaves about 10 GB), so the
+    folders of this host's processes that no longer exist are removed first (`remove_abandoned_folders`)."""
     root = root or tempfile.gettempdir()
     remove_abandoned_folders(root)
     prefix = f"{PLANNING_FOLDER_PREFIX}{socket.gethostname()}-{os.getpid()}-"

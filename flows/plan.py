@@ -21,7 +21,7 @@ import io
 import json
 import os
 import posixpath
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -153,14 +153,6 @@ class Plan:
         """Shard `index`'s items (`sources.ITEM_SCHEMA`), in image_id order."""
         assert self.listing is not None, "a plan loaded from OUTPUT has no listing"
         return self.listing.slice(index * self.shard_size, self.shard_size)
-
-    def pending_listing(self, pending: Sequence[int]) -> pa.Table:
-        """The items of the `pending` shards as one table with a `shard` column, each item's output shard."""
-        tables = [ITEM_SCHEMA.append(pa.field("shard", pa.string())).empty_table()]
-        for index in pending:
-            part = self.shard_listing(index)
-            tables.append(part.append_column("shard", pa.repeat(pa.scalar(shard_name(index)), part.num_rows)))
-        return pa.concat_tables(tables).combine_chunks()
 
     def load_listing(self) -> pa.Table:
         """The listing in memory (read from `listing_file` when the plan was made on disk)."""
@@ -358,49 +350,22 @@ def saved_listing_fits(output: Output, existing: Plan) -> bool:
     return sum(sizes) == existing.item_count and all(size == group for size in sizes[:-1])
 
 
-def shard_tasks(
-    plan: Plan,
-    pending: Sequence[int],
-    exclude: Collection[str] | pa.Array = (),
-    items: pa.Table | None = None,
-) -> list[dict[str, Any]]:
-    """One small description per pending shard for `shard_items`: its name, its rows in the listing and,
-    when some of its items are in `exclude` (carried over by --since), the ids still to score as a JSON
-    list ("" means all). A shard whose every item is excluded needs no task. With `exclude`, the plan's
-    listing must be in memory (it is, for --since), or its pending items given (`items`, as
-    `Plan.pending_listing` makes them); without, only the plan's counts are used."""
-    remaining: dict[str, list[str]] = {}
-    if len(exclude):
-        items = items if items is not None else plan.pending_listing(pending)
-        if not isinstance(exclude, pa.Array):
-            exclude = pa.array(list(exclude), pa.string())
-        carried = pc.is_in(items.column("image_id"), value_set=exclude)
-        touched = items.filter(carried).column("shard").unique().to_pylist()
-        remaining = {shard: [] for shard in touched}
-        to_score = items.filter(pc.invert(carried))
-        to_score = to_score.filter(
-            pc.is_in(to_score.column("shard"), value_set=pa.array(touched, pa.string()))
-        )
-        for shard, image_id in zip(
-            to_score.column("shard").to_pylist(), to_score.column("image_id").to_pylist(), strict=True
-        ):
-            remaining[shard].append(image_id)
-    tasks = []
-    for index in pending:
-        name = shard_name(index)
-        only = remaining.get(name)
-        if only == []:
-            continue
-        start = index * plan.shard_size
-        tasks.append(
-            {
-                "shard": name,
-                "start": start,
-                "stop": start + plan.shard_length(index),
-                "only": "" if only is None else json.dumps(only),
-            }
-        )
-    return tasks
+def shard_tasks(plan: Plan, pending: Sequence[int]) -> list[dict[str, Any]]:
+    """One small description per pending shard for `shard_items` (`shard_task`), from the plan's counts
+    alone."""
+    return [shard_task(plan, index) for index in pending]
+
+
+def shard_task(plan: Plan, index: int, only: pa.Array | None = None) -> dict[str, Any]:
+    """Shard `index`'s description for `shard_items`: its name, its rows in the listing and, for a shard
+    carried over in part by --since, the ids still to score (`only`) as a JSON list ("" means all)."""
+    start = index * plan.shard_size
+    return {
+        "shard": shard_name(index),
+        "start": start,
+        "stop": start + plan.shard_length(index),
+        "only": "" if only is None else json.dumps(only.to_pylist()),
+    }
 
 
 def shard_items(

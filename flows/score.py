@@ -129,8 +129,8 @@ def plan_task(options: ScoreOptions, config: dict[str, Any]) -> PlannedRun:
             # committed again in the row groups the scoring tasks read
             output.commit_file(LISTING_FILE, plan.listing_file)
         tar_lister.save_index(output, plan.listing_fingerprint)
-        # --since compares the listing with PREVIOUS's, in memory; otherwise the driver keeps none of it
-        plan.listing = plan.load_listing() if options.since else None
+        # the driver keeps none of the listing: the scoring tasks and --since read OUTPUT's, a group at a time
+        plan.listing = None
         plan.listing_file = None  # removed with the folder: the scoring tasks read OUTPUT's
     output.clean_staging()
     pending = [i for i in range(plan.shard_count) if shard_name(i) not in committed]

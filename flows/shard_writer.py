@@ -6,22 +6,38 @@ since blocks follow the listing's order) and the slices wait, as numpy arrays, u
 complete. No per-row Python object is made on the driver (`benchmarks/bench_scale.py` measures the rows/s
 one core sustains). A shard's file is written whole or not at all (`flows.storage.Output.commit_bytes`), so
 a run killed at any moment leaves only complete shards; a rerun skips them.
+
+Rows carried over by `--since` into a shard that still has images to score are set aside in a local Arrow
+file until the shard's scored rows arrive (`add_carried`): a nightly run carries most of nearly every shard,
+and holding those rows would make the driver's memory grow with the corpus.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fiqa_curator.flows.plan import Plan
 from fiqa_curator.flows.storage import Output
-from fiqa_curator.schemas.batch import BATCH_COLUMNS, BOOKKEEPING, DEVICE_DECODED, RUN_ID, SCORED_ON
+from fiqa_curator.schemas.batch import (
+    BATCH_COLUMNS,
+    BOOKKEEPING,
+    DEVICE_DECODED,
+    RUN_ID,
+    SCORED_ON,
+    batch_from_table,
+)
 from fiqa_curator.schemas.layout import shard_file, shard_name
 from fiqa_curator.schemas.quality_table import PARQUET_OPTIONS, build_quality_table
 
@@ -68,8 +84,17 @@ class ShardWriter:
     written once: the first delivery wins."""
 
     def __init__(
-        self, output: Output, plan: Plan, pending: list[int], *, run_id: str, config: Mapping[str, Any]
+        self,
+        output: Output,
+        plan: Plan,
+        pending: list[int],
+        *,
+        run_id: str,
+        config: Mapping[str, Any],
+        local_folder: str | None = None,
     ):
+        """`local_folder`: where rows carried over by --since wait (`add_carried`); by default a temporary
+        folder of the writer's own, removed by `close`."""
         self.output = output
         self.config_fingerprint = plan.config_fingerprint
         self.run_id = run_id
@@ -81,6 +106,49 @@ class ShardWriter:
         self.write_seconds = 0.0
         self.rows_by_node: Counter[str] = Counter()
         self.device_decoded = 0
+        # --since: rows carried into shards that still have images to score wait on local disk, not in
+        # memory (a nightly run carries nearly every shard in part): shard -> (file, items carried)
+        self.set_aside: dict[str, tuple[str, int]] = {}
+        self._local_folder = local_folder
+        self._own_folder: str | None = None
+
+    def add_carried(self, shard: str, rows: pa.Table, items: int) -> None:
+        """Rows carried over by --since into `shard` (`incremental.ShardCarry.rows`: `items` items, all
+        their rows). When they are the whole shard it is committed now; otherwise they wait in a local file
+        until the shard's scored rows arrive."""
+        if items == self.expected[shard]:
+            self.add(self._carried_columns(rows))
+            return
+        if self._local_folder is None:
+            self._own_folder = self._local_folder = tempfile.mkdtemp(prefix="fiqa-carried-")
+        path = os.path.join(self._local_folder, f"carried-{shard}.arrow")
+        # zstd: the rows are about 5x smaller than uncompressed (a nightly run sets most of the table aside)
+        options = pa.ipc.IpcWriteOptions(compression="zstd")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, rows.schema, options=options) as file:
+            file.write_table(rows)
+        self.set_aside[shard] = (path, items)
+
+    def _carried_columns(self, rows: pa.Table) -> Columns:
+        widths = {
+            "exit_scores": int(self.config["exit_depth"]),
+            "embedding": int(self.config["model_config"]["embed_dim"]),
+        }
+        batch = batch_from_table(rows, widths)
+        for name in ("item_id", "shard"):
+            batch[name] = rows.column(name).to_numpy(zero_copy_only=False).astype(object)
+        batch["item_rows"] = rows.column("item_rows").to_numpy(zero_copy_only=False).astype(np.int64)
+        return batch
+
+    def close(self) -> None:
+        """Remove the files of carried rows still waiting (their shards were not committed: a rerun
+        carries them again), and the writer's own folder."""
+        for path, _ in self.set_aside.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        self.set_aside.clear()
+        if self._own_folder is not None:
+            shutil.rmtree(self._own_folder, ignore_errors=True)
+            self._own_folder = self._local_folder = None
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         shards = batch["shard"]
@@ -106,10 +174,25 @@ class ShardWriter:
             self.pieces.setdefault(shard, []).append(piece)
             self.arrived[shard] += len(piece["image_id"])
             # every item brings at least one row: until as many rows as items arrived, none can be complete
-            if self.arrived[shard] >= self.expected[shard]:
+            needed = self.expected[shard] - self._items_set_aside(shard)
+            if self.arrived[shard] >= needed:
                 merged, unique = self._unique_rows(shard)
-                if self._complete_items(merged, unique) == self.expected[shard]:
+                if self._complete_items(merged, unique) == needed:
+                    if shard in self.set_aside:
+                        merged, unique = self._with_set_aside(shard, merged)
                     self._commit(shard, merged, unique)
+
+    def _items_set_aside(self, shard: str) -> int:
+        return self.set_aside[shard][1] if shard in self.set_aside else 0
+
+    def _with_set_aside(self, shard: str, merged: Columns) -> tuple[Columns, np.ndarray]:
+        """The shard's rows with its carried rows read back from their local file."""
+        path, _ = self.set_aside.pop(shard)
+        with pa.memory_map(path) as source:
+            carried = self._carried_columns(pa.ipc.open_file(source).read_all())
+        os.remove(path)
+        self.pieces[shard] = [merged, carried]
+        return self._unique_rows(shard)
 
     def _unique_rows(self, shard: str) -> tuple[Columns, np.ndarray]:
         """The shard's rows so far as one set of columns (kept merged for the next check) and the index of
@@ -167,5 +250,5 @@ class ShardWriter:
             if shard in self.committed:
                 continue
             complete = self._complete_items(*self._unique_rows(shard)) if shard in self.pieces else 0
-            missing[shard] = items - complete
+            missing[shard] = items - complete - self._items_set_aside(shard)
         return missing

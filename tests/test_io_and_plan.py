@@ -28,6 +28,7 @@ from fiqa_curator.flows.plan import (
     save_plan,
     saved_listing_fits,
     shard_items,
+    shard_task,
     shard_tasks,
 )
 from fiqa_curator.flows.sources import (
@@ -478,12 +479,11 @@ def test_listing_fingerprint_sees_every_field_but_not_chunks_or_order() -> None:
         reconcile(old, grown, overwrite=False, has_results=True)
 
 
-def test_pending_listing_follows_the_shards(tmp_path: Path) -> None:
+def test_shard_listing_follows_the_shards(tmp_path: Path) -> None:
     plan = make_plan("in", "folder", [InputItem(f"i{n:02d}", "s", "u") for n in range(10)], 4, {})
-    pending = plan.pending_listing([2, 0])
-    assert pending.column("image_id").to_pylist() == ["i08", "i09", "i00", "i01", "i02", "i03"]
-    assert pending.column("shard").to_pylist() == ["shard-00002"] * 2 + ["shard-00000"] * 4
-    assert plan.pending_listing([]).num_rows == 0 and "shard" in plan.pending_listing([]).column_names
+    assert plan.shard_listing(2).column("image_id").to_pylist() == ["i08", "i09"]
+    assert plan.shard_listing(0).column("image_id").to_pylist() == ["i00", "i01", "i02", "i03"]
+    assert [plan.shard_length(i) for i in range(4)] == [4, 4, 2, 0]
     save_plan(Output(str(tmp_path / "out")), plan)
     saved = pq.read_table(tmp_path / "out" / LISTING_FILE)
     assert saved.equals(plan.listing) and load_plan(Output(str(tmp_path / "out"))).version == PLAN_VERSION
@@ -511,7 +511,10 @@ def test_scoring_tasks_read_their_shards_items_from_the_saved_listing(tmp_path: 
         {"shard": "shard-00008", "start": 2400, "stop": 2500, "only": ""},
         {"shard": "shard-00003", "start": 900, "stop": 1200, "only": ""},
     ]
-    expected = plan.pending_listing([8, 3]).drop_columns(["size", "version"])
+    expected = pa.concat_tables(
+        plan.shard_listing(i).append_column("shard", pa.repeat(shard_name(i), plan.shard_length(i)))
+        for i in (8, 3)
+    ).drop_columns(["size", "version"])
     read = pa.concat_tables([shard_items(task, listing_url, key=plan.listing_fingerprint) for task in tasks])
     assert read.equals(expected)
     assert (listing_url, plan.listing_fingerprint) in plan_module._FOOTERS  # read once per process
@@ -534,12 +537,10 @@ def test_scoring_tasks_read_their_shards_items_from_the_saved_listing(tmp_path: 
     assert [i for block in blocks for i in block["item_id"]] == [f"i{n:04d}" for n in range(900, 1200)]
     assert {s for block in blocks for s in block["status"]} == {"read_error"}
 
-    # --since: a shard partly carried over names the ids left to score; one carried whole needs no task
-    carried = {f"i{n:04d}" for n in range(900, 1200) if n % 7} | {f"i{n:04d}" for n in range(2400, 2500)}
-    tasks = shard_tasks(plan, [3, 8], exclude=carried)
-    assert shard_tasks(plan, [3, 8], exclude=pa.array(sorted(carried))) == tasks  # carry_over's answer
-    assert [task["shard"] for task in tasks] == ["shard-00003"]
-    read = shard_items(tasks[0], listing_url)
+    # --since: a shard partly carried over names the ids left to score (execution.carry_over)
+    task = shard_task(plan, 3, pa.array([f"i{n:04d}" for n in range(900, 1200) if n % 7 == 0]))
+    assert (task["shard"], task["start"], task["stop"]) == ("shard-00003", 900, 1200)
+    read = shard_items(task, listing_url)
     assert read.column("image_id").to_pylist() == [f"i{n:04d}" for n in range(900, 1200) if n % 7 == 0]
     assert set(read.column("shard").to_pylist()) == {"shard-00003"}
 
