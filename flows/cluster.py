@@ -90,12 +90,14 @@ def stop_ray() -> None:
 
 def json_console_logs() -> None:
     """With `fiqa --log-json`, Ray's and Ray Data's console lines on this driver in Prefect's JSON format
-    (Ray Data installs its own text handler when imported). Ray's C++ core still writes its rare error
+    (Ray Data installs its own text handler when it is first imported, and only then: this function imports
+    it, so that no later import puts a plain-text handler back). Ray's C++ core still writes its rare error
     lines in its own (glog) format: it does not go through Python logging."""
     if os.environ.get(LOG_FORMAT_ENV) != "json":
         return
     import logging
 
+    import ray.data  # noqa: F401  (installs its console handler when first imported: do it here, then reformat it)
     from prefect.logging.formatters import JsonFormatter
 
     for name in ("ray", "ray.data"):

@@ -148,7 +148,7 @@ def execute(
 ) -> ExecutionStats:
     """Score the pending shards (after carrying over what `--since` allows) and commit each as it
     completes."""
-    json_console_logs()  # Ray Data installed its console handler when imported
+    json_console_logs()  # before Ray Data logs anything
     started = time.perf_counter()
     if not pending:
         return ExecutionStats()
