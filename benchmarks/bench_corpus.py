@@ -7,7 +7,8 @@ killed with `kill -9` halfway then resumed.
 1. SeaweedFS on loopback (`tests/s3server.py`), `--tars` shards of `--per-tar` 112x112 JPEG crops with an
    identity each (`bench_scale.upload_webdataset`), credentials through the standard AWS variables.
 2. The bare model: the bundled demo model's `QualityScorer.score` on decoded crops at the same exit depth,
-   batch 64, every CPU as a torch thread (what the one CPU scoring actor gets).
+   batch 64, every CPU as a torch thread (what the one CPU scoring actor gets), each in a fresh process:
+   with the default allocator and with the scoring actor's settings (`workers.allocator`).
 3. `fiqa score s3://corpus/wds s3://corpus/out-a --exit-depth L` as a process: its whole time, the driver's
    peak RSS (the `fiqa` process alone, sampled every 0.5 s) and the run record's figures.
 4. The same command again: exit status 0 and nothing scored.
@@ -62,6 +63,23 @@ def bare_rate(exit_depth: int, seconds: float = 20.0) -> float:
         scorer.score(crops, exit_depth=exit_depth)
         done += len(crops)
     return done / (time.perf_counter() - started)
+
+
+def bare_rate_in_child(exit_depth: int, keep_buffers: bool) -> float:
+    """`bare_rate` in a fresh process, with the scoring actor's allocator settings (`workers.allocator`: they
+    hold from a process's start) or the default: the two references the pipeline is compared with."""
+    from fiqa_curator.workers.allocator import large_buffer_environment
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--bare-child", str(exit_depth)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(large_buffer_environment() if keep_buffers else {})},
+        timeout=600,
+    )
+    if done.returncode:
+        raise SystemExit(f"the bare model failed: {done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
 
 
 RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")
@@ -149,7 +167,8 @@ def main() -> dict:
     images = args.tars * args.per_tar
     report: dict = {"tars": args.tars, "images": images, "exit_depth": args.exit_depth}
     report["cpus"] = os.cpu_count()
-    report["bare_images_per_s"] = bare_rate(args.exit_depth)
+    report["bare_images_per_s"] = bare_rate_in_child(args.exit_depth, keep_buffers=False)
+    report["bare_actor_allocator_images_per_s"] = bare_rate_in_child(args.exit_depth, keep_buffers=True)
     print(report, flush=True)
     with tempfile.TemporaryDirectory() as work:
         server = start_s3_server(Path(work) / "s3")
@@ -197,6 +216,8 @@ def main() -> dict:
                 "steady_images_per_s": run["stages"]["steady_images_per_second"],
                 "vs_bare": run["images_per_second"] / report["bare_images_per_s"],
                 "steady_vs_bare": run["stages"]["steady_images_per_second"] / report["bare_images_per_s"],
+                "steady_vs_bare_actor_allocator": run["stages"]["steady_images_per_second"]
+                / report["bare_actor_allocator_images_per_s"],
                 "whole_command_images_per_s": images / first["seconds"],
                 "seconds": run["seconds"],
                 "timeline": run.get("timeline", {}),
@@ -251,4 +272,7 @@ def _finish(report: dict, args: argparse.Namespace, images: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--bare-child"]:
+        print(bare_rate(int(sys.argv[2])))
+    else:
+        main()
