@@ -1,7 +1,7 @@
 """`fiqa identities` at corpus scale: synthetic embeddings, time and peak RSS at growing sizes.
 
     python benchmarks/bench_identities.py [--sizes 1000000:100000 10000000:1000000] [--dimension 128]
-        [--memory-limit 4GB] [--unweighted-too] [--json FILE]
+        [--memory-limit 4GB] [--unweighted-too] [--before CHECKOUT] [--json FILE]
 
 Each size IMAGES:IDENTITIES builds a quality table (the columns these commands read: image_id, source,
 identity, status, error, quality; shards of 500,000 rows) and an embeddings folder (image_id, embedding
@@ -17,7 +17,9 @@ unreliable ones. Identity sizes are 1 + Poisson(images/identities - 1). Planted,
 labelled as another identity (mislabelled), 1% near-copies of the image before them (same identity,
 noise 0.01), and 0.1% of the identities (those with at least 4 images) with half their images filed under
 a second name. The figures include precision and recall of each against the plant, so that speed is never
-bought with wrong answers; `--unweighted-too` repeats each size with `--unweighted`.
+bought with wrong answers; `--unweighted-too` repeats each size with `--unweighted`. `--before CHECKOUT`
+runs another checkout's `fiqa identities` on the same data, then this checkout's a second time, each a
+fresh process (`git worktree add /tmp/before COMMIT`): the two codes side by side, this one twice.
 
 Also measured, once, at the largest identity count: the nearest-identity search
 (`evaluation.identities.nearest_identities`) on the identity directions plus 2,000 noisy twins (how many
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_since import package_dir
 
 SHARD_ROWS = 500_000
 # the command in a fresh process that reports its own peak RSS (KiB) when it ends
@@ -174,10 +177,16 @@ def score(output: Path, plant: dict) -> dict:
     }
 
 
-def run_child(*arguments: str) -> tuple[float, float]:
-    """`fiqa ARGUMENTS` in a fresh process: (wall seconds, its peak RSS in MB)."""
+def run_child(*arguments: str, code: Path | None = None) -> tuple[float, float]:
+    """`fiqa ARGUMENTS` in a fresh process (with `code`, another checkout's package: `package_dir`): (wall
+    seconds, its peak RSS in MB)."""
+    environment = dict(os.environ)
+    if code is not None:
+        environment["PYTHONPATH"] = str(code.parent) + os.pathsep + environment.get("PYTHONPATH", "")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True, env=environment
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"fiqa {arguments[0]} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -185,11 +194,13 @@ def run_child(*arguments: str) -> tuple[float, float]:
     return round(seconds, 1), round(peak_kib / 1024, 1)
 
 
-def run_identities(output: Path, embeddings: Path, memory_limit: str | None, weighted: bool) -> dict:
+def run_identities(
+    output: Path, embeddings: Path, memory_limit: str | None, weighted: bool, code: Path | None = None
+) -> dict:
     arguments = ["identities", str(output), "--embeddings", str(embeddings)]
     arguments += ["--memory-limit", memory_limit] if memory_limit else []
     arguments += [] if weighted else ["--unweighted"]
-    seconds, peak = run_child(*arguments)
+    seconds, peak = run_child(*arguments, code=code)
     summary = json.loads((output / "curation" / "identities.json").read_text())
     return {
         "seconds": seconds,
@@ -198,6 +209,7 @@ def run_identities(output: Path, embeddings: Path, memory_limit: str | None, wei
         "peak_rss_mb_by_stage_end": summary.get("peak_rss_mb", {}),
         "thresholds": {k: round(v, 4) for k, v in summary["thresholds"].items() if k != "source"},
         "nearest_method": summary["nearest_method"],
+        "work_partitions": summary["work_partitions"],
         "counts": {
             k: summary[k] for k in ("images", "identities", "outliers", "duplicates", "merge_candidates")
         },
@@ -262,7 +274,13 @@ def main() -> None:
     parser.add_argument("--unweighted-too", action="store_true")
     parser.add_argument("--scratch", default=None, help="folder for the data (default: a temporary one)")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of other code: `fiqa identities` of both, interleaved, on the same data (weighted)",
+    )
     args = parser.parse_args()
+    before = package_dir(args.before) if args.before else None
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="fiqa-bench-identities-"))
     results = {"dimension": args.dimension, "cpus": os.cpu_count(), "sizes": []}
     largest = None
@@ -280,6 +298,13 @@ def main() -> None:
             figures["quality"] = score(folder / "quality", plant)
             entry["weighted" if weighted else "unweighted"] = figures
             print(json.dumps({"images": images, "weighted": weighted, **figures}), flush=True)
+        if before is not None:  # the other code, then this checkout's again: the two side by side
+            for name, code in (("before", before), ("again", None)):
+                quality, embeddings = folder / "quality", folder / "embeddings"
+                figures = run_identities(quality, embeddings, args.memory_limit, True, code)
+                figures["quality"] = score(folder / "quality", plant)
+                entry[name] = figures
+                print(json.dumps({"images": images, "code": name, **figures}), flush=True)
         entry["select"] = run_select(folder / "quality", args.memory_limit)
         print(json.dumps({"images": images, "select": entry["select"]}), flush=True)
         results["sizes"].append(entry)

@@ -258,7 +258,7 @@ def run_child(root: Path, code: Path | None, timeout: float) -> dict[str, Any] |
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _package_dir(checkout: Path) -> Path:
+def package_dir(checkout: Path) -> Path:
     """The `fiqa_curator` package of a checkout (its root: flows/, workers/, ... are the subpackages), as
     a link in a folder of its own, for PYTHONPATH."""
     link = Path(tempfile.mkdtemp(prefix="bench_since-code-")) / "fiqa_curator"
@@ -288,7 +288,7 @@ def main() -> None:
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_since-"))
     variants = args.variants.split(",")
-    code = {"now": None, "before": _package_dir(args.before) if "before" in variants else None}
+    code = {"now": None, "before": package_dir(args.before) if "before" in variants else None}
     print(f"workdir {workdir}; shards of {args.shard_size}; {os.cpu_count()} CPUs")
     header = f"{'rows':>10} {'variant':>7} {'carry s':>8} {'rest s':>8} {'total s':>8} {'peak MB':>8} "
     print(header + f"{'RSS before':>10} {'added MB':>8} {'carried':>9} {'table rows':>10} digest")

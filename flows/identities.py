@@ -73,7 +73,7 @@ from fiqa_curator.schemas.layout import (
     SCORES,
 )
 from fiqa_curator.schemas.status import Status
-from fiqa_curator.workers.io import filesystem, protocol_of
+from fiqa_curator.workers.io import filesystem
 
 RANK_BUCKETS = 1 << 16  # resolution of the quality ranks (QualityRanks)
 CHUNK_ROWS = 65_536  # rows read from the work file at a time (whole identities are processed together)
@@ -190,12 +190,75 @@ def quality_ranks(connection: duckdb.DuckDBPyConnection, score: str) -> QualityR
     return QualityRanks(float(low), float(high), np.cumsum(counts) / count)
 
 
-def _local_copy(connection: duckdb.DuckDBPyConnection, relation: str, path: str) -> str:
-    """`relation` fetched once into a local uncompressed Parquet file; a FROM clause reading it."""
-    connection.execute(
-        f"COPY (SELECT * FROM {relation}) TO {quote(path)} (FORMAT parquet, COMPRESSION uncompressed)"
-    )
-    return f"read_parquet({quote(path)})"
+class _Scatter:
+    """Rows streamed into `count` local Parquet files (uncompressed: embeddings do not compress, and the
+    files are read once more and deleted) by an integer key column, a batch at a time: memory holds a
+    batch, whatever the input's size. A file is created when its first row arrives."""
+
+    def __init__(self, folder: str, prefix: str, count: int) -> None:
+        self.paths = [os.path.join(folder, f"{prefix}-{index:06d}.parquet") for index in range(count)]
+        self.rows = np.zeros(count, np.int64)
+        self._writers: dict[int, pq.ParquetWriter] = {}
+
+    def write(
+        self, reader: pa.RecordBatchReader, key: str, check: Callable[[pa.RecordBatch], None] | None = None
+    ) -> int:
+        """Each of `reader`'s batches (after `check`), by its column `key` (dropped); returns the rows."""
+        written = 0
+        for batch in reader:
+            if check is not None:
+                check(batch)
+            keys = batch.column(key).to_numpy(zero_copy_only=False)
+            sizes = np.bincount(keys, minlength=len(self.paths))
+            present = np.flatnonzero(sizes)
+            rows = pa.Table.from_batches([batch]).drop_columns([key])
+            if len(present) > 1:
+                rows = rows.take(pa.array(np.argsort(keys, kind="stable")))
+            start = 0
+            for index in present:
+                if index not in self._writers:
+                    self._writers[index] = pq.ParquetWriter(
+                        self.paths[index],
+                        rows.schema,
+                        compression="none",
+                        use_dictionary=False,  # mostly embeddings, which no dictionary shortens
+                        write_statistics=False,
+                    )
+                writer = self._writers[index]
+                part = rows.slice(start, sizes[index])
+                writer.write_table(part if part.schema == writer.schema else part.cast(writer.schema))
+                start += sizes[index]
+            self.rows += sizes
+            written += batch.num_rows
+        return written
+
+    def close(self) -> list[str]:
+        """The files written (those that got rows), in key order."""
+        for writer in self._writers.values():
+            writer.close()
+        return [self.paths[index] for index in sorted(self._writers)]
+
+
+class _Dimension:
+    """The embeddings' common length, checked batch by batch as they stream past (no pass of its own)."""
+
+    def __init__(self) -> None:
+        self.low: int | None = None
+        self.high: int | None = None
+
+    def __call__(self, batch: pa.RecordBatch) -> None:
+        lengths = pc.list_value_length(batch.column("embedding"))
+        low, high = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+        if low is not None:
+            self.low = low if self.low is None else min(self.low, low)
+            self.high = high if self.high is None else max(self.high, high)
+
+    def value(self) -> int:
+        if self.low is None or self.high is None:
+            raise UserError("no image has an embedding")
+        if self.low != self.high or self.low == 0:
+            raise UserError(f"embeddings must all have one length; found {self.low} to {self.high}")
+        return self.low
 
 
 def _write_work_files(
@@ -205,31 +268,25 @@ def _write_work_files(
     source: str,
     folder: str,
     memory: int,
-    remote: bool = False,
 ) -> tuple[int, int, int, int, list[str]]:
     """The rows with an identity and their embeddings, in partitions of whole identities (by a hash of
-    the name) small enough to sort in `memory`, one local file each, uncompressed (embeddings do not
-    compress, and the files are read once more and deleted).
+    the name) small enough to sort in `memory`, one local file each.
 
-    One join per partition: the partition's rows of the table are the join's hash table, the embeddings
-    stream past it, the output is the partition's file. Each join is bounded by the partition, not by the
-    table, so memory holds from 1M to 10M images (docs/benchmarks.md); the price is one read of the
-    embeddings per partition (partitions grow with rows / memory), so `remote` inputs (the table or the
-    embeddings on object storage) are first fetched once into local files. Measured and replaced: one
-    join written with DuckDB's PARTITION_BY (its writers held about 0.8 KB per row beyond the memory
-    limit: 3.3 GB at 10M images under 2 GB) and one streaming join scattered to the partitions' files in
-    Python (2.1 GB).
+    One partition: one streaming join. Several: each input is read once, and every join is bounded by
+    memory, not by the table:
+    1. the table's rows with an identity, then the embeddings, are scattered by a hash of image_id into
+       as many buckets (`_Scatter`, a batch at a time);
+    2. each bucket's two halves are joined (the bucket's table rows are the hash table), its output
+       scattered into the identity partitions (a hash of the name), and the bucket's files removed.
+    Work grows with the rows (the embeddings written twice and read twice here, once more by the judging
+    pass), memory with a batch and a bucket, local disk with one copy of the embeddings and a bucket.
+    Inputs on object storage are read once, like local ones. The embeddings' length is checked on the
+    rows the join gives (`_Dimension`), not in a pass of its own. Measured and replaced
+    (docs/benchmarks.md): one join written with DuckDB's PARTITION_BY (its writers held about 0.8 KB per
+    row beyond the memory limit: 3.3 GB at 10M images under 2 GB); one join per partition (flat memory,
+    but the embeddings read once per partition, so rows x rows / memory: 13 reads at 10M under 2 GB).
     Returns (rows with an identity, rows without one, identities, the embeddings' dimension, the
     partitions' files)."""
-    lengths = connection.execute(
-        f"SELECT min(len(embedding)), max(len(embedding)) FROM {embedding_relation} "
-        f"WHERE embedding IS NOT NULL"
-    ).fetchone()
-    if lengths[0] is None:
-        raise UserError("no image has an embedding")
-    if lengths[0] != lengths[1] or lengths[0] == 0:
-        raise UserError(f"embeddings must all have one length; found {lengths[0]} to {lengths[1]}")
-    dimension = int(lengths[0])
     rows, without, identities = connection.execute(
         "SELECT count(*) FILTER (WHERE coalesce(identity, '') <> ''), "
         "count(*) FILTER (WHERE coalesce(identity, '') = ''), "
@@ -237,46 +294,79 @@ def _write_work_files(
     ).fetchone()
     if not rows:
         raise UserError("no image of the quality table has an identity (the manifest's `identity` column)")
-    row_bytes = 4 * dimension + ROW_OVERHEAD_BYTES
-    partitions = max(1, math.ceil(rows * row_bytes / (memory * PARTITION_SHARE)))
-    part_of = f"hash(identity) % {partitions}"
-    with_identity = "coalesce(identity, '') <> ''"
-    table = f"(SELECT image_id, identity, status, {score} AS score FROM scores WHERE {with_identity})"
     os.makedirs(folder, exist_ok=True)
-    if remote and partitions > 1:  # each partition reads both sides whole: from object storage once only
-        table = _local_copy(connection, table, os.path.join(folder, "table.parquet"))
-        embedding_relation = _local_copy(
-            connection, embedding_relation, os.path.join(folder, "embeddings.parquet")
-        )
-    expected: dict[int, int] = dict(
-        connection.execute(f"SELECT {part_of} AS part, count(*) FROM {table} GROUP BY part").fetchall()
+    connection.execute("SET preserve_insertion_order = false")  # a streaming join needs no order
+    dimension = _Dimension()
+    table = (
+        f"(SELECT image_id, identity, status, {score} AS score FROM scores "
+        "WHERE coalesce(identity, '') <> '')"
     )
     ok = quote(Status.OK.value)
-    connection.execute("SET preserve_insertion_order = false")  # a streaming join needs no order
-    files: list[str] = []
-    for part in sorted(expected):
-        path = os.path.join(folder, f"part-{part:06d}.parquet")
-        written = connection.execute(
-            f"""COPY (
-                SELECT s.image_id, s.identity, s.status = {ok} AS ok,
-                       CASE WHEN isfinite(s.score) THEN s.score END AS quality,
-                       coalesce(s.status = {ok} AND isfinite(s.score) AND e.embedding IS NOT NULL, false)
-                           AS usable,
-                       e.embedding
-                FROM (SELECT * FROM {table} WHERE {part_of} = {part}) s
-                LEFT JOIN {embedding_relation} e ON e.image_id = s.image_id
-            ) TO {quote(path)} (FORMAT parquet, COMPRESSION uncompressed)"""
-        ).fetchone()[0]
-        if written != expected[part]:  # the table's image_ids are unique: the embeddings' are not
-            extra = f"at least {written - expected[part]} extra row(s)"  # this partition's
-            raise UserError(
-                f"--embeddings {source}: image_ids of the table appear more than once ({extra}); each "
-                "must appear once"
-                if source != TABLE_EMBEDDINGS
-                else f"the quality table repeats image_ids ({extra})"
-            )
-        files.append(path)
-    return int(rows), int(without), int(identities), dimension, files
+    work_row = f"""s.image_id, s.identity, s.status = {ok} AS ok,
+        CASE WHEN isfinite(s.score) THEN s.score END AS quality,
+        coalesce(s.status = {ok} AND isfinite(s.score) AND e.embedding IS NOT NULL, false) AS usable,
+        e.embedding"""
+
+    def joined(table: str, embeddings: str, key: str = "") -> str:
+        return f"SELECT {key}{work_row} FROM {table} s LEFT JOIN {embeddings} e ON e.image_id = s.image_id"
+
+    # the partitions' count needs a row's bytes: the first embedding's length (the query stops there);
+    # every length is checked as the join's rows stream past (`_Dimension`)
+    first = connection.execute(
+        f"SELECT len(embedding) FROM {embedding_relation} WHERE embedding IS NOT NULL LIMIT 1"
+    ).fetchall()  # DuckDB 2: a result not fetched to its end blocks the connection
+    if not first:
+        raise UserError("no image has an embedding")
+    row_bytes = 4 * int(first[0][0]) + ROW_OVERHEAD_BYTES
+    partitions = max(1, math.ceil(rows * row_bytes / (memory * PARTITION_SHARE)))
+    by_identity = f"(hash(s.identity) % {partitions})::INTEGER AS _key, "
+    if partitions == 1:
+        parts = _Scatter(folder, "part", 1)
+        reader = connection.sql(joined(table, embedding_relation, by_identity)).to_arrow_reader(CHUNK_ROWS)
+        _check_once(parts.write(reader, "_key", dimension), int(rows), source)
+        return int(rows), int(without), int(identities), dimension.value(), parts.close()
+
+    # a bucket's table rows are a join's hash table: as many rows as a partition's, without embeddings
+    buckets = partitions
+    by_image = f"(hash(image_id) % {buckets})::INTEGER AS _key"
+    table_buckets = _Scatter(folder, "table", buckets)
+    reader = connection.sql(f"SELECT {by_image}, * FROM {table}").to_arrow_reader(CHUNK_ROWS)
+    table_buckets.write(reader, "_key")
+    table_buckets.close()
+    embedding_buckets = _Scatter(folder, "embeddings", buckets)
+    reader = connection.sql(
+        f"SELECT {by_image}, image_id, embedding FROM {embedding_relation} WHERE image_id IS NOT NULL"
+    ).to_arrow_reader(CHUNK_ROWS)
+    embedding_buckets.write(reader, "_key")
+    embedding_files = set(embedding_buckets.close())
+    parts = _Scatter(folder, "part", partitions)
+    for bucket in np.flatnonzero(table_buckets.rows):
+        table_file, embedding_file = table_buckets.paths[bucket], embedding_buckets.paths[bucket]
+        embeddings = (
+            f"read_parquet({quote(embedding_file)})"
+            if embedding_file in embedding_files
+            else "(SELECT NULL::VARCHAR AS image_id, NULL::FLOAT[] AS embedding WHERE false)"
+        )
+        query = joined(f"read_parquet({quote(table_file)})", embeddings, by_identity)
+        written = parts.write(connection.sql(query).to_arrow_reader(CHUNK_ROWS), "_key", dimension)
+        _check_once(written, int(table_buckets.rows[bucket]), source)
+        for done in (table_file, embedding_file):  # local disk: one copy of the embeddings at a time, nearly
+            if os.path.exists(done):
+                os.remove(done)
+    return int(rows), int(without), int(identities), dimension.value(), parts.close()
+
+
+def _check_once(written: int, expected: int, source: str) -> None:
+    """The join gave each of the table's images one row (the table's image_ids are unique: the
+    embeddings' may not be)."""
+    if written != expected:
+        extra = f"at least {written - expected} extra row(s)"  # found in this part of the table
+        raise UserError(
+            f"--embeddings {source}: image_ids of the table appear more than once ({extra}); each must "
+            "appear once"
+            if source != TABLE_EMBEDDINGS
+            else f"the quality table repeats image_ids ({extra})"
+        )
 
 
 def _sorted_batches(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> Iterator[pa.RecordBatch]:
@@ -571,11 +661,8 @@ def find_identities(
         score = score_expression(connection, by)
         relation, source = _embedding_relation(connection, output, embeddings, storage)
         ranks = quality_ranks(connection, score) if weighted else None
-        remote = protocol_of(output.url) != "file" or (
-            embeddings is not None and protocol_of(embeddings) != "file"
-        )
         rows, without, count, dimension, parts = _write_work_files(
-            connection, score, relation, source, work, memory_limit_bytes(memory_limit), remote
+            connection, score, relation, source, work, memory_limit_bytes(memory_limit)
         )
         weigh: Weigh = ranks if ranks is not None else (lambda quality: np.ones(len(quality)))
 

@@ -467,6 +467,67 @@ def test_results_do_not_depend_on_partitions_or_read_batches(tmp_path: Path, mon
         assert getattr(again, name) == pytest.approx(getattr(derived, name), abs=0.03), name
 
 
+class RecordingConnection:
+    """A DuckDB connection that keeps the SQL it was given."""
+
+    def __init__(self, connection) -> None:
+        self._connection = connection
+        self.statements: list[str] = []
+
+    def execute(self, query: str, *args, **kwargs):
+        self.statements.append(query)
+        return self._connection.execute(query, *args, **kwargs)
+
+    def sql(self, query: str, *args, **kwargs):
+        self.statements.append(query)
+        return self._connection.sql(query, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._connection, name)
+
+
+def test_many_partitions_read_each_input_once(tmp_path: Path, monkeypatch) -> None:
+    """The join into many work partitions scans the embeddings and the table once each (they used to be
+    read once per partition: rows x rows / memory), and leaves no bucket file behind."""
+    import contextlib
+
+    from fiqa_curator.flows import identities as command
+
+    table, embeddings, _ = planted_table()
+    out = write_output(tmp_path / "out", table)
+    pq.write_table(embeddings, tmp_path / "fr.parquet")
+    connections: list[RecordingConnection] = []
+    real_connect = command.connect
+
+    @contextlib.contextmanager
+    def recording_connect(*args, **kwargs):
+        with real_connect(*args, **kwargs) as connection:
+            connections.append(RecordingConnection(connection))
+            yield connections[-1]
+
+    work_files: list[list[str]] = []
+    real_sorted_batches = command._sorted_batches
+
+    def sorted_batches(connection, parts):
+        work_files.append(sorted(p.name for p in Path(parts[0]).parent.iterdir()))
+        return real_sorted_batches(connection, parts)
+
+    monkeypatch.setattr(command, "connect", recording_connect)
+    monkeypatch.setattr(command, "_sorted_batches", sorted_batches)
+    monkeypatch.setattr(command, "PARTITION_SHARE", 1e-7)  # about 40 partitions of whole identities
+    summary = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"))
+    assert summary.work_partitions > 10 and summary.outliers == 1
+    statements = connections[0].statements
+    # besides the columns' names and the first embedding's length (a row's bytes)
+    embedding_scans = [
+        q for q in statements if "fr.parquet" in q and not q.startswith("DESCRIBE") and "LIMIT 1" not in q
+    ]
+    assert len(embedding_scans) == 1, embedding_scans
+    assert len([q for q in statements if "FROM scores WHERE coalesce(identity" in q]) == 1
+    assert work_files and all(name.startswith("part-") for name in work_files[0])
+    assert len(work_files[0]) == summary.work_partitions
+
+
 def test_a_duplicate_stays_when_its_copy_was_dropped_by_an_earlier_rule(tmp_path: Path) -> None:
     table, embeddings, index = planted_table()
     exits = table.column("exit_scores").to_pylist()  # lists; null for the decode error
