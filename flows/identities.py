@@ -8,9 +8,10 @@ identities.json (the thresholds, where each came from, counts).
 
 How it runs, in memory that does not grow with the table:
 1. DuckDB ranks the scored images' quality with one histogram pass (`QualityRanks`: the weights, see
-   `evaluation.identities`; no sort of the table), then joins the table with the embeddings one work
-   partition of whole identities at a time (a hash of the name), each into a local file small enough to
-   sort within `--memory-limit` (`_write_work_files`).
+   `evaluation.identities`; no sort of the table), then joins the table with the embeddings into work
+   partitions of whole identities (a hash of the name), local files each small enough to sort within
+   `--memory-limit`; with several, both sides are first scattered into buckets by image_id, so that the
+   join reads each once and no join holds more than a bucket (`_write_work_files`).
 2. Thresholds the user did not set are estimated from a sample of the partitions' identities
    (`estimate_thresholds`, below).
 3. The partitions are read once, each sorted by identity, a chunk of whole identities at a time:
@@ -191,14 +192,23 @@ def quality_ranks(connection: duckdb.DuckDBPyConnection, score: str) -> QualityR
 
 
 class _Scatter:
-    """Rows streamed into `count` local Parquet files (uncompressed: embeddings do not compress, and the
-    files are read once more and deleted) by an integer key column, a batch at a time: memory holds a
-    batch, whatever the input's size. A file is created when its first row arrives."""
+    """Rows streamed into `count` local Arrow IPC files by an integer key column, a batch at a time. Memory
+    holds a batch and its reordered copy, whatever the input's size: an IPC writer keeps 24 bytes per batch
+    written (Parquet's kept each row group's metadata, about 5 KB, until closed: batches x files in all).
+    A file is created when its first row arrives. Read back with `_arrow_file`."""
 
     def __init__(self, folder: str, prefix: str, count: int) -> None:
-        self.paths = [os.path.join(folder, f"{prefix}-{index:06d}.parquet") for index in range(count)]
+        self.paths = [os.path.join(folder, f"{prefix}-{index:06d}.arrow") for index in range(count)]
         self.rows = np.zeros(count, np.int64)
-        self._writers: dict[int, pq.ParquetWriter] = {}
+        self._writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        self._schemas: dict[int, pa.Schema] = {}
+        self._closed = False
+
+    def __enter__(self) -> _Scatter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def write(
         self, reader: pa.RecordBatchReader, key: str, check: Callable[[pa.RecordBatch], None] | None = None
@@ -217,32 +227,56 @@ class _Scatter:
             start = 0
             for index in present:
                 if index not in self._writers:
-                    self._writers[index] = pq.ParquetWriter(
-                        self.paths[index],
-                        rows.schema,
-                        compression="none",
-                        use_dictionary=False,  # mostly embeddings, which no dictionary shortens
-                        write_statistics=False,
-                    )
-                writer = self._writers[index]
+                    self._writers[index] = pa.ipc.new_file(self.paths[index], rows.schema)
+                    self._schemas[index] = rows.schema
                 part = rows.slice(start, sizes[index])
-                writer.write_table(part if part.schema == writer.schema else part.cast(writer.schema))
+                schema = self._schemas[index]
+                self._writers[index].write_table(part if part.schema == schema else part.cast(schema))
                 start += sizes[index]
             self.rows += sizes
             written += batch.num_rows
         return written
 
     def close(self) -> list[str]:
-        """The files written (those that got rows), in key order."""
-        for writer in self._writers.values():
-            writer.close()
+        """The files written (those that got rows), in key order. Safe to call more than once."""
+        if not self._closed:
+            self._closed = True
+            for writer in self._writers.values():
+                writer.close()
         return [self.paths[index] for index in sorted(self._writers)]
 
 
-class _Dimension:
-    """The embeddings' common length, checked batch by batch as they stream past (no pass of its own)."""
+def _arrow_file(path: str) -> pa.Table:
+    """A local Arrow IPC file (`_Scatter`'s), memory-mapped: its pages are the file's, read as DuckDB scans
+    them, not copied into this process's own memory."""
+    return pa.ipc.open_file(pa.memory_map(path)).read_all()
 
-    def __init__(self) -> None:
+
+def _allow_open_files(count: int) -> None:
+    """Let this process hold `count` files open at once (one per work partition: hundreds at 100M images),
+    raising its soft limit up to the hard one; fail now, not after the first hour of scattering."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: no limit to raise here
+        return
+    needed = count + 256  # and the rest of the process: DuckDB's spill files, libraries, sockets
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    allowed = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (allowed, hard))
+    if allowed < needed:
+        raise UserError(
+            f"the join needs {count} work partitions open at once, and this process may open {hard} files: "
+            "raise the limit (`ulimit -n`) or give more memory (--memory-limit)"
+        )
+
+
+class _Dimension:
+    """The embeddings' common length, checked batch by batch on the join's rows (no pass of its own)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
         self.low: int | None = None
         self.high: int | None = None
 
@@ -253,12 +287,19 @@ class _Dimension:
             self.low = low if self.low is None else min(self.low, low)
             self.high = high if self.high is None else max(self.high, high)
 
-    def value(self) -> int:
+    def value(self, first: int) -> int:
+        """The length, checked against `first` (the one the partitions were sized with)."""
         if self.low is None or self.high is None:
-            raise UserError("no image has an embedding")
-        if self.low != self.high or self.low == 0:
-            raise UserError(f"embeddings must all have one length; found {self.low} to {self.high}")
-        return self.low
+            where = (
+                "its own `embedding` column"
+                if self.source == TABLE_EMBEDDINGS
+                else f"--embeddings {self.source}"
+            )
+            raise UserError(f"no image of the quality table with an identity has an embedding in {where}")
+        low, high = min(self.low, first), max(self.high, first)
+        if low != high or low == 0:
+            raise UserError(f"embeddings must all have one length; found {low} to {high}")
+        return low
 
 
 def _write_work_files(
@@ -270,21 +311,22 @@ def _write_work_files(
     memory: int,
 ) -> tuple[int, int, int, int, list[str]]:
     """The rows with an identity and their embeddings, in partitions of whole identities (by a hash of
-    the name) small enough to sort in `memory`, one local file each.
+    the name) small enough to sort in `memory`, one local Arrow file each (`_Scatter`).
 
-    One partition: one streaming join. Several: each input is read once, and every join is bounded by
-    memory, not by the table:
+    One partition: one streaming join. Several: the join reads each input once, and every join is bounded
+    by memory, not by the table:
     1. the table's rows with an identity, then the embeddings, are scattered by a hash of image_id into
-       as many buckets (`_Scatter`, a batch at a time);
+       as many buckets, a batch at a time;
     2. each bucket's two halves are joined (the bucket's table rows are the hash table), its output
        scattered into the identity partitions (a hash of the name), and the bucket's files removed.
     Work grows with the rows (the embeddings written twice and read twice here, once more by the judging
-    pass), memory with a batch and a bucket, local disk with one copy of the embeddings and a bucket.
-    Inputs on object storage are read once, like local ones. The embeddings' length is checked on the
-    rows the join gives (`_Dimension`), not in a pass of its own. Measured and replaced
-    (docs/benchmarks.md): one join written with DuckDB's PARTITION_BY (its writers held about 0.8 KB per
-    row beyond the memory limit: 3.3 GB at 10M images under 2 GB); one join per partition (flat memory,
-    but the embeddings read once per partition, so rows x rows / memory: 13 reads at 10M under 2 GB).
+    pass); memory with a batch and a bucket, besides a few bytes per batch written; local disk with one
+    copy of the embeddings and a bucket. Inputs on object storage are read once, like local ones. The
+    embeddings' length is checked on the rows the join gives (`_Dimension`), not in a pass of its own.
+    Measured and replaced (docs/benchmarks.md): one join written with DuckDB's PARTITION_BY (its writers
+    held about 0.8 KB per row beyond the memory limit: 3.3 GB at 10M images under 2 GB); one join per
+    partition (flat memory, but the embeddings read once per partition, so rows x rows / memory: 13 reads
+    at 10M under 2 GB).
     Returns (rows with an identity, rows without one, identities, the embeddings' dimension, the
     partitions' files)."""
     rows, without, identities = connection.execute(
@@ -296,7 +338,7 @@ def _write_work_files(
         raise UserError("no image of the quality table has an identity (the manifest's `identity` column)")
     os.makedirs(folder, exist_ok=True)
     connection.execute("SET preserve_insertion_order = false")  # a streaming join needs no order
-    dimension = _Dimension()
+    dimension = _Dimension(source)
     table = (
         f"(SELECT image_id, identity, status, {score} AS score FROM scores "
         "WHERE coalesce(identity, '') <> '')"
@@ -317,43 +359,68 @@ def _write_work_files(
     ).fetchall()  # DuckDB 2: a result not fetched to its end blocks the connection
     if not first:
         raise UserError("no image has an embedding")
-    row_bytes = 4 * int(first[0][0]) + ROW_OVERHEAD_BYTES
-    partitions = max(1, math.ceil(rows * row_bytes / (memory * PARTITION_SHARE)))
+    length = int(first[0][0])
+    partitions = max(1, math.ceil(rows * (4 * length + ROW_OVERHEAD_BYTES) / (memory * PARTITION_SHARE)))
+    _allow_open_files(partitions)
     by_identity = f"(hash(s.identity) % {partitions})::INTEGER AS _key, "
-    if partitions == 1:
-        parts = _Scatter(folder, "part", 1)
-        reader = connection.sql(joined(table, embedding_relation, by_identity)).to_arrow_reader(CHUNK_ROWS)
-        _check_once(parts.write(reader, "_key", dimension), int(rows), source)
-        return int(rows), int(without), int(identities), dimension.value(), parts.close()
+    with _Scatter(folder, "part", partitions) as parts:
+        if partitions == 1:
+            reader = connection.sql(joined(table, embedding_relation, by_identity)).to_arrow_reader(
+                CHUNK_ROWS
+            )
+            _check_once(parts.write(reader, "_key", dimension), int(rows), source)
+        else:
+            _join_by_buckets(
+                connection, table, embedding_relation, joined, by_identity, parts, dimension, folder
+            )
+    return int(rows), int(without), int(identities), dimension.value(length), parts.close()
 
-    # a bucket's table rows are a join's hash table: as many rows as a partition's, without embeddings
-    buckets = partitions
+
+def _join_by_buckets(
+    connection: duckdb.DuckDBPyConnection,
+    table: str,
+    embedding_relation: str,
+    joined: Callable[[str, str, str], str],
+    by_identity: str,
+    parts: _Scatter,
+    dimension: _Dimension,
+    folder: str,
+) -> None:
+    """`_write_work_files` with several partitions: both sides scattered by a hash of image_id into as
+    many buckets (a bucket's table rows, a join's hash table, are as many as a partition's, without their
+    embeddings), then each bucket joined and its rows scattered into `parts`."""
+    buckets = len(parts.paths)
     by_image = f"(hash(image_id) % {buckets})::INTEGER AS _key"
-    table_buckets = _Scatter(folder, "table", buckets)
-    reader = connection.sql(f"SELECT {by_image}, * FROM {table}").to_arrow_reader(CHUNK_ROWS)
-    table_buckets.write(reader, "_key")
-    table_buckets.close()
-    embedding_buckets = _Scatter(folder, "embeddings", buckets)
-    reader = connection.sql(
-        f"SELECT {by_image}, image_id, embedding FROM {embedding_relation} WHERE image_id IS NOT NULL"
-    ).to_arrow_reader(CHUNK_ROWS)
-    embedding_buckets.write(reader, "_key")
-    embedding_files = set(embedding_buckets.close())
-    parts = _Scatter(folder, "part", partitions)
+    with _Scatter(folder, "table", buckets) as table_buckets:
+        table_buckets.write(
+            connection.sql(f"SELECT {by_image}, * FROM {table}").to_arrow_reader(CHUNK_ROWS), "_key"
+        )
+    with _Scatter(folder, "embeddings", buckets) as embedding_buckets:
+        embedding_buckets.write(
+            connection.sql(
+                f"SELECT {by_image}, image_id, embedding FROM {embedding_relation} WHERE image_id IS NOT NULL"
+            ).to_arrow_reader(CHUNK_ROWS),
+            "_key",
+        )
+    for bucket in np.flatnonzero((embedding_buckets.rows > 0) & (table_buckets.rows == 0)):
+        os.remove(embedding_buckets.paths[bucket])  # embeddings of images the table does not have
     for bucket in np.flatnonzero(table_buckets.rows):
         table_file, embedding_file = table_buckets.paths[bucket], embedding_buckets.paths[bucket]
-        embeddings = (
-            f"read_parquet({quote(embedding_file)})"
-            if embedding_file in embedding_files
-            else "(SELECT NULL::VARCHAR AS image_id, NULL::FLOAT[] AS embedding WHERE false)"
-        )
-        query = joined(f"read_parquet({quote(table_file)})", embeddings, by_identity)
-        written = parts.write(connection.sql(query).to_arrow_reader(CHUNK_ROWS), "_key", dimension)
-        _check_once(written, int(table_buckets.rows[bucket]), source)
-        for done in (table_file, embedding_file):  # local disk: one copy of the embeddings at a time, nearly
+        connection.register("bucket_table", _arrow_file(table_file))
+        embeddings = "(SELECT NULL::VARCHAR AS image_id, NULL::FLOAT[] AS embedding WHERE false)"
+        if embedding_buckets.rows[bucket]:
+            connection.register("bucket_embeddings", _arrow_file(embedding_file))
+            embeddings = "bucket_embeddings"
+        reader = connection.sql(joined("bucket_table", embeddings, by_identity)).to_arrow_reader(CHUNK_ROWS)
+        written = parts.write(reader, "_key", dimension)
+        del reader
+        connection.unregister("bucket_table")
+        if embedding_buckets.rows[bucket]:
+            connection.unregister("bucket_embeddings")
+        _check_once(written, int(table_buckets.rows[bucket]), source=dimension.source)
+        for done in (table_file, embedding_file):  # local disk: about one copy of the embeddings at a time
             if os.path.exists(done):
                 os.remove(done)
-    return int(rows), int(without), int(identities), dimension.value(), parts.close()
 
 
 def _check_once(written: int, expected: int, source: str) -> None:
@@ -373,11 +440,8 @@ def _sorted_batches(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> 
     """The work partitions one after the other, each sorted by identity then image_id (in memory or
     spilled by DuckDB): every identity's rows arrive together."""
     for part in parts:
-        reader = connection.sql(
-            f"SELECT image_id, identity, ok, quality, usable, embedding FROM read_parquet({quote(part)}) "
-            "ORDER BY identity, image_id"
-        ).to_arrow_reader(CHUNK_ROWS)
-        yield from reader
+        rows = connection.from_arrow(_arrow_file(part))  # image_id, identity, ok, quality, usable, embedding
+        yield from rows.order("identity, image_id").to_arrow_reader(CHUNK_ROWS)
 
 
 @dataclass

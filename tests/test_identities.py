@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -292,9 +293,9 @@ def test_identities_reads_the_tables_own_embeddings_and_refuses_bad_ones(tmp_pat
     from fiqa_curator.flows import identities as command
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(command, "PARTITION_SHARE", 1e-7)  # a partition per few identities: found all the same
+        patch.setattr(command, "PARTITION_SHARE", 1e-6)  # a partition per few identities: found all the same
         with pytest.raises(UserError, match="appear more than once"):
-            find_identities(str(plain), embeddings=str(tmp_path / "doubled.parquet"))
+            find_identities(str(plain), embeddings=str(tmp_path / "doubled.parquet"), memory_limit="512MiB")
     # repeats of images the table does not have are not the table's business
     stranger = pa.table({"image_id": ["elsewhere.jpg"] * 2, "embedding": [vectors[0].as_py()] * 2})
     pq.write_table(
@@ -305,6 +306,14 @@ def test_identities_reads_the_tables_own_embeddings_and_refuses_bad_ones(tmp_pat
     pq.write_table(ragged, tmp_path / "ragged.parquet")
     with pytest.raises(UserError, match="one length"):
         find_identities(str(plain), embeddings=str(tmp_path / "ragged.parquet"))
+    with pytest.MonkeyPatch.context() as patch:  # checked on the joined rows of every bucket alike
+        patch.setattr(command, "PARTITION_SHARE", 1e-6)
+        with pytest.raises(UserError, match="one length; found 1 to 2"):
+            find_identities(str(plain), embeddings=str(tmp_path / "ragged.parquet"), memory_limit="512MiB")
+    elsewhere = pa.table({"image_id": ["x/1.jpg"], "embedding": [[1.0] * 16]})
+    pq.write_table(elsewhere, tmp_path / "elsewhere.parquet")
+    with pytest.raises(UserError, match="no image of the quality table with an identity has an embedding in"):
+        find_identities(str(plain), embeddings=str(tmp_path / "elsewhere.parquet"))
     with pytest.raises(UserError, match="no such file"):
         find_identities(str(plain), embeddings=str(tmp_path / "missing.parquet"))
     nameless = table.set_column(
@@ -340,15 +349,16 @@ def test_identities_and_select_on_the_s3_server(s3_server, s3_bucket: str, tmp_p
     assert first.num_rows == 119
     from fiqa_curator.flows import identities as command
 
-    with pytest.MonkeyPatch.context() as patch:  # many partitions: both sides fetched once, then read locally
-        patch.setattr(command, "PARTITION_SHARE", 1e-7)
+    with pytest.MonkeyPatch.context() as patch:  # many partitions: both sides read once, scattered locally
+        patch.setattr(command, "PARTITION_SHARE", 1e-6)
         again = find_identities(
             out,
             embeddings=f"s3://{s3_bucket}/fr.parquet",
             storage_options=S3_OPTIONS,
+            memory_limit="512MiB",  # 120 rows of 192 bytes in partitions of 537 bytes: about 43
             **summary_thresholds(summary),
         )
-    assert again.work_partitions > 10
+    assert again.work_partitions >= 8
     with fs.open(f"{s3_bucket}/out/curation/identity_images.parquet") as handle:
         assert pq.read_table(handle).equals(first)
 
@@ -449,16 +459,21 @@ def test_results_do_not_depend_on_partitions_or_read_batches(tmp_path: Path, mon
 
     table, embeddings, _ = planted_table()
     out = write_output(tmp_path / "out", table)
+    # two images without an embedding, and embeddings of images the table does not have
+    missing = pc.is_in(embeddings.column("image_id"), pa.array(["p03/img02.jpg", "p07/img05.jpg"]))
+    strangers = pa.table({"image_id": [f"x/{k}.jpg" for k in range(30)], "embedding": [[1.0] * 24] * 30})
+    embeddings = pa.concat_tables([embeddings.filter(pc.invert(missing)), strangers.cast(embeddings.schema)])
     pq.write_table(embeddings, tmp_path / "fr.parquet")
-    fixed = {"outlier_similarity": 0.45, "merge_similarity": 0.7}
+    fixed = {"outlier_similarity": 0.45, "merge_similarity": 0.7, "memory_limit": "512MiB"}
     derived = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet")).thresholds
     first = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"), **fixed)
     names = ("identity_images.parquet", "identities.parquet")
     expected = [pq.read_table(out / "curation" / name) for name in names]
     monkeypatch.setattr(command, "CHUNK_ROWS", 7)  # identities cut across reads: carried over
-    monkeypatch.setattr(command, "PARTITION_SHARE", 1e-7)  # about 40 partitions of whole identities
+    monkeypatch.setattr(command, "PARTITION_SHARE", 1e-6)  # about 43 partitions of whole identities
     cut = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"), **fixed)
-    assert first.work_partitions == 1 and cut.work_partitions > 10
+    assert first.work_partitions == 1 and cut.work_partitions >= 8
+    assert cut.usable == first.usable == first.images - 4  # the decode error, the NaN score, 2 without
     for name, table_before in zip(names, expected, strict=True):
         assert pq.read_table(out / "curation" / name).equals(table_before), name
     assert cut.outliers == first.outliers == 1 and cut.duplicates == first.duplicates > 0
@@ -514,9 +529,9 @@ def test_many_partitions_read_each_input_once(tmp_path: Path, monkeypatch) -> No
 
     monkeypatch.setattr(command, "connect", recording_connect)
     monkeypatch.setattr(command, "_sorted_batches", sorted_batches)
-    monkeypatch.setattr(command, "PARTITION_SHARE", 1e-7)  # about 40 partitions of whole identities
-    summary = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"))
-    assert summary.work_partitions > 10 and summary.outliers == 1
+    monkeypatch.setattr(command, "PARTITION_SHARE", 1e-6)  # about 43 partitions of whole identities
+    summary = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"), memory_limit="512MiB")
+    assert summary.work_partitions >= 8 and summary.outliers == 1
     statements = connections[0].statements
     # besides the columns' names and the first embedding's length (a row's bytes)
     embedding_scans = [
