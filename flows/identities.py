@@ -192,15 +192,15 @@ def quality_ranks(connection: duckdb.DuckDBPyConnection, score: str) -> QualityR
 
 
 class _Scatter:
-    """Rows streamed into `count` local Arrow IPC files by an integer key column, a batch at a time. Memory
-    holds a batch and its reordered copy, whatever the input's size: an IPC writer keeps 24 bytes per batch
-    written (Parquet's kept each row group's metadata, about 5 KB, until closed: batches x files in all).
-    A file is created when its first row arrives. Read back with `_arrow_file`."""
+    """Rows streamed into `count` local Arrow IPC stream files by an integer key column, a batch at a time.
+    Memory holds a batch and its reordered copy, whatever the input's size: a stream writer keeps nothing
+    per batch written (Parquet's kept each row group's metadata, about 5 KB, until closed: batches x files
+    in all). A file is created when its first row arrives. Read back with `_arrow_file`."""
 
     def __init__(self, folder: str, prefix: str, count: int) -> None:
-        self.paths = [os.path.join(folder, f"{prefix}-{index:06d}.arrow") for index in range(count)]
+        self.paths = [os.path.join(folder, f"{prefix}-{index:06d}.arrows") for index in range(count)]
         self.rows = np.zeros(count, np.int64)
-        self._writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
         self._schemas: dict[int, pa.Schema] = {}
         self._closed = False
 
@@ -227,7 +227,7 @@ class _Scatter:
             start = 0
             for index in present:
                 if index not in self._writers:
-                    self._writers[index] = pa.ipc.new_file(self.paths[index], rows.schema)
+                    self._writers[index] = pa.ipc.new_stream(self.paths[index], rows.schema)
                     self._schemas[index] = rows.schema
                 part = rows.slice(start, sizes[index])
                 schema = self._schemas[index]
@@ -246,10 +246,10 @@ class _Scatter:
         return [self.paths[index] for index in sorted(self._writers)]
 
 
-def _arrow_file(path: str) -> pa.Table:
-    """A local Arrow IPC file (`_Scatter`'s), memory-mapped: its pages are the file's, read as DuckDB scans
-    them, not copied into this process's own memory."""
-    return pa.ipc.open_file(pa.memory_map(path)).read_all()
+def _arrow_file(path: str) -> pa.RecordBatchReader:
+    """A local Arrow IPC stream file (`_Scatter`'s), read a batch at a time as DuckDB scans it (once): a
+    memory-mapped file would count in RSS, whole, while it is scanned."""
+    return pa.ipc.open_stream(pa.OSFile(path))
 
 
 def _allow_open_files(count: int) -> None:
