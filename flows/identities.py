@@ -40,12 +40,13 @@ models live on different scales (dlib's different people sit near 0.9, ArcFace's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -241,8 +242,9 @@ class _Scatter:
         """The files written (those that got rows), in key order. Safe to call more than once."""
         if not self._closed:
             self._closed = True
-            for writer in self._writers.values():
-                writer.close()
+            with contextlib.ExitStack() as closing:  # every writer closed, even if one fails
+                for writer in self._writers.values():
+                    closing.callback(writer.close)
         return [self.paths[index] for index in sorted(self._writers)]
 
 
@@ -267,8 +269,8 @@ def _allow_open_files(count: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (allowed, hard))
     if allowed < needed:
         raise UserError(
-            f"the join needs {count} work partitions open at once, and this process may open {hard} files: "
-            "raise the limit (`ulimit -n`) or give more memory (--memory-limit)"
+            f"the join writes {count} work partitions at once and needs {needed} open files; this process "
+            f"may open {hard}: raise the limit (`ulimit -n`) or give more memory (--memory-limit)"
         )
 
 
@@ -320,9 +322,10 @@ def _write_work_files(
     2. each bucket's two halves are joined (the bucket's table rows are the hash table), its output
        scattered into the identity partitions (a hash of the name), and the bucket's files removed.
     Work grows with the rows (the embeddings written twice and read twice here, once more by the judging
-    pass); memory with a batch and a bucket, besides a few bytes per batch written; local disk with one
-    copy of the embeddings and a bucket. Inputs on object storage are read once, like local ones. The
-    embeddings' length is checked on the rows the join gives (`_Dimension`), not in a pass of its own.
+    pass); memory with a batch and a bucket; local disk with one uncompressed copy of all the source's
+    embeddings (those of images without an identity, or not in the table, too) and a bucket.
+    Inputs on object storage are read once, like local ones. The embeddings' length is checked on the
+    rows the join gives (`_Dimension`), not in a pass of its own.
     Measured and replaced (docs/benchmarks.md): one join written with DuckDB's PARTITION_BY (its writers
     held about 0.8 KB per row beyond the memory limit: 3.3 GB at 10M images under 2 GB); one join per
     partition (flat memory, but the embeddings read once per partition, so rows x rows / memory: 13 reads
@@ -356,7 +359,7 @@ def _write_work_files(
     # every length is checked as the join's rows stream past (`_Dimension`)
     first = connection.execute(
         f"SELECT len(embedding) FROM {embedding_relation} WHERE embedding IS NOT NULL LIMIT 1"
-    ).fetchall()  # DuckDB 2: a result not fetched to its end blocks the connection
+    ).fetchall()  # fetchone() here left the result open in DuckDB 2: the next statement was refused
     if not first:
         raise UserError("no image has an embedding")
     length = int(first[0][0])
@@ -411,12 +414,18 @@ def _join_by_buckets(
         if embedding_buckets.rows[bucket]:
             connection.register("bucket_embeddings", _arrow_file(embedding_file))
             embeddings = "bucket_embeddings"
-        reader = connection.sql(joined("bucket_table", embeddings, by_identity)).to_arrow_reader(CHUNK_ROWS)
-        written = parts.write(reader, "_key", dimension)
-        del reader
-        connection.unregister("bucket_table")
-        if embedding_buckets.rows[bucket]:
-            connection.unregister("bucket_embeddings")
+        reader = None
+        try:
+            reader = connection.sql(joined("bucket_table", embeddings, by_identity)).to_arrow_reader(
+                CHUNK_ROWS
+            )
+            written = parts.write(reader, "_key", dimension)
+        finally:  # a reader read in part would block the connection (and the names' removal)
+            if reader is not None:
+                reader.close()
+            connection.unregister("bucket_table")
+            if embedding_buckets.rows[bucket]:
+                connection.unregister("bucket_embeddings")
         _check_once(written, int(table_buckets.rows[bucket]), source=dimension.source)
         for done in (table_file, embedding_file):  # local disk: about one copy of the embeddings at a time
             if os.path.exists(done):
@@ -441,7 +450,11 @@ def _sorted_batches(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> 
     spilled by DuckDB): every identity's rows arrive together."""
     for part in parts:
         rows = connection.from_arrow(_arrow_file(part))  # image_id, identity, ok, quality, usable, embedding
-        yield from rows.order("identity, image_id").to_arrow_reader(CHUNK_ROWS)
+        reader = rows.order("identity, image_id").to_arrow_reader(CHUNK_ROWS)
+        try:
+            yield from reader
+        finally:  # a caller that stops early (the thresholds' sample) leaves the connection free
+            reader.close()
 
 
 @dataclass
@@ -552,7 +565,7 @@ def _similarity_samples(
 
 
 def _thresholds(
-    batches: Callable[[], Iterable[pa.RecordBatch]],
+    batches: Callable[[], Generator[pa.RecordBatch, None, None]],
     dimension: int,
     weigh: Weigh,
     outlier: float | None,
@@ -568,7 +581,8 @@ def _thresholds(
         return Thresholds(
             float(outlier), float(duplicate), float(merge), {"outlier": "set", "merge": "set", **source}
         )
-    impostor, genuine, sampled = estimate_thresholds(batches(), dimension, weigh)
+    with contextlib.closing(batches()) as sample:  # a generator: closed at once, not when collected
+        impostor, genuine, sampled = estimate_thresholds(sample, dimension, weigh)
     if outlier is None:
         outlier = (impostor + genuine) / 2
         source["outlier"] = (

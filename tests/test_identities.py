@@ -543,6 +543,25 @@ def test_many_partitions_read_each_input_once(tmp_path: Path, monkeypatch) -> No
     assert len(work_files[0]) == summary.work_partitions
 
 
+def test_thresholds_from_a_sample_that_stops_early_with_many_partitions(tmp_path: Path, monkeypatch) -> None:
+    """The thresholds' sample stops reading the partitions early (SAMPLE_ROWS); the judging pass then reads
+    them all on the same connection: nothing of the sample's reading may be left open."""
+    from fiqa_curator.flows import identities as command
+
+    table, embeddings, _ = planted_table()
+    out = write_output(tmp_path / "out", table)
+    pq.write_table(embeddings, tmp_path / "fr.parquet")
+    monkeypatch.setattr(command, "SAMPLE_ROWS", 25)  # stops inside the partitions
+    monkeypatch.setattr(command, "PARTITION_SHARE", 1e-6)
+    monkeypatch.setattr(command, "CHUNK_ROWS", 7)
+    summary = find_identities(str(out), embeddings=str(tmp_path / "fr.parquet"), memory_limit="512MiB")
+    assert summary.work_partitions >= 8
+    sampled = int(summary.thresholds.source["outlier"].split(" of ")[1].split()[0])
+    assert 0 < sampled < summary.usable  # the sample stopped before the end
+    images = pq.read_table(out / "curation" / "identity_images.parquet")
+    assert images.num_rows == summary.images  # the judging pass read every partition whole
+
+
 def test_a_duplicate_stays_when_its_copy_was_dropped_by_an_earlier_rule(tmp_path: Path) -> None:
     table, embeddings, index = planted_table()
     exits = table.column("exit_scores").to_pylist()  # lists; null for the decode error
