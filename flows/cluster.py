@@ -6,7 +6,9 @@ Nothing here knows about images or the quality table; `flows.execution` builds t
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ def init_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    _wait_for_shutdown()  # a Ray still stopping in the background (`stop_ray`) cannot be started or joined
     if ray.is_initialized():
         return False
     log_options: dict[str, Any] = {"logging_level": "WARNING"}
@@ -67,6 +70,8 @@ def init_ray(address: str | None) -> bool:
 
 
 _started_for_runs = False  # Ray was started (or joined) by `start_ray`: `stop_ray` shuts it down
+_stopping: threading.Thread | None = None  # a shutdown `stop_ray(in_background=True)` left running
+logger = logging.getLogger(__name__)
 
 
 def start_ray(address: str | None) -> None:
@@ -78,14 +83,37 @@ def start_ray(address: str | None) -> None:
         _started_for_runs = True
 
 
-def stop_ray() -> None:
-    """Shut down the Ray that `start_ray` started; nothing otherwise. Safe to call more than once."""
-    global _started_for_runs
+def stop_ray(*, in_background: bool = False) -> None:
+    """Shut down the Ray that `start_ray` started; nothing otherwise. Safe to call more than once.
+
+    in_background: the shutdown runs on a thread of its own while the caller goes on with work that needs no
+    Ray (a run's finalizing and report): it takes about 1.3 s, nearly all of it waiting for Ray's processes
+    to exit (docs/benchmarks.md). A later `stop_ray()` or `start_ray` waits for it to end."""
+    global _started_for_runs, _stopping
     if _started_for_runs:
         import ray
 
-        ray.shutdown()
         _started_for_runs = False
+        if in_background:
+            _stopping = threading.Thread(target=_shutdown, args=(ray,), name="fiqa-ray-shutdown")
+            _stopping.start()
+            return
+        ray.shutdown()
+    _wait_for_shutdown()
+
+
+def _shutdown(ray: Any) -> None:
+    try:
+        ray.shutdown()
+    except Exception as error:  # the scores are committed by now: a failed shutdown is worth a line, no more
+        logger.warning("Ray did not shut down cleanly: %s: %s", type(error).__name__, error)
+
+
+def _wait_for_shutdown() -> None:
+    global _stopping
+    if _stopping is not None:
+        _stopping.join()
+        _stopping = None
 
 
 def json_console_logs() -> None:

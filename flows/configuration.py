@@ -106,8 +106,14 @@ def attention_maps(
 ) -> np.ndarray:
     """(faces, exits, grid, grid): the quality token's attention over the patches at every exit up to
     `exit_depth`, for uint8 faces (N, H, W, 3) of the model's input size; what runs in the model process."""
+    import torch
+
     from fiqa_curator.workers.preprocess import normalize
 
+    # One thread: a few faces are too small a job to split, and the report asks while the driver draws its
+    # figures; two threads on a busy 2-core machine took 0.85 s for four faces against 0.40 s (0.26 s
+    # for either when idle), time the report waits (docs/benchmarks.md).
+    torch.set_num_threads(1)
     model = _model_for(checkpoint, config, storage_options)
     return model.quality_token_attention(normalize(faces), exit_depth).numpy()
 
@@ -198,11 +204,7 @@ def _release() -> None:
         checker = _CHECKER.pop()
         if checker.process.stdin is not None:
             checker.process.stdin.close()
-        try:
-            checker.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # busy or stuck: it answers no one any more
-            checker.process.kill()
-            checker.process.wait()
+        _reap(checker.process)
 
 
 def _warm(checkpoint: str, config: Mapping[str, Any], storage_options: Mapping[str, Any]) -> bool:
@@ -226,7 +228,22 @@ def _ask(request: tuple[Any, ...], keep: bool = False) -> Any:
         raise
     finally:
         if not keep and _CHECKER:
-            _CHECKER.pop().process.wait(timeout=60)  # it exits after its answer
+            # It exits after its answer, which is not held while it does: a process with torch and a model
+            # in memory takes about a second to exit, and the report waited for it (docs/benchmarks.md). It is
+            # reaped next on this thread, before any other question.
+            process = _CHECKER.pop().process
+            try:
+                _ASKING.submit(_reap, process)
+            except RuntimeError:  # the interpreter is exiting: no new work for the thread
+                _reap(process)
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # stuck on its way out: it answers no one any more
+        process.kill()
+        process.wait()
 
 
 def _send(stream: Any, value: Any) -> None:

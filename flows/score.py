@@ -355,7 +355,9 @@ def score_flow_run(
         if attention_figure and not keep_model_process:
             warm_model_process(checkpoint, config["model_config"], options.storage_options)
     finally:
-        stop_ray()  # before finalizing: the report needs no Ray
+        # Ray's processes exit while the run finalizes and writes its report, which need no Ray; the
+        # caller's `stop_ray` waits for them
+        stop_ray(in_background=True)
     summary = finalize_task(options, planned, config, run_id, stats, timings)
     if options.report:
         try:
@@ -401,7 +403,7 @@ def score_flow(options: ScoreOptions, on_rows: Callable[[int], None] | None = No
         if unused is not None:  # the flow did not get to it (Prefect failed to start, say)
             unused.close()
         release_model_process()  # kept for a report that did not ask (no quality token, a failed run)
-        stop_ray()  # when the flow did not get to (it failed before its own `stop_ray`)
+        stop_ray()  # waits for the flow's shutdown in the background, or does it when the flow did not get to
 
 
 def _finished(options: ScoreOptions) -> bool:

@@ -253,3 +253,39 @@ def test_the_reports_attention_maps_come_from_the_model_process(tmp_path: Path, 
     configuration.release_model_process()
     configuration._ASKING.submit(lambda: None).result()  # after the questions already asked
     assert not configuration._CHECKER and kept.wait(timeout=30) == 0
+
+
+def test_an_answer_does_not_wait_for_the_model_process_to_exit(monkeypatch) -> None:
+    """A model process that is not kept exits after its answer; the answer is handed over at once and the
+    process reaped afterwards on the same thread (a process with torch and a model takes about a second to
+    exit, which the report used to wait for). Here the process is one that does not exit until killed."""
+    import subprocess
+
+    import psutil
+
+    from fiqa_curator.flows import configuration
+
+    monkeypatch.delenv("FIQA_KEEP_MODEL_CHECK")
+    configuration.release_model_process()
+    configuration._ASKING.submit(lambda: None).result()
+    assert not configuration._CHECKER
+
+    class Lingering:
+        """Answers at once; its process stays until the test kills it."""
+
+        def __init__(self) -> None:
+            self.process = subprocess.Popen(["sleep", "600"])
+
+        def ask(self, request: tuple) -> str:
+            return f"answer to {request[1]}"
+
+    monkeypatch.setattr(configuration, "_CheckerProcess", Lingering)
+    answer = configuration._ASKING.submit(configuration._ask, ("attention",))
+    assert answer.result(timeout=60) == "answer to attention"
+    assert not configuration._CHECKER
+    (lingering,) = [p for p in psutil.Process().children() if p.cmdline() == ["sleep", "600"]]
+    reaped = configuration._ASKING.submit(lambda: None)  # queued behind the reaping
+    assert not reaped.done()  # answered while its process was still there, and waiting for it
+    lingering.kill()
+    reaped.result(timeout=60)
+    assert not lingering.is_running()  # reaped: no zombie left

@@ -695,3 +695,54 @@ def test_the_scoring_actors_keep_large_buffers_in_the_heap(ray_cluster) -> None:
         .take_all()
     )
     assert [bool(row["keeps"]) for row in rows] == [True] and int(rows[0]["mapped"]) < 100 << 20
+
+
+RAY_STOPPED_IN_THE_BACKGROUND = """
+import threading
+
+import psutil
+import ray
+
+from fiqa_curator.flows import cluster
+
+cluster.start_ray(None)
+assert ray.is_initialized()
+raylets = [p for p in psutil.Process().children(recursive=True) if "raylet" in " ".join(p.cmdline())]
+assert raylets, "no raylet among this driver's processes"
+go_on = threading.Event()
+real_shutdown = ray.shutdown
+
+
+def held_shutdown(*args, **kwargs):
+    go_on.wait()
+    real_shutdown(*args, **kwargs)
+
+
+ray.shutdown = held_shutdown
+cluster.stop_ray(in_background=True)  # returns while the shutdown cannot have ended
+assert ray.is_initialized() and all(p.is_running() for p in raylets)
+go_on.set()
+cluster.stop_ray()  # waits for it
+assert not ray.is_initialized()
+assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in raylets)
+cluster.stop_ray()  # nothing left to do
+print("ok")
+"""
+
+
+def test_ray_stops_in_the_background_and_a_later_stop_waits_for_it(tmp_path: Path) -> None:
+    """A run's Ray is shut down on a thread while the run finalizes and writes its report (`fiqa score`'s
+    end, ~1.3 s of waiting for Ray's processes); the caller's later `stop_ray` waits until it is down. In a
+    process of its own: the test process is a driver of the test cluster."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", RAY_STOPPED_IN_THE_BACKGROUND],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
