@@ -95,14 +95,16 @@ def stop_ray(*, in_background: bool = False) -> None:
 
         _started_for_runs = False
         if in_background:
-            _stopping = threading.Thread(target=_shutdown, args=(ray,), name="fiqa-ray-shutdown")
+            _stopping = threading.Thread(target=_shutdown, name="fiqa-ray-shutdown")
             _stopping.start()
             return
         ray.shutdown()
     _wait_for_shutdown()
 
 
-def _shutdown(ray: Any) -> None:
+def _shutdown() -> None:
+    import ray
+
     try:
         ray.shutdown()
     except Exception as error:  # the scores are committed by now: a failed shutdown is worth a line, no more

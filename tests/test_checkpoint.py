@@ -261,8 +261,6 @@ def test_an_answer_does_not_wait_for_the_model_process_to_exit(monkeypatch) -> N
     exit, which the report used to wait for). Here the process is one that does not exit until killed."""
     import subprocess
 
-    import psutil
-
     from fiqa_curator.flows import configuration
 
     monkeypatch.delenv("FIQA_KEEP_MODEL_CHECK")
@@ -270,11 +268,14 @@ def test_an_answer_does_not_wait_for_the_model_process_to_exit(monkeypatch) -> N
     configuration._ASKING.submit(lambda: None).result()
     assert not configuration._CHECKER
 
+    started: list[subprocess.Popen] = []
+
     class Lingering:
         """Answers at once; its process stays until the test kills it."""
 
         def __init__(self) -> None:
             self.process = subprocess.Popen(["sleep", "600"])
+            started.append(self.process)
 
         def ask(self, request: tuple) -> str:
             return f"answer to {request[1]}"
@@ -283,9 +284,9 @@ def test_an_answer_does_not_wait_for_the_model_process_to_exit(monkeypatch) -> N
     answer = configuration._ASKING.submit(configuration._ask, ("attention",))
     assert answer.result(timeout=60) == "answer to attention"
     assert not configuration._CHECKER
-    (lingering,) = [p for p in psutil.Process().children() if p.cmdline() == ["sleep", "600"]]
+    (lingering,) = started
     reaped = configuration._ASKING.submit(lambda: None)  # queued behind the reaping
     assert not reaped.done()  # answered while its process was still there, and waiting for it
     lingering.kill()
     reaped.result(timeout=60)
-    assert not lingering.is_running()  # reaped: no zombie left
+    assert lingering.returncode == -9  # reaped by the model-check thread: no zombie left

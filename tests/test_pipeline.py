@@ -705,9 +705,25 @@ import ray
 
 from fiqa_curator.flows import cluster
 
+
+
+def command(process):
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # Ray's short-lived processes may be gone by now
+        return ""
+
+
+def alive(process):
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 cluster.start_ray(None)
 assert ray.is_initialized()
-raylets = [p for p in psutil.Process().children(recursive=True) if "raylet" in " ".join(p.cmdline())]
+raylets = [p for p in psutil.Process().children(recursive=True) if "raylet" in command(p)]
 assert raylets, "no raylet among this driver's processes"
 go_on = threading.Event()
 real_shutdown = ray.shutdown
@@ -720,11 +736,11 @@ def held_shutdown(*args, **kwargs):
 
 ray.shutdown = held_shutdown
 cluster.stop_ray(in_background=True)  # returns while the shutdown cannot have ended
-assert ray.is_initialized() and all(p.is_running() for p in raylets)
+assert ray.is_initialized() and all(alive(p) for p in raylets)
 go_on.set()
 cluster.stop_ray()  # waits for it
 assert not ray.is_initialized()
-assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in raylets)
+assert not any(alive(p) for p in raylets)
 cluster.stop_ray()  # nothing left to do
 print("ok")
 """
