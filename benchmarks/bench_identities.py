@@ -207,11 +207,21 @@ def run_identities(
         "peak_rss_mb": peak,
         "stages": summary["seconds"],
         "peak_rss_mb_by_stage_end": summary.get("peak_rss_mb", {}),
-        "thresholds": {k: round(v, 4) for k, v in summary["thresholds"].items() if k != "source"},
+        "thresholds": {
+            k: None if v is None else round(v, 4) for k, v in summary["thresholds"].items() if k != "source"
+        },
         "nearest_method": summary["nearest_method"],
         "work_partitions": summary["work_partitions"],
         "counts": {
-            k: summary[k] for k in ("images", "identities", "outliers", "duplicates", "merge_candidates")
+            k: summary.get(k)  # `--before` code may lack newer counts
+            for k in (
+                "images",
+                "identities",
+                "below_similarity",
+                "outliers",
+                "duplicates",
+                "merge_candidates",
+            )
         },
     }
 

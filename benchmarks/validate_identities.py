@@ -7,8 +7,9 @@ For each seed (`demo_kit.identity_noise`): 5% of the images get another identity
 are filed twice (half of their images under `<name>__alias`); `fiqa identities` runs with dlib's 128-d
 embeddings (`data/fr_embeddings.parquet`) and the demo model's quality, with and without quality weights.
 Printed per severity group (clean; clean + severity 1; mild = severities 1-2; clean + mild; degraded =
-3-5): outlier precision and recall against the mislabelled images, the ROC AUC of the similarity for
-telling them apart (threshold-free), and the merge candidates' precision and recall against the
+3-5, then 3, 4 and 5 apart): outlier precision and recall against the mislabelled images, the ROC AUC
+for telling them apart (threshold-free) of the rival margin the rule uses (every image's rival found:
+`--all-rivals`) and of the similarity alone, and the merge candidates' precision and recall against the
 identities filed twice; the mean and the worst over the seeds.
 """
 
@@ -62,12 +63,19 @@ def main() -> None:
     print(f"{runs[0]['images']} images, {runs[0]['swapped']} mislabelled per seed, seeds {args.seeds}")
     for weighting in ("weighted", "unweighted"):
         print(f"\n{weighting}:")
-        print(f"  {'group':<11} {'precision':>22} {'recall':>22} {'ROC AUC':>22}")
+        print(
+            f"  {'group':<11} {'precision':>22} {'recall':>22} {'AUC of the margin':>22} "
+            f"{'AUC of the similarity':>22}"
+        )
         for group in SEVERITY_GROUPS:
             precision = [run[weighting]["outliers"][group]["precision"] for run in runs]
             recall = [run[weighting]["outliers"][group]["recall"] for run in runs]
+            margin = [run[weighting]["margin_auc"][group] for run in runs]
             auc = [run[weighting]["auc"][group] for run in runs]
-            print(f"  {group:<11} {_summary(precision):>22} {_summary(recall):>22} {_summary(auc):>22}")
+            print(
+                f"  {group:<11} {_summary(precision):>22} {_summary(recall):>22} {_summary(margin):>22} "
+                f"{_summary(auc):>22}"
+            )
         merges = [run[weighting]["merges"] for run in runs]
         print(
             f"  merges: precision {_summary([m['precision'] for m in merges])}, "
@@ -77,7 +85,10 @@ def main() -> None:
         print(
             "  thresholds: "
             + ", ".join(
-                f"{k} {np.mean([t[k] for t in thresholds]):.4f}" for k in ("outlier", "duplicate", "merge")
+                f"{k} {np.mean([t[k] for t in thresholds]):.4f}"
+                if all(t.get(k) is not None for t in thresholds)
+                else f"{k} off"
+                for k in ("outlier", "margin", "stranger", "duplicate", "merge")
             )
         )
     if args.json:

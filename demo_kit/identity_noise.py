@@ -4,8 +4,9 @@
 files a few identities twice (half of their images under a new name, `<name>__alias`). `check` runs
 `fiqa identities` on a copy of a quality table carrying those labels, with and without quality weights,
 and measures, per group of degradation severity: precision and recall of the outliers (against the
-mislabelled images), the ROC AUC of the similarity for telling mislabelled from correctly labelled images
-(threshold-free), and precision and recall of the merge candidates (against the identities filed twice).
+mislabelled images), the ROC AUC of the similarity and of the rival margin for telling mislabelled from
+correctly labelled images (threshold-free), and precision and recall of the merge candidates (against the
+identities filed twice).
 `benchmarks/validate_identities.py` prints it for the whole sample set; a test recomputes a smaller one.
 """
 
@@ -30,6 +31,10 @@ SEVERITY_GROUPS = {
     "mild": (1, 2),
     "clean+mild": (0, 1, 2),
     "degraded": (3, 4, 5),
+    # the degraded ones severity by severity: how the figures fall as the faces get worse (EDC-style)
+    "s3": (3,),
+    "s4": (4,),
+    "s5": (5,),
 }
 
 
@@ -132,8 +137,32 @@ def measure(
         "truth": int(in_truth.sum()),
     }
     summary = json.loads((output / "curation" / "identities.json").read_text())
-    figures["thresholds"] = {k: summary["thresholds"][k] for k in ("outlier", "duplicate", "merge")}
+    figures["thresholds"] = {
+        k: summary["thresholds"][k] for k in ("outlier", "margin", "stranger", "duplicate", "merge")
+    }
     figures["duplicates"] = summary["duplicates"]
+    return figures
+
+
+def margin_auc(
+    output: Path, noise: LabelNoise, image_ids: Sequence[str], severity: Mapping[str, int]
+) -> dict[str, float]:
+    """Per severity group, the ROC AUC of the rival margin (similarity minus rival_similarity) for telling
+    mislabelled images apart, from a result in `output` where every image was judged against its rival
+    (`fiqa identities --all-rivals`)."""
+    images = pq.read_table(output / "curation" / "identity_images.parquet").to_pydict()
+    position = {image_id: k for k, image_id in enumerate(images["image_id"])}
+    rows = np.array([position[i] for i in image_ids])
+
+    def floats(name: str) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in images[name]], dtype=np.float64)[rows]
+
+    margin = floats("similarity") - floats("rival_similarity")
+    levels = np.array([severity[i] for i in image_ids])
+    figures = {}
+    for group, members in SEVERITY_GROUPS.items():
+        judged = np.isin(levels, members) & np.isfinite(margin)
+        figures[group] = roc_auc(-margin[judged], noise.swapped[judged])
     return figures
 
 
@@ -150,13 +179,15 @@ def check(
 ) -> dict[str, Any]:
     """Noise on `quality`'s labels, then `find_identities` (`flows.identities.find_identities`, passed
     in: the demo kit sits below the flows) with and without quality weights: the figures of both
-    (`measure`), keyed "weighted" and "unweighted"."""
+    (`measure`, and `margin_auc` under "margin_auc": every image's rival is found), keyed "weighted" and
+    "unweighted"."""
     table = pq.read_table(quality / "scores", columns=["image_id", "identity"]).to_pydict()
     noise = add_label_noise(table["identity"], swap_share=swap_share, split=split, seed=seed)
     output = relabelled_output(quality, work, dict(zip(table["image_id"], noise.labels, strict=True)))
     result: dict[str, Any] = {"images": len(noise.labels), "swapped": int(noise.swapped.sum()), "seed": seed}
     result["aliases"] = sorted(noise.aliases)
     for name, weighted in (("weighted", True), ("unweighted", False)):
-        find_identities(str(output), embeddings=str(embeddings), weighted=weighted)
+        find_identities(str(output), embeddings=str(embeddings), weighted=weighted, all_rivals=True)
         result[name] = measure(output, noise, table["image_id"], severity)
+        result[name]["margin_auc"] = margin_auc(output, noise, table["image_id"], severity)
     return result

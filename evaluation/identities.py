@@ -19,9 +19,21 @@ whole identities at a time and writes the results.
 - **Outliers**, with one refit: images below the threshold are left out of the centre, the centre is
   computed again, and the final similarities are taken to that centre (an M-estimate with a hard cut,
   so that a few mislabelled images do not drag the reference towards themselves).
+- **Closer to another person (the rival margin).** An image below the similarity threshold is an outlier
+  only if it is also not clearly closer to its own centre than to its *rival*, the nearest centre of
+  another person (not a twin of its own: a centre at or above the merge threshold is the same person filed
+  twice, reported as a merge candidate instead): its margin, own similarity minus the rival's, is below
+  the margin threshold, or it is no nearer its own centre than a typical image is to a stranger's (the
+  face of somebody not in the table is far from every centre, its own too). Why: a degraded face is far
+  from every centre, its own included (occlusion, over-exposure: dlib's similarities all drop together),
+  while a mislabelled one is near someone else's.
+  The similarity alone cannot tell those apart; the margin does, and it is where quality weighting pays:
+  a centre that the degraded images pull less sits nearer the person, so rivals are told apart better
+  (docs/benchmarks.md, "Identity curation on real faces").
 - **Near-duplicates**: within an identity, images are visited from the best quality down; an image is a
   duplicate when its cosine similarity to an image already kept reaches the threshold, and points to
-  the best such image. Kept images are never near-duplicates of each other.
+  the best such image. Kept images are never near-duplicates of each other. (`flows.identities` passes
+  the images at or above the outlier similarity: the ones the rival margin clears later take no part.)
 - **Nearest identities**: the centres' nearest neighbours by inner product, exact (faiss `IndexFlatIP`)
   up to `EXACT_LIMIT` identities and an inverted-file index (`IndexIVFFlat`, 2 sqrt(n) lists, 32 probed)
   beyond, so that millions of identities take minutes, not hours; it may miss a nearest neighbour that the
@@ -228,37 +240,135 @@ class Neighbours:
     method: str  # "exact" or "ivf<lists>,probe<n>"
 
 
+class CentreIndex:
+    """A faiss index of unit centres by inner product: exact (`IndexFlatIP`) up to EXACT_LIMIT centres, an
+    inverted file (`IndexIVFFlat`, 2 sqrt(n) lists, IVF_PROBES probed) beyond."""
+
+    def __init__(self, centres: np.ndarray, threads: int | None = None) -> None:
+        import faiss
+
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        count, dimension = centres.shape
+        data = np.ascontiguousarray(centres, dtype=np.float32)
+        if count <= EXACT_LIMIT:
+            self.index = faiss.IndexFlatIP(dimension)
+            self.method = "exact"
+        else:
+            lists = int(min(65_536, max(64, 2 * math.sqrt(count))))
+            self._quantizer = faiss.IndexFlatIP(dimension)  # the IVF index does not own it
+            self.index = faiss.IndexIVFFlat(self._quantizer, dimension, lists, faiss.METRIC_INNER_PRODUCT)
+            training = np.random.default_rng(0).choice(
+                count, min(count, IVF_TRAINING_PER_LIST * lists), False
+            )
+            self.index.train(data[np.sort(training)])
+            self.index.nprobe = IVF_PROBES
+            self.method = f"ivf{lists},probe{IVF_PROBES}"
+        self.index.add(data)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, centre indices), each (queries, k), best first; index -1 where fewer were found."""
+        found_similarity, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return found_similarity, found
+
+
 def nearest_identities(centres: np.ndarray, threads: int | None = None) -> Neighbours:
     """Each unit centre's nearest other centre by cosine similarity (faiss)."""
-    import faiss
-
-    if threads:
-        faiss.omp_set_num_threads(threads)
-    count, dimension = centres.shape
+    count = len(centres)
     index_out = np.full(count, -1, dtype=np.int64)
     similarity_out = np.full(count, np.nan, dtype=np.float32)
     if count < 2:
         return Neighbours(index_out, similarity_out, "exact")
-    data = np.ascontiguousarray(centres, dtype=np.float32)
-    if count <= EXACT_LIMIT:
-        index = faiss.IndexFlatIP(dimension)
-        method = "exact"
-    else:
-        lists = int(min(65_536, max(64, 2 * math.sqrt(count))))
-        quantizer = faiss.IndexFlatIP(dimension)
-        index = faiss.IndexIVFFlat(quantizer, dimension, lists, faiss.METRIC_INNER_PRODUCT)
-        training = np.random.default_rng(0).choice(count, min(count, IVF_TRAINING_PER_LIST * lists), False)
-        index.train(data[np.sort(training)])
-        index.nprobe = IVF_PROBES
-        method = f"ivf{lists},probe{IVF_PROBES}"
-    index.add(data)
-    similarity, found = index.search(data, 2)
+    return nearest_in(CentreIndex(centres, threads), centres)
+
+
+def nearest_in(index: CentreIndex, centres: np.ndarray) -> Neighbours:
+    """`nearest_identities` with the index of `centres` already built."""
+    count = len(centres)
+    similarity, found = index.search(centres, 2)
     own = np.arange(count)
     # the first hit is normally the centre itself; with exact ties it may come second
     pick = np.where(found[:, 0] == own, 1, 0)
-    index_out[:] = found[own, pick]
-    similarity_out[:] = similarity[own, pick]
+    index_out = found[own, pick].astype(np.int64)
+    similarity_out = similarity[own, pick].astype(np.float32)
     missing = (index_out < 0) | (index_out == own)
     index_out[missing] = -1
     similarity_out[missing] = np.nan
-    return Neighbours(index_out, similarity_out, method)
+    return Neighbours(index_out, similarity_out, index.method)
+
+
+RIVAL_HITS = 8  # centres searched per image for its rival: its own, its twins and the nearest others
+RIVAL_BATCH = 4_096  # images searched at a time (their hits' centres: batch x RIVAL_HITS x dimension)
+
+
+@dataclass
+class Rivals:
+    index: np.ndarray  # per image: the nearest centre of another person (-1: none among the hits)
+    similarity: np.ndarray  # the image's cosine similarity to it (NaN: none)
+
+
+def rivals(
+    index: CentreIndex,
+    centres: np.ndarray,
+    units: np.ndarray,
+    label: np.ndarray,
+    twin_similarity: float,
+    hits: int = RIVAL_HITS,
+) -> Rivals:
+    """For each unit embedding in `units`, filed under the centre `label`, the most similar centre of
+    *another person*: neither its label's nor a twin of it (a centre whose cosine similarity to the
+    label's reaches `twin_similarity`, the merge threshold: the same person filed twice, reported as a merge
+    candidate instead). Searched among the `hits` nearest centres; none when all of them are the label or
+    its twins (the image's neighbourhood is its own person)."""
+    out_index = np.full(len(units), -1, dtype=np.int64)
+    out_similarity = np.full(len(units), np.nan, dtype=np.float32)
+    label = np.asarray(label, dtype=np.int64)
+    for start in range(0, len(units), RIVAL_BATCH):
+        span = slice(start, start + RIVAL_BATCH)
+        similarity, found = index.search(units[span], min(hits, len(centres)))
+        own = label[span]
+        twin = np.einsum("id,ikd->ik", centres[own], centres[np.maximum(found, 0)]) >= twin_similarity
+        allowed = (found >= 0) & (found != own[:, None]) & ~twin
+        first = allowed.argmax(axis=1)
+        has = allowed.any(axis=1)
+        rows = np.arange(len(own))
+        out_index[span] = np.where(has, found[rows, first], -1)
+        out_similarity[span] = np.where(has, similarity[rows, first], np.nan)
+    return Rivals(out_index, out_similarity)
+
+
+@dataclass
+class MarginSample:
+    genuine: np.ndarray  # an image's similarity to its own centre minus its rival's
+    impostor: np.ndarray  # as if filed under a random other identity: that centre's minus the rival's
+    stranger: np.ndarray  # the image's similarity to that random other identity's centre
+
+
+def margin_sample(
+    index: CentreIndex,
+    centres: np.ndarray,
+    units: np.ndarray,
+    similarity: np.ndarray,
+    label: np.ndarray,
+    twin_similarity: float,
+    seed: int,
+) -> MarginSample:
+    """Margins of correctly and wrongly filed images, from a sample of images (`units`, their similarity to
+    their own centre `label`): the genuine margin is `similarity` minus the rival's similarity; the impostor
+    margin files the same image under a random other centre (a simulated mislabel, the kind the rule is
+    for): that centre's similarity minus the rival's excluding it and its twins. That rival is usually the
+    image's own centre, which a mislabelled image would not be part of: its leave-one-out `similarity` is
+    taken then (with few images per identity the whole centre would be much nearer). Images without a rival
+    among their hits are left out."""
+    rng = np.random.default_rng(seed)
+    label = np.asarray(label, dtype=np.int64)
+    own = rivals(index, centres, units, label, twin_similarity)
+    genuine = similarity - own.similarity
+    other = (label + rng.integers(1, len(centres), size=len(label))) % len(centres)
+    impostor_similarity = np.einsum("ij,ij->i", units, centres[other])
+    found = rivals(index, centres, units, other, twin_similarity)
+    rival_similarity = np.where(found.index == label, similarity, found.similarity)
+    impostor = impostor_similarity - rival_similarity
+    return MarginSample(
+        genuine[np.isfinite(genuine)], impostor[np.isfinite(impostor)], impostor_similarity.astype(np.float64)
+    )

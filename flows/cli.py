@@ -123,7 +123,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         console.print(
             f"[bold]identities[/] (dlib's embeddings, centres weighted by quality): {found.identities} "
-            f"identities; {found.outliers} images look more like a stranger than like their own identity "
+            f"identities; {found.outliers} images look more like someone else than like their own identity "
             f"(by severity {by_severity}); {found.duplicates} near-duplicates of a better copy; "
             f"{found.merge_candidates} merge candidates -> fiqa identities, fiqa select --drop-outliers"
         )
@@ -314,6 +314,8 @@ def _cmd_identities(args: argparse.Namespace) -> int:
         outlier_similarity=args.outlier_similarity,
         duplicate_similarity=args.duplicate_similarity,
         merge_similarity=args.merge_similarity,
+        outlier_margin=args.outlier_margin,
+        all_rivals=args.all_rivals,
         weighted=not args.unweighted,
         storage_options=parse_storage_options(args.storage_options),
         memory_limit=args.memory_limit,
@@ -324,8 +326,15 @@ def _cmd_identities(args: argparse.Namespace) -> int:
         f"embedding from {summary.embeddings}); images without an identity, left out: "
         f"{summary.without_identity}"
     )
-    for name in ("outlier", "duplicate", "merge"):
-        console.print(f"  {name} threshold {getattr(thresholds, name):.4f}: {thresholds.source[name]}")
+    for name in ("outlier", "margin", "stranger", "duplicate", "merge"):
+        value = getattr(thresholds, name)
+        shown = "" if value is None else f"{value:.4f}: "  # the source of an unset one says "off: why"
+        console.print(f"  {name} threshold {shown}{thresholds.source[name]}")
+    console.print(
+        f"{summary.below_similarity} images below the outlier similarity; "
+        f"{summary.below_similarity - summary.outliers} of them nearer their own centre than their rival's "
+        "by the margin"
+    )
     console.print(
         f"outliers {summary.outliers}, near-duplicates {summary.duplicates}, kept {summary.kept}; "
         f"merge candidates {summary.merge_candidates} identities ({summary.nearest_method} search) -> "
@@ -641,13 +650,31 @@ def _add_identities(commands: Any) -> None:
         help="the score that weighs the centres: quality | quality_f | ... | exit_<k>",
     )
     for name, meaning in (
-        ("outlier", "an image below this cosine similarity to its identity's centre is an outlier"),
+        (
+            "outlier",
+            "an image below this cosine similarity to its identity's centre is an outlier unless it is "
+            "nearer its own centre than its rival's by --outlier-margin",
+        ),
         ("duplicate", "two images of an identity at or above this cosine similarity are near-duplicates"),
         ("merge", "identities whose centres reach this cosine similarity are merge candidates"),
     ):
         identities.add_argument(
             f"--{name}-similarity", type=float, metavar="COSINE", help=f"{meaning} (default: derived)"
         )
+    identities.add_argument(
+        "--outlier-margin",
+        type=float,
+        metavar="DIFFERENCE",
+        help="an image below the outlier similarity stays an outlier only while its similarity to its own "
+        "centre minus that to its rival (the nearest other person's centre) is below this (default: "
+        "derived; 2 turns the rival test off)",
+    )
+    identities.add_argument(
+        "--all-rivals",
+        action="store_true",
+        help="find the rival of every usable image, not only of those below the outlier similarity (a "
+        "search per image: slower on large tables)",
+    )
     identities.add_argument(
         "--unweighted", action="store_true", help="every image counts the same in its centre (to compare)"
     )

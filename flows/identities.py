@@ -15,12 +15,16 @@ How it runs, in memory that does not grow with the table:
 2. Thresholds the user did not set are estimated from a sample of the partitions' identities
    (`estimate_thresholds`, below).
 3. The partitions are read once, each sorted by identity, a chunk of whole identities at a time:
-   leave-one-out similarities, outliers
-   with one refit, near-duplicates, and each identity's centre. Per-image results go to a second local
-   file, per-identity counts and centres stay (an identity costs its name and one float32 vector).
-4. faiss finds each centre's nearest other centre; DuckDB sorts the per-image results by image_id
-   (so that `fiqa select` and analysts can read them alongside the quality table) and both files are
-   committed to OUTPUT.
+   leave-one-out similarities, the images below the outlier similarity (with one refit), near-duplicates,
+   and each identity's centre. Per-image results go to a second local file, the images below the outlier
+   similarity (every usable one with `all_rivals`) with their embeddings to a third, the first
+   MARGIN_SAMPLE_ROWS usable images stay in memory; per-identity counts and centres stay (an identity
+   costs its name and one float32 vector).
+4. faiss indexes the centres: each centre's nearest other centre (merge candidates); the margin and
+   stranger thresholds from the kept sample (`_rival_thresholds`); each image of the third file's rival
+   and margin, which may clear it of being an outlier (`_clear_by_margin`, correcting the counts).
+5. DuckDB sorts the per-image results by image_id, joined with the rivals (so that `fiqa select` and
+   analysts can read them alongside the quality table), and both files are committed to OUTPUT.
 
 Default thresholds, derived from the data because cosine similarities of different face-recognition
 models live on different scales (dlib's different people sit near 0.9, ArcFace's near 0):
@@ -36,6 +40,10 @@ models live on different scales (dlib's different people sit near 0.9, ArcFace's
   of one identity are closer to each other than a single image is to either).
 - duplicate: a quarter of the merge threshold's distance from 1 (cosine `1 - (1 - merge) / 4`): much
   closer than two different photographs of one person usually are.
+- margin (`evaluation.identities.margin_sample`): halfway between the median rival margin of images filed
+  under their own identity and filed under a random other one (a simulated mislabel); stranger: the
+  median similarity of an image to a random other identity's centre. Both from the first
+  MARGIN_SAMPLE_ROWS usable images, searched against every centre.
 """
 
 from __future__ import annotations
@@ -57,9 +65,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fiqa_curator.evaluation.identities import (
+    CentreIndex,
+    Neighbours,
+    group_of,
     judge,
+    margin_sample,
     near_duplicates,
-    nearest_identities,
+    nearest_in,
+    rivals,
     similarity_to_centre,
     unit_rows,
 )
@@ -80,6 +93,7 @@ from fiqa_curator.workers.io import filesystem
 RANK_BUCKETS = 1 << 16  # resolution of the quality ranks (QualityRanks)
 CHUNK_ROWS = 65_536  # rows read from the work file at a time (whole identities are processed together)
 SAMPLE_ROWS = 200_000  # rows the default thresholds are estimated from
+MARGIN_SAMPLE_ROWS = 20_000  # images the default margin threshold is estimated from (two searches each)
 ROW_OVERHEAD_BYTES = 96  # a work row's bytes besides its embedding (ids, flags, score), for partitioning
 PARTITION_SHARE = 0.25  # a work partition's bytes, as a share of the memory limit
 DUPLICATE_SHARE = 0.25  # the duplicate threshold's distance from 1, as a share of the merge threshold's
@@ -94,6 +108,10 @@ class Thresholds:
     duplicate: float
     merge: float
     source: dict[str, str] = field(default_factory=dict)  # per threshold: "set" or how it was derived
+    # an image below `outlier` is an outlier unless its rival margin reaches this (None: the rule is off)...
+    margin: float | None = None
+    # ...and its similarity reaches this: the median similarity of an image to a stranger's centre
+    stranger: float | None = None
 
 
 @dataclass
@@ -112,6 +130,8 @@ class IdentitySummary:
     kept: int
     merge_candidates: int
     thresholds: Thresholds
+    # images below the outlier similarity; those whose rival margin reached the margin threshold are kept
+    below_similarity: int
     nearest_method: str
     work_partitions: int  # the partitions of whole identities the work was cut into (memory)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -621,18 +641,63 @@ class _PerIdentity:
         )
 
 
+@dataclass
+class _MarginStash:
+    """The first MARGIN_SAMPLE_ROWS usable images met by `_judge_all`, kept for the margin threshold."""
+
+    units: list[np.ndarray] = field(default_factory=list)
+    similarity: list[np.ndarray] = field(default_factory=list)
+    identity: list[np.ndarray] = field(default_factory=list)  # index among all identities
+    rows: int = 0
+
+    def add(self, units: np.ndarray, similarity: np.ndarray, identity: np.ndarray) -> None:
+        take = np.flatnonzero(np.isfinite(similarity))[: max(0, MARGIN_SAMPLE_ROWS - self.rows)]
+        if len(take):
+            self.units.append(units[take])
+            self.similarity.append(similarity[take].astype(np.float64))
+            self.identity.append(identity[take])
+            self.rows += len(take)
+
+
+def _candidates_schema(dimension: int) -> pa.Schema:
+    """Images below the outlier similarity, written by `_judge_all` for the rival search."""
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("identity", pa.int64()),  # index among all identities
+            ("similarity", pa.float32()),
+            ("scored", pa.bool_()),
+            ("below", pa.bool_()),  # below the outlier similarity (the others: `all_rivals`)
+            ("embedding", pa.list_(pa.float32(), dimension)),  # unit length
+        ]
+    )
+
+
+# `_judge_all`'s per-image results: identity_images.parquet less the rival columns (`_clear_by_margin`)
+_JUDGED_SCHEMA = pa.schema([IDENTITY_IMAGES_SCHEMA.field(k) for k in range(6)])
+
+
 def _judge_all(
     batches: Iterable[pa.RecordBatch],
     dimension: int,
     weigh: Weigh,
     thresholds: Thresholds,
     images_path: str,
+    candidates_path: str,
     identities: int,
-) -> tuple[_PerIdentity, dict[str, int]]:
-    """Pass over the work file: per-image results into `images_path`, per-identity counts and centres."""
+    all_rivals: bool = False,
+) -> tuple[_PerIdentity, dict[str, int], _MarginStash]:
+    """Pass over the work file: per-image results into `images_path`, the images below the outlier
+    similarity (every usable image with `all_rivals`) into `candidates_path` (for `_clear_by_margin`),
+    per-identity counts and centres, and the first usable images for the margin threshold."""
     per = _PerIdentity.empty(identities, dimension)
     totals = {"usable": 0, "outliers": 0, "duplicates": 0, "kept": 0}
-    with pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer:
+    stash = _MarginStash()
+    schema = _candidates_schema(dimension)
+    with (
+        pq.ParquetWriter(images_path, _JUDGED_SCHEMA, compression="zstd") as writer,
+        pa.ipc.new_stream(candidates_path, schema) as candidates,
+    ):
         for chunk in _whole_identities(batches, dimension, weigh):
             judged = judge(chunk.units, chunk.usable, chunk.weights, chunk.starts, thresholds.outlier)
             eligible = chunk.usable & ~judged.outlier
@@ -655,11 +720,30 @@ def _judge_all(
                         pa.array(judged.outlier),
                         duplicate_of,
                     ],
-                    schema=IDENTITY_IMAGES_SCHEMA,
+                    schema=_JUDGED_SCHEMA,
                 )
             )
             ok = chunk.table.column("ok").to_numpy(zero_copy_only=False)
             scored = ok & chunk.table.column("quality").is_valid().to_numpy(zero_copy_only=False)
+            identity = per.filled + group_of(chunk.starts, len(chunk.units))
+            stash.add(chunk.units, judged.similarity, identity)
+            below = np.flatnonzero(chunk.usable if all_rivals else judged.outlier)
+            if len(below):
+                candidates.write_table(
+                    pa.table(
+                        [
+                            ids.take(pa.array(below)),
+                            pa.array(identity[below]),
+                            pa.array(judged.similarity[below]),
+                            pa.array(scored[below]),
+                            pa.array(judged.outlier[below]),
+                            pa.FixedSizeListArray.from_arrays(
+                                pa.array(chunk.units[below].ravel()), dimension
+                            ),
+                        ],
+                        schema=schema,
+                    )
+                )
             kept = scored & ~judged.outlier & ~is_duplicate  # what select keeps with both identity rules
             flags = np.stack([np.ones(len(ok)), chunk.usable, judged.outlier, is_duplicate, kept], axis=1)
             span = slice(per.filled, per.filled + len(chunk.starts))
@@ -677,7 +761,126 @@ def _judge_all(
                 totals[name] += int(values.sum())
     if per.filled != identities:  # DuckDB's distinct count and the sorted file disagree: never expected
         raise RuntimeError(f"{per.filled} identities in the work file, {identities} counted")
-    return per, totals
+    return per, totals, stash
+
+
+def _rival_thresholds(
+    index: CentreIndex | None,
+    centres: np.ndarray,
+    position: np.ndarray,
+    stash: _MarginStash,
+    thresholds: Thresholds,
+    margin: float | None,
+) -> None:
+    """Set `thresholds.margin` (`margin` when set, else halfway between the median margin of the stashed
+    images under their own identity and under a random other one) and `thresholds.stranger` (the median
+    similarity of the stashed images to a random other identity's centre), with their sources; both None
+    (the rule off: the similarity alone decides) when no image can have a rival."""
+    source = thresholds.source
+    off = None
+    if index is None:
+        off = "off: fewer than two identities have a centre, so no image has a rival"
+    elif not stash.rows:
+        off = "off: no image has a similarity to its identity's centre"
+    if off is not None:
+        thresholds.margin, thresholds.stranger = (margin, None) if margin is not None else (None, None)
+        source["margin"] = "set" if margin is not None else off
+        source["stranger"] = off
+        return
+    sample = margin_sample(
+        index,
+        centres,
+        np.concatenate(stash.units),
+        np.concatenate(stash.similarity),
+        position[np.concatenate(stash.identity)],
+        thresholds.merge,
+        SEED,
+    )
+    thresholds.stranger = float(np.median(sample.stranger))
+    source["stranger"] = (
+        f"the median similarity of {len(sample.stranger)} images to a random other identity's centre: an "
+        "image no nearer its own centre stays an outlier whatever its margin"
+    )
+    if margin is not None:
+        thresholds.margin, source["margin"] = margin, "set"
+    elif not len(sample.genuine) or not len(sample.impostor):
+        thresholds.margin = None
+        source["margin"] = "off: no sampled image has a rival (every centre near it is its own or a twin's)"
+    else:
+        genuine, impostor = float(np.median(sample.genuine)), float(np.median(sample.impostor))
+        thresholds.margin = (genuine + impostor) / 2
+        source["margin"] = (
+            f"halfway between the median rival margin of {len(sample.genuine)} images filed under their own "
+            f"identity ({genuine:.4f}) and filed under a random other one ({impostor:.4f})"
+        )
+
+
+_RIVALS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("outlier", pa.bool_()),
+        IDENTITY_IMAGES_SCHEMA.field("rival_identity"),
+        IDENTITY_IMAGES_SCHEMA.field("rival_similarity"),
+    ]
+)
+
+
+def _clear_by_margin(
+    index: CentreIndex | None,
+    centres: np.ndarray,
+    position: np.ndarray,
+    with_centre: np.ndarray,
+    names: pa.Array,
+    candidates_path: str,
+    thresholds: Thresholds,
+    counts: np.ndarray,
+    rivals_path: str,
+) -> tuple[int, int, int]:
+    """`_judge_all`'s candidates (the images below the outlier similarity, or every usable one), a batch at
+    a time: each one's rival, and whether its margin clears it of being an outlier (then `counts`' outliers
+    and kept are corrected). Writes image_id, outlier, rival_identity, rival_similarity to `rivals_path`;
+    returns (images below the similarity, cleared, cleared and scored)."""
+    below = cleared_total = cleared_scored = 0
+    with pq.ParquetWriter(rivals_path, _RIVALS_SCHEMA, compression="zstd") as writer:
+        for batch in _arrow_file(candidates_path):
+            identity = batch.column("identity").to_numpy()
+            similarity = batch.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)
+            rival = np.full(batch.num_rows, -1, dtype=np.int64)
+            rival_similarity = np.full(batch.num_rows, np.nan)
+            if index is not None:
+                units = batch.column("embedding").flatten().to_numpy().reshape(batch.num_rows, -1)
+                found = rivals(index, centres, units, position[identity], thresholds.merge)
+                rival, rival_similarity = found.index, found.similarity.astype(np.float64)
+            has = rival >= 0
+            margin = similarity - rival_similarity
+            below_similarity = batch.column("below").to_numpy(zero_copy_only=False)
+            cleared = np.zeros(batch.num_rows, dtype=bool)
+            if thresholds.margin is not None:
+                cleared = has & below_similarity & (margin >= thresholds.margin)
+                if thresholds.stranger is not None:  # no nearer its own centre than to a stranger's
+                    cleared &= similarity >= thresholds.stranger
+            scored = batch.column("scored").to_numpy(zero_copy_only=False)
+            np.subtract.at(counts[:, 2], identity[cleared], 1)  # outliers
+            np.add.at(counts[:, 4], identity[cleared & scored], 1)  # kept
+            below += int(below_similarity.sum())
+            cleared_total += int(cleared.sum())
+            cleared_scored += int((cleared & scored).sum())
+            rival_name = pa.nulls(batch.num_rows, pa.string())
+            if has.any():
+                taken = names.take(pa.array(with_centre[np.maximum(rival, 0)])).to_pylist()
+                rival_name = pa.array(taken, pa.string(), mask=~has)
+            writer.write_table(
+                pa.table(
+                    [
+                        batch.column("image_id"),
+                        pa.array(below_similarity & ~cleared),
+                        rival_name,
+                        pa.array(rival_similarity.astype(np.float32), pa.float32(), mask=~has),
+                    ],
+                    schema=_RIVALS_SCHEMA,
+                )
+            )
+    return below, cleared_total, cleared_scored
 
 
 def _peak_rss_mb() -> float:
@@ -706,6 +909,8 @@ def find_identities(
     outlier_similarity: float | None = None,
     duplicate_similarity: float | None = None,
     merge_similarity: float | None = None,
+    outlier_margin: float | None = None,
+    all_rivals: bool = False,
     weighted: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     memory_limit: str | None = None,
@@ -725,6 +930,10 @@ def find_identities(
     ):
         if value is not None and not -1 <= value <= 1:
             raise UserError(f"--{name}-similarity must be a cosine similarity in [-1, 1], got {value}")
+    if outlier_margin is not None and not -2 <= outlier_margin <= 2:
+        raise UserError(
+            f"--outlier-margin must be a difference of cosine similarities in [-2, 2], got {outlier_margin}"
+        )
     storage = dict(storage_options or {})
     output = Output(output_url, storage)
     output.require_table(finished=True)
@@ -757,7 +966,10 @@ def find_identities(
         )
         stage("thresholds")
         unsorted = os.path.join(folder, "images-by-identity.parquet")
-        per, totals = _judge_all(batches(), dimension, weigh, thresholds, unsorted, count)
+        candidates = os.path.join(folder, "below-similarity.arrows")
+        per, totals, stash = _judge_all(
+            batches(), dimension, weigh, thresholds, unsorted, candidates, count, all_rivals
+        )
         shutil.rmtree(work)
         stage("judge")
         names = pa.concat_arrays(per.names) if per.names else pa.array([], pa.string())
@@ -766,14 +978,30 @@ def find_identities(
         # every identity usually has a centre: then the array itself, not a copy, goes to the index
         centres = per.centres if len(with_centre) == len(has_centre) else per.centres[with_centre]
         per.centres = np.zeros((0, dimension), np.float32)
-        neighbours = nearest_identities(centres)
-        del centres
+        index = CentreIndex(centres) if len(centres) >= 2 else None
+        if index is not None:
+            neighbours = nearest_in(index, centres)
+        else:
+            neighbours = Neighbours(
+                np.full(len(centres), -1), np.full(len(centres), np.nan, np.float32), "exact"
+            )
         nearest = np.full(len(names), -1, dtype=np.int64)
         found = neighbours.index >= 0
         nearest[with_centre[found]] = with_centre[neighbours.index[found]]
         nearest_similarity = np.full(len(names), np.nan, dtype=np.float32)
         nearest_similarity[with_centre] = neighbours.similarity
         stage("nearest")
+        position = np.full(len(names), -1, dtype=np.int64)  # an identity's row among the centres
+        position[with_centre] = np.arange(len(with_centre))
+        _rival_thresholds(index, centres, position, stash, thresholds, outlier_margin)
+        rivals_path = os.path.join(folder, "rivals.parquet")
+        below, cleared, cleared_scored = _clear_by_margin(
+            index, centres, position, with_centre, names, candidates, thresholds, counts, rivals_path
+        )
+        totals["outliers"] -= cleared
+        totals["kept"] += cleared_scored
+        del index, centres, stash
+        stage("rivals")
         has_nearest = nearest >= 0
         merge = has_nearest & (np.nan_to_num(nearest_similarity, nan=-2) >= thresholds.merge)
         by_name = pa.table(
@@ -794,7 +1022,12 @@ def find_identities(
         # DuckDB sorts (spilling under the memory limit); pyarrow writes, so that the file's schema is
         # the contract's whatever the data (DuckDB would mark columns without nulls "not null")
         with pq.ParquetWriter(images_path, IDENTITY_IMAGES_SCHEMA, compression="zstd") as writer:
-            sorted_rows = connection.sql(f"SELECT * FROM read_parquet({quote(unsorted)}) ORDER BY image_id")
+            sorted_rows = connection.sql(
+                "SELECT i.image_id, i.identity, i.quality, i.similarity, coalesce(r.outlier, i.outlier) AS "
+                "outlier, i.duplicate_of, r.rival_identity, r.rival_similarity "
+                f"FROM read_parquet({quote(unsorted)}) i LEFT JOIN read_parquet({quote(rivals_path)}) r "
+                "ON i.image_id = r.image_id ORDER BY i.image_id"
+            )
             for batch in sorted_rows.to_arrow_reader(CHUNK_ROWS):
                 writer.write_table(pa.Table.from_batches([batch]).cast(IDENTITY_IMAGES_SCHEMA))
         output.commit_file(IDENTITY_IMAGES_FILE, images_path)
@@ -815,6 +1048,7 @@ def find_identities(
         kept=totals["kept"],
         merge_candidates=int(merge.sum()),
         thresholds=thresholds,
+        below_similarity=below,
         nearest_method=neighbours.method,
         work_partitions=len(parts),
         seconds={name: round(value, 3) for name, value in seconds.items()},

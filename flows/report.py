@@ -353,10 +353,15 @@ def identity_curation_part(data: ReportData, faces: Faces) -> str:
             "curation-counts",
         ),
         _table(
-            ["threshold", "cosine", "from"],
+            ["threshold", "cosine (margin: a difference of two)", "from"],
             [
-                (name, f"{thresholds[name]:.4f}", thresholds["source"][name])
-                for name in ("outlier", "duplicate", "merge")
+                (
+                    name,
+                    "" if thresholds[name] is None else f"{thresholds[name]:.4f}",  # its source says "off"
+                    thresholds["source"][name],
+                )
+                for name in ("outlier", "margin", "stranger", "duplicate", "merge")
+                if name in thresholds  # results written before the rival margin have none
             ],
             "curation-thresholds",
         ),

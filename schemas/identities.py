@@ -11,8 +11,15 @@ identity_images.parquet, one row per image of the quality table that has an iden
 | similarity   | float32, null   | cosine similarity to its identity's quality-weighted centre, computed    |
 |              |                 | without the image itself; null without an embedding or a usable score   |
 |              |                 | (status ok, finite), or when the image is its identity's only usable one |
-| outlier      | bool            | similarity below the outlier threshold (identities.json)                 |
+| outlier      | bool            | similarity below the outlier threshold, and a rival margin (similarity   |
+|              |                 | minus rival_similarity) below the margin threshold, or no rival found,   |
+|              |                 | or a similarity below the stranger threshold (identities.json)           |
 | duplicate_of | string, null    | the image_id of the better copy kept when this image is a near-duplicate |
+| rival_identity | string, null  | for images below the outlier similarity (every usable image with         |
+|              |                 | `--all-rivals`): the nearest centre of another person (not a twin of its |
+|              |                 | own: a merge candidate), often the right label of a mislabelled image;   |
+|              |                 | null for the others or when none was found among the 8 nearest centres   |
+| rival_similarity | float32, null | cosine similarity of the image to that centre                          |
 
 identities.parquet, one row per identity, sorted by identity:
 
@@ -43,6 +50,8 @@ IDENTITY_IMAGES_SCHEMA = pa.schema(
         ("similarity", pa.float32()),
         ("outlier", pa.bool_()),
         ("duplicate_of", pa.string()),
+        ("rival_identity", pa.string()),
+        ("rival_similarity", pa.float32()),
     ]
 )
 
