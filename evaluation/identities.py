@@ -268,22 +268,16 @@ class CentreIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, centre indices), each (queries, k), best first; index -1 where fewer were found."""
-        found_similarity, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return found_similarity, found
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 def nearest_identities(centres: np.ndarray, threads: int | None = None) -> Neighbours:
     """Each unit centre's nearest other centre by cosine similarity (faiss)."""
-    count = len(centres)
-    index_out = np.full(count, -1, dtype=np.int64)
-    similarity_out = np.full(count, np.nan, dtype=np.float32)
-    if count < 2:
-        return Neighbours(index_out, similarity_out, "exact")
     return nearest_in(CentreIndex(centres, threads), centres)
 
 
 def nearest_in(index: CentreIndex, centres: np.ndarray) -> Neighbours:
-    """`nearest_identities` with the index of `centres` already built."""
+    """`nearest_identities` with the index of `centres` already built (none for a lone centre)."""
     count = len(centres)
     similarity, found = index.search(centres, 2)
     own = np.arange(count)
@@ -320,21 +314,36 @@ def rivals(
     label's reaches `twin_similarity`, the merge threshold: the same person filed twice, reported as a merge
     candidate instead). Searched among the `hits` nearest centres; none when all of them are the label or
     its twins (the image's neighbourhood is its own person)."""
-    out_index = np.full(len(units), -1, dtype=np.int64)
-    out_similarity = np.full(len(units), np.nan, dtype=np.float32)
-    label = np.asarray(label, dtype=np.int64)
+    return rivals_for(index, centres, units, [label], twin_similarity, hits)[0]
+
+
+def rivals_for(
+    index: CentreIndex,
+    centres: np.ndarray,
+    units: np.ndarray,
+    labels: list[np.ndarray],
+    twin_similarity: float,
+    hits: int = RIVAL_HITS,
+) -> list[Rivals]:
+    """`rivals` of the same images under each of several labellings, from one search."""
+    out = [
+        Rivals(np.full(len(units), -1, dtype=np.int64), np.full(len(units), np.nan, dtype=np.float32))
+        for _ in labels
+    ]
+    labels = [np.asarray(label, dtype=np.int64) for label in labels]
     for start in range(0, len(units), RIVAL_BATCH):
         span = slice(start, start + RIVAL_BATCH)
         similarity, found = index.search(units[span], min(hits, len(centres)))
-        own = label[span]
-        twin = np.einsum("id,ikd->ik", centres[own], centres[np.maximum(found, 0)]) >= twin_similarity
-        allowed = (found >= 0) & (found != own[:, None]) & ~twin
-        first = allowed.argmax(axis=1)
-        has = allowed.any(axis=1)
-        rows = np.arange(len(own))
-        out_index[span] = np.where(has, found[rows, first], -1)
-        out_similarity[span] = np.where(has, similarity[rows, first], np.nan)
-    return Rivals(out_index, out_similarity)
+        rows = np.arange(len(found))
+        for label, result in zip(labels, out, strict=True):
+            own = label[span]
+            twin = np.einsum("id,ikd->ik", centres[own], centres[np.maximum(found, 0)]) >= twin_similarity
+            allowed = (found >= 0) & (found != own[:, None]) & ~twin
+            first = allowed.argmax(axis=1)
+            has = allowed.any(axis=1)
+            result.index[span] = np.where(has, found[rows, first], -1)
+            result.similarity[span] = np.where(has, similarity[rows, first], np.nan)
+    return out
 
 
 @dataclass
@@ -362,11 +371,10 @@ def margin_sample(
     among their hits are left out."""
     rng = np.random.default_rng(seed)
     label = np.asarray(label, dtype=np.int64)
-    own = rivals(index, centres, units, label, twin_similarity)
-    genuine = similarity - own.similarity
     other = (label + rng.integers(1, len(centres), size=len(label))) % len(centres)
+    own, found = rivals_for(index, centres, units, [label, other], twin_similarity)
+    genuine = similarity - own.similarity
     impostor_similarity = np.einsum("ij,ij->i", units, centres[other])
-    found = rivals(index, centres, units, other, twin_similarity)
     rival_similarity = np.where(found.index == label, similarity, found.similarity)
     impostor = impostor_similarity - rival_similarity
     return MarginSample(

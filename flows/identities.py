@@ -66,7 +66,6 @@ import pyarrow.parquet as pq
 
 from fiqa_curator.evaluation.identities import (
     CentreIndex,
-    Neighbours,
     group_of,
     judge,
     margin_sample,
@@ -674,7 +673,7 @@ def _candidates_schema(dimension: int) -> pa.Schema:
 
 
 # `_judge_all`'s per-image results: identity_images.parquet less the rival columns (`_clear_by_margin`)
-_JUDGED_SCHEMA = pa.schema([IDENTITY_IMAGES_SCHEMA.field(k) for k in range(6)])
+_JUDGED_SCHEMA = pa.schema([field for field in IDENTITY_IMAGES_SCHEMA if not field.name.startswith("rival_")])
 
 
 def _judge_all(
@@ -765,7 +764,7 @@ def _judge_all(
 
 
 def _rival_thresholds(
-    index: CentreIndex | None,
+    index: CentreIndex,
     centres: np.ndarray,
     position: np.ndarray,
     stash: _MarginStash,
@@ -778,12 +777,12 @@ def _rival_thresholds(
     (the rule off: the similarity alone decides) when no image can have a rival."""
     source = thresholds.source
     off = None
-    if index is None:
+    if len(centres) < 2:
         off = "off: fewer than two identities have a centre, so no image has a rival"
     elif not stash.rows:
         off = "off: no image has a similarity to its identity's centre"
     if off is not None:
-        thresholds.margin, thresholds.stranger = (margin, None) if margin is not None else (None, None)
+        thresholds.margin, thresholds.stranger = margin, None
         source["margin"] = "set" if margin is not None else off
         source["stranger"] = off
         return
@@ -826,7 +825,7 @@ _RIVALS_SCHEMA = pa.schema(
 
 
 def _clear_by_margin(
-    index: CentreIndex | None,
+    index: CentreIndex,
     centres: np.ndarray,
     position: np.ndarray,
     with_centre: np.ndarray,
@@ -845,12 +844,9 @@ def _clear_by_margin(
         for batch in _arrow_file(candidates_path):
             identity = batch.column("identity").to_numpy()
             similarity = batch.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)
-            rival = np.full(batch.num_rows, -1, dtype=np.int64)
-            rival_similarity = np.full(batch.num_rows, np.nan)
-            if index is not None:
-                units = batch.column("embedding").flatten().to_numpy().reshape(batch.num_rows, -1)
-                found = rivals(index, centres, units, position[identity], thresholds.merge)
-                rival, rival_similarity = found.index, found.similarity.astype(np.float64)
+            units = batch.column("embedding").flatten().to_numpy().reshape(batch.num_rows, -1)
+            found = rivals(index, centres, units, position[identity], thresholds.merge)  # a lone centre: none
+            rival, rival_similarity = found.index, found.similarity.astype(np.float64)
             has = rival >= 0
             margin = similarity - rival_similarity
             below_similarity = batch.column("below").to_numpy(zero_copy_only=False)
@@ -978,13 +974,8 @@ def find_identities(
         # every identity usually has a centre: then the array itself, not a copy, goes to the index
         centres = per.centres if len(with_centre) == len(has_centre) else per.centres[with_centre]
         per.centres = np.zeros((0, dimension), np.float32)
-        index = CentreIndex(centres) if len(centres) >= 2 else None
-        if index is not None:
-            neighbours = nearest_in(index, centres)
-        else:
-            neighbours = Neighbours(
-                np.full(len(centres), -1), np.full(len(centres), np.nan, np.float32), "exact"
-            )
+        index = CentreIndex(centres)
+        neighbours = nearest_in(index, centres)
         nearest = np.full(len(names), -1, dtype=np.int64)
         found = neighbours.index >= 0
         nearest[with_centre[found]] = with_centre[neighbours.index[found]]
